@@ -1,0 +1,165 @@
+"""The computation graph of an edge-masked transformer: writers, readers and the edges between them.
+
+Writers put something into the residual stream: ``tok_embeds``, ``pos_embeds`` (absent for rotary
+models), every attention head ``a{l}.h{h}`` and every MLP ``m{l}``. Readers take a mixture of
+earlier writers as input: ``a{l}.h{h}.q``, the key/value inputs ``a{l}.h{h}.k`` / ``.v`` (or, under
+grouped-query attention, one per KV head: ``a{l}.g{g}.k`` / ``.v``), the MLP input ``m{l}`` and the
+final read-out ``resid_post``. An edge (writer, reader) exists when the writer comes before the
+reader: the MLP of layer l reads the heads of layer l (sequential residual), attention readers of
+layer l read everything up to the MLP of layer l-1.
+
+Ordering is fixed and shared by masks, checkpoints and ``edges.json``: writers in forward order,
+readers in forward order (per layer: all Q, then K, then V, then the MLP), edges reader-major.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """What the graph depends on: the shape of the model, not its weights."""
+
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    pos_embeds: bool = True  # False for rotary / position-free models
+    mlp: bool = True
+
+    def __post_init__(self):
+        kv = self.kv_heads
+        if self.n_layers < 1 or self.n_heads < 1:
+            raise ValueError(f"GraphSpec needs n_layers >= 1 and n_heads >= 1, got {self}")
+        if kv < 1 or self.n_heads % kv:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({kv})")
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def grouped(self) -> bool:
+        return self.kv_heads != self.n_heads
+
+
+@dataclass(frozen=True)
+class Block:
+    """A contiguous run of writers or readers that the forward handles together."""
+
+    kind: str  # writers: "embeds" | "heads" | "mlp"; readers: "q" | "k" | "v" | "mlp" | "out"
+    layer: int | None
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+@dataclass
+class Graph:
+    """Writers, readers and valid edges of one model shape, with index maps both ways.
+
+    ``n_writers_before[r]`` is how many writers reader ``r`` can see; since writers are in forward
+    order, reader r reads exactly writers ``0 .. n_writers_before[r] - 1``.
+    """
+
+    spec: GraphSpec
+    writers: list[str] = field(init=False)
+    readers: list[str] = field(init=False)
+    writer_blocks: list[Block] = field(init=False)
+    reader_blocks: list[Block] = field(init=False)
+    n_writers_before: list[int] = field(init=False)
+
+    def __post_init__(self):
+        s = self.spec
+        self.writers, self.writer_blocks = [], []
+        self.readers, self.reader_blocks, self.n_writers_before = [], [], []
+
+        def add_writers(kind, layer, names):
+            self.writer_blocks.append(Block(kind, layer, len(self.writers), len(self.writers) + len(names)))
+            self.writers.extend(names)
+
+        def add_readers(kind, layer, names):
+            self.reader_blocks.append(Block(kind, layer, len(self.readers), len(self.readers) + len(names)))
+            self.readers.extend(names)
+            self.n_writers_before.extend([len(self.writers)] * len(names))
+
+        add_writers("embeds", None, ["tok_embeds", "pos_embeds"] if s.pos_embeds else ["tok_embeds"])
+        for l in range(s.n_layers):
+            kv = "g" if s.grouped else "h"
+            add_readers("q", l, [f"a{l}.h{h}.q" for h in range(s.n_heads)])
+            add_readers("k", l, [f"a{l}.{kv}{g}.k" for g in range(s.kv_heads)])
+            add_readers("v", l, [f"a{l}.{kv}{g}.v" for g in range(s.kv_heads)])
+            add_writers("heads", l, [f"a{l}.h{h}" for h in range(s.n_heads)])
+            if s.mlp:
+                add_readers("mlp", l, [f"m{l}"])
+                add_writers("mlp", l, [f"m{l}"])
+        add_readers("out", None, ["resid_post"])
+
+    @classmethod
+    def from_spec(cls, **kwargs) -> "Graph":
+        return cls(GraphSpec(**kwargs))
+
+    # ------------------------------------------------------------------ counts and indices
+    @property
+    def num_writers(self) -> int:
+        return len(self.writers)
+
+    @property
+    def num_readers(self) -> int:
+        return len(self.readers)
+
+    @property
+    def num_edges(self) -> int:
+        return sum(self.n_writers_before)
+
+    @cached_property
+    def writer_index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.writers)}
+
+    @cached_property
+    def reader_index(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.readers)}
+
+    @cached_property
+    def edge_offsets(self) -> list[int]:
+        """``edge_offsets[r]``: index of reader r's first edge in the flat edge order."""
+        offsets, total = [], 0
+        for n in self.n_writers_before:
+            offsets.append(total)
+            total += n
+        return offsets
+
+    @cached_property
+    def edges(self) -> list[tuple[str, str]]:
+        """All valid (writer, reader) pairs, reader-major."""
+        return [(self.writers[w], r) for r, n in zip(self.readers, self.n_writers_before) for w in range(n)]
+
+    def edge_index(self, writer: str, reader: str) -> int:
+        """Flat index of an edge; a clear error for unknown names or an edge that does not exist."""
+        if writer not in self.writer_index:
+            raise KeyError(f"unknown writer {writer!r} (writers look like 'tok_embeds', 'a0.h1', 'm2')")
+        if reader not in self.reader_index:
+            raise KeyError(f"unknown reader {reader!r} (readers look like 'a1.h0.q', 'm2', 'resid_post')")
+        w, r = self.writer_index[writer], self.reader_index[reader]
+        if w >= self.n_writers_before[r]:
+            raise KeyError(f"no edge {writer} -> {reader}: the writer does not come before the reader")
+        return self.edge_offsets[r] + w
+
+    @cached_property
+    def dense_index(self) -> torch.Tensor:
+        """(E,) long: position of each edge in a row-major (readers, writers) matrix."""
+        idx = [r * self.num_writers + w for r, n in enumerate(self.n_writers_before) for w in range(n)]
+        return torch.tensor(idx, dtype=torch.long)
+
+    def describe(self) -> str:
+        return f"{self.num_writers} writers, {self.num_readers} readers, {self.num_edges} edges"

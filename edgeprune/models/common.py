@@ -1,0 +1,105 @@
+"""Per-head building blocks shared by the architecture files: norms, projections, attention.
+
+Inputs to readers arrive as (R, B, T, D) fp32 mixes, one per reader (R = 1 when every reader sees
+the same residual stream, as in the full model). Projections run in the model's dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Context:
+    """What every layer needs about the current batch."""
+
+    batch: int
+    seq: int
+    dtype: torch.dtype  # the model's compute dtype
+    attention_mask: torch.Tensor | None  # (B, T) 1 = real token, or None (no padding)
+    position_ids: torch.Tensor  # (1 or B, T)
+    extra: dict  # family-specific: rotary cos/sin, ...
+
+    def sdpa_mask(self, sliding_window: int | None = None) -> torch.Tensor | None:
+        """Boolean (B, 1, T, T) attention mask for the current length only, or None for plain causal.
+
+        Padding keys are masked; a query still sees itself so that rows of padding never become
+        all-masked (which would give NaN that leaks through 0 * NaN in later layers).
+        """
+        if self.attention_mask is None and sliding_window is None:
+            return None
+        key = f"sdpa_mask_{sliding_window}"
+        if key not in self.extra:
+            dev = self.position_ids.device
+            q = torch.arange(self.seq, device=dev)[:, None]
+            k = torch.arange(self.seq, device=dev)[None, :]
+            allowed = k <= q
+            if sliding_window is not None:
+                allowed = allowed & (q - k < sliding_window)
+            allowed = allowed[None, None]  # (1, 1, T, T)
+            if self.attention_mask is not None:
+                keys = self.attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+                allowed = (allowed & keys) | (q == k)[None, None]
+            self.extra[key] = allowed
+        return self.extra[key]
+
+
+def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
+    """LayerNorm of an fp32 mix with the module's weights, in fp32, cast to ``dtype``."""
+    w = None if norm.weight is None else norm.weight.float()
+    b = None if norm.bias is None else norm.bias.float()
+    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm (Llama style: normalise in fp32, then scale), cast to ``dtype``."""
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    if dtype == torch.float32:
+        return weight * x
+    # HF rounds the normalised input to the model dtype before scaling; keep that rounding.
+    return (weight.float() * x.to(dtype).float()).to(dtype)
+
+
+def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, n_out: int) -> torch.Tensor:
+    """Per-reader projection to heads.
+
+    x: (R, B, T, D) with R = 1 (shared input) or R = n_out (one input per head);
+    weight_t: (D, n_out * d_head); bias: (n_out * d_head,) or None.
+    Returns (B, n_out, T, d_head).
+    """
+    R, B, T, D = x.shape
+    d_head = weight_t.shape[1] // n_out
+    if R == 1:
+        y = x[0] @ weight_t if bias is None else torch.addmm(bias, x[0].reshape(B * T, D), weight_t)
+        return y.view(B, T, n_out, d_head).transpose(1, 2)
+    assert R == n_out, f"expected {n_out} reader inputs, got {R}"
+    w = weight_t.view(D, n_out, d_head).transpose(0, 1)  # (n_out, D, d_head)
+    y = torch.bmm(x.reshape(R, B * T, D), w)  # (R, B*T, d_head)
+    if bias is not None:
+        y = y + bias.view(n_out, 1, d_head)
+    return y.view(R, B, T, d_head).permute(1, 0, 2, 3)
+
+
+def head_outputs(attn: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
+    """Each head's contribution to the residual stream.
+
+    attn: (B, H, T, d_head) attention-weighted values; w_out: (H * d_head, D) output projection
+    (input-major). Returns (H, B, T, D) in attn's dtype (no bias: that is a layer constant).
+    """
+    B, H, T, dh = attn.shape
+    w = w_out.reshape(H, dh, -1)
+    out = torch.bmm(attn.transpose(0, 1).reshape(H, B * T, dh), w)
+    return out.view(H, B, T, -1)
+
+
+def attention(q, k, v, ctx: Context, scale: float, sliding_window: int | None = None) -> torch.Tensor:
+    """Causal SDPA over (B, H, T, dh) queries and (B, G, T, dh) keys/values (G divides H)."""
+    mask = ctx.sdpa_mask(sliding_window)
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

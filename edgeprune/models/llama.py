@@ -1,0 +1,89 @@
+"""Llama-family decoders (Llama, CodeLlama, Mistral, Qwen2) as edge-masked models.
+
+Rotary models have no position writer: the graph starts at ``tok_embeds``. Under grouped-query
+attention the K and V readers are per KV head (``a{l}.g{g}.k`` / ``.v``), each feeding the query
+heads of its group, so the mask graph follows the real inputs of the module and GQA keeps its
+savings. Each reader applies ``input_layernorm`` to its own mix; q/k/v biases (Qwen2) belong to
+their reader; an ``o_proj`` bias (Llama with ``attention_bias``) is a layer constant; MLP biases
+are part of the MLP writer. Rotary embeddings come from the HF module itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..graph import GraphSpec
+from .base import Family
+from .common import Context, attention, head_outputs, project, rms_norm
+
+
+class LlamaFamily(Family):
+    model_types = ("llama", "mistral", "qwen2")
+
+    def __init__(self, hf_model):
+        super().__init__(hf_model)
+        cfg = hf_model.config
+        self.body = hf_model.model
+        self.n_heads = cfg.num_attention_heads
+        self.n_kv = cfg.num_key_value_heads or cfg.num_attention_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+
+    @property
+    def spec(self) -> GraphSpec:
+        cfg = self.hf.config
+        return GraphSpec(n_layers=cfg.num_hidden_layers, n_heads=self.n_heads, n_kv_heads=self.n_kv,
+                         pos_embeds=False)
+
+    def context(self, input_ids, attention_mask, position_ids):
+        ctx = super().context(input_ids, attention_mask, position_ids)
+        probe = torch.empty(0, dtype=ctx.dtype, device=input_ids.device)
+        ctx.extra["rotary"] = self.body.rotary_emb(probe, ctx.position_ids)  # cos, sin: (1|B, T, dh)
+        return ctx
+
+    def embed(self, input_ids, ctx):
+        return self.body.embed_tokens(input_ids)[None]  # (1, B, T, D)
+
+    def _norm(self, x, norm, ctx):
+        return rms_norm(x, norm.weight, norm.variance_epsilon, ctx.dtype)
+
+    def attention(self, layer, q_in, k_in, v_in, ctx):
+        block = self.body.layers[layer]
+        attn = block.self_attn
+        normed = {}
+
+        def norm(x):  # Q, K and V share one input in the full model: normalise it once
+            if id(x) not in normed:
+                normed[id(x)] = self._norm(x, block.input_layernorm, ctx)
+            return normed[id(x)]
+
+        def proj(x, lin, n):
+            return project(norm(x), lin.weight.t(), lin.bias, n)
+
+        q = proj(q_in, attn.q_proj, self.n_heads)  # (B, H, T, dh)
+        k = proj(k_in, attn.k_proj, self.n_kv)  # (B, G, T, dh)
+        v = proj(v_in, attn.v_proj, self.n_kv)
+        cos, sin = ctx.extra["rotary"]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        window = getattr(attn, "sliding_window", None)
+        if window is None and getattr(self.hf.config, "model_type", "") == "mistral":
+            window = getattr(self.hf.config, "sliding_window", None)
+        out = attention(q, k, v, ctx, attn.scaling, sliding_window=window)  # (B, H, T, dh)
+        return head_outputs(out, attn.o_proj.weight.t())  # (H, B, T, D)
+
+    def attn_constant(self, layer):
+        return self.body.layers[layer].self_attn.o_proj.bias
+
+    def mlp(self, layer, x, ctx):
+        block = self.body.layers[layer]
+        return block.mlp(self._norm(x, block.post_attention_layernorm, ctx))
+
+    def readout(self, x, ctx):
+        return self.hf.lm_head(self._norm(x, self.body.norm, ctx))
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, H, T, dh) with HF's half-split convention; cos/sin (1|B, T, dh)."""
+    cos, sin = cos[:, None], sin[:, None]
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
