@@ -1,9 +1,10 @@
 """The writer mix: each reader's input as a mask-weighted sum of the writers before it.
 
-    x_r = base_r + sum_w z_rw (s_w - s~_w)
+    x_r = c_r + sum_w z_rw s_w + (1 - z_rw) s~_w
 
-``base_r`` (constants + the ablated states of every writer before r) is added by the caller; this
-module computes the sum. Writer states stay in the model's dtype, stored once per writer group;
+The layer constants ``c_r`` are added by the caller; this module computes the sum. Written this
+way (rather than as s~ + z (s - s~)) the mix is exact at both ends: with every mask 1 it is the
+plain fp32 sum of the clean states, with every mask 0 that of the ablated states. Writer states stay in the model's dtype, stored once per writer group;
 the sum is formed in fp32 from transient per-group upcasts that are never saved for backward, so
 bf16 models get fp32 accumulation without fp32 copies of the states.
 """
@@ -25,15 +26,18 @@ class _WriterMix(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, n_groups, *tensors):
         states, ablated = tensors[:n_groups], tensors[n_groups:]
-        out, start = None, 0
+        out, start, R = None, 0, z.shape[0]
         for s, a in zip(states, ablated):
             g = s.shape[0]
-            part = z[:, start:start + g] @ _delta(s, a).reshape(g, -1)
+            zg = z[:, start:start + g]
+            part = (zg @ s.float().reshape(g, -1)).view(R, *s.shape[1:])
+            if a is not None:  # a may broadcast over batch and positions (mean ablation)
+                part.add_(((1.0 - zg) @ a.float().reshape(g, -1)).view(R, *a.shape[1:]))
             out = part if out is None else out.add_(part)
             start += g
         ctx.n_groups = n_groups
         ctx.save_for_backward(z, *states, *ablated)
-        return out.view(z.shape[0], *states[0].shape[1:])
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -57,7 +61,7 @@ class _WriterMix(torch.autograd.Function):
 
 
 def mix(z: torch.Tensor, states: list[torch.Tensor], ablated: list[torch.Tensor | None]) -> torch.Tensor:
-    """sum_w z[:, w] (s_w - s~_w) over the given writer groups.
+    """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w over the given writer groups.
 
     z: (R, W) fp32 with W = sum of group sizes; states: groups (g, B, T, D), model dtype;
     ablated: per group the same shape, a broadcastable (g, 1, 1, D), or None for zero.

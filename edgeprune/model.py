@@ -3,7 +3,7 @@
 The forward (DESIGN.md section 3): writer states are computed once and kept once, per writer
 group (embeddings, a layer's heads, a layer's MLP). Every reader's input is
 
-    x_r = c_r + sum_{w < r} s~_w + sum_{w < r} z_rw (s_w - s~_w)
+    x_r = c_r + sum_{w < r} z_rw s_w + (1 - z_rw) s~_w
 
 where c_r are the layer constants before r (attention output biases), s the writer states of the
 input, s~ their ablated values: the states of the corrupted input (``interchange``, default), zero
@@ -58,6 +58,7 @@ class EdgeModel(nn.Module):
         self.node_masks = HardConcreteMasks(self.graph.num_writers) if node_masks else None
         self.mean_states: torch.Tensor | None = None  # (W, D) for ablation="mean"
         self.to(family.device)
+        self.eval()  # like HF's from_pretrained: deterministic masks until train() is called
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -224,10 +225,8 @@ class EdgeModel(nn.Module):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         states = [fam.embed(input_ids, ctx)]  # writer groups, model dtype
-        if z is None:
-            resid = states[0].float().sum(0)  # (B, T, D) fp32
-        else:
-            base = _ablated_sum(ablated[0], states[0])
+        resid = states[0].float().sum(0) if z is None else None  # (B, T, D) fp32 residual stream
+        base = 0.0  # masked path: the layer constants every later reader sees
         readers = iter(graph.reader_blocks)
         n_groups = 1
         for layer in range(graph.spec.n_layers):
@@ -247,10 +246,8 @@ class EdgeModel(nn.Module):
                 resid = resid + heads.float().sum(0)
                 if const is not None:
                     resid = resid + const.float()
-            else:
-                base = base + _ablated_sum(ablated[n_groups - 1], heads)
-                if const is not None:
-                    base = base + const.float()
+            elif const is not None:
+                base = base + const.float()
             if graph.spec.mlp:
                 m_blk = next(readers)
                 if z is None:
@@ -263,8 +260,6 @@ class EdgeModel(nn.Module):
                 n_groups += 1
                 if z is None:
                     resid = resid + out.float()
-                else:
-                    base = base + _ablated_sum(ablated[n_groups - 1], out[None])
         out_blk = next(readers)
         if z is None:
             final = resid
@@ -273,9 +268,3 @@ class EdgeModel(nn.Module):
         logits = fam.readout(final, ctx)
         return EdgeOutput(logits=logits, states=states if return_states else None)
 
-
-def _ablated_sum(ablated: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | float:
-    """sum over a group of its ablated states, fp32, broadcastable to (B, T, D); 0 for zero ablation."""
-    if ablated is None:
-        return 0.0
-    return ablated.float().sum(0)
