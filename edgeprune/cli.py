@@ -1,0 +1,231 @@
+"""The ``edgeprune`` command line (also ``python -m edgeprune``): a thin layer over the Python API.
+
+    edgeprune prune CONFIG [--set key=value ...] [--model M] [--steps N] [--resume] [--wandb]
+    edgeprune eval RUN_DIR [--split test] [--edges edges.json]
+    edgeprune export RUN_DIR -o edges.json
+    edgeprune draw edges.json -o circuit.pdf
+    edgeprune data {ioi,gt,gp,boolean} --tokenizer gpt2 -o DIR
+    edgeprune demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _prune(args) -> int:
+    from .config import apply_overrides, load_config
+    from .prune import prune
+
+    cfg = load_config(args.config)
+    shortcuts = {"model.name_or_path": args.model, "prune.steps": args.steps, "run.output_dir": args.output_dir,
+                 "run.seed": args.seed, "model.device": args.device, "data.path": args.data}
+    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
+    apply_overrides(cfg, overrides + (args.set or []))
+    if args.wandb:
+        cfg.run.wandb = True
+    cfg.validate(args.config)
+    if args.steps is not None and cfg.prune.warmup_steps > cfg.prune.steps:
+        cfg.prune.warmup_steps = cfg.prune.steps  # a short run still reaches its target
+    result = prune(cfg, resume=args.resume, progress=not args.no_progress)
+    print(f"run directory: {result.output_dir}")
+    print(f"next: edgeprune eval {result.output_dir} --split test && "
+          f"edgeprune export {result.output_dir} -o {result.output_dir / 'edges.json'}")
+    return 0
+
+
+def _circuit_for_run(run_dir: Path, model, edges_file: str | None):
+    """The circuit to evaluate: a given edges.json, else the run's masks binarised."""
+    from .circuit import edges_to_mask, extract_circuit, remove_dangling
+    from .draw import load_edges
+    from .prune import load_masks
+
+    if edges_file:
+        edges = load_edges(edges_file)
+        kept = edges_to_mask(model.graph, edges)
+        counts = {"total_edges": model.graph.num_edges, "edges": int(kept.sum()),
+                  "edges_after_dangling": int(remove_dangling(model.graph, kept).sum()),
+                  "edge_sparsity": 1.0 - int(kept.sum()) / model.graph.num_edges}
+        return edges, {"source": str(edges_file), "counts": counts}
+    edge_la, node_la, fingerprint = load_masks(run_dir)
+    if edge_la.numel() != model.graph.num_edges:
+        raise ValueError(f"{run_dir}: masks have {edge_la.numel()} edges but the model's graph has "
+                         f"{model.graph.num_edges} ({model.graph.describe()})")
+    circuit = extract_circuit(model.graph, edge_la, node_la)
+    info = {"source": "masks", "counts": circuit.counts,
+            "thresholds": {"edge_log_alpha": circuit.edge_threshold.log_alpha,
+                           "edge_value": circuit.edge_threshold.value}}
+    if circuit.node_threshold is not None:
+        info["thresholds"].update(node_log_alpha=circuit.node_threshold.log_alpha,
+                                  node_value=circuit.node_threshold.value)
+    return circuit.edges, info
+
+
+def _load_run(run_dir: Path, overrides: list[str]):
+    from .config import apply_overrides, load_config
+
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run directory written by `edgeprune prune`?)")
+    cfg = load_config(cfg_path)
+    apply_overrides(cfg, overrides)
+    return cfg.validate(str(cfg_path))
+
+
+def _eval(args) -> int:
+    from .eval import evaluate, format_table
+    from .experiment import load_model, load_split
+    from .prune import _task_metric
+    from .tasks.jsonl import batches
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
+    model = load_model(cfg.model)
+    edges, info = _circuit_for_run(run_dir, model, args.edges)
+    model.set_edges(edges)
+    data = load_split(cfg.data, model, args.split)
+    bs = args.batch_size or cfg.prune.batch_size
+    metrics = evaluate(model, batches(data.examples, bs, data.pad_token_id), loss=cfg.data.loss,
+                       task_metric=_task_metric(cfg, model), progress=not args.no_progress)
+    result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
+    out = Path(args.output) if args.output else (
+        run_dir / "metrics.json" if not args.edges else run_dir / f"metrics_{Path(args.edges).stem}.json")
+    out.write_text(json.dumps(result, indent=2))
+    print(format_table({**{k: v for k, v in info["counts"].items()}, **metrics},
+                       f"circuit ({info['source']}) vs full model on {args.split}"))
+    print(f"written: {out}")
+    return 0
+
+
+def _export(args) -> int:
+    from .circuit import extract_circuit
+    from .graph import Graph, GraphSpec
+    from .prune import load_masks
+
+    run_dir = Path(args.run_dir)
+    cfg = _load_run(run_dir, [])
+    edge_la, node_la, fp = load_masks(run_dir)
+    graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
+                            pos_embeds=fp["pos_embeds"], mlp=fp["mlp"]))
+    circuit = extract_circuit(graph, edge_la, node_la)
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps([list(e) for e in circuit.edges], indent=0))
+    summary = {
+        "model_id": cfg.model.name_or_path,
+        "graph": fp,
+        "config": cfg.to_dict(),
+        "sparsity": {"expected_edge": circuit.counts["expected_edge_sparsity"],
+                     "edge": circuit.counts["edge_sparsity"]},
+        "thresholds": {"edge_log_alpha": circuit.edge_threshold.log_alpha, "edge_value": circuit.edge_threshold.value},
+        "counts": circuit.counts,
+        "edges_file": out.name,
+    }
+    if circuit.node_threshold is not None:
+        summary["thresholds"].update(node_log_alpha=circuit.node_threshold.log_alpha,
+                                     node_value=circuit.node_threshold.value)
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file():
+        saved = json.loads(metrics_path.read_text())
+        if saved.get("source") == "masks":
+            summary["metrics"] = {"split": saved["split"], **saved["metrics"]}
+    circuit_path = out.with_name("circuit.json" if out.name == "edges.json" else f"{out.stem}.circuit.json")
+    circuit_path.write_text(json.dumps(summary, indent=2))
+    c = circuit.counts
+    print(f"{c['edges']} edges of {c['total_edges']} (sparsity {c['edge_sparsity']:.4f}; "
+          f"{c['edges_before_dangling']} before dangling-edge removal)")
+    print(f"written: {out} and {circuit_path}")
+    return 0
+
+
+def _draw(args) -> int:
+    from .draw import draw_circuit, load_edges
+
+    path = draw_circuit(load_edges(args.edges), args.output, title=args.title)
+    print(f"written: {path}")
+    return 0
+
+
+def _data(args) -> int:
+    from .tasks.cli_data import main as data_main
+
+    return data_main(args.rest) or 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.output_dir, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edgeprune", description="Edge Pruning: find circuits in transformer LMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prune", help="learn edge masks for a config")
+    p.add_argument("config", help="YAML experiment config (see configs/)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. prune.steps=100")
+    p.add_argument("--model", help="shortcut for --set model.name_or_path=...")
+    p.add_argument("--data", help="shortcut for --set data.path=...")
+    p.add_argument("--steps", type=int, help="shortcut for --set prune.steps=N (warm-up capped at N)")
+    p.add_argument("--output-dir", help="shortcut for --set run.output_dir=...")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_API_KEY is set)")
+    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_prune)
+
+    p = sub.add_parser("eval", help="faithfulness of a run's circuit vs the full model")
+    p.add_argument("run_dir")
+    p.add_argument("--split", default="test")
+    p.add_argument("--edges", help="evaluate this edges.json instead of the run's masks")
+    p.add_argument("-o", "--output", help="metrics file (default RUN_DIR/metrics.json)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("export", help="write the circuit as edges.json + circuit.json")
+    p.add_argument("run_dir")
+    p.add_argument("-o", "--output", required=True, help="edges file, e.g. RUN_DIR/edges.json")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("draw", help="draw an edges.json with graphviz (.pdf/.png/.svg/.dot)")
+    p.add_argument("edges")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--title")
+    p.set_defaults(func=_draw)
+
+    p = sub.add_parser("data", help="generate a task dataset (ioi, gt, gp, boolean)", add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_data)
+
+    p = sub.add_parser("demo", help="offline demo: prune a compiled Tracr model and draw its circuit")
+    p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .prune import PruneError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CheckpointError, PruneError, FileNotFoundError, ValueError) as err:
+        print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

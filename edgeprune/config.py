@@ -1,0 +1,210 @@
+"""Experiment configs: dataclasses loaded from YAML, overridable from the command line.
+
+A config file has four sections, each a dataclass below (every field has a default except the
+model and the task path)::
+
+    model: {name_or_path: gpt2, dtype: float32, ablation: interchange, ...}
+    data:  {path: data/datasets/ioi, max_length: 64, ...}
+    prune: {edge_target: 0.98, steps: 3000, warmup_steps: 2500, batch_size: 32, ...}
+    run:   {output_dir: runs/gpt2_ioi, seed: 0, eval_every: 100, ...}
+
+Overrides use dotted keys (``--set prune.steps=5``); values are parsed as YAML scalars. Unknown
+keys and wrong types are errors that name the key and the file. The resolved config is written
+next to the outputs of every run (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""  # hub id or local directory (HF checkpoint or a compiled Tracr model)
+    dtype: str = "float32"  # float32 | bfloat16 | float16: the frozen weights; masks stay fp32
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    ablation: str | None = None  # interchange | zero | mean; None: interchange (zero for Tracr)
+    node_masks: bool = False  # also learn one mask per writer node
+    revision: str | None = None  # passed to from_pretrained
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # a JSONL task file, or a directory with train/validation/test.jsonl
+    task: str | None = None  # task metrics to report (ioi, gt, gp, boolean); None: generic only
+    max_length: int | None = 64  # longer examples are an error, never silently cut
+    train_split: str = "train"
+    eval_split: str = "validation"
+    loss: str = "kl"  # kl: KL(p_full || p_circuit) | mse: numerical outputs (Tracr xproportion)
+
+
+@dataclass
+class PruneConfig:
+    edge_target: float = 0.95  # target edge sparsity (fraction of edges removed); >1 pushes harder
+    node_target: float | None = None  # target node sparsity (needs model.node_masks)
+    steps: int = 1000
+    warmup_steps: int = 800  # the targets ramp linearly from 0 to their value over these steps
+    batch_size: int = 16
+    lr_masks: float = 0.8  # the Edge Pruning paper uses 0.8 for masks and lambdas
+    lr_lambdas: float = 0.8
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    cache_corrupted: bool = False  # keep reference logits/corrupted states per example across epochs
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/experiment"
+    seed: int = 0
+    eval_every: int = 100  # validation interval in steps (0: only at the end)
+    save_every: int = 100  # checkpoint interval in steps (0: only at the end)
+    log_every: int = 10
+    eval_batches: int | None = None  # validation batches per evaluation (None: the whole split)
+    wandb: bool = False
+    wandb_project: str = "edgeprune"
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, source: str = "config") -> "ExperimentConfig":
+        """Check values (not only types); errors name the field."""
+        def bad(key, msg):
+            raise ConfigError(f"{source}: {key}: {msg}")
+
+        if not self.model.name_or_path:
+            bad("model.name_or_path", "required (a hub id such as 'gpt2' or a local directory)")
+        if self.model.dtype not in ("float32", "bfloat16", "float16"):
+            bad("model.dtype", f"must be float32, bfloat16 or float16, got {self.model.dtype!r}")
+        if self.model.ablation not in (None, "interchange", "zero", "mean"):
+            bad("model.ablation", f"must be interchange, zero or mean, got {self.model.ablation!r}")
+        if not self.data.path:
+            bad("data.path", "required (a JSONL task file or a directory of train/validation/test.jsonl)")
+        if self.data.loss not in ("kl", "mse"):
+            bad("data.loss", f"must be kl or mse, got {self.data.loss!r}")
+        p = self.prune
+        if not 0.0 <= p.edge_target <= 2.0:
+            bad("prune.edge_target", f"must be in [0, 2], got {p.edge_target}")
+        if p.node_target is not None and not self.model.node_masks:
+            bad("prune.node_target", "needs model.node_masks: true")
+        for key in ("steps", "batch_size"):
+            if getattr(p, key) < 1:
+                bad(f"prune.{key}", f"must be >= 1, got {getattr(p, key)}")
+        if p.warmup_steps < 0:
+            bad("prune.warmup_steps", f"must be >= 0, got {p.warmup_steps}")
+        for key in ("lr_masks", "lr_lambdas"):
+            if getattr(p, key) <= 0:
+                bad(f"prune.{key}", f"must be > 0, got {getattr(p, key)}")
+        for key in ("eval_every", "save_every", "log_every"):
+            if getattr(self.run, key) < 0:
+                bad(f"run.{key}", f"must be >= 0, got {getattr(self.run, key)}")
+        return self
+
+
+# ---------------------------------------------------------------------------- loading
+def _type_ok(value, hint) -> tuple[bool, object]:
+    """Is ``value`` of type ``hint``? Returns (ok, value converted where lossless: int -> float)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            ok, conv = _type_ok(value, arg)
+            if ok:
+                return True, conv
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is float:
+        if isinstance(value, bool):
+            return False, value
+        return isinstance(value, (int, float)), float(value) if isinstance(value, (int, float)) else value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is str:
+        return isinstance(value, str), value
+    return isinstance(value, hint), value
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _set(cfg: ExperimentConfig, key: str, value, source: str) -> None:
+    section_name, _, name = key.partition(".")
+    sections = {f.name: f for f in dataclasses.fields(cfg)}
+    if section_name not in sections or not name:
+        raise ConfigError(f"{source}: unknown key {key!r} (sections: {', '.join(sections)}; "
+                          "keys look like 'prune.steps')")
+    section = getattr(cfg, section_name)
+    hints = typing.get_type_hints(type(section))
+    if name not in hints:
+        raise ConfigError(f"{source}: unknown key {key!r} (known in {section_name}: {', '.join(hints)})")
+    ok, value = _type_ok(value, hints[name])
+    if not ok:
+        raise ConfigError(f"{source}: {key} must be {_type_name(hints[name])}, got {value!r} "
+                          f"({type(value).__name__})")
+    setattr(section, name, value)
+
+
+def from_dict(data: dict, source: str = "config") -> ExperimentConfig:
+    cfg = ExperimentConfig()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (model, data, prune, run), "
+                          f"got {type(data).__name__}")
+    for section, values in data.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section!r} must be a mapping, got {type(values).__name__}")
+        for name, value in values.items():
+            _set(cfg, f"{section}.{name}", value, source)
+    return cfg
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read a YAML config and apply ``key=value`` overrides; validated, with errors naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    cfg = from_dict(data, str(path))
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate(str(path))
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: list[str]) -> ExperimentConfig:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. prune.steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            value = raw
+        _set(cfg, key.strip(), value, "command line")
+    return cfg
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,290 @@
+"""Draw a circuit (a list of [writer, reader] edges, as in ``edges.json``) with graphviz.
+
+Conventions of a drawing:
+
+- Top to bottom in forward order: the embeddings share the top rank; then each layer ``l`` takes
+  three ranks, the attention inputs (``a{l}.h{h}.q`` / ``.k`` / ``.v``, or ``a{l}.g{g}.k`` / ``.v``
+  under grouped-query attention), the head outputs ``a{l}.h{h}``, and the MLP ``m{l}``; the
+  read-out ``resid_post`` is alone at the bottom. A grey label at the side names each rank.
+- Only nodes that occur in some edge are drawn, plus the head that a per-head input belongs to.
+  The MLP is a single node ``m{l}``: the edges into it are its input, the edges out its output.
+- A head's inputs are small circles labelled ``q`` / ``k`` / ``v`` above the head, joined to it by
+  a dashed edge, so that a head's inputs and its output are never confused. The edges file does not
+  say which heads share a KV group, so a grouped input ``a{l}.g{g}.k`` joins every drawn head of
+  layer ``l``.
+- Every node kind has its own fill colour, and every circuit edge takes the colour of the kind of
+  reader it feeds (q, k, v, MLP or output), so that with a few hundred edges one can still follow
+  what a writer is used for. The legend at the top spells the colours out.
+
+Nodes are named exactly as in ``edges.json`` (and in SVG output the full name is each node's
+tooltip), so a name seen in a drawing can be searched for in the file and in the logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import graphviz
+
+ACCEPTED_NAMES = ("'tok_embeds', 'pos_embeds', 'a{l}.h{h}', 'a{l}.h{h}.q|k|v', 'a{l}.g{g}.k|v', "
+                  "'m{l}', 'resid_post'")
+WRITER_KINDS = ("embed", "head", "mlp")
+READER_KINDS = ("q", "k", "v", "mlp", "output")
+SUFFIXES = (".pdf", ".png", ".svg", ".dot")
+
+# Okabe-Ito colours: distinguishable under the common forms of colour blindness.
+COLOURS = {
+    "embed": "#BBBBBB",
+    "q": "#D55E00",
+    "k": "#0072B2",
+    "v": "#009E73",
+    "head": "#56B4E9",
+    "mlp": "#CC79A7",
+    "output": "#E69F00",
+}
+LEGEND = (
+    ("embed", "embeddings: tok_embeds, pos_embeds"),
+    ("q", "query input a{l}.h{h}.q"),
+    ("k", "key input a{l}.h{h}.k / a{l}.g{g}.k"),
+    ("v", "value input a{l}.h{h}.v / a{l}.g{g}.v"),
+    ("head", "head output a{l}.h{h}"),
+    ("mlp", "MLP m{l}"),
+    ("output", "output resid_post"),
+)
+EDGE_ALPHA = "b0"  # partly transparent, so bundles of crossing edges stay readable
+
+NUMBER = r"(?:0|[1-9][0-9]*)"  # no leading zeros: 'a01.h1' would be a second name for 'a1.h1'
+PATTERNS = (  # (pattern, kind); kind None: the name's last letter is the kind
+    (re.compile(r"(?:tok|pos)_embeds"), "embed"),
+    (re.compile(r"resid_post"), "output"),
+    (re.compile(rf"m(?P<layer>{NUMBER})"), "mlp"),
+    (re.compile(rf"a(?P<layer>{NUMBER})\.h(?P<head>{NUMBER})"), "head"),
+    (re.compile(rf"a(?P<layer>{NUMBER})\.h(?P<head>{NUMBER})\.(?P<kind>[qkv])"), None),
+    (re.compile(rf"a(?P<layer>{NUMBER})\.g(?P<group>{NUMBER})\.(?P<kind>[kv])"), None),
+)
+
+
+@dataclass(frozen=True)
+class NodeName:
+    """A parsed node name: what kind of node it is and where it sits in the model."""
+
+    kind: str  # "embed" | "head" | "mlp" | "q" | "k" | "v" | "output"
+    layer: int | None  # None for the embeddings and the output
+    head: int | None  # set for a{l}.h{h} and a{l}.h{h}.q|k|v
+    group: int | None  # set for a{l}.g{g}.k|v
+    name: str
+
+    @property
+    def is_writer(self) -> bool:
+        return self.kind in WRITER_KINDS
+
+    @property
+    def is_reader(self) -> bool:
+        return self.kind in READER_KINDS
+
+
+def parse_node(name: str) -> NodeName:
+    """Parse a node name as written in ``edges.json``; ValueError for anything else."""
+    if isinstance(name, str):
+        for pattern, kind in PATTERNS:
+            if match := pattern.fullmatch(name):
+                parts = match.groupdict()
+                layer, head, group = (None if parts.get(key) is None else int(parts[key])
+                                      for key in ("layer", "head", "group"))
+                return NodeName(kind or parts["kind"], layer, head, group, name)
+    raise ValueError(f"unknown node name {name!r}: expected one of {ACCEPTED_NAMES}")
+
+
+def parse_edge(writer: str, reader: str) -> tuple[NodeName, NodeName]:
+    """Parse both ends of an edge and check that each name can play its role."""
+    w, r = parse_node(writer), parse_node(reader)
+    if not w.is_writer:
+        raise ValueError(f"{writer!r} is a reader and cannot be the writer (first element) of an "
+                         "edge; writers are 'tok_embeds', 'pos_embeds', 'a{l}.h{h}', 'm{l}'")
+    if not r.is_reader:
+        raise ValueError(f"{reader!r} only writes and cannot be the reader (second element) of an "
+                         "edge; readers are 'a{l}.h{h}.q|k|v', 'a{l}.g{g}.k|v', 'm{l}', 'resid_post'")
+    return w, r
+
+
+def load_edges(path: str | Path) -> list[tuple[str, str]]:
+    """Read an ``edges.json`` file: a JSON list of [writer, reader] pairs of node names.
+
+    Checks the names and their roles, not that the edges exist in a particular model.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, "
+                         f"got a JSON {_json_type(data)}")
+    edges = []
+    for i, entry in enumerate(data):
+        shown = _shorten(json.dumps(entry))
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, str) for n in entry)):
+            raise ValueError(f"{path}: entry {i} is {shown}; expected a [writer, reader] pair of "
+                             "node names, e.g. [\"a0.h1\", \"m2\"]")
+        try:
+            parse_edge(*entry)
+        except ValueError as e:
+            raise ValueError(f"{path}: entry {i} {shown}: {e}") from None
+        edges.append((entry[0], entry[1]))
+    return edges
+
+
+def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None) -> graphviz.Digraph:
+    """Lay out a circuit as a top-to-bottom graphviz graph (see the module docstring)."""
+    edges = list(dict.fromkeys((w, r) for w, r in edges))  # drop repeats, keep the file's order
+    dot = graphviz.Digraph(
+        "circuit",
+        graph_attr=dict(rankdir="TB", newrank="true", splines="spline", nodesep="0.15",
+                        ranksep="0.4", outputorder="edgesfirst", fontname="Helvetica"),
+        node_attr=dict(fontname="Helvetica", fontsize="10", style="filled", penwidth="0.5"),
+        edge_attr=dict(arrowsize="0.5", penwidth="0.8"),
+    )
+    # `concentrate` stays off: it merges edges whatever their colour, losing the reader kind.
+    if title:
+        dot.attr(label=graphviz.nohtml(title), labelloc="t", fontsize="16")
+    if not edges:
+        dot.node("empty", "empty circuit", shape="plaintext", style="", fontcolor="#666666")
+        return dot
+
+    nodes: dict[str, NodeName] = {}
+    for writer, reader in edges:
+        for node in parse_edge(writer, reader):
+            nodes[node.name] = node
+    for node in list(nodes.values()):
+        if node.kind in ("q", "k", "v") and node.head is not None:
+            head = f"a{node.layer}.h{node.head}"
+            nodes.setdefault(head, parse_node(head))
+    ordered = sorted(nodes.values(), key=_order)
+    heads_by_layer, ranks = defaultdict(list), defaultdict(list)
+    for node in ordered:
+        ranks[_rank(node)].append(node)
+        if node.kind == "head":
+            heads_by_layer[node.layer].append(node.name)
+    anchors = []
+    for i, rank in enumerate(sorted(ranks)):
+        # one labelled anchor per rank, chained below, so ranks keep forward order even where no
+        # circuit edge links them
+        anchor = f"_rank{i}"
+        anchors.append(anchor)
+        with dot.subgraph() as same:
+            same.attr(rank="same")
+            same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
+                      fontcolor="#888888")
+            for node in ranks[rank]:
+                same.node(node.name, **_node_style(node))
+    for upper, lower in zip(anchors, anchors[1:]):
+        dot.edge(upper, lower, style="invis", weight="100")
+
+    for node in ordered:
+        if node.kind not in ("q", "k", "v"):
+            continue
+        heads = [f"a{node.layer}.h{node.head}"] if node.head is not None else heads_by_layer[node.layer]
+        for head in heads:
+            dot.edge(node.name, head, style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
+    for writer, reader in edges:
+        dot.edge(writer, reader, color=COLOURS[nodes[reader].kind] + EDGE_ALPHA)
+
+    dot.node("legend", _legend_label(), shape="plaintext", style="", fontsize="9")
+    return dot
+
+
+def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
+                 title: str | None = None) -> Path:
+    """Draw a circuit to ``out_path`` (.pdf, .png, .svg or .dot); returns the path written.
+
+    The graphviz source always goes beside the output as ``<stem>.dot``. Without graphviz's ``dot``
+    program only that source is written, with a warning saying how to render it, and its path is
+    returned.
+    """
+    out = Path(out_path)
+    suffix = out.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ValueError(f"cannot draw to {out}: the file name must end in one of {', '.join(SUFFIXES)}")
+    dot = circuit_to_dot(edges, title)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    dot_path = out.with_suffix(".dot")
+    dot_path.write_text(dot.source, encoding="utf-8")
+    if suffix == ".dot":
+        return dot_path
+    try:
+        graphviz.render("dot", suffix[1:], dot_path, outfile=out)
+    except graphviz.ExecutableNotFound:
+        warnings.warn(f"graphviz's `dot` program was not found, so only {dot_path} was written. "
+                      "Install graphviz (apt-get install graphviz / brew install graphviz / "
+                      f"conda install graphviz) and render it with: dot -T{suffix[1:]} {dot_path} "
+                      f"-o {out}", stacklevel=2)
+        return dot_path
+    return out
+
+
+def _rank(node: NodeName) -> tuple[float, int]:
+    """Vertical position: embeddings, then per layer inputs / heads / MLP, then the output."""
+    if node.kind == "embed":
+        return (-1, 0)
+    if node.kind == "output":
+        return (math.inf, 0)
+    return (node.layer, {"q": 0, "k": 0, "v": 0, "head": 1, "mlp": 2}[node.kind])
+
+
+def _rank_label(rank: tuple[float, int]) -> str:
+    layer, step = rank
+    if layer == -1:
+        return "embeddings"
+    if layer == math.inf:
+        return "output"
+    return f"layer {int(layer)} " + ("attn inputs", "heads", "mlp")[step]
+
+
+def _order(node: NodeName) -> tuple:
+    """Left-to-right order within a rank: by head (or KV group), then q, k, v."""
+    index = node.head if node.head is not None else node.group
+    return (_rank(node), -1 if index is None else index, "qkv".find(node.kind), node.name)
+
+
+def _node_style(node: NodeName) -> dict[str, str]:
+    style = dict(fillcolor=COLOURS[node.kind], tooltip=node.name)
+    if node.kind in ("q", "k", "v"):
+        if node.group is None:
+            style.update(label=node.kind, shape="circle", fixedsize="true", width="0.25")
+        else:
+            style.update(label=f"g{node.group}.{node.kind}", shape="ellipse", height="0.25", margin="0.02")
+        style.update(fontsize="8", fontcolor="white")
+    else:
+        style.update(label=node.name, shape="box", height="0.3")
+        if node.kind in ("embed", "output"):
+            style.update(style="filled,rounded")
+    return style
+
+
+def _legend_label() -> str:
+    rows = "".join(f'<TR><TD BGCOLOR="{COLOURS[kind]}" WIDTH="14" HEIGHT="10"></TD>'
+                   f'<TD ALIGN="LEFT">{text}</TD></TR>' for kind, text in LEGEND)
+    notes = ('<TR><TD COLSPAN="2" ALIGN="LEFT">edge colour: kind of the reader it feeds</TD></TR>'
+             '<TR><TD COLSPAN="2" ALIGN="LEFT">dashed: a head\'s input into the head</TD></TR>')
+    return (f'<<TABLE BORDER="1" COLOR="#CCCCCC" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2">'
+            f'<TR><TD COLSPAN="2"><B>legend</B></TD></TR>{rows}{notes}</TABLE>>')
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,77 @@
+"""What a run needs from its config: the edge-masked model on its device, and the task's examples."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig, ModelConfig
+from .model import EdgeModel
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"model.device is {name!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    return device
+
+
+def load_model(cfg: ModelConfig, device: torch.device | None = None) -> EdgeModel:
+    """The edge-masked model of ``cfg`` (weights loaded once, frozen) on ``device``."""
+    kwargs = {"dtype": DTYPES[cfg.dtype]}
+    if cfg.revision:
+        kwargs["revision"] = cfg.revision
+    if cfg.ablation is not None:  # None: the family's default (interchange; zero for Tracr)
+        kwargs["ablation"] = cfg.ablation
+    model = EdgeModel.from_pretrained(cfg.name_or_path, node_masks=cfg.node_masks, **kwargs)
+    return model.to(device or resolve_device(cfg.device))
+
+
+@dataclass
+class TaskData:
+    """Examples of one split and how to batch them."""
+    examples: list
+    pad_token_id: int
+    source: str
+
+
+def split_path(cfg: DataConfig, split: str) -> Path:
+    path = Path(cfg.path)
+    if path.is_dir():
+        candidate = path / f"{split}.jsonl"
+        if not candidate.is_file():
+            found = sorted(p.name for p in path.glob("*.jsonl"))
+            raise FileNotFoundError(f"data.path {path}: no {split}.jsonl (found: {', '.join(found) or 'nothing'})")
+        return candidate
+    if not path.is_file():
+        raise FileNotFoundError(f"data.path {path}: no such file or directory")
+    return path
+
+
+def load_split(cfg: DataConfig, model: EdgeModel, split: str) -> TaskData:
+    """Tokenized examples of ``split`` with the model's own tokenizer.
+
+    ``data.path`` is a JSONL file (lines carry their ``split``) or a directory of
+    ``{train,validation,test}.jsonl``; in a directory the file decides the split.
+    """
+    from .tasks.jsonl import pad_token_id_for, read_jsonl_task
+
+    tokenizer = load_tokenizer(model)
+    path = split_path(cfg, split)
+    examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.path).is_dir() else split,
+                               max_length=cfg.max_length)
+    return TaskData(examples, pad_token_id_for(tokenizer), str(path))
+
+
+def load_tokenizer(model: EdgeModel):
+    from transformers import AutoTokenizer
+
+    if not model.model_id:
+        raise ValueError("the model has no name_or_path to load its tokenizer from")
+    return AutoTokenizer.from_pretrained(model.model_id)

@@ -1,0 +1,350 @@
+"""The pruning loop: learn edge (and node) masks that keep the model faithful under a sparsity target.
+
+Read it top to bottom: ``prune(cfg)`` loads the frozen model and the task, then per step
+1. a no-grad pass of the frozen weights over the clean and corrupted inputs gives the reference
+   logits and the corrupted writer states (the ablated values),
+2. the masked forward with sampled hard-concrete masks gives the circuit's logits,
+3. loss = KL(p_full || p_circuit) on the loss positions
+          + lambda1 * (s - t) + lambda2 * (s - t)^2   (per mask kind: edges, nodes)
+   where s is the expected sparsity and t the target, ramped linearly over the warm-up,
+4. AdamW steps the masks down the loss and the lambdas up it (gradient ascent), after clipping.
+Checkpoints (safetensors + JSON: masks, lambdas, optimiser and ramp state, step, RNG states) are
+written atomically; ``resume=True`` continues so the final masks equal an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .config import ExperimentConfig, save_config
+from .eval import evaluate, kl_divergence, reference_and_corrupted
+from .experiment import load_model, load_split, resolve_device
+from .model import EdgeModel
+
+
+class PruneError(RuntimeError):
+    """The run cannot go on (non-finite loss, incompatible checkpoint, ...)."""
+
+
+class SparsityRamp:
+    """Target sparsity at a step: linear from 0 to ``target`` over ``warmup`` steps, then constant."""
+
+    def __init__(self, target: float, warmup: int):
+        self.target, self.warmup, self.step = target, warmup, 0
+
+    def value(self) -> float:
+        if self.warmup <= 0:
+            return self.target
+        return self.target * min(1.0, self.step / self.warmup)
+
+    def state_dict(self) -> dict:
+        return {"target": self.target, "warmup": self.warmup, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target, self.warmup, self.step = state["target"], state["warmup"], state["step"]
+
+
+def lagrangian(expected: torch.Tensor, target: float, lambdas: torch.Tensor) -> torch.Tensor:
+    """lambda1 * (s - t) + lambda2 * (s - t)^2; lambdas (2,) trained by gradient ascent."""
+    gap = expected - target
+    return lambdas[0] * gap + lambdas[1] * gap * gap
+
+
+def graph_fingerprint(model: EdgeModel) -> dict:
+    spec = model.graph.spec
+    return {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.kv_heads,
+            "pos_embeds": spec.pos_embeds, "mlp": spec.mlp, "num_edges": model.graph.num_edges,
+            "num_writers": model.graph.num_writers}
+
+
+@dataclass
+class PruneResult:
+    output_dir: Path
+    step: int
+    history: list[dict]
+    finished: bool
+
+
+def epoch_batches(data, batch_size: int, seed: int, epoch: int) -> list:
+    from .tasks.jsonl import batches
+
+    drop_last = len(data.examples) >= batch_size
+    return list(batches(data.examples, batch_size, data.pad_token_id, shuffle=True, seed=seed, epoch=epoch,
+                        drop_last=drop_last))
+
+
+def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> PruneResult:
+    """Run (or resume) the pruning experiment ``cfg``; outputs go to ``cfg.run.output_dir``.
+
+    ``stop_after``: leave after this many steps of this call (after a checkpoint), as a kill would.
+    """
+    out = Path(cfg.run.output_dir)
+    ckpt_dir = out / "checkpoint"
+    existing = find_checkpoint(ckpt_dir)
+    if existing is not None and not resume:
+        raise PruneError(f"{out} already holds a run (checkpoint at {existing}); pass --resume to continue "
+                         "it, or choose another run.output_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+
+    device = resolve_device(cfg.model.device)
+    model = load_model(cfg.model, device)
+    p = cfg.prune
+    train = load_split(cfg.data, model, cfg.data.train_split)
+    try:
+        val = load_split(cfg.data, model, cfg.data.eval_split)
+    except (FileNotFoundError, ValueError) as err:
+        tqdm.write(f"no validation data ({err}); validating on the training split")
+        val = train
+    task_metric = _task_metric(cfg, model)
+    if model.ablation == "mean":
+        model.set_mean_states(model.compute_mean_states(
+            (b.input_ids, b.attention_mask) for b in epoch_batches(train, p.batch_size, cfg.run.seed, 0)))
+
+    # ---- trainable state: masks (descend) and lambdas (ascend)
+    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
+    model.edge_masks.generator = generator
+    mask_params = [model.edge_masks.log_alpha]
+    lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
+    ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps)}
+    if model.node_masks is not None:
+        model.node_masks.generator = generator
+        mask_params.append(model.node_masks.log_alpha)
+        if p.node_target is not None:
+            lambdas["nodes"] = torch.nn.Parameter(torch.zeros(2, device=device))
+            ramps["nodes"] = SparsityRamp(p.node_target, p.warmup_steps)
+    opt = torch.optim.AdamW(mask_params, lr=p.lr_masks, weight_decay=p.weight_decay)
+    lambda_opt = torch.optim.AdamW(list(lambdas.values()), lr=p.lr_lambdas, weight_decay=0.0, maximize=True)
+
+    step = 0
+    log_path = out / "log.jsonl"
+    if existing is not None:
+        step = _restore(load_checkpoint(existing), existing, model, cfg, opt, lambda_opt, lambdas, ramps, generator)
+        _truncate_log(log_path, step)
+        tqdm.write(f"resumed from {existing} at step {step}")
+    elif log_path.exists():
+        log_path.unlink()
+
+    wandb_run = _start_wandb(cfg, out) if cfg.run.wandb else None
+
+    def save(at_step: int):
+        save_checkpoint(_state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step), ckpt_dir)
+
+    def validate(at_step: int) -> dict:
+        from .tasks.jsonl import batches
+        vb = batches(val.examples, p.batch_size, val.pad_token_id)
+        if cfg.run.eval_batches is not None:
+            vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
+        metrics = evaluate(model, vb, loss=cfg.data.loss, task_metric=task_metric)
+        record = {"step": at_step, **{f"val_{k}": v for k, v in metrics.items()}}
+        _log(log_path, wandb_run, record)
+        return metrics
+
+    history: list[dict] = []
+    steps_per_epoch = len(epoch_batches(train, p.batch_size, cfg.run.seed, 0))
+    epoch, order = -1, []
+    bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress, dynamic_ncols=True)
+    ran = 0
+    model.train()
+    while step < p.steps:
+        e, i = divmod(step, steps_per_epoch)
+        if e != epoch:
+            epoch, order = e, epoch_batches(train, p.batch_size, cfg.run.seed, e)
+        batch = order[i].to(device)
+
+        ref_logits, corrupted = reference_and_corrupted(model, batch)
+        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+        sel = batch.loss_mask
+        if cfg.data.loss == "mse":
+            fit = ((logits[sel].float() - ref_logits[sel].float()) ** 2).mean()
+        else:
+            fit = kl_divergence(ref_logits[sel], logits[sel]).mean()
+        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": float(fit)}
+        loss = fit
+        for kind, lam in lambdas.items():
+            masks = model.edge_masks if kind == "edges" else model.node_masks
+            expected = masks.expected_sparsity()
+            target = ramps[kind].value()
+            loss = loss + lagrangian(expected, target, lam)
+            record.update({f"{kind}_sparsity": float(expected), f"{kind}_target": target,
+                           f"{kind}_lambda1": float(lam[0]), f"{kind}_lambda2": float(lam[1])})
+        record["loss"] = float(loss)
+        if not math.isfinite(record["loss"]):
+            bar.close()
+            last = find_checkpoint(ckpt_dir)
+            raise PruneError(f"non-finite loss at step {step + 1} ({record}); stopping. The last good "
+                             f"checkpoint is {last or 'none (no checkpoint written yet)'}")
+
+        opt.zero_grad(set_to_none=True)
+        lambda_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if p.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(mask_params, p.max_grad_norm)
+        opt.step()
+        lambda_opt.step()
+        for ramp in ramps.values():
+            ramp.step += 1
+        step += 1
+        ran += 1
+        history.append(record)
+
+        if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
+            _log(log_path, wandb_run, record)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{float(fit):.4f}",
+                        sparsity=f"{record['edges_sparsity']:.3f}", lam=f"{record['edges_lambda1']:.3f}")
+        bar.update(1)
+        if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < p.steps:
+            validate(step)
+            model.train()
+        if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == p.steps:
+            save(step)
+        if stop_after is not None and ran >= stop_after and step < p.steps:
+            save(step)
+            bar.close()
+            return PruneResult(out, step, history, finished=False)
+    bar.close()
+
+    model.eval()
+    final = validate(step)
+    _write_masks(model, out / "masks.safetensors")
+    tqdm.write(f"done: {step} steps, expected edge sparsity {float(model.edge_masks.expected_sparsity()):.4f}, "
+               f"validation {cfg.data.loss} {final.get('kl', final.get('mse')):.4g}; masks in {out / 'masks.safetensors'}")
+    if wandb_run is not None:
+        wandb_run.finish()
+    return PruneResult(out, step, history, finished=True)
+
+
+# ---------------------------------------------------------------------------- helpers
+def _task_metric(cfg: ExperimentConfig, model: EdgeModel):
+    if not cfg.data.task:
+        return None
+    from .tasks.registry import METRICS
+
+    if cfg.data.task not in METRICS:
+        raise ValueError(f"data.task {cfg.data.task!r} is not a known task ({', '.join(sorted(METRICS))})")
+    from .experiment import load_tokenizer
+    return METRICS[cfg.data.task](load_tokenizer(model))
+
+
+def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict:
+    state = {
+        "step": step,
+        "model_id": model.model_id,
+        "graph": graph_fingerprint(model),
+        "config": cfg.to_dict(),
+        "edge_log_alpha": model.edge_masks.log_alpha.detach(),
+        "lambdas": {k: v.detach() for k, v in lambdas.items()},
+        "optimizer": opt.state_dict(),
+        "lambda_optimizer": lambda_opt.state_dict(),
+        "ramps": {k: r.state_dict() for k, r in ramps.items()},
+        "rng": {"torch": torch.get_rng_state(), "masks": generator.get_state()},
+    }
+    if model.node_masks is not None:
+        state["node_log_alpha"] = model.node_masks.log_alpha.detach()
+    if torch.cuda.is_available():
+        state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore(state, where, model, cfg, opt, lambda_opt, lambdas, ramps, generator) -> int:
+    theirs, ours = state.get("graph"), graph_fingerprint(model)
+    if theirs != ours:
+        raise CheckpointError(f"{where}: checkpoint is for another graph ({theirs}), this model has {ours}")
+    if state.get("model_id") != model.model_id:
+        raise CheckpointError(f"{where}: checkpoint is for model {state.get('model_id')!r}, the config loads "
+                              f"{model.model_id!r}")
+    if (state.get("node_log_alpha") is None) != (model.node_masks is None):
+        raise CheckpointError(f"{where}: node masks in checkpoint and config disagree (model.node_masks)")
+    if set(state["lambdas"]) != set(lambdas):
+        raise CheckpointError(f"{where}: checkpoint has sparsity terms {sorted(state['lambdas'])}, the config "
+                              f"{sorted(lambdas)}")
+    with torch.no_grad():
+        model.edge_masks.log_alpha.copy_(state["edge_log_alpha"])
+        if model.node_masks is not None:
+            model.node_masks.log_alpha.copy_(state["node_log_alpha"])
+        for k, v in lambdas.items():
+            v.copy_(state["lambdas"][k])
+    opt.load_state_dict(_fix_optimizer_state(state["optimizer"]))
+    lambda_opt.load_state_dict(_fix_optimizer_state(state["lambda_optimizer"]))
+    for k, r in ramps.items():
+        r.load_state_dict(state["ramps"][k])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["masks"])
+    if "cuda" in state["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    return int(state["step"])
+
+
+def _fix_optimizer_state(sd: dict) -> dict:
+    """JSON turns the integer parameter ids of an optimiser state into strings; turn them back."""
+    sd = dict(sd)
+    sd["state"] = {int(k): v for k, v in sd["state"].items()}
+    return sd
+
+
+def _write_masks(model: EdgeModel, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {"edge_log_alpha": model.edge_masks.log_alpha.detach().cpu().contiguous()}
+    if model.node_masks is not None:
+        tensors["node_log_alpha"] = model.node_masks.log_alpha.detach().cpu().contiguous()
+    meta = {"model_id": str(model.model_id), "graph": json.dumps(graph_fingerprint(model))}
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    os.replace(tmp, path)
+
+
+def _log(path: Path, wandb_run, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    if wandb_run is not None:
+        wandb_run.log(record, step=record["step"])
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines past the checkpoint's step (they will be logged again)."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in kept))
+
+
+def _start_wandb(cfg: ExperimentConfig, out: Path):
+    """wandb only when asked; offline unless an API key or WANDB_MODE says otherwise."""
+    try:
+        import wandb
+    except ImportError as err:
+        raise PruneError("--wandb needs the wandb package: pip install wandb") from err
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out), mode=mode,
+                      name=out.name)
+
+
+def load_masks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
+    """(edge_log_alpha, node_log_alpha or None, graph fingerprint) of a run: its final
+    ``masks.safetensors``, else its latest checkpoint (a run that was stopped early)."""
+    from safetensors import safe_open
+
+    run_dir = Path(run_dir)
+    path = run_dir / "masks.safetensors"
+    if path.is_file():
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            edge = f.get_tensor("edge_log_alpha")
+            node = f.get_tensor("node_log_alpha") if "node_log_alpha" in f.keys() else None
+        return edge, node, json.loads(meta.get("graph", "{}"))
+    ckpt = find_checkpoint(run_dir / "checkpoint")
+    if ckpt is None:
+        raise FileNotFoundError(f"{run_dir}: no masks.safetensors and no checkpoint/ (is this a run directory "
+                                "written by `edgeprune prune`?)")
+    state = load_checkpoint(ckpt)
+    return state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"]
