@@ -149,12 +149,6 @@ def _draw(args) -> int:
     return 0
 
 
-def _data(args) -> int:
-    from .tasks.cli_data import main as data_main
-
-    return data_main(args.rest) or 0
-
-
 def _demo(args) -> int:
     from .demo import run_demo
 
@@ -201,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title")
     p.set_defaults(func=_draw)
 
-    p = sub.add_parser("data", help="generate a task dataset (ioi, gt, gp, boolean)", add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=_data)
+    from .tasks import cli_data
+    p = cli_data.build_parser(sub.add_parser("data", help="generate a task dataset (ioi, gt, gp, boolean)"))
+    p.set_defaults(func=cli_data.run)
 
     p = sub.add_parser("demo", help="offline demo: prune a compiled Tracr model and draw its circuit")
     p.add_argument("--output-dir", default="runs/demo")

@@ -98,6 +98,10 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
 
     device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device)
+    saved = None
+    if existing is not None:
+        saved = load_checkpoint(existing)
+        _check_compatible(saved, existing, model)
     p = cfg.prune
     train = load_split(cfg.data, model, cfg.data.train_split)
     try:
@@ -128,7 +132,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     step = 0
     log_path = out / "log.jsonl"
     if existing is not None:
-        step = _restore(load_checkpoint(existing), existing, model, cfg, opt, lambda_opt, lambdas, ramps, generator)
+        step = _restore(saved, existing, model, opt, lambda_opt, lambdas, ramps, generator)
         _truncate_log(log_path, step)
         tqdm.write(f"resumed from {existing} at step {step}")
     elif log_path.exists():
@@ -168,7 +172,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
             fit = ((logits[sel].float() - ref_logits[sel].float()) ** 2).mean()
         else:
             fit = kl_divergence(ref_logits[sel], logits[sel]).mean()
-        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": float(fit)}
+        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit.item()}
         loss = fit
         for kind, lam in lambdas.items():
             masks = model.edge_masks if kind == "edges" else model.node_masks
@@ -199,7 +203,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
 
         if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
             _log(log_path, wandb_run, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{float(fit):.4f}",
+        bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record.get('kl', record.get('mse')):.4f}",
                         sparsity=f"{record['edges_sparsity']:.3f}", lam=f"{record['edges_lambda1']:.3f}")
         bar.update(1)
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < p.steps:
@@ -255,7 +259,7 @@ def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict
     return state
 
 
-def _restore(state, where, model, cfg, opt, lambda_opt, lambdas, ramps, generator) -> int:
+def _check_compatible(state, where, model) -> None:
     theirs, ours = state.get("graph"), graph_fingerprint(model)
     if theirs != ours:
         raise CheckpointError(f"{where}: checkpoint is for another graph ({theirs}), this model has {ours}")
@@ -264,6 +268,9 @@ def _restore(state, where, model, cfg, opt, lambda_opt, lambdas, ramps, generato
                               f"{model.model_id!r}")
     if (state.get("node_log_alpha") is None) != (model.node_masks is None):
         raise CheckpointError(f"{where}: node masks in checkpoint and config disagree (model.node_masks)")
+
+
+def _restore(state, where, model, opt, lambda_opt, lambdas, ramps, generator) -> int:
     if set(state["lambdas"]) != set(lambdas):
         raise CheckpointError(f"{where}: checkpoint has sparsity terms {sorted(state['lambdas'])}, the config "
                               f"{sorted(lambdas)}")

@@ -1,0 +1,139 @@
+"""What every task generator shares: single-token word filtering, the pair check, split drawing.
+
+A generated example is a clean and a corrupted text, each a prefix followed by a one-token span
+marked ``<predict>...</predict>``. The pair check (``check_pair``) is the contract with the task
+reader: both prefixes tokenize (``tokenizer(prefix)``, special tokens as the tokenizer adds them) to
+the same length, each span is exactly one token (``add_special_tokens=False``), and appending the
+span's token to the prefix's tokens gives what the tokenizer makes of the whole text, so the model
+is scored on the tokenization it would see anyway.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Callable, Iterable
+
+from .jsonl import SPLITS
+
+
+@dataclass
+class TaskData:
+    """A generator's output: per split, the JSONL records and the template ids they used."""
+
+    splits: dict[str, list[dict]]
+    templates: dict[str, list]
+    options: dict = field(default_factory=dict)
+
+
+def prefix_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text)["input_ids"]
+
+
+def span_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def single_token_id(tokenizer, text: str) -> int:
+    """The id of ``text`` as one token (no special tokens); ValueError if it is not one token."""
+    ids = span_ids(tokenizer, text)
+    if len(ids) != 1:
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        raise ValueError(f"{text!r} is {len(ids)} tokens for tokenizer {name!r}; "
+                         f"this task needs it to be exactly one token")
+    return ids[0]
+
+
+def single_token_words(tokenizer, words: Iterable[str], prefix: str = " ") -> list[str]:
+    """The words that are one token when written after ``prefix`` (a space by default), in order."""
+    return [w for w in words if len(span_ids(tokenizer, prefix + w)) == 1]
+
+
+def require_count(what: str, found: list, minimum: int, tokenizer, considered: int) -> None:
+    """Raise the error a user sees when a tokenizer has too few usable words for a task."""
+    if len(found) < minimum:
+        name = getattr(tokenizer, "name_or_path", type(tokenizer).__name__)
+        shown = ", ".join(str(f).strip() for f in found[:10]) or "none"
+        raise ValueError(f"tokenizer {name!r} has {len(found)} usable {what} among {considered} "
+                         f"candidates ({shown}); this task needs at least {minimum}")
+
+
+def check_pair(tokenizer, clean: tuple[str, str], corrupted: tuple[str, str]) -> bool:
+    """True when (prefix, span) pairs meet the reader's contract (see the module docstring)."""
+    lengths = set()
+    for prefix, span in (clean, corrupted):
+        p, s = prefix_ids(tokenizer, prefix), span_ids(tokenizer, span)
+        if len(s) != 1 or prefix_ids(tokenizer, prefix + span) != p + s:
+            return False
+        lengths.add(len(p))
+    return len(lengths) == 1
+
+
+def predict_text(prefix: str, span: str) -> str:
+    return f"{prefix}<predict>{span}</predict>"
+
+
+def record(split: str, clean: tuple[str, str], corrupted: tuple[str, str], **fields) -> dict:
+    """One JSONL line: the marked clean and corrupted texts, the split, then the task fields."""
+    return {"clean": predict_text(*clean), "corrupted": predict_text(*corrupted), "split": split,
+            **fields}
+
+
+def draw_splits(sample: Callable[[random.Random, str, int], dict | None], counts: dict[str, int],
+                rng: random.Random, tokenizer, *, key: Callable[[dict], object] | None = None,
+                max_misses: int = 1000) -> dict[str, list[dict]]:
+    """Fill each split with ``counts[split]`` records from ``sample(rng, split, index)``.
+
+    ``sample`` returns a record or None (a draw that failed a task-specific filter). Every record
+    must pass ``check_pair`` (asserted: samplers filter on it, so a failure here is a bug) and no
+    ``key`` (the clean text by default) may repeat across splits, so validation and test never
+    contain a training example. ``max_misses`` draws in a row without a new record means the task
+    has run out of distinct examples. Splits are drawn in SPLITS order, which keeps a seed's train
+    split the same whatever the sizes of the later splits.
+    """
+    key = key or (lambda r: r["clean"])
+    seen: set = set()
+    out: dict[str, list[dict]] = {}
+    for split in SPLITS:
+        rows: list[dict] = []
+        misses = 0
+        while len(rows) < counts[split]:
+            rec = sample(rng, split, len(rows))
+            if rec is None or key(rec) in seen:
+                misses += 1
+                if misses >= max_misses:
+                    raise ValueError(f"could make only {len(rows)} of the {counts[split]} {split} "
+                                     f"examples asked for ({max_misses} draws in a row gave no new "
+                                     f"one): the task's templates and word lists run out for this "
+                                     f"tokenizer; ask for fewer")
+                continue
+            assert check_pair(tokenizer, split_text(rec["clean"]), split_text(rec["corrupted"])), rec
+            misses = 0
+            seen.add(key(rec))
+            rows.append(rec)
+        out[split] = rows
+    return out
+
+
+def split_text(text: str) -> tuple[str, str]:
+    """(prefix, span) of a ``...<predict>span</predict>...`` text; what follows </predict> is dropped."""
+    head, sep, rest = text.partition("<predict>")
+    span, sep2, _ = rest.partition("</predict>")
+    if not sep or not sep2:
+        raise ValueError(f"no <predict>...</predict> span in {text!r}")
+    return head, span
+
+
+def check_counts(n_train: int, n_val: int, n_test: int) -> dict[str, int]:
+    counts = {"train": n_train, "validation": n_val, "test": n_test}
+    for split, n in counts.items():
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"the number of {split} examples must be a non-negative integer, got {n!r}")
+    return counts
+
+
+def reject_options(task: str, options: dict, allowed: Iterable[str] = ()) -> None:
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"task {task!r} has no option(s) {unknown}; it takes "
+                         f"{sorted(allowed) or 'none'}")

@@ -1,0 +1,85 @@
+"""Gendered pronoun: "So Mary is a nurse. When asked why," -> " she".
+
+A sentence introduces one person by a first name, and the next word is the subject pronoun that
+refers back to them. The corrupted prompt replaces the name with one of the other gender (the same
+number of tokens), so the right pronoun flips. Contexts avoid gender-typed jobs and actions, so the
+name is the only cue. Splits alternate female and male names.
+
+Record fields: ``name`` (with its leading space), ``gender`` ("female" or "male"), ``pronoun`` (the
+right one, " she" or " he"), ``wrong`` (the other), ``job`` (null where the template has none),
+``template``.
+Metric: ``logit_diff`` = logit(right pronoun) - logit(wrong pronoun); ``accuracy`` = it is > 0.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .common import (TaskData, check_counts, check_pair, draw_splits, record, reject_options,
+                     require_count, single_token_id, single_token_words)
+from .words import FEMALE_NAMES, JOBS, MALE_NAMES
+
+TEMPLATES = (
+    "So {name} is a {job}. When asked why,",
+    "Everyone knows that {name} works as a {job}. When asked about it,",
+    "For years {name} has been a {job}. Whenever anyone asks,",
+    "As a child, {name} wanted to be a {job}. Years later,",
+    "Last night {name} went to bed early because",
+    "This morning {name} looked out of the window and smiled, because",
+    "When {name} finished the race,",
+    "The letter for {name} arrived on Friday. After reading it,",
+    "Nobody expected {name} to win, but in the end",
+    "After the {job} left, {name} sat down and",
+    "On Sunday {name} missed the bus, so",
+    "Then {name} picked up the phone. A moment later,",
+)
+PRONOUNS = {"female": " she", "male": " he"}
+GENDERS = ("female", "male")
+MIN_NAMES_PER_GENDER = 4
+
+
+def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **options) -> TaskData:
+    """Pronoun pairs for ``tokenizer``; all splits share templates, never an example."""
+    reject_options("gp", options)
+    counts = check_counts(n_train, n_val, n_test)
+    for pronoun in PRONOUNS.values():
+        single_token_id(tokenizer, pronoun)
+    names = {"female": single_token_words(tokenizer, FEMALE_NAMES),
+             "male": single_token_words(tokenizer, MALE_NAMES)}
+    require_count("female names", names["female"], MIN_NAMES_PER_GENDER, tokenizer, len(FEMALE_NAMES))
+    require_count("male names", names["male"], MIN_NAMES_PER_GENDER, tokenizer, len(MALE_NAMES))
+
+    def sample(rng: random.Random, split: str, index: int) -> dict | None:
+        gender = GENDERS[index % 2]
+        other = GENDERS[1 - index % 2]
+        template, job = rng.randrange(len(TEMPLATES)), rng.choice(JOBS)
+        name, swap = rng.choice(names[gender]), rng.choice(names[other])
+        clean = (TEMPLATES[template].format(name=name, job=job), PRONOUNS[gender])
+        corrupted = (TEMPLATES[template].format(name=swap, job=job), PRONOUNS[other])
+        if not check_pair(tokenizer, clean, corrupted):
+            return None
+        job_used = job if "{job}" in TEMPLATES[template] else None
+        return record(split, clean, corrupted, name=" " + name, gender=gender,
+                      pronoun=PRONOUNS[gender], wrong=PRONOUNS[other], job=job_used,
+                      template=template)
+
+    splits = draw_splits(sample, counts, random.Random(seed), tokenizer)
+    templates = {k: sorted({r["template"] for r in rows}) for k, rows in splits.items()}
+    return TaskData(splits, templates)
+
+
+def metric(tokenizer):
+    """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right minus wrong."""
+    ids = {p: single_token_id(tokenizer, p) for p in PRONOUNS.values()}
+
+    def gp_metric(logits: torch.Tensor, extras: list[dict]) -> dict[str, torch.Tensor]:
+        assert logits.dim() == 2 and logits.shape[0] == len(extras), (tuple(logits.shape), len(extras))
+        rows = torch.arange(len(extras), device=logits.device)
+        right = torch.tensor([ids[e["pronoun"]] for e in extras], device=logits.device)
+        wrong = torch.tensor([ids[e["wrong"]] for e in extras], device=logits.device)
+        diff = logits[rows, right].float() - logits[rows, wrong].float()
+        return {"logit_diff": diff, "accuracy": (diff > 0).float()}
+
+    return gp_metric
