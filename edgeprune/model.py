@@ -62,14 +62,22 @@ class EdgeModel(nn.Module):
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, ablation: str = "interchange", node_masks: bool = False,
+    def from_pretrained(cls, name_or_path: str, *, ablation: str | None = None, node_masks: bool = False,
                         **hf_kwargs) -> "EdgeModel":
         """Load any supported checkpoint with transformers (hub id or local dir) and wrap it.
 
         ``hf_kwargs`` pass through to ``AutoModelForCausalLM.from_pretrained`` (dtype, revision,
         device_map, gguf_file, ...). The architecture is checked from the config before any
-        weights are loaded.
+        weights are loaded. ``ablation`` defaults to ``"interchange"``; a compiled Tracr folder
+        (``config.json`` with ``"model_type": "tracr"``) loads with ``models.tracr.load_tracr``
+        (kwargs: dtype, device) and defaults to ``"zero"``.
         """
+        from .models.tracr import is_tracr_artifact, load_tracr
+
+        if is_tracr_artifact(name_or_path):
+            return cls.from_hf(load_tracr(name_or_path, **hf_kwargs), node_masks=node_masks,
+                               ablation="zero" if ablation is None else ablation, model_id=str(name_or_path))
+        ablation = "interchange" if ablation is None else ablation
         from transformers import AutoConfig, AutoModelForCausalLM
 
         cfg_kwargs = {k: v for k, v in hf_kwargs.items() if k in _CONFIG_KWARGS}

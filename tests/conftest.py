@@ -11,6 +11,8 @@ from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCaus
 from transformers.utils import logging as hf_logging
 
 hf_logging.set_verbosity_error()
+# The test models are tiny: thread start-up costs more than it saves, badly so on a loaded 2-core machine.
+torch.set_num_threads(1)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 STORIES = SHARED / "models" / "stories260K"

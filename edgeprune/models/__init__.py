@@ -5,8 +5,9 @@ from __future__ import annotations
 from .base import Family
 from .gpt2 import GPT2Family
 from .llama import LlamaFamily
+from .tracr import TracrFamily
 
-FAMILIES: tuple[type[Family], ...] = (GPT2Family, LlamaFamily)
+FAMILIES: tuple[type[Family], ...] = (GPT2Family, LlamaFamily, TracrFamily)
 
 
 def family_for(model_type: str) -> type[Family]:
@@ -21,4 +22,4 @@ def check_supported(model_type: str) -> None:
     family_for(model_type)
 
 
-__all__ = ["FAMILIES", "Family", "GPT2Family", "LlamaFamily", "family_for", "check_supported"]
+__all__ = ["FAMILIES", "Family", "GPT2Family", "LlamaFamily", "TracrFamily", "family_for", "check_supported"]

@@ -1,0 +1,47 @@
+"""The configs in configs/ load, and the GPT-2 task configs run end to end on a local random-init GPT-2."""
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer, GPT2LMHeadModel
+
+from conftest import GPT2_TOKENIZER, gpt2_config, randomize, require_shared
+from edgeprune.cli import main
+from edgeprune.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.prune.steps >= cfg.prune.warmup_steps
+
+
+@pytest.fixture(scope="module")
+def local_gpt2(tmp_path_factory):
+    """A random-init GPT-2 with the real GPT-2 tokenizer, saved like a hub checkpoint."""
+    require_shared(GPT2_TOKENIZER)
+    path = tmp_path_factory.mktemp("gpt2")
+    randomize(GPT2LMHeadModel(gpt2_config(vocab_size=50257, n_positions=128))).save_pretrained(path)
+    AutoTokenizer.from_pretrained(GPT2_TOKENIZER).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("task", ["ioi", "gt", "gp"])
+def test_gpt2_task_config_prunes_evaluates_with_task_metric(task, local_gpt2, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name data/ relative to the repository root
+    out = tmp_path / "run"
+    assert main(["prune", f"configs/gpt2_{task}.yaml", "--model", str(local_gpt2), "--steps", "5",
+                 "--output-dir", str(out), "--set", "prune.batch_size=4", "--set", "run.eval_batches=1",
+                 "--no-progress"]) == 0
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    final = [r for r in log if "val_kl" in r][-1]
+    metric = {"ioi": "logit_diff", "gt": "prob_diff", "gp": "logit_diff"}[task]
+    assert f"val_{metric}_full" in final and f"val_{metric}_circuit" in final
+    assert main(["eval", str(out), "--split", "test", "--batch-size", "8", "--no-progress",
+                 "--set", "data.path=" + str(ROOT / "data" / "datasets" / task)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["n_examples"] == 1000 and f"{metric}_circuit" in metrics
