@@ -89,7 +89,8 @@ def _eval(args) -> int:
     data = load_split(cfg.data, model, args.split)
     bs = args.batch_size or cfg.prune.batch_size
     metrics = evaluate(model, batches(data.examples, bs, data.pad_token_id), loss=cfg.data.loss,
-                       task_metric=_task_metric(cfg, model), progress=not args.no_progress)
+                       task_metric=_task_metric(cfg, model), progress=not args.no_progress,
+                       output_scale=cfg.data.output_scale)
     result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
     out = Path(args.output) if args.output else (
         run_dir / "metrics.json" if not args.edges else run_dir / f"metrics_{Path(args.edges).stem}.json")
@@ -101,43 +102,14 @@ def _eval(args) -> int:
 
 
 def _export(args) -> int:
-    from .circuit import extract_circuit
-    from .graph import Graph, GraphSpec
-    from .prune import load_masks
+    from .export import circuit_json_path, export_run
 
-    run_dir = Path(args.run_dir)
-    cfg = _load_run(run_dir, [])
-    edge_la, node_la, fp = load_masks(run_dir)
-    graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
-                            pos_embeds=fp["pos_embeds"], mlp=fp["mlp"]))
-    circuit = extract_circuit(graph, edge_la, node_la)
     out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps([list(e) for e in circuit.edges], indent=0))
-    summary = {
-        "model_id": cfg.model.name_or_path,
-        "graph": fp,
-        "config": cfg.to_dict(),
-        "sparsity": {"expected_edge": circuit.counts["expected_edge_sparsity"],
-                     "edge": circuit.counts["edge_sparsity"]},
-        "thresholds": {"edge_log_alpha": circuit.edge_threshold.log_alpha, "edge_value": circuit.edge_threshold.value},
-        "counts": circuit.counts,
-        "edges_file": out.name,
-    }
-    if circuit.node_threshold is not None:
-        summary["thresholds"].update(node_log_alpha=circuit.node_threshold.log_alpha,
-                                     node_value=circuit.node_threshold.value)
-    metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file():
-        saved = json.loads(metrics_path.read_text())
-        if saved.get("source") == "masks":
-            summary["metrics"] = {"split": saved["split"], **saved["metrics"]}
-    circuit_path = out.with_name("circuit.json" if out.name == "edges.json" else f"{out.stem}.circuit.json")
-    circuit_path.write_text(json.dumps(summary, indent=2))
+    circuit, _ = export_run(args.run_dir, out)
     c = circuit.counts
     print(f"{c['edges']} edges of {c['total_edges']} (sparsity {c['edge_sparsity']:.4f}; "
           f"{c['edges_before_dangling']} before dangling-edge removal)")
-    print(f"written: {out} and {circuit_path}")
+    print(f"written: {out} and {circuit_json_path(out)}")
     return 0
 
 
@@ -205,6 +177,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
+
+    from .baselines import cli as baselines_cli
+    baselines_cli.add_attribute_parser(sub)
+    baselines_cli.add_curve_parser(sub)
+    baselines_cli.add_compare_parser(sub)
     return parser
 
 

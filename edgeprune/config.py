@@ -46,6 +46,7 @@ class DataConfig:
     train_split: str = "train"
     eval_split: str = "validation"
     loss: str = "kl"  # kl: KL(p_full || p_circuit) | mse: numerical outputs (Tracr xproportion)
+    output_scale: float = 1.0  # outputs are multiplied by this before the loss (Tracr: one-hot values, not logits)
 
 
 @dataclass
@@ -55,6 +56,8 @@ class PruneConfig:
     steps: int = 1000
     warmup_steps: int = 800  # the targets ramp linearly from 0 to their value over these steps
     batch_size: int = 16
+    init_log_alpha: float = 3.0  # >= 2.4 keeps every deterministic mask exactly 1 at the start,
+    # while sampled masks already fall below 1 sometimes, so the loss reaches them from step 1
     lr_masks: float = 0.8  # the Edge Pruning paper uses 0.8 for masks and lambdas
     lr_lambdas: float = 0.8
     weight_decay: float = 0.0
@@ -97,6 +100,8 @@ class ExperimentConfig:
             bad("model.ablation", f"must be interchange, zero or mean, got {self.model.ablation!r}")
         if not self.data.path:
             bad("data.path", "required (a JSONL task file or a directory of train/validation/test.jsonl)")
+        if self.data.output_scale <= 0:
+            bad("data.output_scale", f"must be > 0, got {self.data.output_scale}")
         if self.data.loss not in ("kl", "mse"):
             bad("data.loss", f"must be kl or mse, got {self.data.loss!r}")
         p = self.prune

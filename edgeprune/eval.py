@@ -71,10 +71,11 @@ def numerical_metrics(full: torch.Tensor, circuit: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, progress: bool = False,
-             desc: str = "eval") -> dict:
+             desc: str = "eval", output_scale: float = 1.0) -> dict:
     """Circuit (the model's current masks, deterministic) vs full model over ``batches``.
 
     ``task_metric(logits (B, V), extras) -> {name: (B,)}`` adds task metrics for both models.
+    ``output_scale`` multiplies both models' outputs first (``data.output_scale``).
     """
     was_training = model.training
     model.eval()
@@ -86,6 +87,8 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
             batch = batch.to(model.device)
             full, corrupted = reference_and_corrupted(model, batch)
             circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+            if output_scale != 1.0:
+                full, circuit = full * output_scale, circuit * output_scale
             sel = batch.loss_mask
             if loss == "mse":
                 part = numerical_metrics(full[sel], circuit[sel])

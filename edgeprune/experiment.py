@@ -62,11 +62,27 @@ def load_split(cfg: DataConfig, model: EdgeModel, split: str) -> TaskData:
     """
     from .tasks.jsonl import pad_token_id_for, read_jsonl_task
 
+    if cfg.path == TRACR_ALL_INPUTS:
+        return _tracr_split(model)
     tokenizer = load_tokenizer(model)
     path = split_path(cfg, split)
     examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.path).is_dir() else split,
                                max_length=cfg.max_length)
     return TaskData(examples, pad_token_id_for(tokenizer), str(path))
+
+
+TRACR_ALL_INPUTS = "tracr"  # data.path for a compiled Tracr model: every input of its task length
+
+
+def _tracr_split(model: EdgeModel) -> TaskData:
+    from .models.tracr import TracrModel
+    from .tasks.tracr import tracr_examples
+
+    if not isinstance(model.hf, TracrModel):
+        raise ValueError(f"data.path {TRACR_ALL_INPUTS!r} is the task of a compiled Tracr model, but "
+                         f"{model.model_id} is not one")
+    return TaskData(tracr_examples(model.hf), pad_token_id=model.hf.bos_id,
+                    source=f"every input of {model.hf.program!r} of length {model.hf.task_length}")
 
 
 def load_tokenizer(model: EdgeModel):

@@ -117,6 +117,10 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     # ---- trainable state: masks (descend) and lambdas (ascend)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
     model.edge_masks.generator = generator
+    for masks in (model.edge_masks, model.node_masks):
+        if masks is not None:
+            with torch.no_grad():
+                masks.log_alpha.fill_(p.init_log_alpha)
     mask_params = [model.edge_masks.log_alpha]
     lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
     ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps)}
@@ -148,7 +152,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
         vb = batches(val.examples, p.batch_size, val.pad_token_id)
         if cfg.run.eval_batches is not None:
             vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
-        metrics = evaluate(model, vb, loss=cfg.data.loss, task_metric=task_metric)
+        metrics = evaluate(model, vb, loss=cfg.data.loss, task_metric=task_metric, output_scale=cfg.data.output_scale)
         record = {"step": at_step, **{f"val_{k}": v for k, v in metrics.items()}}
         _log(log_path, wandb_run, record)
         return metrics
@@ -167,11 +171,11 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
 
         ref_logits, corrupted = reference_and_corrupted(model, batch)
         logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
-        sel = batch.loss_mask
+        sel, scale = batch.loss_mask, cfg.data.output_scale
         if cfg.data.loss == "mse":
-            fit = ((logits[sel].float() - ref_logits[sel].float()) ** 2).mean()
+            fit = ((logits[sel].float() - ref_logits[sel].float()) * scale).pow(2).mean()
         else:
-            fit = kl_divergence(ref_logits[sel], logits[sel]).mean()
+            fit = kl_divergence(ref_logits[sel] * scale, logits[sel] * scale).mean()
         record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit.item()}
         loss = fit
         for kind, lam in lambdas.items():
@@ -179,9 +183,9 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
             expected = masks.expected_sparsity()
             target = ramps[kind].value()
             loss = loss + lagrangian(expected, target, lam)
-            record.update({f"{kind}_sparsity": float(expected), f"{kind}_target": target,
-                           f"{kind}_lambda1": float(lam[0]), f"{kind}_lambda2": float(lam[1])})
-        record["loss"] = float(loss)
+            record.update({f"{kind}_sparsity": expected.item(), f"{kind}_target": target,
+                           f"{kind}_lambda1": lam[0].item(), f"{kind}_lambda2": lam[1].item()})
+        record["loss"] = loss.item()
         if not math.isfinite(record["loss"]):
             bar.close()
             last = find_checkpoint(ckpt_dir)
