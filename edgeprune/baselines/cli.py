@@ -1,0 +1,217 @@
+"""Sub-commands ``attribute``, ``curve`` and ``compare`` (registered by ``edgeprune.cli``).
+
+    edgeprune attribute CONFIG --method {eap,eap-ig,acdc} [--metric M] [--ig-steps 5] [--tau 0.01]
+                        [--split train] [--batches N] [-o scores.safetensors]
+    edgeprune curve RUN_DIR... SCORES... -o OUT_DIR [--budgets 0.1,1,10,100] [--split test]
+    edgeprune compare RUN_DIR SCORES... -o OUT_DIR [--edges N] [--split test]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .acdc import DEFAULT_TAU
+from .attribution import IG_RULES, METRICS
+from .curve import DEFAULT_BUDGETS, parse_budgets
+from .scores import METHODS
+from .selection import ORDERINGS
+
+
+# ---------------------------------------------------------------------------- shared
+def _device_overrides(args) -> list[str]:
+    return (args.set or []) + ([f"model.device={args.device}"] if args.device else [])
+
+
+def _task(cfg, split: str, batch_size: int | None, n_batches: int | None):
+    """The model of ``cfg`` and a list of batches of ``split`` (mean states set for mean ablation)."""
+    from ..experiment import load_model, load_split
+    from ..prune import epoch_batches
+    from ..tasks.jsonl import batches
+
+    model = load_model(cfg.model)
+    if model.ablation == "mean":  # the same means as the pruning run: its training split, epoch 0
+        train = load_split(cfg.data, model, cfg.data.train_split)
+        model.set_mean_states(model.compute_mean_states(
+            (b.input_ids, b.attention_mask) for b in epoch_batches(train, cfg.prune.batch_size, cfg.run.seed, 0)))
+    data = load_split(cfg.data, model, split)
+    bs = batch_size or cfg.prune.batch_size
+    out = []
+    for i, b in enumerate(batches(data.examples, bs, data.pad_token_id)):
+        if n_batches is not None and i >= n_batches:
+            break
+        out.append(b)
+    return model, out, data.source
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        import argparse
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _budgets(text: str) -> list[float]:
+    import argparse
+    try:
+        return parse_budgets(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def _split_inputs(paths: list[str]):
+    """Run directories and scores files, each loaded; the config to rebuild model and data from."""
+    from .scores import load_scores
+
+    runs, scores = [], []
+    for p in map(Path, paths):
+        if p.is_dir():
+            runs.append(p)
+        elif p.is_file():
+            scores.append(load_scores(p))
+        else:
+            raise FileNotFoundError(f"{p}: neither a run directory nor a scores file")
+    return runs, scores
+
+
+def _config_for(args, runs, scores):
+    from ..config import apply_overrides, from_dict, load_config
+
+    if args.config:
+        return load_config(args.config, _device_overrides(args))
+    if runs:
+        path = runs[0] / "config.yaml"
+        if not path.is_file():
+            raise FileNotFoundError(f"{runs[0]}: no config.yaml (is this a run directory written by "
+                                    "`edgeprune prune`?); pass --config")
+        return load_config(path, _device_overrides(args))
+    for s in scores:
+        if s.config:
+            cfg = from_dict(s.config, s.source)
+            apply_overrides(cfg, _device_overrides(args))
+            return cfg.validate(s.source)
+    raise ValueError("no config: the scores files carry none; pass --config CONFIG")
+
+
+def _add_common(p, split: str) -> None:
+    p.add_argument("--split", default=split, help=f"data split to use (default {split})")
+    p.add_argument("--batches", type=_positive, help="use only the first N batches of the split")
+    p.add_argument("--batch-size", type=_positive, help="examples per batch (default prune.batch_size)")
+    p.add_argument("--device")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--no-progress", action="store_true")
+
+
+# ---------------------------------------------------------------------------- attribute
+def _attribute(args) -> int:
+    from ..config import load_config
+    from .methods import attribute
+    from .scores import save_scores
+
+    cfg = load_config(args.config, _device_overrides(args))
+    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    scores = attribute(model, batches, args.method, metric=args.metric, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
+                       tau=args.tau, progress=not args.no_progress,
+                       settings={"split": args.split, "data": source,
+                                 "batch_size": args.batch_size or cfg.prune.batch_size},
+                       config=cfg.to_dict())
+    out = Path(args.output) if args.output else Path(cfg.run.output_dir) / f"scores_{args.method}.safetensors"
+    save_scores(scores, out)
+    s = scores.settings
+    print(f"{args.method} ({s['metric']}) on {s['n_examples']} examples of {args.split}: "
+          f"{len(scores.edges)} edges scored in {scores.wall_time_s:.1f} s")
+    if scores.kept is not None:
+        print(f"ACDC circuit (tau={args.tau}): {s['edges_kept']} edges kept, {s['edges_tested']} tested")
+    print("top edges (score = change of the metric when the edge is ablated):")
+    for (w, r), v in scores.top(10):
+        print(f"  {w:>12} -> {r:<14} {v:+.5g}")
+    print(f"written: {out}")
+    return 0
+
+
+def add_attribute_parser(sub) -> None:
+    p = sub.add_parser("attribute", help="per-edge scores with a baseline method (EAP, EAP-IG, ACDC)")
+    p.add_argument("config", help="YAML experiment config (model and task)")
+    p.add_argument("--method", required=True, choices=METHODS)
+    p.add_argument("--metric", choices=METRICS,
+                   help="metric to attribute: logit_diff (default for eap, eap-ig) or kl (default for acdc)")
+    p.add_argument("--ig-steps", type=_positive, default=5, help="EAP-IG integration steps (default 5)")
+    p.add_argument("--ig-rule", choices=IG_RULES, default="midpoint", help="EAP-IG Riemann rule (default midpoint)")
+    p.add_argument("--tau", type=float, default=DEFAULT_TAU,
+                   help=f"ACDC: remove an edge if its effect on the metric is below tau (default {DEFAULT_TAU})")
+    p.add_argument("-o", "--output", help="scores file (default RUN_OUTPUT_DIR/scores_METHOD.safetensors)")
+    _add_common(p, "train")
+    p.set_defaults(func=_attribute)
+
+
+# ---------------------------------------------------------------------------- curve
+def _curve(args) -> int:
+    from .curve import faithfulness_curve, plot_curve
+
+    budgets = args.budgets or list(DEFAULT_BUDGETS)
+    runs, scores = _split_inputs(args.inputs)
+    cfg = _config_for(args, runs, scores)
+    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=budgets,
+                                selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress)
+    result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curve.json").write_text(json.dumps(result, indent=2))
+    plot_curve(result, out / "curve.png", title=args.title)
+    print(f"faithfulness on {result['n_examples']} examples of {args.split} "
+          f"(m(full) = {result['m_full']:.4g}, m(empty) = {result['m_empty']:.4g}):")
+    for label, entry in result["methods"].items():
+        pts = "  ".join(f"{p['edges']}:{p['faithfulness']:.3f}" for p in entry["points"])
+        print(f"  {label:<14} CPR {entry['cpr']:.4f}  CMD {entry['cmd']:.4f}   edges:f  {pts}")
+    print(f"written: {out / 'curve.json'} and {out / 'curve.png'}")
+    return 0
+
+
+def add_curve_parser(sub) -> None:
+    p = sub.add_parser("curve", help="faithfulness vs circuit size for runs and score files; CPR and CMD")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SCORES",
+                   help="Edge Pruning run directories (one point each) and scores files (one line each)")
+    p.add_argument("-o", "--output", required=True, help="output directory (curve.json, curve.png)")
+    p.add_argument("--budgets", type=_budgets,
+                   help="edge budgets in percent of all edges, each in (0, 100] (default "
+                        f"{','.join(f'{b:g}' for b in DEFAULT_BUDGETS)})")
+    p.add_argument("--selection", choices=ORDERINGS, default="topn", help="circuits from scores (default topn)")
+    p.add_argument("--config", help="experiment config (default: the first run's, else the scores file's)")
+    p.add_argument("--title")
+    _add_common(p, "test")
+    p.set_defaults(func=_curve)
+
+
+# ---------------------------------------------------------------------------- compare
+def _compare(args) -> int:
+    from .compare import compare, format_markdown
+
+    runs, scores = _split_inputs(args.inputs)
+    cfg = _config_for(args, runs, scores)
+    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    result = compare(model, batches, runs=runs, scores=scores, n_edges=args.edges, selection=args.selection,
+                     loss=cfg.data.loss, progress=not args.no_progress)
+    result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
+    table = format_markdown(result)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(result, indent=2))
+    (out / "compare.md").write_text(table)
+    sys.stdout.write(table)
+    print(f"written: {out / 'compare.json'} and {out / 'compare.md'}")
+    return 0
+
+
+def add_compare_parser(sub) -> None:
+    p = sub.add_parser("compare", help="one table of circuits of equal size: runs vs score files")
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SCORES",
+                   help="Edge Pruning run directories and scores files; the first run sets the size")
+    p.add_argument("-o", "--output", required=True, help="output directory (compare.json, compare.md)")
+    p.add_argument("--edges", type=int, help="circuit size (default: the first run's edge count)")
+    p.add_argument("--selection", choices=ORDERINGS, default="topn", help="circuits from scores (default topn)")
+    p.add_argument("--config", help="experiment config (default: the first run's, else the scores file's)")
+    _add_common(p, "test")
+    p.set_defaults(func=_compare)
