@@ -58,6 +58,7 @@ class PruneConfig:
     batch_size: int = 16
     init_log_alpha: float = 3.0  # >= 2.4 keeps every deterministic mask exactly 1 at the start,
     # while sampled masks already fall below 1 sometimes, so the loss reaches them from step 1
+    init_jitter: float = 0.0  # add U(0, init_jitter) to each initial log_alpha (seeded)
     lr_masks: float = 0.8  # the Edge Pruning paper uses 0.8 for masks and lambdas
     lr_lambdas: float = 0.8
     weight_decay: float = 0.0
@@ -112,6 +113,8 @@ class ExperimentConfig:
         for key in ("steps", "batch_size"):
             if getattr(p, key) < 1:
                 bad(f"prune.{key}", f"must be >= 1, got {getattr(p, key)}")
+        if p.init_jitter < 0:
+            bad("prune.init_jitter", f"must be >= 0, got {p.init_jitter}")
         if p.warmup_steps < 0:
             bad("prune.warmup_steps", f"must be >= 0, got {p.warmup_steps}")
         for key in ("lr_masks", "lr_lambdas"):

@@ -120,7 +120,9 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     for masks in (model.edge_masks, model.node_masks):
         if masks is not None:
             with torch.no_grad():
-                masks.log_alpha.fill_(p.init_log_alpha)
+                # jitter (seeded) spreads the moments at which masks leave 'exactly 1'
+                jitter = torch.rand(masks.n, generator=generator, device=device) * p.init_jitter
+                masks.log_alpha.copy_(p.init_log_alpha + jitter)
     mask_params = [model.edge_masks.log_alpha]
     lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
     ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps)}
@@ -224,7 +226,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     model.eval()
     final = validate(step)
     _write_masks(model, out / "masks.safetensors")
-    tqdm.write(f"done: {step} steps, expected edge sparsity {float(model.edge_masks.expected_sparsity()):.4f}, "
+    tqdm.write(f"done: {step} steps, expected edge sparsity {model.edge_masks.expected_sparsity().item():.4f}, "
                f"validation {cfg.data.loss} {final.get('kl', final.get('mse')):.4g}; masks in {out / 'masks.safetensors'}")
     if wandb_run is not None:
         wandb_run.finish()
