@@ -135,3 +135,15 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert edge.shape[0] > 0
     from edgeprune.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "nan" / "checkpoint")["step"] == 8
+
+
+def test_wandb_logging_works_offline(tmp_path, monkeypatch):
+    """--wandb with no network: an offline run is written inside the run directory."""
+    pytest.importorskip("wandb")
+    from edgeprune.demo import tracr_config
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = tracr_config("xproportion", tmp_path / "wb", ["prune.steps=4", "prune.warmup_steps=2", "run.wandb=true"])
+    result = prune(cfg, progress=False)
+    assert result.finished and list((tmp_path / "wb" / "wandb").glob("offline-run-*"))
