@@ -14,7 +14,7 @@ import torch
 
 from ..graph import GraphSpec
 from .base import Family
-from .common import Context, attention, head_outputs, project, rms_norm
+from .common import attention, head_outputs, project, rms_norm
 
 
 class LlamaFamily(Family):

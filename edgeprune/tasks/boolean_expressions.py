@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import random
 
-import torch
 
-from .common import (TaskData, check_counts, check_pair, draw_splits, record, reject_options,
+from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, record, reject_options,
                      single_token_id)
 
 FORMATS = ("fewshot", "instruct")
@@ -161,15 +160,5 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int,
 
 
 def metric(tokenizer):
-    """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, answer minus wrong."""
-    ids = {a: single_token_id(tokenizer, a) for a in ANSWERS.values()}
-
-    def boolean_metric(logits: torch.Tensor, extras: list[dict]) -> dict[str, torch.Tensor]:
-        assert logits.dim() == 2 and logits.shape[0] == len(extras), (tuple(logits.shape), len(extras))
-        rows = torch.arange(len(extras), device=logits.device)
-        right = torch.tensor([ids[e["answer"]] for e in extras], device=logits.device)
-        wrong = torch.tensor([ids[e["wrong"]] for e in extras], device=logits.device)
-        diff = logits[rows, right].float() - logits[rows, wrong].float()
-        return {"logit_diff": diff, "accuracy": (diff > 0).float()}
-
-    return boolean_metric
+    """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right answer minus wrong."""
+    return answer_logit_diff(tokenizer, "answer", "wrong")

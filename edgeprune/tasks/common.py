@@ -137,3 +137,27 @@ def reject_options(task: str, options: dict, allowed: Iterable[str] = ()) -> Non
     if unknown:
         raise ValueError(f"task {task!r} has no option(s) {unknown}; it takes "
                          f"{sorted(allowed) or 'none'}")
+
+
+def answer_logit_diff(tokenizer, right_key: str, wrong_key: str):
+    """A metric ``(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``: the logit of the
+    single-token answer named by ``extras[i][right_key]`` minus that of ``extras[i][wrong_key]``."""
+    import torch
+
+    ids: dict[str, int] = {}
+
+    def token(text: str) -> int:
+        if text not in ids:
+            ids[text] = single_token_id(tokenizer, text)
+        return ids[text]
+
+    def logit_diff(logits, extras: list[dict]) -> dict:
+        if logits.dim() != 2 or logits.shape[0] != len(extras):
+            raise ValueError(f"metric expects (N, V) logits for N = {len(extras)} examples, got {tuple(logits.shape)}")
+        rows = torch.arange(len(extras), device=logits.device)
+        right = torch.tensor([token(e[right_key]) for e in extras], device=logits.device)
+        wrong = torch.tensor([token(e[wrong_key]) for e in extras], device=logits.device)
+        diff = logits[rows, right].float() - logits[rows, wrong].float()
+        return {"logit_diff": diff, "accuracy": (diff > 0).float()}
+
+    return logit_diff

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import random
 
-import torch
 
-from .common import (TaskData, check_counts, check_pair, draw_splits, record, reject_options,
+from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, record, reject_options,
                      require_count, single_token_id, single_token_words)
 from .words import FEMALE_NAMES, JOBS, MALE_NAMES
 
@@ -71,15 +70,5 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
 
 
 def metric(tokenizer):
-    """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right minus wrong."""
-    ids = {p: single_token_id(tokenizer, p) for p in PRONOUNS.values()}
-
-    def gp_metric(logits: torch.Tensor, extras: list[dict]) -> dict[str, torch.Tensor]:
-        assert logits.dim() == 2 and logits.shape[0] == len(extras), (tuple(logits.shape), len(extras))
-        rows = torch.arange(len(extras), device=logits.device)
-        right = torch.tensor([ids[e["pronoun"]] for e in extras], device=logits.device)
-        wrong = torch.tensor([ids[e["wrong"]] for e in extras], device=logits.device)
-        diff = logits[rows, right].float() - logits[rows, wrong].float()
-        return {"logit_diff": diff, "accuracy": (diff > 0).float()}
-
-    return gp_metric
+    """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right pronoun minus wrong."""
+    return answer_logit_diff(tokenizer, "pronoun", "wrong")

@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import random
 
-import torch
 
-from .common import (TaskData, check_counts, check_pair, draw_splits, record, reject_options,
-                     require_count, single_token_id, single_token_words)
+from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, record, reject_options,
+                     require_count, single_token_words)
 from .words import FEMALE_NAMES, MALE_NAMES, OBJECTS, PLACES
 
 # {A} and {B} are the two names of the first clause; {S} repeats one of them.
@@ -100,19 +99,4 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
 
 def metric(tokenizer):
     """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, IO minus S."""
-    ids: dict[str, int] = {}
-
-    def token(text: str) -> int:
-        if text not in ids:
-            ids[text] = single_token_id(tokenizer, text)
-        return ids[text]
-
-    def ioi_metric(logits: torch.Tensor, extras: list[dict]) -> dict[str, torch.Tensor]:
-        assert logits.dim() == 2 and logits.shape[0] == len(extras), (tuple(logits.shape), len(extras))
-        rows = torch.arange(len(extras), device=logits.device)
-        io = torch.tensor([token(e["io"]) for e in extras], device=logits.device)
-        s = torch.tensor([token(e["s"]) for e in extras], device=logits.device)
-        diff = logits[rows, io].float() - logits[rows, s].float()
-        return {"logit_diff": diff, "accuracy": (diff > 0).float()}
-
-    return ioi_metric
+    return answer_logit_diff(tokenizer, "io", "s")
