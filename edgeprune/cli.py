@@ -31,6 +31,8 @@ def _prune(args) -> int:
     if args.steps is not None and cfg.prune.warmup_steps > cfg.prune.steps:
         cfg.prune.warmup_steps = cfg.prune.steps  # a short run still reaches its target
     result = prune(cfg, resume=args.resume, progress=not args.no_progress)
+    if not result.main_process:  # torchrun: rank 0 reports
+        return 0
     print(f"run directory: {result.output_dir}")
     print(f"next: edgeprune eval {result.output_dir} --split test && "
           f"edgeprune export {result.output_dir} -o {result.output_dir / 'edges.json'}")

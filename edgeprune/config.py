@@ -63,7 +63,8 @@ class PruneConfig:
     lr_lambdas: float = 0.8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    cache_corrupted: bool = False  # keep reference logits/corrupted states per example across epochs
+    cache_corrupted: bool = False  # compute reference logits/corrupted states once per example (edgeprune.cache)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
 
 
 @dataclass

@@ -30,20 +30,25 @@ def kl_divergence(ref_logits: torch.Tensor, logits: torch.Tensor) -> torch.Tenso
     return (ref.exp() * (ref - cur)).sum(-1)
 
 
-def reference_and_corrupted(model: EdgeModel, batch):
+def reference_and_corrupted(model: EdgeModel, batch, select: torch.Tensor | None = None):
     """One no-grad pass of the frozen weights over clean and corrupted inputs together.
 
-    Returns the full model's clean logits (B, T, V) and the corrupted writer states (per group
-    (g, B, T, D)), or None where the ablation does not use them.
+    Returns the full model's clean logits (B, T, V), or (N, V) at the positions of ``select``
+    ((B, T) bool, e.g. ``batch.loss_mask``: the read-out then runs only there), and the corrupted
+    writer states (W, B, T, D), or None where the ablation does not use them. Only the corrupted
+    half's states are kept, and the corrupted half gets no read-out at all.
     """
     B = batch.input_ids.shape[0]
     with torch.no_grad():
         if model.ablation != "interchange":
-            return model.full_forward(batch.input_ids, batch.attention_mask).logits, None
+            return model.full_forward(batch.input_ids, batch.attention_mask, select=select).logits, None
         ids = torch.cat([batch.input_ids, batch.corrupted_input_ids])
         mask = torch.cat([batch.attention_mask, batch.corrupted_attention_mask])
-        out = model.full_forward(ids, mask, return_states=True)
-        return out.logits[:B], [s[:, B:] for s in out.states]
+        clean = torch.ones_like(batch.input_ids, dtype=torch.bool) if select is None else select
+        both = torch.cat([clean, torch.zeros_like(clean)])
+        out = model.full_forward(ids, mask, return_states=True, select=both, states_rows=slice(B, None))
+        logits = out.logits if select is not None else out.logits.view(*batch.input_ids.shape, out.logits.shape[-1])
+        return logits, out.states
 
 
 def position_metrics(full: torch.Tensor, circuit: torch.Tensor, targets: torch.Tensor) -> dict:
@@ -71,11 +76,12 @@ def numerical_metrics(full: torch.Tensor, circuit: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, progress: bool = False,
-             desc: str = "eval", output_scale: float = 1.0) -> dict:
+             desc: str = "eval", output_scale: float = 1.0, reduce=None) -> dict:
     """Circuit (the model's current masks, deterministic) vs full model over ``batches``.
 
     ``task_metric(logits (B, V), extras) -> {name: (B,)}`` adds task metrics for both models.
     ``output_scale`` multiplies both models' outputs first (``data.output_scale``).
+    ``reduce(dict of sums) -> dict`` combines the sums of several processes (``Dist.sum_floats``).
     """
     was_training = model.training
     model.eval()
@@ -107,6 +113,12 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
                         task_sums[key] = task_sums.get(key, 0.0) + float(v.float().sum())
     finally:
         model.train(was_training)
+    if reduce is not None:
+        totals = reduce({**{f"sum:{k}": v for k, v in sums.items()}, **{f"task:{k}": v for k, v in task_sums.items()},
+                         "n_pos": n_pos, "n_ex": n_ex})
+        sums = {k[4:]: v for k, v in totals.items() if k.startswith("sum:")}
+        task_sums = {k[5:]: v for k, v in totals.items() if k.startswith("task:")}
+        n_pos, n_ex = int(totals["n_pos"]), int(totals["n_ex"])
     if n_pos == 0:
         raise ValueError("evaluation got no loss positions (empty split?)")
     metrics = {"n_examples": n_ex, "n_positions": n_pos}

@@ -1,74 +1,282 @@
 """The writer mix: each reader's input as a mask-weighted sum of the writers before it.
 
-    x_r = c_r + sum_w z_rw s_w + (1 - z_rw) s~_w
+    x_r = c_r + sum_w z_rw s_w + (1 - z_rw) s~_w  =  c_r + sum_w s~_w + sum_w z_rw (s_w - s~_w)
 
-The layer constants ``c_r`` are added by the caller; this module computes the sum. Written this
-way (rather than as s~ + z (s - s~)) the mix is exact at both ends: with every mask 1 it is the
-plain fp32 sum of the clean states, with every mask 0 that of the ablated states. Writer states stay in the model's dtype, stored once per writer group;
-the sum is formed in fp32 from transient per-group upcasts that are never saved for backward, so
-bf16 models get fp32 accumulation without fp32 copies of the states.
+(c_r: the layer constants before r; s~: the ablated states, corrupted / mean / zero). The second
+form is what runs: the ablated sum is a running fp32 sum shared by every reader at that depth, and
+the masked part is one GEMM over the differences d_w = s_w - s~_w. With every mask 0 the mix is
+exactly the fp32 sum of the ablated states; with every mask 1 it is the clean sum up to one fp32
+rounding of each difference (~1e-7 relative, far inside the 1e-5 logit bar; for bf16/fp16 models
+the difference of two half-precision values is exact in fp32, so the mix is the fp32 sum of their
+clean states, as if accumulated directly).
+
+How it stays lean and fast (DESIGN.md section 3):
+
+- ``WriterStates`` keeps the differences of one forward once, in a single fp32 (W, B, T, D)
+  buffer, filled group by group (embeddings, a layer's heads, a layer's MLP) as the
+  forward runs. A reader group's mix is one GEMM over a contiguous block, ``z @ d[:n]``: no
+  per-layer concatenation, no second pass for the ablated states, and the ablated states
+  themselves are not needed after the forward (the backward uses only ``d``).
+- Gradients to the states go through a side channel: each write returns an autograd *token* that
+  every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
+  (W, B, T, D) gradient buffer, and a write's backward (which autograd runs only after every mix
+  that read it) hands its rows to the writer's own backward. So states are stored once, never
+  saved per mix, and their gradients accumulate in fp32.
+- ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
+  158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
+  Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
+  them (one more GEMM), so saved activations stay O(writers x B x T x D).
+- dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
+  over processes by ``reduce``): the sum does not depend on how a batch is split, so several
+  processes on slices of a batch give the masks a single process gives, not merely close ones.
+- The mix accumulates in fp32, over fp32 differences: for half-precision models this buffer is
+  twice the size of their states (the ablated states from the reference pass stay in the model's
+  dtype), the price of exact differences and one fp32 GEMM per reader group.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
+from torch.autograd.function import once_differentiable
 
 from .graph import Graph
 
 
-def _delta(state: torch.Tensor, ablated: torch.Tensor | None) -> torch.Tensor:
-    """(g, B, T, D) fp32: state minus its ablated value (ablated may broadcast, or be None = zero)."""
-    d = state.float()
-    return d if ablated is None else d - ablated.float()
+def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+    """The mix without autograd: base + z @ diffs. z (R, n) fp32; diffs (n, B, T, D) fp32;
+    base: fp32 broadcastable to (B, T, D) (ablated sum + layer constants) or None. -> (R, B, T, D) fp32."""
+    R, n = z.shape
+    out = (z @ diffs.reshape(n, -1)).view(R, *diffs.shape[1:])
+    return out if base is None else out.add_(base)  # z = 0 gives exactly the base
 
 
-class _WriterMix(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, z, n_groups, *tensors):
-        states, ablated = tensors[:n_groups], tensors[n_groups:]
-        out, start, R = None, 0, z.shape[0]
-        for s, a in zip(states, ablated):
-            g = s.shape[0]
-            zg = z[:, start:start + g]
-            part = (zg @ s.float().reshape(g, -1)).view(R, *s.shape[1:])
-            if a is not None:  # a may broadcast over batch and positions (mean ablation)
-                part.add_(((1.0 - zg) @ a.float().reshape(g, -1)).view(R, *a.shape[1:]))
-            out = part if out is None else out.add_(part)
-            start += g
-        ctx.n_groups = n_groups
-        ctx.save_for_backward(z, *states, *ablated)
-        return out
+class WriterStates:
+    """The writer states of one forward, kept once as differences d_w = s_w - s~_w.
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        z, *rest = ctx.saved_tensors
-        n = ctx.n_groups
-        states, ablated = rest[:n], rest[n:]
-        go = grad_out.reshape(z.shape[0], -1)
-        grad_z = torch.zeros_like(z) if ctx.needs_input_grad[0] else None
-        grad_states, start = [], 0
-        for i, (s, a) in enumerate(zip(states, ablated)):
-            g = s.shape[0]
-            zg = z[:, start:start + g]
-            if grad_z is not None:
-                grad_z[:, start:start + g] = go @ _delta(s, a).reshape(g, -1).T
-            if ctx.needs_input_grad[2 + i]:
-                grad_states.append((zg.T @ go).view(s.shape).to(s.dtype))
-            else:
-                grad_states.append(None)
-            start += g
-        return (grad_z, None, *grad_states, *([None] * n))
-
-
-def mix(z: torch.Tensor, states: list[torch.Tensor], ablated: list[torch.Tensor | None]) -> torch.Tensor:
-    """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w over the given writer groups.
-
-    z: (R, W) fp32 with W = sum of group sizes; states: groups (g, B, T, D), model dtype;
-    ablated: per group the same shape, a broadcastable (g, 1, 1, D), or None for zero.
-    Returns (R, B, T, D) fp32. Gradients flow to z and to the states, never to ``ablated``.
+    ``buffer``: (W, B, T, D) fp32 (the model's dtype where it only stores states: the reference
+    pass, no ablated states); ``ablated``: the ablated states s~, (W, B, T, D),
+    a broadcastable (W, 1, 1, D) (mean), or None (zero ablation; then d = s). ``write`` stores a
+    writer group at its rows (graph order) and returns its autograd token (None when no gradient
+    flows to it); ``mix`` reads the first n rows. ``grad`` is the fp32 (W, B, T, D) dL/ds buffer
+    the mixes' backward fills (allocated at the first backward). ``seal`` ends the forward: the
+    ablated states are let go, and later writes (activation checkpointing recomputes layers in the
+    backward) leave the buffer as it is, since they would write the same values.
     """
-    ablated = [None if a is None else a.detach() for a in ablated]
-    return _WriterMix.apply(z, len(states), *states, *ablated)
+
+    def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 ablated: torch.Tensor | None = None, reduce=None):
+        self.buffer = torch.empty((n_writers, *shape), dtype=dtype, device=device)
+        self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
+        self.ablated = None if ablated is None else ablated.detach()
+        self.grad: torch.Tensor | None = None
+        self._written = [False] * n_writers  # rows of ``grad`` that hold a value
+        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (z, dL/dx) not yet in ``grad``
+        self._taken = n_writers  # rows from here on were handed to their writers' backward
+        self.sealed = False
+        self._sums: dict[int, torch.Tensor | None] = {0: None}  # n -> fp32 sum of s~ over writers < n
+
+    def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
+        """Store a (g, B, T, D) writer group at rows start..start+g; its token if gradients flow to it."""
+        rows = slice(start, start + states.shape[0])
+        if torch.is_grad_enabled() and states.requires_grad:
+            return _Write.apply(states, self, rows)
+        self._store(states.detach(), rows)
+        return None
+
+    def _store(self, states: torch.Tensor, rows: slice) -> None:
+        if self.sealed:
+            return
+        with torch.no_grad():
+            if self.ablated is None:
+                self.buffer[rows].copy_(states)
+            else:  # exact for half-precision states: the difference of two of them fits fp32
+                torch.sub(states.float(), self.ablated[rows].float(), out=self.buffer[rows])
+
+    def seal(self) -> None:
+        self.sealed, self.ablated = True, None
+
+    def states(self, ablated: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """(W, B, T, D) the states themselves in ``dtype``, s = d + s~ (give the ablated states the store had)."""
+        return (self.buffer if ablated is None else self.buffer + ablated.float()).to(dtype)
+
+    def ablated_sum(self, n: int) -> torch.Tensor | None:
+        """fp32 sum of the ablated states of writers 0..n-1 ((B, T, D), (1, 1, D) or None for zero)."""
+        if n not in self._sums:
+            if self.ablated is None:
+                self._sums[n] = None
+            else:
+                prev = max(k for k in self._sums if k < n)
+                part = self.ablated[prev:n].float().sum(0)
+                self._sums[n] = part if self._sums[prev] is None else self._sums[prev] + part
+        return self._sums[n]
+
+    def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over the first n = z.shape[1] writers.
+
+        z: (R, n) fp32; const: (D,) fp32 layer constants or None; tokens: those of the groups among
+        the n writers. Returns (R, B, T, D) fp32. Gradients flow to z and to the states.
+        """
+        base = self.base(z.shape[1], const)
+        if torch.is_grad_enabled() and (z.requires_grad or tokens):
+            return _Mix.apply(z, self, base, *tokens)
+        return mix_values(z, self.buffer[:z.shape[1]], base)
+
+    def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
+        """What every reader after writer n-1 sees whatever its masks: ablated sum + constants."""
+        asum = self.ablated_sum(n)
+        if const is None:
+            return asum
+        return const if asum is None else asum + const
+
+    def _grad_z(self, grad_out: torch.Tensor, n: int) -> torch.Tensor:
+        """dL/dz (R, n) fp32 from grad_out (R, B*T*D): per example in fp32, summed over examples in fp64."""
+        R, B = grad_out.shape[0], self.buffer.shape[1]
+        go = grad_out.view(R, B, -1).transpose(0, 1)  # (B, R, T*D)
+        d = self.buffer[:n].view(n, B, -1).permute(1, 2, 0)  # (B, T*D, n)
+        total = torch.bmm(go, d).sum(0, dtype=torch.float64)  # (R, n)
+        if self.reduce is not None:
+            self.reduce(total)
+        return total.float()
+
+    def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor) -> None:
+        """grad[:n] += z^T @ grad_out for z (R, n), grad_out (R, B*T*D), in fp32.
+
+        Added lazily, two mixes at a time: backward meets the mixes in reverse order (read-out,
+        MLP l, Q/K/V l, MLP l-1, ...), and an MLP's single reader shares all but a few rows with
+        the Q/K/V readers after it, so one GEMM over both (K = R1 + R2) replaces a pass over
+        ``grad`` that the MLP's rank-one update alone would cost. ``_take_grad`` first adds what is
+        pending for the rows it hands out.
+        """
+        if z.shape[1] > self._taken:
+            raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
+                               "not supported: run the forward again")
+        if self.grad is None:
+            self.grad = torch.empty(self.buffer.shape, dtype=torch.float32, device=self.buffer.device)
+        self._pending.append((z, grad_out))
+        if len(self._pending) == 2:
+            (z1, g1), (z2, g2) = self._pending  # z1 covers at least the rows of z2 (reverse order)
+            n2 = z2.shape[1]
+            self._pending = []
+            self._accumulate(0, torch.cat([z1[:, :n2], z2]).T, torch.cat([g1, g2]))
+            if z1.shape[1] > n2:
+                self._accumulate(n2, z1[:, n2:].T, g1)
+
+    def _accumulate(self, start: int, zt: torch.Tensor, go: torch.Tensor) -> None:
+        """grad[start:start + len(zt)] += zt @ go, writing instead of adding where rows are still empty."""
+        row = start
+        while row < start + zt.shape[0]:
+            written = self._written[row]
+            stop = row
+            while stop < start + zt.shape[0] and self._written[stop] == written:
+                stop += 1
+            target = self.grad[row:stop].view(stop - row, -1)
+            part = zt[row - start:stop - start]
+            if written:
+                target.addmm_(part, go)
+            else:
+                torch.mm(part, go, out=target)
+                self._written[row:stop] = [True] * (stop - row)
+            row = stop
+
+    def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
+        """The finished gradient of ``rows`` (no mix adds to them any more) in ``dtype``."""
+        self._taken = min(self._taken, rows.start)
+        kept = []
+        for z, go in self._pending:  # add what is pending for these rows (and any above them)
+            if z.shape[1] > rows.start:
+                self._accumulate(rows.start, z[:, rows.start:].T, go)
+                z = z[:, :rows.start]
+            kept.append((z, go))
+        self._pending = kept
+        if not any(self._written[rows]):
+            return None
+        return self.grad[rows].to(dtype)
+
+
+class _Write(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, states, store, rows):
+        store._store(states, rows)
+        ctx.store, ctx.rows, ctx.dtype = store, rows, states.dtype
+        return states.new_zeros(())
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, _):
+        # autograd runs this after the backward of every mix that took the token: the rows are complete
+        return ctx.store._take_grad(ctx.rows, ctx.dtype), None, None
+
+
+class _Mix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, z, store, base, *tokens):
+        ctx.save_for_backward(z)
+        ctx.store = store
+        return mix_values(z, store.buffer[:z.shape[1]], base)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (z,) = ctx.saved_tensors
+        store = ctx.store
+        R, n = z.shape
+        go = grad_out.reshape(R, -1)
+        grad_z = store._grad_z(go, n) if ctx.needs_input_grad[0] else None
+        n_tokens = len(ctx.needs_input_grad) - 3
+        if n_tokens:
+            store._add_grad(z, go)
+        return (grad_z, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
+
+
+class _SavedView:
+    """A saved tensor that lived in a mix output: where it sat, to cut it out of the rebuilt mix."""
+
+    def __init__(self, rebuilt, t: torch.Tensor):
+        self.rebuilt, self.shape, self.stride, self.offset = rebuilt, t.shape, t.stride(), t.storage_offset()
+
+
+class _Rebuilt:
+    def __init__(self, rebuild, base_offset: int):
+        self.rebuild, self.base_offset = rebuild, base_offset
+        self.pending, self.value = 0, None
+
+    def get(self, view: _SavedView) -> torch.Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.rebuild()
+        value = self.value
+        self.pending -= 1
+        if self.pending <= 0:  # every saved view of it has been used: free it
+            self.value = None
+        return value.as_strided(view.shape, view.stride, view.offset - self.base_offset + value.storage_offset())
+
+
+@contextmanager
+def recompute_saved(x: torch.Tensor, rebuild):
+    """Inside this block, tensors autograd saves that live in ``x``'s storage are not kept.
+
+    Backward rebuilds ``x`` with ``rebuild()`` (same shape and layout; once per backward, shared by
+    every saved view of x) and cuts the saved views out of it. Other saved tensors are untouched.
+    """
+    if not torch.is_grad_enabled():
+        yield
+        return
+    ptr, dtype = x.untyped_storage().data_ptr(), x.dtype
+    rebuilt = _Rebuilt(rebuild, x.storage_offset())
+
+    def pack(t):
+        if t.dtype == dtype and t.untyped_storage().data_ptr() == ptr:
+            rebuilt.pending += 1
+            return _SavedView(rebuilt, t)
+        return t
+
+    def unpack(p):
+        return p.rebuilt.get(p) if isinstance(p, _SavedView) else p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
 
 
 def dense_masks(graph: Graph, edge_values: torch.Tensor, node_values: torch.Tensor | None) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """``EdgeModel``: a transformers causal LM with a learnable mask on every edge of its graph.
 
-The forward (DESIGN.md section 3): writer states are computed once and kept once, per writer
-group (embeddings, a layer's heads, a layer's MLP). Every reader's input is
+The forward (DESIGN.md section 3): writer states are computed once and kept once, in one buffer
+filled per writer group (embeddings, a layer's heads, a layer's MLP; ``mixing.WriterStates``).
+Every reader's input is
 
     x_r = c_r + sum_{w < r} z_rw s_w + (1 - z_rw) s~_w
 
@@ -9,18 +10,24 @@ where c_r are the layer constants before r (attention output biases), s the writ
 input, s~ their ablated values: the states of the corrupted input (``interchange``, default), zero
 (``zero``) or a dataset mean per writer (``mean``). The mix accumulates in fp32. With every mask 1
 this is the HF model; with every mask 0 under interchange it is the HF model on the corrupted input.
+
+Each decoder layer runs through ``self.runner`` (``checkpointing.LayerRunner``): directly, under
+activation checkpointing, or through its FSDP module when ``distributed.shard_model`` sharded it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from .checkpointing import LayerRunner
 from .graph import Graph
 from .masks import HardConcreteMasks
-from .mixing import dense_masks, mix
+from .mixing import WriterStates, dense_masks, mix_values, recompute_saved
 from .models import Family, family_for
 
 ABLATIONS = ("interchange", "zero", "mean")
@@ -32,8 +39,8 @@ _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_r
 
 @dataclass
 class EdgeOutput:
-    logits: torch.Tensor  # (B, T, V) in the model's dtype
-    states: list[torch.Tensor] | None = None  # writer groups, each (g, B, T, D), when asked for
+    logits: torch.Tensor  # (B, T, V) in the model's dtype; (N, V) at the N positions of ``select``
+    states: torch.Tensor | None = None  # (W, B, T, D) writer states in graph order, when asked for
 
 
 class EdgeModel(nn.Module):
@@ -57,6 +64,8 @@ class EdgeModel(nn.Module):
         self.edge_masks = HardConcreteMasks(self.graph.num_edges)
         self.node_masks = HardConcreteMasks(self.graph.num_writers) if node_masks else None
         self.mean_states: torch.Tensor | None = None  # (W, D) for ablation="mean"
+        self.runner = LayerRunner()  # per-layer calls: activation checkpointing, FSDP (edgeprune.distributed)
+        self.mask_grad_reduce = None  # edgeprune.distributed: sums dL/dz (fp64, in place) over processes
         self.to(family.device)
         self.eval()  # like HF's from_pretrained: deterministic masks until train() is called
 
@@ -106,6 +115,15 @@ class EdgeModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.family.dtype
 
+    @property
+    def activation_checkpointing(self) -> bool:
+        """Recompute each decoder layer's activations in the backward instead of keeping them."""
+        return self.runner.checkpoint
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool) -> None:
+        self.runner.checkpoint = bool(on)
+
     def train(self, mode: bool = True) -> "EdgeModel":
         """Masks sample in training mode; the frozen HF model always stays in eval (no dropout)."""
         super().train(mode)
@@ -142,15 +160,17 @@ class EdgeModel(nn.Module):
                 corrupted_input_ids: torch.Tensor | None = None,
                 corrupted_attention_mask: torch.Tensor | None = None, *,
                 position_ids: torch.Tensor | None = None,
-                corrupted_states: list[torch.Tensor] | None = None,
+                corrupted_states: torch.Tensor | list[torch.Tensor] | None = None,
                 edge_values: torch.Tensor | None = None, node_values: torch.Tensor | None = None,
-                return_states: bool = False) -> EdgeOutput:
+                return_states: bool = False, select: torch.Tensor | None = None) -> EdgeOutput:
         """The edge-masked forward. input_ids (B, T) -> logits (B, T, V).
 
         Under interchange ablation give ``corrupted_input_ids`` (same shape; its writer states are
-        computed without grad from the same weights) or precomputed ``corrupted_states`` (from
-        ``full_forward(..., return_states=True)``). ``edge_values``/``node_values`` override the
-        masks for this call (e.g. a tensor that requires grad, for attribution).
+        computed without grad from the same weights) or precomputed ``corrupted_states`` ((W, B, T, D)
+        from ``full_forward(..., return_states=True)``, or a list of writer groups). ``edge_values``/
+        ``node_values`` override the masks for this call (e.g. a tensor that requires grad, for
+        attribution). ``select`` ((B, T) bool) computes the logits only at those positions and returns
+        them as (N, V), ordered like ``logits[select]`` (the read-out is a large part of the cost).
         """
         self._check_ids(input_ids, attention_mask, "input_ids")
         ablated = self._ablated_states(input_ids, corrupted_input_ids, corrupted_attention_mask,
@@ -165,13 +185,18 @@ class EdgeModel(nn.Module):
             raise ValueError(f"node mask values must have shape ({self.graph.num_writers},), "
                              f"got {tuple(node_values.shape)}")
         z = dense_masks(self.graph, edge_values.float(), None if node_values is None else node_values.float())
-        return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states)
+        return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
-                     position_ids: torch.Tensor | None = None, return_states: bool = False) -> EdgeOutput:
-        """The unmasked model (every edge kept), optionally returning its writer states."""
+                     position_ids: torch.Tensor | None = None, return_states: bool = False,
+                     select: torch.Tensor | None = None, states_rows: slice | None = None) -> EdgeOutput:
+        """The unmasked model (every edge kept), optionally returning its writer states.
+
+        ``select`` as in ``forward``; ``states_rows`` keeps the states of these batch rows only
+        (the reference pass runs clean and corrupted inputs as one batch and keeps the corrupted half).
+        """
         self._check_ids(input_ids, attention_mask, "input_ids")
-        return self._run(input_ids, attention_mask, position_ids, None, None, return_states)
+        return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows)
 
     @torch.no_grad()
     def compute_mean_states(self, batches) -> torch.Tensor:
@@ -180,7 +205,7 @@ class EdgeModel(nn.Module):
         for ids, mask in batches:
             ids = ids.to(self.device)
             mask = torch.ones_like(ids) if mask is None else mask.to(self.device)
-            states = torch.cat(self.full_forward(ids, mask, return_states=True).states)  # (W, B, T, D)
+            states = self.full_forward(ids, mask, return_states=True).states  # (W, B, T, D)
             weights = mask.float()[None, :, :, None]
             part = (states.float() * weights).sum(dim=(1, 2))
             total = part if total is None else total + part
@@ -204,18 +229,21 @@ class EdgeModel(nn.Module):
             raise ValueError(f"attention_mask for {name} must have shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
 
     def _ablated_states(self, ids, corrupted_ids, corrupted_mask, corrupted_states, position_ids):
-        """Per writer group: the ablated states (g, B|1, T|1, D), or None for zero ablation."""
-        groups = [b.size for b in self.graph.writer_blocks]
+        """The ablated writer states (W, B, T, D) or (W, 1, 1, D), or None for zero ablation."""
         if self.ablation == "zero":
-            return [None] * len(groups)
+            return None
         if self.ablation == "mean":
             if self.mean_states is None:
                 raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
                                  "model.compute_mean_states(batches)) first")
-            return [s[:, None, None, :] for s in self.mean_states.split(groups)]
+            return self.mean_states[:, None, None, :]
         if corrupted_states is not None:
-            if len(corrupted_states) != len(groups):
-                raise ValueError(f"corrupted_states must have {len(groups)} writer groups, got {len(corrupted_states)}")
+            if isinstance(corrupted_states, (list, tuple)):  # writer groups, as older callers keep them
+                corrupted_states = torch.cat(list(corrupted_states))
+            expected = (self.graph.num_writers, *ids.shape)
+            if tuple(corrupted_states.shape[:3]) != expected:
+                raise ValueError(f"corrupted_states must have shape (writers, batch, seq, d_model) with "
+                                 f"(writers, batch, seq) = {expected}, got {tuple(corrupted_states.shape)}")
             return corrupted_states
         if corrupted_ids is None:
             raise ValueError("interchange ablation needs corrupted_input_ids (same shape as input_ids) or "
@@ -228,51 +256,120 @@ class EdgeModel(nn.Module):
             return self.full_forward(corrupted_ids, corrupted_mask, position_ids=position_ids,
                                      return_states=True).states
 
-    def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states) -> EdgeOutput:
-        """One pass: z None = unmasked (a plain residual stream), else the masked mix."""
+    def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
+             states_rows=None) -> EdgeOutput:
+        """One pass: z None = unmasked (a plain residual stream), else the masked mix.
+
+        z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``. Each decoder layer
+        runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
+        """
+        return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
+                                select, states_rows)
+
+    def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
-        states = [fam.embed(input_ids, ctx)]  # writer groups, model dtype
-        resid = states[0].float().sum(0) if z is None else None  # (B, T, D) fp32 residual stream
-        base = 0.0  # masked path: the layer constants every later reader sees
-        readers = iter(graph.reader_blocks)
-        n_groups = 1
-        for layer in range(graph.spec.n_layers):
-            q_blk, k_blk, v_blk = next(readers), next(readers), next(readers)
-            const = fam.attn_constant(layer)
-            if z is None:
-                q_in = k_in = v_in = resid[None]
-            else:
-                rows = slice(q_blk.start, v_blk.stop)
-                n_w = graph.n_writers_before[q_blk.start]
-                x = base + mix(z[rows, :n_w], states[:n_groups], ablated[:n_groups])
-                q_in, k_in, v_in = x.split([q_blk.size, k_blk.size, v_blk.size])
-            heads = fam.attention(layer, q_in, k_in, v_in, ctx)  # (H, B, T, D)
-            states.append(heads)
-            n_groups += 1
-            if z is None:
-                resid = resid + heads.float().sum(0)
-                if const is not None:
-                    resid = resid + const.float()
-            elif const is not None:
-                base = base + const.float()
-            if graph.spec.mlp:
-                m_blk = next(readers)
-                if z is None:
-                    m_in = resid
-                else:
-                    n_w = graph.n_writers_before[m_blk.start]
-                    m_in = (base + mix(z[m_blk.slice, :n_w], states[:n_groups], ablated[:n_groups]))[0]
-                out = fam.mlp(layer, m_in, ctx)  # (B, T, D)
-                states.append(out[None])
-                n_groups += 1
-                if z is None:
-                    resid = resid + out.float()
-        out_blk = next(readers)
-        if z is None:
-            final = resid
-        else:
-            final = (base + mix(z[out_blk.slice], states, ablated))[0]
-        logits = fam.readout(final, ctx)
-        return EdgeOutput(logits=logits, states=states if return_states else None)
+        emb = fam.embed(input_ids, ctx)  # (E, B, T, D) model dtype
+        if z is None:  # the plain residual stream, in fp32; writer states only if asked for
+            keep = slice(None) if states_rows is None else states_rows
+            store = None
+            if return_states:
+                store = WriterStates(graph.num_writers, emb[:, keep].shape[1:], emb.dtype, emb.device)
+                store.write(emb[:, keep], 0)
+            resid = emb.float().sum(0)  # (B, T, D)
+            for layer in range(graph.spec.n_layers):
+                resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep)
+            logits = self._readout(resid, select, ctx)
+            return EdgeOutput(logits=logits, states=None if store is None else store.buffer)
 
+        # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
+        store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
+                             self.mask_grad_reduce)
+        tokens = [t for t in [store.write(emb, 0)] if t is not None]
+        base = None  # (D,) fp32: the layer constants every later reader sees
+        for layer, blocks in enumerate(self._layer_readers):
+            base, *new = self.runner.layer(layer, self._masked_layer, layer, ctx, z, store, base, blocks, *tokens)
+            tokens.extend(new)
+        final = self._reader_input(z, graph.reader_blocks[-1].slice, store, base, tokens)[0]  # resid_post
+        store.seal()  # the ablated states are not needed past here
+        logits = self._readout(final, select, ctx)
+        return EdgeOutput(logits=logits, states=store.states(ablated, emb.dtype) if return_states else None)
+
+    @functools.cached_property
+    def _layer_readers(self) -> list[list]:
+        """Per layer: its reader blocks (Q, K, V and, with MLPs, the MLP)."""
+        per_layer = 4 if self.graph.spec.mlp else 3
+        blocks = self.graph.reader_blocks
+        return [blocks[l * per_layer:(l + 1) * per_layer] for l in range(self.graph.spec.n_layers)]
+
+    @functools.cached_property
+    def _writer_starts(self) -> list[tuple[int, ...]]:
+        """Per layer: the first writer row of its heads (and of its MLP)."""
+        starts = {}
+        for blk in self.graph.writer_blocks:
+            if blk.layer is not None:
+                starts.setdefault(blk.layer, []).append(blk.start)
+        return [tuple(starts[l]) for l in range(self.graph.spec.n_layers)]
+
+    def _readout(self, final, select, ctx):
+        if select is None:
+            return self.family.readout(final, ctx)  # (B, T, V)
+        return self.family.readout(final[select], ctx)  # (N, V): the read-out is per position
+
+    def _full_layer(self, layer, ctx, resid, store, keep):
+        """One layer of the unmasked model on the fp32 residual stream (B, T, D); the states of batch
+        rows ``keep`` go to ``store`` (if any)."""
+        fam, starts = self.family, self._writer_starts[layer]
+        heads = fam.attention(layer, resid[None], resid[None], resid[None], ctx)  # (H, B, T, D)
+        if store is not None:
+            store.write(heads[:, keep], starts[0])
+        resid = resid + heads.float().sum(0)
+        const = fam.attn_constant(layer)
+        if const is not None:
+            resid = resid + const.float()
+        if self.graph.spec.mlp:
+            out = fam.mlp(layer, resid, ctx)  # (B, T, D)
+            if store is not None:
+                store.write(out[None, keep], starts[1])
+            resid = resid + out.float()
+        return resid
+
+    def _masked_layer(self, layer, ctx, z, store, base, blocks, *tokens):
+        """One layer of the masked model: mix its readers' inputs, write its heads' and MLP's states.
+
+        Returns the layer constants so far and the tokens of the groups it wrote.
+        """
+        fam, starts = self.family, self._writer_starts[layer]
+        q_blk, k_blk, v_blk = blocks[:3]
+        tokens = list(tokens)
+        group = slice(q_blk.start, v_blk.stop)
+        x = self._reader_input(z, group, store, base, tokens)  # (Q + K + V readers, B, T, D) fp32
+        with self._recompute(x, z, group, store, base):
+            heads = fam.attention(layer, *x.split([q_blk.size, k_blk.size, v_blk.size]), ctx)  # (H, B, T, D)
+        del x
+        new = [store.write(heads, starts[0])]
+        const = fam.attn_constant(layer)
+        if const is not None:  # a new tensor, never a view of a (possibly sharded) parameter
+            base = const.float().clone() if base is None else base + const.float()
+        if self.graph.spec.mlp:
+            m_blk = blocks[3]
+            x = self._reader_input(z, m_blk.slice, store, base, tokens + [t for t in new if t is not None])
+            with self._recompute(x, z, m_blk.slice, store, base):
+                out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
+            new.append(store.write(out[None], starts[1]))
+        return (base, *[t for t in new if t is not None])
+
+    def _reader_input(self, z, rows: slice, store, const, tokens):
+        """(R, B, T, D) fp32 inputs of the readers ``rows``: the mix over the writers before them."""
+        n_w = self.graph.n_writers_before[rows.start]
+        return store.mix(z[rows, :n_w], const, tokens)
+
+    def _recompute(self, x, z, rows: slice, store, const):
+        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix."""
+        if self.runner.checkpoint:  # activation checkpointing recomputes the whole layer anyway
+            return contextlib.nullcontext()
+        if x.shape[0] == 1:  # one reader (an MLP): keeping x costs less than rebuilding it
+            return contextlib.nullcontext()
+        n_w = self.graph.n_writers_before[rows.start]
+        z_rows = z[rows, :n_w].detach()
+        return recompute_saved(x, lambda: mix_values(z_rows, store.buffer[:n_w], store.base(n_w, const)))

@@ -10,6 +10,8 @@ Read it top to bottom: ``prune(cfg)`` loads the frozen model and the task, then 
 4. AdamW steps the masks down the loss and the lambdas up it (gradient ascent), after clipping.
 Checkpoints (safetensors + JSON: masks, lambdas, optimiser and ramp state, step, RNG states) are
 written atomically; ``resume=True`` continues so the final masks equal an uninterrupted run's.
+Under ``torchrun`` the same loop runs on every rank with the weights sharded by FSDP2, each rank
+on its slice of the global batch (``edgeprune.distributed``); rank 0 writes the run directory.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
+from .cache import ReferenceCache
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import ExperimentConfig, save_config
-from .eval import evaluate, kl_divergence, reference_and_corrupted
-from .experiment import load_model, load_split, resolve_device
+from .eval import evaluate, kl_divergence
+from .experiment import load_model, load_split
 from .model import EdgeModel
 
 
@@ -71,6 +75,7 @@ class PruneResult:
     step: int
     history: list[dict]
     finished: bool
+    main_process: bool = True  # False on the ranks > 0 of a torchrun job (they write nothing)
 
 
 def epoch_batches(data, batch_size: int, seed: int, epoch: int) -> list:
@@ -86,7 +91,20 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     """Run (or resume) the pruning experiment ``cfg``; outputs go to ``cfg.run.output_dir``.
 
     ``stop_after``: leave after this many steps of this call (after a checkpoint), as a kill would.
+    Under torchrun the process group is set up here and closed (barrier, destroy) at the end.
     """
+    d, device = distributed.setup(cfg.model.device)
+    try:
+        result = _prune(cfg, d, device, resume=resume, progress=progress, stop_after=stop_after)
+    except BaseException:
+        d.close(clean=False)
+        raise
+    d.close()
+    return result
+
+
+def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, progress: bool,
+           stop_after: int | None) -> PruneResult:
     out = Path(cfg.run.output_dir)
     ckpt_dir = out / "checkpoint"
     existing = find_checkpoint(ckpt_dir)
@@ -94,20 +112,26 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
         raise PruneError(f"{out} already holds a run (checkpoint at {existing}); pass --resume to continue "
                          "it, or choose another run.output_dir")
     out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
+    if d.is_main:
+        save_config(cfg, out / "config.yaml")
+    say = tqdm.write if d.is_main else (lambda *_: None)
 
-    device = resolve_device(cfg.model.device)
     model = load_model(cfg.model, device)
+    p = cfg.prune
+    model.activation_checkpointing = p.activation_checkpointing
+    distributed.shard_model(model, d)
     saved = None
     if existing is not None:
         saved = load_checkpoint(existing)
         _check_compatible(saved, existing, model)
-    p = cfg.prune
+    if p.batch_size < d.world:
+        raise PruneError(f"prune.batch_size ({p.batch_size}) is the global batch: it must be at least the "
+                         f"number of processes ({d.world})")
     train = load_split(cfg.data, model, cfg.data.train_split)
     try:
         val = load_split(cfg.data, model, cfg.data.eval_split)
     except (FileNotFoundError, ValueError) as err:
-        tqdm.write(f"no validation data ({err}); validating on the training split")
+        say(f"no validation data ({err}); validating on the training split")
         val = train
     task_metric = _task_metric(cfg, model)
     if model.ablation == "mean":
@@ -139,55 +163,68 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     log_path = out / "log.jsonl"
     if existing is not None:
         step = _restore(saved, existing, model, opt, lambda_opt, lambdas, ramps, generator)
-        _truncate_log(log_path, step)
-        tqdm.write(f"resumed from {existing} at step {step}")
-    elif log_path.exists():
+        if d.is_main:
+            _truncate_log(log_path, step)
+        say(f"resumed from {existing} at step {step}")
+    elif log_path.exists() and d.is_main:
         log_path.unlink()
+    d.barrier()  # every rank has read the run directory before rank 0 writes to it
 
-    wandb_run = _start_wandb(cfg, out) if cfg.run.wandb else None
+    wandb_run = _start_wandb(cfg, out) if cfg.run.wandb and d.is_main else None
+    log = _log if d.is_main else (lambda *_: None)
 
     def save(at_step: int):
-        save_checkpoint(_state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step), ckpt_dir)
+        if d.is_main:
+            save_checkpoint(_state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step), ckpt_dir)
 
     def validate(at_step: int) -> dict:
         from .tasks.jsonl import batches
         vb = batches(val.examples, p.batch_size, val.pad_token_id)
         if cfg.run.eval_batches is not None:
             vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
-        metrics = evaluate(model, vb, loss=cfg.data.loss, task_metric=task_metric, output_scale=cfg.data.output_scale)
+        metrics = evaluate(model, (d.shard(b) for b in vb), loss=cfg.data.loss, task_metric=task_metric,
+                           output_scale=cfg.data.output_scale, reduce=d.sum_floats)
         record = {"step": at_step, **{f"val_{k}": v for k, v in metrics.items()}}
-        _log(log_path, wandb_run, record)
+        log(log_path, wandb_run, record)
         return metrics
 
     history: list[dict] = []
     steps_per_epoch = len(epoch_batches(train, p.batch_size, cfg.run.seed, 0))
     epoch, order = -1, []
-    bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress or not d.is_main, dynamic_ncols=True)
     ran = 0
+    reference = ReferenceCache(enabled=p.cache_corrupted)  # full-model logits, corrupted states
     model.train()
     while step < p.steps:
         e, i = divmod(step, steps_per_epoch)
         if e != epoch:
             epoch, order = e, epoch_batches(train, p.batch_size, cfg.run.seed, e)
-        batch = order[i].to(device)
+        batch = d.shard(order[i]).to(device)  # this rank's rows of the global batch
 
-        ref_logits, corrupted = reference_and_corrupted(model, batch)
-        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+        # logits only at the loss positions: the read-out over the vocabulary is costly
         sel, scale = batch.loss_mask, cfg.data.output_scale
+        ref_logits, corrupted = reference(model, batch, sel)  # (N, V), corrupted states (W, B, T, D)
+        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel).logits
+        del corrupted  # the backward does not need them
         if cfg.data.loss == "mse":
-            fit = ((logits[sel].float() - ref_logits[sel].float()) * scale).pow(2).mean()
+            per_position = ((logits.float() - ref_logits.float()) * scale).pow(2).mean(-1)
         else:
-            fit = kl_divergence(ref_logits[sel] * scale, logits[sel] * scale).mean()
-        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit.item()}
-        loss = fit
+            per_position = kl_divergence(ref_logits * scale, logits * scale)
+        # the mean over the global batch's positions; the backward sums dL/dz over ranks (distributed.py)
+        n_positions, fit_sum = d.sum(torch.stack([sel.sum().double(), per_position.detach().double().sum()])).tolist()
+        fit = per_position.sum() / n_positions
+        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit_sum / n_positions}
+        loss, sparsity_terms = fit, 0.0
         for kind, lam in lambdas.items():
             masks = model.edge_masks if kind == "edges" else model.node_masks
             expected = masks.expected_sparsity()
             target = ramps[kind].value()
-            loss = loss + lagrangian(expected, target, lam)
+            term = lagrangian(expected, target, lam)
+            loss = loss + term
+            sparsity_terms += term.item()
             record.update({f"{kind}_sparsity": expected.item(), f"{kind}_target": target,
                            f"{kind}_lambda1": lam[0].item(), f"{kind}_lambda2": lam[1].item()})
-        record["loss"] = loss.item()
+        record["loss"] = fit_sum / n_positions + sparsity_terms
         if not math.isfinite(record["loss"]):
             bar.close()
             last = find_checkpoint(ckpt_dir)
@@ -208,7 +245,7 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
         history.append(record)
 
         if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
-            _log(log_path, wandb_run, record)
+            log(log_path, wandb_run, record)
         bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record.get('kl', record.get('mse')):.4f}",
                         sparsity=f"{record['edges_sparsity']:.3f}", lam=f"{record['edges_lambda1']:.3f}")
         bar.update(1)
@@ -220,17 +257,18 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
         if stop_after is not None and ran >= stop_after and step < p.steps:
             save(step)
             bar.close()
-            return PruneResult(out, step, history, finished=False)
+            return PruneResult(out, step, history, finished=False, main_process=d.is_main)
     bar.close()
 
     model.eval()
     final = validate(step)
-    _write_masks(model, out / "masks.safetensors")
-    tqdm.write(f"done: {step} steps, expected edge sparsity {model.edge_masks.expected_sparsity().item():.4f}, "
+    if d.is_main:
+        _write_masks(model, out / "masks.safetensors")
+    say(f"done: {step} steps, expected edge sparsity {model.edge_masks.expected_sparsity().item():.4f}, "
                f"validation {cfg.data.loss} {final.get('kl', final.get('mse')):.4g}; masks in {out / 'masks.safetensors'}")
     if wandb_run is not None:
         wandb_run.finish()
-    return PruneResult(out, step, history, finished=True)
+    return PruneResult(out, step, history, finished=True, main_process=d.is_main)
 
 
 # ---------------------------------------------------------------------------- helpers

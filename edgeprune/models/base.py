@@ -42,6 +42,10 @@ class Family(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device)[None]
         return Context(B, T, self.dtype, attention_mask, position_ids, {})
 
+    def decoder_layers(self) -> list[nn.Module]:
+        """The HF modules of the decoder layers in order (what FSDP shards one at a time)."""
+        raise NotImplementedError
+
     def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         """(E, B, T, D) embedding writer states."""
         raise NotImplementedError

@@ -93,7 +93,7 @@ def head_outputs(attn: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
     B, H, T, dh = attn.shape
     w = w_out.reshape(H, dh, -1)
     out = torch.bmm(attn.transpose(0, 1).reshape(H, B * T, dh), w)
-    return out.view(H, B, T, -1)
+    return out.view(H, B, T, w.shape[-1])
 
 
 def attention(q, k, v, ctx: Context, scale: float, sliding_window: int | None = None) -> torch.Tensor:

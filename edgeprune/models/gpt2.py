@@ -31,6 +31,9 @@ class GPT2Family(Family):
     def spec(self) -> GraphSpec:
         return GraphSpec(n_layers=self.hf.config.n_layer, n_heads=self.n_heads, pos_embeds=True)
 
+    def decoder_layers(self):
+        return list(self.body.h)
+
     def embed(self, input_ids: torch.Tensor, ctx: Context) -> torch.Tensor:
         tok = self.body.wte(input_ids)  # (B, T, D)
         pos = self.body.wpe(ctx.position_ids).expand_as(tok)

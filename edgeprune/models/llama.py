@@ -40,6 +40,9 @@ class LlamaFamily(Family):
         ctx.extra["rotary"] = self.body.rotary_emb(probe, ctx.position_ids)  # cos, sin: (1|B, T, dh)
         return ctx
 
+    def decoder_layers(self):
+        return list(self.body.layers)
+
     def embed(self, input_ids, ctx):
         return self.body.embed_tokens(input_ids)[None]  # (1, B, T, D)
 

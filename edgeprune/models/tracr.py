@@ -499,6 +499,9 @@ class TracrFamily(Family):
             raise ValueError(f"Tracr inputs start with BOS (id {self.hf.bos_id}); build them with model.hf.encode(tokens)")
         return super().context(input_ids, None, position_ids)
 
+    def decoder_layers(self):
+        return list(self.hf.blocks)
+
     def embed(self, input_ids, ctx):
         tok = self.hf.embed.W_E[input_ids]  # (B, T, D)
         pos = self.hf.pos_embed.W_pos[ctx.position_ids].expand_as(tok)

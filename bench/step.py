@@ -1,0 +1,319 @@
+"""Time and memory of one pruning step against plain HF forward+backward on the same batch.
+
+    python bench/step.py                      # GPT-2-small and Llama-GQA size, batch 8x32 and 32x64
+    python bench/step.py --quick              # GPT-2 small, 8x32, few repeats, no 32x64
+    python bench/step.py --models gpt2 --shapes 8x32 --repeats 7 --no-memory
+
+Models are random-init at realistic size (nothing is downloaded): ``gpt2`` is GPT-2 small
+(12 layers, 12 heads, d 768, vocab 50257); ``llama`` a Llama of similar size with grouped-query
+attention (12 layers, 12 query / 4 KV heads, d 768, MLP 2048, vocab 32000).
+
+Time: in one process, the medians over ``--repeats`` of (a) a full pruning step as ``edgeprune
+prune`` runs it (reference + corrupted pass, masked forward with sampled masks and the loss,
+backward, clipping and both optimisers) and (b) HF's own forward+backward of the same batch with
+gradient flowing to the input embeddings (``inputs_embeds.requires_grad_()``, weights frozen,
+next-token cross-entropy over every position). The two are interleaved so machine noise hits both
+alike; the ratio is step / HF. The step's parts are timed inside the same steps.
+
+Memory: each figure comes from a fresh subprocess that builds the model, runs two steps and
+reports the peak above the process after loading the model and the batch: peak RSS on CPU
+(``VmHWM`` reset through ``/proc/self/clear_refs``), ``torch.cuda.max_memory_allocated`` on GPU.
+On CPU the subprocesses run with glibc's mmap threshold fixed at 128 KiB
+(``MALLOC_MMAP_THRESHOLD_``): by default glibc raises it up to 32 MiB as blocks are freed, keeps
+freed tensors of that size in its heap, and RSS then counts fragmentation rather than live tensors
+(it inflates both figures; ``--malloc-default`` measures that way).
+``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
+the target is ``step peak <= HF peak + 2 x writers``.
+
+The loss sits on the last position of every example (one predicted token, as in IOI-style tasks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from edgeprune import EdgeModel  # noqa: E402
+from edgeprune.cache import ReferenceCache  # noqa: E402
+from edgeprune.eval import kl_divergence  # noqa: E402
+from edgeprune.prune import lagrangian  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    torch.manual_seed(0)
+    if kind == "gpt2":
+        cfg = GPT2Config(n_layer=layers or 12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
+        model = GPT2LMHeadModel(cfg)
+    elif kind == "llama":
+        cfg = LlamaConfig(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
+                          hidden_size=768, intermediate_size=2048, vocab_size=32000,
+                          max_position_embeddings=1024, tie_word_embeddings=False)
+        model = LlamaForCausalLM(cfg)
+    else:
+        raise ValueError(f"unknown model {kind!r} (gpt2 or llama)")
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+class Batch:
+    """What the pruning loop reads from a task batch; random tokens, the loss on the last position."""
+
+    def __init__(self, B: int, T: int, vocab: int, device: torch.device):
+        gen = torch.Generator().manual_seed(1)
+        self.input_ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+        self.corrupted_input_ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+        self.attention_mask = torch.ones(B, T, dtype=torch.long, device=device)
+        self.corrupted_attention_mask = self.attention_mask.clone()
+        self.loss_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        self.loss_mask[:, -1] = True
+
+
+class PruneStep:
+    """The body of the loop in ``edgeprune.prune.prune``, timed per part."""
+
+    def __init__(self, model: EdgeModel, batch: Batch, cache: bool = False, checkpointing: bool = False):
+        self.model, self.batch = model, batch
+        self.reference = ReferenceCache(enabled=cache)  # warm after the first step: later epochs' cost
+        model.activation_checkpointing = checkpointing
+        model.train()
+        model.edge_masks.generator = torch.Generator(device=model.device).manual_seed(0)
+        with torch.no_grad():
+            model.edge_masks.log_alpha.fill_(3.0)
+        self.lam = torch.nn.Parameter(torch.zeros(2, device=model.device))
+        self.opt = torch.optim.AdamW([model.edge_masks.log_alpha], lr=0.1)
+        self.lambda_opt = torch.optim.AdamW([self.lam], lr=0.1, maximize=True)
+
+    def __call__(self, clock) -> dict:
+        model, batch = self.model, self.batch
+        t = {}
+        sel = batch.loss_mask
+        ref_logits, corrupted = self.reference(model, batch, sel)  # (N, V) at the loss positions
+        t["reference"] = clock()
+        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel).logits
+        del corrupted  # the backward does not need the corrupted states
+        fit = kl_divergence(ref_logits, logits).mean()
+        loss = fit + lagrangian(model.edge_masks.expected_sparsity(), 0.5, self.lam)
+        loss.item()
+        t["masked_fwd"] = clock()
+        self.opt.zero_grad(set_to_none=True)
+        self.lambda_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        t["backward"] = clock()
+        torch.nn.utils.clip_grad_norm_([model.edge_masks.log_alpha], 1.0)
+        self.opt.step()
+        self.lambda_opt.step()
+        t["optimiser"] = clock()
+        return t
+
+
+class HFStep:
+    """HF forward+backward with gradient to the input embeddings (the weights stay frozen)."""
+
+    def __init__(self, hf, batch: Batch):
+        self.hf, self.batch = hf, batch
+
+    def __call__(self, clock) -> dict:
+        ids = self.batch.input_ids
+        emb = self.hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = self.hf(inputs_embeds=emb, attention_mask=self.batch.attention_mask).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.item()
+        t = {"forward": clock()}
+        loss.backward()
+        t["backward"] = clock()
+        return t
+
+
+def make_clock(device: torch.device):
+    last = [time.perf_counter()]
+
+    def clock() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        dt, last[0] = now - last[0], now
+        return dt
+
+    return clock
+
+
+def setup(kind, shape, args, device):
+    B, T = shape
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], device)
+    batch = Batch(B, T, hf.config.vocab_size, device)
+    return hf, batch
+
+
+def time_one(kind: str, shape: tuple[int, int], args, device) -> dict:
+    hf, batch = setup(kind, shape, args, device)
+    model = EdgeModel.from_hf(hf)
+    prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing), HFStep(hf, batch)
+    clock = make_clock(device)
+    for _ in range(args.warmup):
+        clock()
+        prune_step(clock)
+        hf_step(clock)
+    parts = {"prune": [], "hf": []}
+    for _ in range(args.repeats):
+        for name, fn in (("hf", hf_step), ("prune", prune_step)):
+            clock()
+            parts[name].append(fn(clock))
+    out = {}
+    for name, runs in parts.items():
+        totals = [sum(r.values()) for r in runs]
+        out[name] = {"median_s": statistics.median(totals), "min_s": min(totals),
+                     "parts": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+    out["ratio"] = out["prune"]["median_s"] / out["hf"]["median_s"]
+    g = model.graph
+    d = hf.config.hidden_size
+    out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
+    out["graph"] = g.describe()
+    return out
+
+
+# ---------------------------------------------------------------------------- memory (subprocess)
+def _rss_status() -> tuple[int, int]:
+    text = Path("/proc/self/status").read_text()
+    get = lambda key: int(re.search(rf"{key}:\s+(\d+)", text).group(1)) * 1024  # noqa: E731
+    return get("VmRSS"), get("VmHWM")
+
+
+def measure_memory(kind: str, shape: tuple[int, int], which: str, args, device) -> int:
+    """Peak bytes above the loaded model during two steps of ``which`` (run in a fresh process)."""
+    import gc
+
+    hf, batch = setup(kind, shape, args, device)
+    step = PruneStep(EdgeModel.from_hf(hf), batch, args.cache, args.checkpointing) if which == "prune" \
+        else HFStep(hf, batch)
+    clock = make_clock(device)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        base = _rss_status()[0]
+    for _ in range(2):
+        step(clock)
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() - base
+    return _rss_status()[1] - base
+
+
+def memory_in_subprocess(kind, shape, which, args) -> int | None:
+    cmd = [sys.executable, __file__, "--_memory", f"{kind}:{shape[0]}x{shape[1]}:{which}",
+           "--dtype", args.dtype, "--device", args.device]
+    cmd += (["--cache"] if args.cache else []) + (["--checkpointing"] if args.checkpointing else [])
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.layers:
+        cmd += ["--layers", str(args.layers)]
+    env = dict(os.environ)
+    if not args.malloc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"  memory run {kind} {shape} {which} failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return None
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------------------- report
+def gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.3f}"
+
+
+def parse_shape(text: str) -> tuple[int, int]:
+    b, _, t = text.partition("x")
+    return int(b), int(t)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    parser.add_argument("--shapes", default="8x32,32x64", help="comma-separated BxT")
+    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--malloc-default", action="store_true",
+                        help="measure RSS with glibc's default (dynamic) mmap threshold")
+    parser.add_argument("--quick", action="store_true", help="gpt2, 8x32, 3 repeats")
+    parser.add_argument("--cache", action="store_true",
+                        help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
+    parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
+    parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--_memory", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    if args._memory:
+        kind, shape, which = args._memory.split(":")
+        print(measure_memory(kind, parse_shape(shape), which, args, device))
+        return 0
+    if args.quick:
+        args.models, args.shapes, args.repeats = "gpt2", "8x32", 3
+
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} (after {args.warmup} warm-up)"
+          + (", reference pass cached" if args.cache else "") + (", activation checkpointing" if args.checkpointing else ""))
+    results = []
+    for kind in args.models.split(","):
+        for shape_text in args.shapes.split(","):
+            shape = parse_shape(shape_text)
+            r = time_one(kind, shape, args, device)
+            if not args.no_memory:
+                r["hf"]["peak_bytes"] = memory_in_subprocess(kind, shape, "hf", args)
+                r["prune"]["peak_bytes"] = memory_in_subprocess(kind, shape, "prune", args)
+            r.update(model=kind, shape=shape_text)
+            results.append(r)
+            parts = ", ".join(f"{k} {v:.3f}" for k, v in r["prune"]["parts"].items())
+            hf_parts = ", ".join(f"{k} {v:.3f}" for k, v in r["hf"]["parts"].items())
+            print(f"\n{kind} {shape_text} ({r['graph']})")
+            print(f"  time  step {r['prune']['median_s']:.3f} s  HF fwd+bwd {r['hf']['median_s']:.3f} s  "
+                  f"ratio {r['ratio']:.2f}x")
+            print(f"        step parts: {parts}")
+            print(f"        HF parts:   {hf_parts}")
+            if not args.no_memory:
+                hp, pp, w = r["hf"]["peak_bytes"], r["prune"]["peak_bytes"], r["writers_bytes"]
+                extra = "" if hp is None or pp is None else f"  (step - HF) / writers {(pp - hp) / w:.2f}"
+                print(f"  memory step {gib(pp)} GiB  HF {gib(hp)} GiB  writers {gib(w)} GiB{extra}")
+
+    print("\n| model | B x T | step (s) | HF fwd+bwd (s) | ratio | step peak (GiB) | HF peak (GiB) "
+          "| writer states (GiB) | (step - HF) / writers |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        hp, pp, w = r["hf"].get("peak_bytes"), r["prune"].get("peak_bytes"), r["writers_bytes"]
+        rel = "-" if hp is None or pp is None else f"{(pp - hp) / w:.2f}"
+        print(f"| {r['model']} | {r['shape']} | {r['prune']['median_s']:.3f} | {r['hf']['median_s']:.3f} | "
+              f"{r['ratio']:.2f}x | {gib(pp)} | {gib(hp)} | {gib(w)} | {rel} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""Reference logits and corrupted writer states per example, kept across epochs (``prune.cache_corrupted``).
+
+Every pruning step needs, for its batch, the full model's logits at the loss positions and (under
+interchange ablation) the writer states of the corrupted inputs: a no-grad pass over twice the
+batch, a quarter or more of the step. Both depend on the example alone, not on the masks, so a run
+of many epochs (the paper's IOI setting: 300 examples, 3000 steps of 32) can compute them once per
+example and reuse them.
+
+Cost: memory of examples x writers x length x d_model in the model's dtype, on the model's device
+(GPT-2 small, 300 IOI examples of ~20 tokens: ~2.9 GB in fp32), plus the logits at the loss
+positions. Under torchrun each rank caches the examples it has seen.
+
+Values computed in one batch serve the example in any later batch: batches are right-padded and
+attention is causal with padded keys masked, so padding never reaches real positions (cached
+states are zero at padded positions, which nothing real reads). A cached value equals a fresh pass
+up to float rounding of the other batch shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .eval import reference_and_corrupted
+
+
+class ReferenceCache:
+    """``cache(model, batch, select)`` = ``eval.reference_and_corrupted(model, batch, select)``,
+    computed once per example (keyed by its clean and corrupted token ids). ``select`` must be the
+    batch's loss mask. With ``enabled=False`` it just calls through."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.entries: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __call__(self, model, batch, select: torch.Tensor):
+        if not self.enabled:
+            return reference_and_corrupted(model, batch, select=select)
+        lengths = batch.attention_mask.sum(1).tolist()
+        keys = [(tuple(ids[:n]), tuple(cor[:n])) for ids, cor, n in
+                zip(batch.input_ids.tolist(), batch.corrupted_input_ids.tolist(), lengths)]
+        if any(k not in self.entries for k in keys):
+            ref, states = reference_and_corrupted(model, batch, select=select)
+            start = 0
+            for b, (key, count) in enumerate(zip(keys, select.sum(1).tolist())):
+                if key not in self.entries:
+                    kept = None if states is None else states[:, b, :lengths[b]].clone()
+                    self.entries[key] = (ref[start:start + count].clone(), kept)
+                start += count
+            return ref, states
+        cached = [self.entries[k] for k in keys]
+        ref = torch.cat([logits for logits, _ in cached])
+        if cached[0][1] is None:
+            return ref, None
+        W, _, D = cached[0][1].shape
+        states = cached[0][1].new_zeros((W, *batch.input_ids.shape, D))
+        for b, (_, kept) in enumerate(cached):
+            states[:, b, :kept.shape[1]] = kept
+        return ref, states

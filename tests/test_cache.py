@@ -1,0 +1,62 @@
+"""prune.cache_corrupted: reference logits and corrupted states computed once per example, reused across epochs."""
+
+from pathlib import Path
+
+import edgeprune.cache as cache_module
+from conftest import STORIES, require_shared
+from edgeprune.cache import ReferenceCache
+from edgeprune.config import from_dict
+from edgeprune.eval import reference_and_corrupted
+from edgeprune.experiment import load_model, load_split
+from edgeprune.prune import prune
+from edgeprune.tasks.jsonl import collate
+
+TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
+
+
+def _small_task(tmp_path: Path, n: int = 8) -> Path:
+    lines = [ln for ln in TASK.read_text().splitlines() if '"train"' in ln or '"split"' not in ln][:n]
+    path = tmp_path / "task.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_cached_values_equal_a_fresh_pass_in_another_batch(tmp_path, monkeypatch):
+    require_shared(STORIES)
+    cfg = from_dict({"model": {"name_or_path": str(STORIES), "device": "cpu"}, "data": {"path": str(TASK)}})
+    model = load_model(cfg.model)
+    examples = load_split(cfg.data, model, "train").examples[:6]
+    cache = ReferenceCache()
+    first = collate(examples[:4], 0)
+    cache(model, first, first.loss_mask)
+    cache(model, collate(examples[4:], 0), collate(examples[4:], 0).loss_mask)
+    assert len(cache) == 6
+
+    calls = []
+    monkeypatch.setattr(cache_module, "reference_and_corrupted",
+                        lambda *a, **k: calls.append(1) or reference_and_corrupted(*a, **k))
+    mixed = collate([examples[5], examples[0], examples[3]], 0)  # other order, other padding
+    ref, states = cache(model, mixed, mixed.loss_mask)
+    assert not calls  # served from the cache
+    fresh_ref, fresh_states = reference_and_corrupted(model, mixed, select=mixed.loss_mask)
+    real = mixed.attention_mask.bool()
+    assert (ref - fresh_ref).abs().max() <= 1e-5
+    assert (states - fresh_states)[:, real].abs().max() <= 1e-5
+
+
+def test_prune_with_cache_follows_the_uncached_run(tmp_path):
+    require_shared(STORIES)
+    task = _small_task(tmp_path)
+
+    def run(name, cache):
+        return prune(from_dict({
+            "model": {"name_or_path": str(STORIES), "device": "cpu"},
+            "data": {"path": str(task), "eval_split": "train"},
+            "prune": {"edge_target": 0.8, "steps": 6, "warmup_steps": 4, "batch_size": 4, "lr_masks": 1.0,
+                      "cache_corrupted": cache},
+            "run": {"output_dir": str(tmp_path / name), "eval_every": 0, "log_every": 1, "seed": 3},
+        }).validate(), progress=False)  # 8 examples, 4 a batch: 3 epochs
+
+    plain, cached = run("plain", False), run("cached", True)
+    for a, b in zip(plain.history, cached.history):
+        assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a, b)
