@@ -125,6 +125,13 @@ class Circuit:
     node_threshold: Threshold | None
     counts: dict  # edges/nodes before and after dangling removal, totals, sparsities
 
+    def thresholds(self) -> dict:
+        """The thresholds used, as log_alpha and as deterministic mask value (edges, and nodes if any)."""
+        out = {"edge_log_alpha": self.edge_threshold.log_alpha, "edge_value": self.edge_threshold.value}
+        if self.node_threshold is not None:
+            out.update(node_log_alpha=self.node_threshold.log_alpha, node_value=self.node_threshold.value)
+        return out
+
 
 def extract_circuit(graph: Graph, edge_log_alpha: torch.Tensor, node_log_alpha: torch.Tensor | None = None,
                     edge_sparsity: float | None = None, node_sparsity: float | None = None) -> Circuit:

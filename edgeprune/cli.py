@@ -57,13 +57,7 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None):
         raise ValueError(f"{run_dir}: masks have {edge_la.numel()} edges but the model's graph has "
                          f"{model.graph.num_edges} ({model.graph.describe()})")
     circuit = extract_circuit(model.graph, edge_la, node_la)
-    info = {"source": "masks", "counts": circuit.counts,
-            "thresholds": {"edge_log_alpha": circuit.edge_threshold.log_alpha,
-                           "edge_value": circuit.edge_threshold.value}}
-    if circuit.node_threshold is not None:
-        info["thresholds"].update(node_log_alpha=circuit.node_threshold.log_alpha,
-                                  node_value=circuit.node_threshold.value)
-    return circuit.edges, info
+    return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
 
 
 def _load_run(run_dir: Path, overrides: list[str]):

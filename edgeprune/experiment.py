@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -86,8 +87,14 @@ def _tracr_split(model: EdgeModel) -> TaskData:
 
 
 def load_tokenizer(model: EdgeModel):
-    from transformers import AutoTokenizer
-
+    """The model's own tokenizer; loaded once per model id (the splits and the task metric share it)."""
     if not model.model_id:
         raise ValueError("the model has no name_or_path to load its tokenizer from")
-    return AutoTokenizer.from_pretrained(model.model_id)
+    return _tokenizer(model.model_id)
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)

@@ -39,13 +39,10 @@ def export_run(run_dir: str | Path, edges_path: str | Path) -> tuple[Circuit, di
         "graph": fp,
         "config": cfg.to_dict(),
         "sparsity": {"expected_edge": circuit.counts["expected_edge_sparsity"], "edge": circuit.counts["edge_sparsity"]},
-        "thresholds": {"edge_log_alpha": circuit.edge_threshold.log_alpha, "edge_value": circuit.edge_threshold.value},
+        "thresholds": circuit.thresholds(),
         "counts": circuit.counts,
         "edges_file": edges_path.name,
     }
-    if circuit.node_threshold is not None:
-        summary["thresholds"].update(node_log_alpha=circuit.node_threshold.log_alpha,
-                                     node_value=circuit.node_threshold.value)
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         saved = json.loads(metrics_path.read_text())
