@@ -23,7 +23,9 @@ On CPU the subprocesses run with glibc's mmap threshold fixed at 128 KiB
 freed tensors of that size in its heap, and RSS then counts fragmentation rather than live tensors
 (it inflates both figures; ``--malloc-default`` measures that way).
 ``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
-the target is ``step peak <= HF peak + 2 x writers``.
+the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edgeprune estimate``
+reports for the same step, traced on the meta device without weights (``edgeprune/estimate.py``):
+the measured peak checks it.
 
 The loss sits on the last position of every example (one predicted token, as in IOI-style tasks).
 """
@@ -47,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeprune import EdgeModel  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
+from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
 from edgeprune.eval import kl_divergence  # noqa: E402
 from edgeprune.prune import lagrangian  # noqa: E402
 
@@ -60,16 +63,25 @@ def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.de
     hf_logging.set_verbosity_error()
     torch.manual_seed(0)
     if kind == "gpt2":
-        cfg = GPT2Config(n_layer=layers or 12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024)
-        model = GPT2LMHeadModel(cfg)
+        cfg, cls = GPT2Config(n_layer=layers or 12, n_head=12, n_embd=768, vocab_size=50257, n_positions=1024), \
+            GPT2LMHeadModel
     elif kind == "llama":
-        cfg = LlamaConfig(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
-                          hidden_size=768, intermediate_size=2048, vocab_size=32000,
-                          max_position_embeddings=1024, tie_word_embeddings=False)
-        model = LlamaForCausalLM(cfg)
+        cfg, cls = LlamaConfig(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
+                               hidden_size=768, intermediate_size=2048, vocab_size=32000,
+                               max_position_embeddings=1024, tie_word_embeddings=False), LlamaForCausalLM
     else:
         raise ValueError(f"unknown model {kind!r} (gpt2 or llama)")
+    with torch.device("meta" if device.type == "meta" else "cpu"):  # meta: no weights (the estimate)
+        model = cls(cfg)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def estimate_peaks(kind: str, shape: tuple[int, int], args) -> tuple[int, int]:
+    """``edgeprune estimate``'s traced peaks (meta device, no weights) of the step and of HF's fwd+bwd."""
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"))
+    model = EdgeModel.from_hf(hf)
+    model.activation_checkpointing = args.checkpointing
+    return trace_step(model, *shape), trace_hf(hf, *shape)
 
 
 class Batch:
@@ -288,6 +300,8 @@ def main(argv=None) -> int:
             if not args.no_memory:
                 r["hf"]["peak_bytes"] = memory_in_subprocess(kind, shape, "hf", args)
                 r["prune"]["peak_bytes"] = memory_in_subprocess(kind, shape, "prune", args)
+                if not args.cache:  # the estimate traces a step without the cache
+                    r["prune"]["estimate_bytes"], r["hf"]["estimate_bytes"] = estimate_peaks(kind, shape, args)
             r.update(model=kind, shape=shape_text)
             results.append(r)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in r["prune"]["parts"].items())
@@ -301,15 +315,18 @@ def main(argv=None) -> int:
                 hp, pp, w = r["hf"]["peak_bytes"], r["prune"]["peak_bytes"], r["writers_bytes"]
                 extra = "" if hp is None or pp is None else f"  (step - HF) / writers {(pp - hp) / w:.2f}"
                 print(f"  memory step {gib(pp)} GiB  HF {gib(hp)} GiB  writers {gib(w)} GiB{extra}")
+                if "estimate_bytes" in r["prune"]:
+                    print(f"        edgeprune estimate (traced on meta): step {gib(r['prune']['estimate_bytes'])} GiB  "
+                          f"HF {gib(r['hf']['estimate_bytes'])} GiB")
 
-    print("\n| model | B x T | step (s) | HF fwd+bwd (s) | ratio | step peak (GiB) | HF peak (GiB) "
+    print("\n| model | B x T | step (s) | HF fwd+bwd (s) | ratio | step peak (GiB) | estimate (GiB) | HF peak (GiB) "
           "| writer states (GiB) | (step - HF) / writers |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         hp, pp, w = r["hf"].get("peak_bytes"), r["prune"].get("peak_bytes"), r["writers_bytes"]
         rel = "-" if hp is None or pp is None else f"{(pp - hp) / w:.2f}"
         print(f"| {r['model']} | {r['shape']} | {r['prune']['median_s']:.3f} | {r['hf']['median_s']:.3f} | "
-              f"{r['ratio']:.2f}x | {gib(pp)} | {gib(hp)} | {gib(w)} | {rel} |")
+              f"{r['ratio']:.2f}x | {gib(pp)} | {gib(r['prune'].get('estimate_bytes'))} | {gib(hp)} | {gib(w)} | {rel} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

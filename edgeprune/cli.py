@@ -6,6 +6,7 @@
     edgeprune draw edges.json -o circuit.pdf
     edgeprune data {ioi,gt,gp,boolean} --tokenizer gpt2 -o DIR
     edgeprune demo
+    edgeprune estimate CONFIG [--gpus 1,2,4,8] [--seq-len T]
 """
 
 from __future__ import annotations
@@ -123,6 +124,25 @@ def _demo(args) -> int:
     return run_demo(args.output_dir, steps=args.steps, seed=args.seed, progress=not args.no_progress)
 
 
+def _estimate(args) -> int:
+    from .config import apply_overrides, load_config
+    from .estimate import estimate, format_report
+
+    cfg = load_config(args.config)
+    apply_overrides(cfg, ([f"model.name_or_path={args.model}"] if args.model else []) + (args.set or []))
+    cfg.validate(args.config)
+    try:
+        gpus = [int(n) for n in args.gpus.split(",")]
+    except ValueError:
+        raise ValueError(f"--gpus: expected comma-separated GPU counts like 1,2,8, got {args.gpus!r}") from None
+    report = estimate(cfg, gpus, seq_len=args.seq_len, loss_positions=args.loss_positions, examples=args.examples)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+        print(f"written: {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgeprune", description="Edge Pruning: find circuits in transformer LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +193,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("estimate", help="memory per GPU of a pruning run, from its config (no weights loaded)")
+    p.add_argument("config", help="YAML experiment config")
+    p.add_argument("--gpus", default="1,2,4,8", help="comma-separated numbers of GPUs (processes) (default 1,2,4,8)")
+    p.add_argument("--seq-len", type=int, help="tokens per example (default data.max_length)")
+    p.add_argument("--loss-positions", type=int, default=1, help="loss positions per example (default 1)")
+    p.add_argument("--examples", type=int, help="training examples, for prune.cache_corrupted (default: count data.path)")
+    p.add_argument("--model", help="shortcut for --set model.name_or_path=... (hub id, directory or config.json)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--json", help="also write the estimate to this JSON file")
+    p.set_defaults(func=_estimate)
 
     from .baselines import cli as baselines_cli
     baselines_cli.add_attribute_parser(sub)

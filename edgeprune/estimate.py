@@ -1,0 +1,329 @@
+"""How much memory a pruning run needs per GPU, from its config alone (``edgeprune estimate CONFIG``).
+
+Nothing is downloaded but a config.json (and not even that for the architectures in
+``KNOWN_CONFIGS``), no weights are loaded: the model is built on the meta device, and one pruning
+step of it (reference pass, masked forward, loss, backward) runs there under
+``memtrace.LiveTensors``, which adds up the tensors the real step would allocate, op by op, and
+reports their peak. That is the same code as ``edgeprune prune`` runs, so the figure follows the
+implementation rather than a formula that could drift from it.
+
+Per GPU, for N processes (``prune.batch_size`` is the global batch; each rank takes ceil(B / N) rows):
+
+- weights: the frozen model in its dtype; under FSDP2 (N > 1) the rank's 1/N shard, plus the root
+  (embeddings, final norm, read-out: FSDP2 keeps the root unsharded from forward to backward) and
+  two decoder layers all-gathered at a time (the running one and the prefetched one);
+- masks: the mask parameters with AdamW's two fp32 states (their gradients are in the step);
+- step: the traced peak of the step's own tensors, writer states and their gradients included;
+- cache: with ``prune.cache_corrupted``, every training example's corrupted writer states (each
+  rank ends up caching every example it has seen, which over several epochs is all of them).
+
+Not included: the CUDA context and the caching allocator's slack (on GPU add ~0.5-1 GiB), and
+NCCL buffers. On meta tensors the attention is PyTorch's math attention; on CPU and GPU fused
+kernels run instead and keep other tensors for the backward (the difference is of the order of
+B x H x T x T per layer: 8% of the whole at the tiny sizes of the tests, less at real sizes).
+``bench/step.py`` prints this estimate beside the measured peak, and ``tests/test_estimate.py``
+checks it against a measured run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .config import ExperimentConfig
+from .memtrace import LiveTensors
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Architectures users prune most, so that `estimate` works offline for them. Values are those of the
+# models' published config.json files (only what shapes the model).
+_GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
+_CODELLAMA = {"model_type": "llama", "vocab_size": 32016, "max_position_embeddings": 16384, "rope_theta": 1e6}
+KNOWN_CONFIGS = {
+    "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024},
+    "gpt2-large": {**_GPT2, "n_layer": 36, "n_head": 20, "n_embd": 1280},
+    "gpt2-xl": {**_GPT2, "n_layer": 48, "n_head": 25, "n_embd": 1600},
+    "codellama/CodeLlama-7b-hf": {**_CODELLAMA, "hidden_size": 4096, "intermediate_size": 11008,
+                                  "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32},
+    "codellama/CodeLlama-13b-hf": {**_CODELLAMA, "hidden_size": 5120, "intermediate_size": 13824,
+                                   "num_hidden_layers": 40, "num_attention_heads": 40, "num_key_value_heads": 40},
+    "codellama/CodeLlama-34b-hf": {**_CODELLAMA, "vocab_size": 32000, "hidden_size": 8192,
+                                   "intermediate_size": 22016, "num_hidden_layers": 48,
+                                   "num_attention_heads": 64, "num_key_value_heads": 8},
+    "meta-llama/Llama-2-7b-hf": {"model_type": "llama", "vocab_size": 32000, "max_position_embeddings": 4096,
+                                 "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+                                 "num_attention_heads": 32, "num_key_value_heads": 32},
+    "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 8192,
+                                   "rope_theta": 500000.0, "hidden_size": 4096, "intermediate_size": 14336,
+                                   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+}
+for _name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
+    KNOWN_CONFIGS[f"openai-community/{_name}"] = KNOWN_CONFIGS[_name]
+
+
+@dataclass
+class Architecture:
+    """An edge-masked model without weights (meta device; a compiled Tracr model is tiny and real)."""
+
+    model: object  # EdgeModel
+    source: str  # where the config came from
+    params: int  # frozen parameters (tied ones once)
+    layer_params: int  # the largest decoder layer
+    root_params: int  # everything outside the decoder layers: embeddings, final norm, read-out
+
+
+def hf_config(name_or_path: str):
+    """The transformers config of a local directory, a config.json file, a known hub id, or (downloading
+    config.json only) any other hub id. Returns (config, source)."""
+    from transformers import AutoConfig
+
+    path = Path(name_or_path)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not valid JSON: {err}") from None
+        if not isinstance(data, dict) or "model_type" not in data:
+            raise ValueError(f"{path}: a config.json needs a 'model_type' field")
+        data = dict(data)
+        return AutoConfig.for_model(data.pop("model_type"), **data), str(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"{path}: no config.json in this directory")
+        return AutoConfig.from_pretrained(str(path)), str(path / "config.json")
+    if name_or_path.startswith(("/", "./", "../", "~")) or name_or_path.endswith(".json"):
+        raise FileNotFoundError(f"{name_or_path}: no such file or directory (a model directory or a config.json)")
+    if name_or_path in KNOWN_CONFIGS:
+        data = dict(KNOWN_CONFIGS[name_or_path])
+        return AutoConfig.for_model(data.pop("model_type"), **data), "edgeprune's table of known configs"
+    try:
+        return AutoConfig.from_pretrained(name_or_path), f"the hub ({name_or_path}/config.json)"
+    except Exception as err:  # offline, private, or no such repository
+        raise ValueError(f"model {name_or_path!r}: could not get its config.json ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}). Pass a local directory or a "
+                         f"config.json file with --model; known offline: {', '.join(sorted(KNOWN_CONFIGS))}") from None
+
+
+def load_architecture(cfg: ExperimentConfig) -> Architecture:
+    """The model of ``cfg.model`` built on the meta device (no weights), wrapped as an EdgeModel."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    from .model import EdgeModel
+    from .models.tracr import is_tracr_artifact, load_tracr
+
+    m = cfg.model
+    dtype = DTYPES[m.dtype]
+    kwargs = {"node_masks": m.node_masks}
+    if m.ablation is not None:
+        kwargs["ablation"] = m.ablation
+    if is_tracr_artifact(m.name_or_path):
+        model = EdgeModel.from_hf(load_tracr(m.name_or_path, dtype=dtype), **{"ablation": "zero", **kwargs})
+        source = str(Path(m.name_or_path) / "config.json")
+    else:
+        config, source = hf_config(m.name_or_path)
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            with torch.device("meta"):
+                hf = AutoModelForCausalLM.from_config(config)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        model = EdgeModel.from_hf(hf.to(dtype), model_id=m.name_or_path, **kwargs)
+    hf = model.hf
+    params = sum(p.numel() for p in hf.parameters())
+    layers = [sum(p.numel() for p in layer.parameters()) for layer in model.family.decoder_layers()]
+    return Architecture(model, source, params, max(layers, default=0), params - sum(layers))
+
+
+class _Batch:
+    """What the pruning step reads from a batch: B x T tokens, ``loss_positions`` per row at the end."""
+
+    def __init__(self, B: int, T: int, loss_positions: int, device: torch.device):
+        self.input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        self.corrupted_input_ids = torch.zeros_like(self.input_ids)
+        self.attention_mask = torch.ones_like(self.input_ids)
+        self.corrupted_attention_mask = torch.ones_like(self.input_ids)
+        self.loss_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
+        if device.type != "meta":  # (on meta the tracer is told how many rows the mask selects)
+            self.loss_mask[:, T - loss_positions:] = True
+
+
+def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "kl") -> int:
+    """Peak bytes of the tensors one pruning step allocates (``edgeprune.prune``'s step body) for a
+    B x T batch with ``loss_positions`` loss positions per example. Runs on the model's device: meta
+    traces for free; real tensors run the step for real (used to check the meta trace)."""
+    from .eval import kl_divergence, reference_and_corrupted
+    from .prune import lagrangian
+
+    if not 1 <= loss_positions <= T:
+        raise ValueError(f"loss positions per example must be in 1..{T}, got {loss_positions}")
+    batch = _Batch(B, T, loss_positions, model.device)
+    model.train()
+    generators = [(m, m.generator) for m in (model.edge_masks, model.node_masks) if m is not None]
+    for masks, _ in generators:
+        masks.generator = None  # the model's device may be meta: no seeded generator there
+    try:
+        with LiveTensors(selected_rows=B * loss_positions) as mem:
+            ref, corrupted = reference_and_corrupted(model, batch, batch.loss_mask)
+            logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                           select=batch.loss_mask).logits
+            del corrupted
+            fit = (logits.float() - ref.float()).pow(2).mean() if loss == "mse" else kl_divergence(ref, logits).mean()
+            lam = torch.zeros(2, device=model.device, requires_grad=True)
+            total = fit + lagrangian(model.edge_masks.expected_sparsity(), 0.5, lam)
+            total.backward()
+            del total, fit, logits, ref
+    finally:
+        for masks, gen in generators:
+            masks.generator = gen
+        for masks, _ in generators:
+            masks.log_alpha.grad = None
+        model.eval()
+    return mem.peak
+
+
+def trace_hf(hf, B: int, T: int) -> int:
+    """Peak bytes of HF's own forward+backward of a B x T batch (gradient to the input embeddings,
+    next-token loss on every position): the yardstick of ``bench/step.py``."""
+    import torch.nn.functional as F
+
+    device = next(hf.parameters()).device
+    ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    with LiveTensors() as mem:
+        emb = hf.get_input_embeddings()(ids).detach().requires_grad_(True)
+        logits = hf(inputs_embeds=emb).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        del loss, logits, emb
+    return mem.peak
+
+
+@dataclass
+class Row:
+    gpus: int
+    batch: int  # per GPU
+    weights: int
+    masks: int
+    step: int
+    cache: int | None
+    writer_states: int  # one fp32 copy of this rank's writer states (the difference buffer)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.masks + self.step + (self.cache or 0)
+
+
+@dataclass
+class Report:
+    model: str
+    source: str
+    dtype: str
+    params: int
+    graph: str
+    masks: int  # learned mask parameters (edges, + writers with node masks)
+    batch: int  # global
+    seq: int
+    loss_positions: int
+    ablation: str
+    checkpointing: bool
+    cache_examples: int | None
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        out = {k: v for k, v in self.__dict__.items() if k != "rows"}
+        out["rows"] = [{**r.__dict__, "total": r.total} for r in self.rows]
+        return out
+
+
+def _train_examples(cfg: ExperimentConfig) -> int | None:
+    """How many training examples the config's data has, if it is a readable JSONL file or directory."""
+    path = Path(cfg.data.path)
+    if path.is_dir():
+        path = path / f"{cfg.data.train_split}.jsonl"
+    if not path.is_file():
+        return None
+    with open(path) as fh:
+        return sum(1 for line in fh if line.strip())
+
+
+def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int = 1,
+             examples: int | None = None, arch: Architecture | None = None) -> Report:
+    """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``."""
+    T = seq_len or cfg.data.max_length
+    if not T:
+        raise ValueError("data.max_length is not set: give the sequence length with --seq-len")
+    if any(n < 1 for n in gpus):
+        raise ValueError(f"GPU counts must be >= 1, got {gpus}")
+    arch = arch or load_architecture(cfg)
+    model = arch.model
+    model.activation_checkpointing = cfg.prune.activation_checkpointing
+    g = model.graph
+    D = model.hf.config.hidden_size
+    nbytes = torch.finfo(model.dtype).bits // 8
+    n_masks = g.num_edges + (g.num_writers if model.node_masks is not None else 0)
+    cache_examples = None
+    if cfg.prune.cache_corrupted and model.ablation == "interchange":
+        cache_examples = examples or _train_examples(cfg)
+    report = Report(model=cfg.model.name_or_path, source=arch.source, dtype=cfg.model.dtype, params=arch.params,
+                    graph=g.describe(), masks=n_masks, batch=cfg.prune.batch_size, seq=T,
+                    loss_positions=loss_positions, ablation=model.ablation,
+                    checkpointing=cfg.prune.activation_checkpointing, cache_examples=cache_examples)
+    traced: dict[int, int] = {}
+    for n in gpus:
+        b = math.ceil(cfg.prune.batch_size / n)
+        if b not in traced:
+            traced[b] = trace_step(model, b, T, loss_positions=loss_positions, loss=cfg.data.loss)
+        weights = arch.params * nbytes
+        if n > 1:
+            weights = math.ceil(arch.params / n) * nbytes + (arch.root_params + 2 * arch.layer_params) * nbytes
+        cache = None
+        if cache_examples is not None:
+            cache = cache_examples * g.num_writers * T * D * nbytes
+        report.rows.append(Row(gpus=n, batch=b, weights=weights, masks=n_masks * 4 * 3, step=traced[b],
+                               cache=cache, writer_states=g.num_writers * b * T * D * 4))
+    if cfg.prune.cache_corrupted and cache_examples is None and model.ablation == "interchange":
+        report.notes.append(f"prune.cache_corrupted: the cache needs the number of training examples "
+                            f"({cfg.data.path} not found): give it with --examples; not counted")
+    return report
+
+
+def _gib(n: int | None) -> str:
+    return "-" if n is None else f"{n / 2**30:.2f}"
+
+
+def format_report(r: Report) -> str:
+    lines = [
+        f"model        {r.model} ({r.params / 1e6:,.1f}M parameters, {r.dtype}; config from {r.source})",
+        f"graph        {r.graph}",
+        f"masks        {r.masks:,} learned mask parameters (fp32, AdamW)",
+        f"step         global batch {r.batch} x {r.seq} tokens (data.max_length: an upper bound, batches are "
+        f"padded to their longest example), {r.loss_positions} loss position(s) per example, "
+        f"{r.ablation} ablation" + (", activation checkpointing" if r.checkpointing else ""),
+        "",
+        "| GPUs | batch / GPU | weights | masks + AdamW | step peak | (writer states, fp32) "
+        + ("| corrupted cache " if r.cache_examples is not None else "") + "| total / GPU (GiB) |",
+        "|---:|---:|---:|---:|---:|---:|" + ("---:|" if r.cache_examples is not None else "") + "---:|",
+    ]
+    for row in r.rows:
+        cache = f" {_gib(row.cache)} |" if r.cache_examples is not None else ""
+        lines.append(f"| {row.gpus} | {row.batch} | {_gib(row.weights)} | {_gib(row.masks)} | {_gib(row.step)} | "
+                     f"({_gib(row.writer_states)}) |{cache} {_gib(row.total)} |")
+    lines += [
+        "",
+        "GiB. step peak: tensors of one pruning step (reference pass, masked forward, backward), traced op by op "
+        "on the meta device; it includes the writer states in parentheses. Weights under FSDP2 (GPUs > 1): the "
+        "rank's shard + the unsharded root + two gathered layers.",
+        "Not included: CUDA context and allocator slack (add ~0.5-1 GiB per GPU), NCCL buffers.",
+    ]
+    if r.cache_examples is not None:
+        lines.append(f"corrupted cache: {r.cache_examples} training examples x writers x {r.seq} tokens x d_model "
+                     f"in {r.dtype} (prune.cache_corrupted), held on every rank.")
+    lines += [f"note: {n}" for n in r.notes]
+    return "\n".join(lines)
