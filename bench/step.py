@@ -27,6 +27,10 @@ the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edg
 reports for the same step, traced on the meta device without weights (``edgeprune/estimate.py``):
 the measured peak checks it.
 
+FLOPs: each part of the step and HF's fwd+bwd are counted by ``torch.utils.flop_counter`` on the meta
+device; step FLOPs / HF FLOPs is the time ratio the step would have if it ran at HF's FLOP rate (the
+mix's skinny GEMMs run at a lower rate than HF's large ones), the rates are printed beside.
+
 The loss sits on the last position of every example (one predicted token, as in IOI-style tasks).
 """
 
@@ -50,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgeprune import EdgeModel  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
-from edgeprune.eval import kl_divergence  # noqa: E402
+from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
 from edgeprune.prune import lagrangian  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,6 +78,38 @@ def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.de
     with torch.device("meta" if device.type == "meta" else "cpu"):  # meta: no weights (the estimate)
         model = cls(cfg)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def count_flops(kind: str, shape: tuple[int, int], args) -> dict:
+    """FLOPs of each part of the step and of HF's fwd+bwd, counted by ``torch.utils.flop_counter`` on the
+    meta device (matmuls and attention: what the time goes into). Their ratio is the step/HF time ratio
+    the step would reach at HF's own FLOP rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from edgeprune.estimate import SyntheticBatch
+    from edgeprune.memtrace import LiveTensors
+
+    B, T = shape
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"))
+    model = EdgeModel.from_hf(hf).train()
+    batch = SyntheticBatch(B, T, 1, torch.device("meta"))
+    out = {}
+    with LiveTensors(selected_rows=B):  # answers the loss mask's row count on meta
+        with FlopCounterMode(display=False) as fc:
+            ref, corrupted = reference_and_corrupted(model, batch, batch.loss_mask)
+        out["reference"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                           select=batch.loss_mask).logits
+            loss = kl_divergence(ref, logits).mean()
+        out["masked_fwd"] = fc.get_total_flops()
+        with FlopCounterMode(display=False) as fc:
+            loss.backward()
+        out["backward"] = fc.get_total_flops()
+    with FlopCounterMode(display=False) as fc:
+        HFStep(hf, batch)(lambda: 0.0, item=False)
+    out["hf"] = fc.get_total_flops()
+    return out
 
 
 def estimate_peaks(kind: str, shape: tuple[int, int], args) -> tuple[int, int]:
@@ -141,12 +177,14 @@ class HFStep:
     def __init__(self, hf, batch: Batch):
         self.hf, self.batch = hf, batch
 
-    def __call__(self, clock) -> dict:
+    def __call__(self, clock, item: bool = True) -> dict:
         ids = self.batch.input_ids
         emb = self.hf.get_input_embeddings()(ids).detach().requires_grad_(True)
-        logits = self.hf(inputs_embeds=emb, attention_mask=self.batch.attention_mask).logits
+        mask = self.batch.attention_mask if item else None  # (on meta: no data to look at; all ones anyway)
+        logits = self.hf(inputs_embeds=emb, attention_mask=mask).logits
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-        loss.item()
+        if item:
+            loss.item()
         t = {"forward": clock()}
         loss.backward()
         t["backward"] = clock()
@@ -193,6 +231,7 @@ def time_one(kind: str, shape: tuple[int, int], args, device) -> dict:
         out[name] = {"median_s": statistics.median(totals), "min_s": min(totals),
                      "parts": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
     out["ratio"] = out["prune"]["median_s"] / out["hf"]["median_s"]
+    out["flops"] = count_flops(kind, shape, args)
     g = model.graph
     d = hf.config.hidden_size
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
@@ -311,6 +350,12 @@ def main(argv=None) -> int:
                   f"ratio {r['ratio']:.2f}x")
             print(f"        step parts: {parts}")
             print(f"        HF parts:   {hf_parts}")
+            f = r["flops"]
+            step_flops = f["reference"] + f["masked_fwd"] + f["backward"]
+            print(f"  FLOPs step {step_flops / 1e9:.1f} G (reference {f['reference'] / 1e9:.1f}, masked fwd "
+                  f"{f['masked_fwd'] / 1e9:.1f}, backward {f['backward'] / 1e9:.1f})  HF {f['hf'] / 1e9:.1f} G  "
+                  f"ratio {step_flops / f['hf']:.2f}x  rate step {step_flops / r['prune']['median_s'] / 1e9:.0f} "
+                  f"GFLOP/s, HF {f['hf'] / r['hf']['median_s'] / 1e9:.0f} GFLOP/s")
             if not args.no_memory:
                 hp, pp, w = r["hf"]["peak_bytes"], r["prune"]["peak_bytes"], r["writers_bytes"]
                 extra = "" if hp is None or pp is None else f"  (step - HF) / writers {(pp - hp) / w:.2f}"

@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML experiment config")
     p.add_argument("--gpus", default="1,2,4,8", help="comma-separated numbers of GPUs (processes) (default 1,2,4,8)")
     p.add_argument("--seq-len", type=int, help="tokens per example (default data.max_length)")
-    p.add_argument("--loss-positions", type=int, default=1, help="loss positions per example (default 1)")
+    p.add_argument("--loss-positions", type=int, help="loss positions per example (default 1; Tracr: the task's)")
     p.add_argument("--examples", type=int, help="training examples, for prune.cache_corrupted (default: count data.path)")
     p.add_argument("--model", help="shortcut for --set model.name_or_path=... (hub id, directory or config.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")

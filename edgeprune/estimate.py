@@ -141,11 +141,15 @@ def load_architecture(cfg: ExperimentConfig) -> Architecture:
     return Architecture(model, source, params, max(layers, default=0), params - sum(layers))
 
 
-class _Batch:
-    """What the pruning step reads from a batch: B x T tokens, ``loss_positions`` per row at the end."""
+class SyntheticBatch:
+    """What the pruning step reads from a batch: B x T tokens (zeros, or ``tokens`` in every row),
+    ``loss_positions`` per row at the end."""
 
-    def __init__(self, B: int, T: int, loss_positions: int, device: torch.device):
-        self.input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+    def __init__(self, B: int, T: int, loss_positions: int, device: torch.device, tokens: list[int] | None = None):
+        if tokens is None:
+            self.input_ids = torch.zeros(B, T, dtype=torch.long, device=device)
+        else:
+            self.input_ids = torch.tensor([tokens] * B, dtype=torch.long).to(device)
         self.corrupted_input_ids = torch.zeros_like(self.input_ids)
         self.attention_mask = torch.ones_like(self.input_ids)
         self.corrupted_attention_mask = torch.ones_like(self.input_ids)
@@ -154,16 +158,18 @@ class _Batch:
             self.loss_mask[:, T - loss_positions:] = True
 
 
-def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "kl") -> int:
+def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "kl",
+               tokens: list[int] | None = None) -> int:
     """Peak bytes of the tensors one pruning step allocates (``edgeprune.prune``'s step body) for a
     B x T batch with ``loss_positions`` loss positions per example. Runs on the model's device: meta
-    traces for free; real tensors run the step for real (used to check the meta trace)."""
+    traces for free; real tensors run the step for real (used to check the meta trace). The model is
+    left in eval mode with no mask gradients."""
     from .eval import kl_divergence, reference_and_corrupted
     from .prune import lagrangian
 
     if not 1 <= loss_positions <= T:
         raise ValueError(f"loss positions per example must be in 1..{T}, got {loss_positions}")
-    batch = _Batch(B, T, loss_positions, model.device)
+    batch = SyntheticBatch(B, T, loss_positions, model.device, tokens)
     model.train()
     generators = [(m, m.generator) for m in (model.edge_masks, model.node_masks) if m is not None]
     for masks, _ in generators:
@@ -233,6 +239,7 @@ class Report:
     ablation: str
     checkpointing: bool
     cache_examples: int | None
+    seq_source: str = "data.max_length: an upper bound, batches are padded to their longest example"
     rows: list[Row] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -253,77 +260,102 @@ def _train_examples(cfg: ExperimentConfig) -> int | None:
         return sum(1 for line in fh if line.strip())
 
 
-def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int = 1,
+def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int | None = None,
              examples: int | None = None, arch: Architecture | None = None) -> Report:
-    """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``."""
+    """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``.
+
+    The batch shape: ``seq_len`` (default ``data.max_length``) tokens with ``loss_positions``
+    (default 1) loss positions per example; for a Tracr task (``data.path: tracr``) both default to
+    the task's own (every input has the same length, the loss is on every output position).
+    """
+    arch = arch or load_architecture(cfg)
+    tokens = None  # a real example's tokens where the model checks its input (Tracr: BOS first)
+    seq_source = "--seq-len" if seq_len else None
+    if cfg.data.path == "tracr":
+        from .tasks.tracr import tracr_examples
+
+        task = tracr_examples(arch.model.hf)
+        seq_len = seq_len or len(task[0].input_ids)
+        loss_positions = loss_positions or len(task[0].loss_positions)
+        examples = examples or len(task)
+        tokens = task[0].input_ids
+        seq_source = seq_source or "the Tracr task's length, BOS included"
     T = seq_len or cfg.data.max_length
     if not T:
         raise ValueError("data.max_length is not set: give the sequence length with --seq-len")
+    loss_positions = loss_positions or 1
     if any(n < 1 for n in gpus):
         raise ValueError(f"GPU counts must be >= 1, got {gpus}")
-    arch = arch or load_architecture(cfg)
     model = arch.model
     model.activation_checkpointing = cfg.prune.activation_checkpointing
     g = model.graph
     D = model.hf.config.hidden_size
+    vocab = getattr(model.hf.config, "vocab_size", None) or len(getattr(model.hf.config, "output_dims", []))
     nbytes = torch.finfo(model.dtype).bits // 8
     n_masks = g.num_edges + (g.num_writers if model.node_masks is not None else 0)
     cache_examples = None
-    if cfg.prune.cache_corrupted and model.ablation == "interchange":
+    if cfg.prune.cache_corrupted:
         cache_examples = examples or _train_examples(cfg)
     report = Report(model=cfg.model.name_or_path, source=arch.source, dtype=cfg.model.dtype, params=arch.params,
                     graph=g.describe(), masks=n_masks, batch=cfg.prune.batch_size, seq=T,
                     loss_positions=loss_positions, ablation=model.ablation,
                     checkpointing=cfg.prune.activation_checkpointing, cache_examples=cache_examples)
+    if seq_source:
+        report.seq_source = seq_source
     traced: dict[int, int] = {}
     for n in gpus:
         b = math.ceil(cfg.prune.batch_size / n)
         if b not in traced:
-            traced[b] = trace_step(model, b, T, loss_positions=loss_positions, loss=cfg.data.loss)
+            traced[b] = trace_step(model, b, T, loss_positions=loss_positions, loss=cfg.data.loss, tokens=tokens)
         weights = arch.params * nbytes
         if n > 1:
             weights = math.ceil(arch.params / n) * nbytes + (arch.root_params + 2 * arch.layer_params) * nbytes
         cache = None
-        if cache_examples is not None:
-            cache = cache_examples * g.num_writers * T * D * nbytes
+        if cache_examples is not None:  # per example: its corrupted states (interchange) and reference logits
+            states = g.num_writers * T * D if model.ablation == "interchange" else 0
+            cache = cache_examples * (states + loss_positions * vocab) * nbytes
         report.rows.append(Row(gpus=n, batch=b, weights=weights, masks=n_masks * 4 * 3, step=traced[b],
                                cache=cache, writer_states=g.num_writers * b * T * D * 4))
-    if cfg.prune.cache_corrupted and cache_examples is None and model.ablation == "interchange":
+    if cfg.prune.cache_corrupted and cache_examples is None:
         report.notes.append(f"prune.cache_corrupted: the cache needs the number of training examples "
                             f"({cfg.data.path} not found): give it with --examples; not counted")
     return report
 
 
-def _gib(n: int | None) -> str:
-    return "-" if n is None else f"{n / 2**30:.2f}"
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 2**30:.2f} GiB" if n >= 2**28 else f"{n / 2**20:.1f} MiB"
 
 
 def format_report(r: Report) -> str:
     lines = [
-        f"model        {r.model} ({r.params / 1e6:,.1f}M parameters, {r.dtype}; config from {r.source})",
+        f"model        {r.model} ({f'{r.params / 1e6:,.1f}M' if r.params >= 1e6 else f'{r.params:,}'} parameters, "
+        f"{r.dtype}; config from {r.source})",
         f"graph        {r.graph}",
         f"masks        {r.masks:,} learned mask parameters (fp32, AdamW)",
-        f"step         global batch {r.batch} x {r.seq} tokens (data.max_length: an upper bound, batches are "
-        f"padded to their longest example), {r.loss_positions} loss position(s) per example, "
+        f"step         global batch {r.batch} x {r.seq} tokens ({r.seq_source}), {r.loss_positions} loss "
+        f"position(s) per example, "
         f"{r.ablation} ablation" + (", activation checkpointing" if r.checkpointing else ""),
         "",
         "| GPUs | batch / GPU | weights | masks + AdamW | step peak | (writer states, fp32) "
-        + ("| corrupted cache " if r.cache_examples is not None else "") + "| total / GPU (GiB) |",
+        + ("| corrupted cache " if r.cache_examples is not None else "") + "| total / GPU |",
         "|---:|---:|---:|---:|---:|---:|" + ("---:|" if r.cache_examples is not None else "") + "---:|",
     ]
     for row in r.rows:
-        cache = f" {_gib(row.cache)} |" if r.cache_examples is not None else ""
-        lines.append(f"| {row.gpus} | {row.batch} | {_gib(row.weights)} | {_gib(row.masks)} | {_gib(row.step)} | "
-                     f"({_gib(row.writer_states)}) |{cache} {_gib(row.total)} |")
+        cache = f" {_size(row.cache)} |" if r.cache_examples is not None else ""
+        lines.append(f"| {row.gpus} | {row.batch} | {_size(row.weights)} | {_size(row.masks)} | {_size(row.step)} | "
+                     f"({_size(row.writer_states)}) |{cache} {_size(row.total)} |")
     lines += [
         "",
-        "GiB. step peak: tensors of one pruning step (reference pass, masked forward, backward), traced op by op "
+        "step peak: tensors of one pruning step (reference pass, masked forward, backward), traced op by op "
         "on the meta device; it includes the writer states in parentheses. Weights under FSDP2 (GPUs > 1): the "
         "rank's shard + the unsharded root + two gathered layers.",
         "Not included: CUDA context and allocator slack (add ~0.5-1 GiB per GPU), NCCL buffers.",
     ]
     if r.cache_examples is not None:
-        lines.append(f"corrupted cache: {r.cache_examples} training examples x writers x {r.seq} tokens x d_model "
-                     f"in {r.dtype} (prune.cache_corrupted), held on every rank.")
+        lines.append(f"corrupted cache (prune.cache_corrupted): {r.cache_examples} training examples x (writers x "
+                     f"{r.seq} tokens x d_model under interchange + the reference logits at the loss positions) "
+                     f"in {r.dtype}, held on every rank.")
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)

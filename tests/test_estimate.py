@@ -128,9 +128,19 @@ def test_cli_estimate_from_a_local_config_json_and_cache(tmp_path, capsys):
     assert main(["estimate", str(config), "--gpus", "1", "--examples", "10"]) == 0
     text = capsys.readouterr().out
     assert "corrupted cache" in text and "11 writers" in text and str(cfg_json) in text
-    # the cache: 10 examples x 11 writers x 16 tokens x d 64 x 4 bytes
+    # the cache: 10 examples x (11 writers x 16 tokens x d 64 + 1 loss position x vocab 128) x 4 bytes
     report = estimate(load_config(config), [1], examples=10)
-    assert report.rows[0].cache == 10 * 11 * 16 * 64 * 4
+    assert report.rows[0].cache == 10 * (11 * 16 * 64 + 128) * 4
+
+
+def test_estimate_of_a_tracr_task_uses_its_shape(tmp_path):
+    """data.path: tracr has no max_length: the task's own length and loss positions are used."""
+    config = _config(tmp_path, model={"name_or_path": str(ROOT / "data" / "tracr_models" / "reverse"),
+                                      "ablation": "zero"},
+                     data={"path": "tracr", "max_length": None}, prune={"batch_size": 81})
+    report = estimate(load_config(config), [1])
+    assert (report.seq, report.loss_positions, report.ablation) == (5, 4, "zero")
+    assert report.masks == 94
 
 
 def test_cli_estimate_errors(tmp_path, capsys):
