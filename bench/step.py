@@ -351,7 +351,7 @@ def main(argv=None) -> int:
             print(f"        step parts: {parts}")
             print(f"        HF parts:   {hf_parts}")
             f = r["flops"]
-            step_flops = f["reference"] + f["masked_fwd"] + f["backward"]
+            step_flops = (0 if args.cache else f["reference"]) + f["masked_fwd"] + f["backward"]  # cache: no pass
             print(f"  FLOPs step {step_flops / 1e9:.1f} G (reference {f['reference'] / 1e9:.1f}, masked fwd "
                   f"{f['masked_fwd'] / 1e9:.1f}, backward {f['backward'] / 1e9:.1f})  HF {f['hf'] / 1e9:.1f} G  "
                   f"ratio {step_flops / f['hf']:.2f}x  rate step {step_flops / r['prune']['median_s'] / 1e9:.0f} "

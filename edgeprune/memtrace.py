@@ -20,6 +20,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+# Ops whose CPU/CUDA kernels copy non-contiguous tensor inputs to contiguous temporaries internally
+# (``expect_contiguous``): the copies live only during the op, but they count at a peak.
+_CONTIGUOUS_INPUT_OPS = {torch.ops.aten.native_layer_norm.default, torch.ops.aten.native_layer_norm_backward.default}
 _INDEX_OPS = {torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default, torch.ops.aten.index_put_.default,
               torch.ops.aten._index_put_impl_.default}
 
@@ -43,6 +46,10 @@ class LiveTensors(TorchDispatchMode):
         if func in _INDEX_OPS:
             args = (args[0], self._meta_indices(args[0], args[1]), *args[2:])
         out = func(*args, **kwargs)
+        copies = 0  # the op's internal contiguous copies of its inputs, live while its outputs are made
+        if func in _CONTIGUOUS_INPUT_OPS:
+            copies = sum(a.numel() * a.element_size() for a in tree_flatten(args)[0]
+                         if isinstance(a, torch.Tensor) and not a.is_contiguous())
         inputs = {id(a.untyped_storage()) for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)}
         for t in tree_flatten(out)[0]:
             if not isinstance(t, torch.Tensor):
@@ -55,7 +62,7 @@ class LiveTensors(TorchDispatchMode):
             nbytes = storage.nbytes()
             self.live += nbytes
             weakref.finalize(storage, self._freed, key, nbytes)
-        self.peak = max(self.peak, self.live)
+        self.peak = max(self.peak, self.live + copies)
         return out
 
     def _meta_indices(self, x: torch.Tensor, indices):

@@ -12,26 +12,31 @@ clean states, as if accumulated directly).
 
 How it stays lean and fast (DESIGN.md section 3):
 
-- ``WriterStates`` keeps the differences of one forward once, in a single fp32 (W, B, T, D)
-  buffer, filled group by group (embeddings, a layer's heads, a layer's MLP) as the
-  forward runs. A reader group's mix is one GEMM over a contiguous block, ``z @ d[:n]``: no
-  per-layer concatenation, no second pass for the ablated states, and the ablated states
-  themselves are not needed after the forward (the backward uses only ``d``).
+- ``WriterStates`` keeps the differences of one forward once, in a single fp32 buffer, filled
+  group by group (embeddings, a layer's heads, a layer's MLP) as the forward runs. The buffer is
+  position-major, (B, T, W, D): at every position the writers form a (W, D) matrix, and a reader
+  group's mix is one batched product ``z @ d[p, :n]`` over the positions p, whose operands stay in
+  cache. (Writer-major (W, B, T, D) makes it one skinny GEMM with N = B x T x D, which MKL runs
+  2-3x slower on CPU: measured in ``bench/step.py``.) No per-layer concatenation, no second pass
+  for the ablated states, and the ablated states themselves are not needed after the forward
+  (the backward uses only ``d``). A group's output is position-major too, (B, T, R, D), and reaches
+  the families as an (R, B, T, D) view: their norm runs on it whole, and the per-head projections
+  read it with a row stride, so no transpose is ever copied in the forward.
 - Gradients to the states go through a side channel: each write returns an autograd *token* that
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
-  (W, B, T, D) gradient buffer, and a write's backward (which autograd runs only after every mix
-  that read it) hands its rows to the writer's own backward. So states are stored once, never
-  saved per mix, and their gradients accumulate in fp32.
+  gradient buffer laid out like the states, and a write's backward (which autograd runs only after
+  every mix that read it) hands its writers' slice to the writer's own backward. So states are
+  stored once, never saved per mix, and their gradients accumulate in fp32.
 - ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
-  them (one more GEMM), so saved activations stay O(writers x B x T x D).
+  them (one more batched product), so saved activations stay O(writers x B x T x D).
 - dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
   over processes by ``reduce``): the sum does not depend on how a batch is split, so several
   processes on slices of a batch give the masks a single process gives, not merely close ones.
 - The mix accumulates in fp32, over fp32 differences: for half-precision models this buffer is
   twice the size of their states (the ablated states from the reference pass stay in the model's
-  dtype), the price of exact differences and one fp32 GEMM per reader group.
+  dtype), the price of exact differences and one fp32 product per reader group.
 """
 
 from __future__ import annotations
@@ -45,40 +50,51 @@ from .graph import Graph
 
 
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
-    """The mix without autograd: base + z @ diffs. z (R, n) fp32; diffs (n, B, T, D) fp32;
-    base: fp32 broadcastable to (B, T, D) (ablated sum + layer constants) or None. -> (R, B, T, D) fp32."""
-    R, n = z.shape
-    out = (z @ diffs.reshape(n, -1)).view(R, *diffs.shape[1:])
-    return out if base is None else out.add_(base)  # z = 0 gives exactly the base
+    """The mix without autograd: base + z @ diffs, position by position.
+
+    z (R, n) fp32; diffs (P, n, D) fp32 (P = B x T positions, a writer slice of the buffer); base:
+    fp32 (B, T, D), (1, 1, D) or (D,) (ablated sum + layer constants) or None. -> (P, R, D) fp32.
+    """
+    out = torch.bmm(z.expand(diffs.shape[0], *z.shape), diffs)  # one (R, n) x (n, D) product per position
+    if base is None:
+        return out
+    return out.add_(base if base.dim() == 1 else base.reshape(-1, 1, base.shape[-1]))  # z = 0: exactly the base
+
+
+def reader_view(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
+    """A (P, R, D) mix output as the (R, B, T, D) reader inputs the families take (a view, no copy)."""
+    return x.view(B, T, x.shape[1], x.shape[2]).permute(2, 0, 1, 3)
 
 
 class WriterStates:
     """The writer states of one forward, kept once as differences d_w = s_w - s~_w.
 
-    ``buffer``: (W, B, T, D) fp32 (the model's dtype where it only stores states: the reference
-    pass, no ablated states); ``ablated``: the ablated states s~, (W, B, T, D),
-    a broadcastable (W, 1, 1, D) (mean), or None (zero ablation; then d = s). ``write`` stores a
-    writer group at its rows (graph order) and returns its autograd token (None when no gradient
-    flows to it); ``mix`` reads the first n rows. ``grad`` is the fp32 (W, B, T, D) dL/ds buffer
-    the mixes' backward fills (allocated at the first backward). ``seal`` ends the forward: the
+    ``buffer``: (B, T, W, D), position-major (see the module notes); fp32, or the model's dtype
+    where it only stores states (the reference pass: no ablated states). ``states()`` gives it as
+    (W, B, T, D). ``ablated``: the ablated states s~, (W, B, T, D), a broadcastable (W, 1, 1, D)
+    (mean), or None (zero ablation; then d = s). ``write`` stores a writer group at its place in
+    graph order and returns its autograd token (None when no gradient flows to it); ``mix`` reads
+    the first n writers. ``grad`` is the fp32 dL/ds buffer, laid out like ``buffer``, that the mixes'
+    backward fills (allocated, zeroed, at the first backward). ``seal`` ends the forward: the
     ablated states are let go, and later writes (activation checkpointing recomputes layers in the
     backward) leave the buffer as it is, since they would write the same values.
     """
 
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  ablated: torch.Tensor | None = None, reduce=None):
-        self.buffer = torch.empty((n_writers, *shape), dtype=dtype, device=device)
+        B, T, D = shape
+        self.shape = (B, T, D)
+        self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device)
+        self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
-        self.grad: torch.Tensor | None = None
-        self._written = [False] * n_writers  # rows of ``grad`` that hold a value
-        self._pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # (z, dL/dx) not yet in ``grad``
+        self.grad: torch.Tensor | None = None  # (P, W, D)
         self._taken = n_writers  # rows from here on were handed to their writers' backward
         self.sealed = False
         self._sums: dict[int, torch.Tensor | None] = {0: None}  # n -> fp32 sum of s~ over writers < n
 
     def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
-        """Store a (g, B, T, D) writer group at rows start..start+g; its token if gradients flow to it."""
+        """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
         rows = slice(start, start + states.shape[0])
         if torch.is_grad_enabled() and states.requires_grad:
             return _Write.apply(states, self, rows)
@@ -88,18 +104,30 @@ class WriterStates:
     def _store(self, states: torch.Tensor, rows: slice) -> None:
         if self.sealed:
             return
+        target = self.buffer[:, :, rows].permute(2, 0, 1, 3)  # (g, B, T, D) view
         with torch.no_grad():
             if self.ablated is None:
-                self.buffer[rows].copy_(states)
+                target.copy_(states)
             else:  # exact for half-precision states: the difference of two of them fits fp32
-                torch.sub(states.float(), self.ablated[rows].float(), out=self.buffer[rows])
+                torch.sub(states.float(), self.ablated[rows].float(), out=target)
 
     def seal(self) -> None:
         self.sealed, self.ablated = True, None
 
     def states(self, ablated: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
-        """(W, B, T, D) the states themselves in ``dtype``, s = d + s~ (give the ablated states the store had)."""
-        return (self.buffer if ablated is None else self.buffer + ablated.float()).to(dtype)
+        """(W, B, T, D) the states themselves in ``dtype``, s = d + s~ (give the ablated states the store had).
+        Without ablated states and in the buffer's dtype this is a view of the buffer."""
+        view = self.buffer.permute(2, 0, 1, 3)
+        return (view if ablated is None else view + ablated.float()).to(dtype)
+
+    def diffs(self, n: int) -> torch.Tensor:
+        """(P, n, D): the stored differences of writers 0..n-1 at every position."""
+        return self.flat[:, :n]
+
+    def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
+        """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D)."""
+        n = z.shape[1]
+        return reader_view(mix_values(z, self.diffs(n), self.base(n, const)), *self.shape[:2])
 
     def ablated_sum(self, n: int) -> torch.Tensor | None:
         """fp32 sum of the ablated states of writers 0..n-1 ((B, T, D), (1, 1, D) or None for zero)."""
@@ -116,12 +144,15 @@ class WriterStates:
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over the first n = z.shape[1] writers.
 
         z: (R, n) fp32; const: (D,) fp32 layer constants or None; tokens: those of the groups among
-        the n writers. Returns (R, B, T, D) fp32. Gradients flow to z and to the states.
+        the n writers. Returns (R, B, T, D) fp32, a view of a position-major (B, T, R, D) tensor.
+        Gradients flow to z and to the states.
         """
         base = self.base(z.shape[1], const)
         if torch.is_grad_enabled() and (z.requires_grad or tokens):
-            return _Mix.apply(z, self, base, *tokens)
-        return mix_values(z, self.buffer[:z.shape[1]], base)
+            out = _Mix.apply(z, self, base, *tokens)
+        else:
+            out = mix_values(z, self.diffs(z.shape[1]), base)
+        return reader_view(out, *self.shape[:2])
 
     def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
         """What every reader after writer n-1 sees whatever its masks: ablated sum + constants."""
@@ -131,68 +162,37 @@ class WriterStates:
         return const if asum is None else asum + const
 
     def _grad_z(self, grad_out: torch.Tensor, n: int) -> torch.Tensor:
-        """dL/dz (R, n) fp32 from grad_out (R, B*T*D): per example in fp32, summed over examples in fp64."""
-        R, B = grad_out.shape[0], self.buffer.shape[1]
-        go = grad_out.view(R, B, -1).transpose(0, 1)  # (B, R, T*D)
-        d = self.buffer[:n].view(n, B, -1).permute(1, 2, 0)  # (B, T*D, n)
-        total = torch.bmm(go, d).sum(0, dtype=torch.float64)  # (R, n)
+        """dL/dz (R, n) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in fp64."""
+        B, T, _ = self.shape
+        R = grad_out.shape[1]
+        per_position = torch.bmm(grad_out, self.diffs(n).transpose(1, 2))  # (P, R, n)
+        total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
         if self.reduce is not None:
             self.reduce(total)
         return total.float()
 
     def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """grad[:n] += z^T @ grad_out for z (R, n), grad_out (R, B*T*D), in fp32.
-
-        Added lazily, two mixes at a time: backward meets the mixes in reverse order (read-out,
-        MLP l, Q/K/V l, MLP l-1, ...), and an MLP's single reader shares all but a few rows with
-        the Q/K/V readers after it, so one GEMM over both (K = R1 + R2) replaces a pass over
-        ``grad`` that the MLP's rank-one update alone would cost. ``_take_grad`` first adds what is
-        pending for the rows it hands out.
-        """
+        """grad[:, :n] += z^T @ grad_out at every position, for z (R, n), grad_out (P, R, D), in fp32."""
         if z.shape[1] > self._taken:
             raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
                                "not supported: run the forward again")
         if self.grad is None:
-            self.grad = torch.empty(self.buffer.shape, dtype=torch.float32, device=self.buffer.device)
-        self._pending.append((z, grad_out))
-        if len(self._pending) == 2:
-            (z1, g1), (z2, g2) = self._pending  # z1 covers at least the rows of z2 (reverse order)
-            n2 = z2.shape[1]
-            self._pending = []
-            self._accumulate(0, torch.cat([z1[:, :n2], z2]).T, torch.cat([g1, g2]))
-            if z1.shape[1] > n2:
-                self._accumulate(n2, z1[:, n2:].T, g1)
-
-    def _accumulate(self, start: int, zt: torch.Tensor, go: torch.Tensor) -> None:
-        """grad[start:start + len(zt)] += zt @ go, writing instead of adding where rows are still empty."""
-        row = start
-        while row < start + zt.shape[0]:
-            written = self._written[row]
-            stop = row
-            while stop < start + zt.shape[0] and self._written[stop] == written:
-                stop += 1
-            target = self.grad[row:stop].view(stop - row, -1)
-            part = zt[row - start:stop - start]
-            if written:
-                target.addmm_(part, go)
-            else:
-                torch.mm(part, go, out=target)
-                self._written[row:stop] = [True] * (stop - row)
-            row = stop
+            self.grad = torch.zeros(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
+        k = z.shape[1]
+        rows = z.T.expand(grad_out.shape[0], k, z.shape[0])
+        if z.shape[0] > 1:  # in place, one small (n, R) x (R, D) product per position
+            self.grad[:, :k].baddbmm_(rows, grad_out)
+        else:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply-add
+            self.grad[:, :k].addcmul_(z[0][None, :, None], grad_out)
 
     def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
-        """The finished gradient of ``rows`` (no mix adds to them any more) in ``dtype``."""
+        """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in ``dtype``."""
         self._taken = min(self._taken, rows.start)
-        kept = []
-        for z, go in self._pending:  # add what is pending for these rows (and any above them)
-            if z.shape[1] > rows.start:
-                self._accumulate(rows.start, z[:, rows.start:].T, go)
-                z = z[:, :rows.start]
-            kept.append((z, go))
-        self._pending = kept
-        if not any(self._written[rows]):
+        if self.grad is None:
             return None
-        return self.grad[rows].to(dtype)
+        B, T, _ = self.shape
+        grad = self.grad[:, rows].view(B, T, rows.stop - rows.start, -1).permute(2, 0, 1, 3)
+        return grad.to(dtype=dtype, memory_format=torch.contiguous_format)
 
 
 class _Write(torch.autograd.Function):
@@ -214,15 +214,15 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, z, store, base, *tokens):
         ctx.save_for_backward(z)
         ctx.store = store
-        return mix_values(z, store.buffer[:z.shape[1]], base)
+        return mix_values(z, store.diffs(z.shape[1]), base)  # (P, R, D)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         (z,) = ctx.saved_tensors
         store = ctx.store
-        R, n = z.shape
-        go = grad_out.reshape(R, -1)
+        n = z.shape[1]
+        go = grad_out.contiguous()  # (P, R, D)
         grad_z = store._grad_z(go, n) if ctx.needs_input_grad[0] else None
         n_tokens = len(ctx.needs_input_grad) - 3
         if n_tokens:

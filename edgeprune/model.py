@@ -27,7 +27,7 @@ from torch import nn
 from .checkpointing import LayerRunner
 from .graph import Graph
 from .masks import HardConcreteMasks
-from .mixing import WriterStates, dense_masks, mix_values, recompute_saved
+from .mixing import WriterStates, dense_masks, recompute_saved
 from .models import Family, family_for
 
 ABLATIONS = ("interchange", "zero", "mean")
@@ -280,7 +280,7 @@ class EdgeModel(nn.Module):
             for layer in range(graph.spec.n_layers):
                 resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep)
             logits = self._readout(resid, select, ctx)
-            return EdgeOutput(logits=logits, states=None if store is None else store.buffer)
+            return EdgeOutput(logits=logits, states=None if store is None else store.states(None, emb.dtype))
 
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
@@ -320,7 +320,7 @@ class EdgeModel(nn.Module):
         """One layer of the unmasked model on the fp32 residual stream (B, T, D); the states of batch
         rows ``keep`` go to ``store`` (if any)."""
         fam, starts = self.family, self._writer_starts[layer]
-        heads = fam.attention(layer, resid[None], resid[None], resid[None], ctx)  # (H, B, T, D)
+        heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
         if store is not None:
             store.write(heads[:, keep], starts[0])
         resid = resid + heads.float().sum(0)
@@ -340,12 +340,12 @@ class EdgeModel(nn.Module):
         Returns the layer constants so far and the tokens of the groups it wrote.
         """
         fam, starts = self.family, self._writer_starts[layer]
-        q_blk, k_blk, v_blk = blocks[:3]
+        q_blk, v_blk = blocks[0], blocks[2]
         tokens = list(tokens)
         group = slice(q_blk.start, v_blk.stop)
         x = self._reader_input(z, group, store, base, tokens)  # (Q + K + V readers, B, T, D) fp32
         with self._recompute(x, z, group, store, base):
-            heads = fam.attention(layer, *x.split([q_blk.size, k_blk.size, v_blk.size]), ctx)  # (H, B, T, D)
+            heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x
         new = [store.write(heads, starts[0])]
         const = fam.attn_constant(layer)
@@ -372,4 +372,4 @@ class EdgeModel(nn.Module):
             return contextlib.nullcontext()
         n_w = self.graph.n_writers_before[rows.start]
         z_rows = z[rows, :n_w].detach()
-        return recompute_saved(x, lambda: mix_values(z_rows, store.buffer[:n_w], store.base(n_w, const)))
+        return recompute_saved(x, lambda: store.rebuild(z_rows, const))

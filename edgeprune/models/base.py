@@ -50,10 +50,19 @@ class Family(nn.Module):
         """(E, B, T, D) embedding writer states."""
         raise NotImplementedError
 
-    def attention(self, layer: int, q_in: torch.Tensor, k_in: torch.Tensor, v_in: torch.Tensor,
-                  ctx: Context) -> torch.Tensor:
-        """Per-head outputs (H, B, T, D) from (H|1, B, T, D) / (G|1, B, T, D) fp32 reader inputs."""
+    def attention(self, layer: int, x: torch.Tensor, ctx: Context) -> torch.Tensor:
+        """Per-head outputs (H, B, T, D) from fp32 reader inputs x: (1, B, T, D) when every Q/K/V
+        reader sees the same input (the full model), else (H + 2 G, B, T, D), one per reader in graph
+        order (Q heads, K, V; ``split_readers``). The whole of x goes through the norm at once: it is a
+        view of the mix's position-major output, and its Q/K/V parts alone are not dense."""
         raise NotImplementedError
+
+    def split_readers(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The Q, K and V reader inputs of ``attention``'s x (views)."""
+        if x.shape[0] == 1:
+            return x, x, x
+        spec = self.spec
+        return tuple(x.split([spec.n_heads, spec.kv_heads, spec.kv_heads]))
 
     def attn_constant(self, layer: int) -> torch.Tensor | None:
         """(D,) output-projection bias of the layer (not split across heads), or None."""

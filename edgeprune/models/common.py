@@ -48,10 +48,25 @@ class Context:
 
 
 def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype) -> torch.Tensor:
-    """LayerNorm of an fp32 mix with the module's weights, in fp32, cast to ``dtype``."""
+    """LayerNorm of an fp32 mix with the module's weights, in fp32, cast to ``dtype``.
+
+    Reader inputs are (R, B, T, D) views of position-major (B, T, R, D) mixes (``mixing``); the norm
+    runs on that dense layout (it is per row of D) and the result is viewed back, so no copy is made.
+    """
     w = None if norm.weight is None else norm.weight.float()
     b = None if norm.bias is None else norm.bias.float()
-    return F.layer_norm(x.float(), norm.normalized_shape, w, b, norm.eps).to(dtype)
+    dense, order = _dense(x.float())
+    out = F.layer_norm(dense, norm.normalized_shape, w, b, norm.eps).to(dtype)
+    return out if order is None else out.permute(*[order.index(i) for i in range(len(order))])
+
+
+def _dense(x: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
+    """x as a contiguous permuted view with the last dim kept last, and the permutation (None: x itself)."""
+    if x.is_contiguous():
+        return x, None
+    order = sorted(range(x.dim() - 1), key=lambda i: -x.stride(i)) + [x.dim() - 1]
+    dense = x.permute(*order)
+    return (dense, order) if dense.is_contiguous() else (x.contiguous(), None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:

@@ -39,20 +39,14 @@ class GPT2Family(Family):
         pos = self.body.wpe(ctx.position_ids).expand_as(tok)
         return torch.stack([tok, pos])  # (2, B, T, D)
 
-    def attention(self, layer, q_in, k_in, v_in, ctx):
+    def attention(self, layer, x, ctx):
         block = self.body.h[layer]
         attn, D, H = block.attn, self.d_model, self.n_heads
         w, b = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: (D, 3D), input-major
-        normed = {}
-
-        def norm(x):  # Q, K and V often share one input (full model): normalise it once
-            if id(x) not in normed:
-                normed[id(x)] = layer_norm(x, block.ln_1, ctx.dtype)
-            return normed[id(x)]
-
-        q = project(norm(q_in), w[:, :D], b[:D], H)
-        k = project(norm(k_in), w[:, D:2 * D], b[D:2 * D], H)
-        v = project(norm(v_in), w[:, 2 * D:], b[2 * D:], H)
+        q_in, k_in, v_in = self.split_readers(layer_norm(x, block.ln_1, ctx.dtype))  # every reader: ln_1
+        q = project(q_in, w[:, :D], b[:D], H)
+        k = project(k_in, w[:, D:2 * D], b[D:2 * D], H)
+        v = project(v_in, w[:, 2 * D:], b[2 * D:], H)
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
         return head_outputs(out, attn.c_proj.weight)  # (H, B, T, D)
 

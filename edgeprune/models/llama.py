@@ -49,18 +49,13 @@ class LlamaFamily(Family):
     def _norm(self, x, norm, ctx):
         return rms_norm(x, norm.weight, norm.variance_epsilon, ctx.dtype)
 
-    def attention(self, layer, q_in, k_in, v_in, ctx):
+    def attention(self, layer, x, ctx):
         block = self.body.layers[layer]
         attn = block.self_attn
-        normed = {}
-
-        def norm(x):  # Q, K and V share one input in the full model: normalise it once
-            if id(x) not in normed:
-                normed[id(x)] = self._norm(x, block.input_layernorm, ctx)
-            return normed[id(x)]
+        q_in, k_in, v_in = self.split_readers(self._norm(x, block.input_layernorm, ctx))  # one norm for all
 
         def proj(x, lin, n):
-            return project(norm(x), lin.weight.t(), lin.bias, n)
+            return project(x, lin.weight.t(), lin.bias, n)
 
         q = proj(q_in, attn.q_proj, self.n_heads)  # (B, H, T, dh)
         k = proj(k_in, attn.k_proj, self.n_kv)  # (B, G, T, dh)

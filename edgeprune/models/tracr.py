@@ -507,8 +507,9 @@ class TracrFamily(Family):
         pos = self.hf.pos_embed.W_pos[ctx.position_ids].expand_as(tok)
         return torch.stack([tok, pos])  # (2, B, T, D)
 
-    def attention(self, layer, q_in, k_in, v_in, ctx):
+    def attention(self, layer, x, ctx):
         a, H, D = self.hf.blocks[layer].attn, self.cfg.n_heads, self.cfg.d_model
+        q_in, k_in, v_in = self.split_readers(x)  # no norm in Tracr models
 
         def proj(x, w, b):  # (R, B, T, D) fp32 mix -> (B, H, T, dk)
             return project(x.to(ctx.dtype), w.transpose(0, 1).reshape(D, -1), b.reshape(-1), H)
