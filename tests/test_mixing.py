@@ -113,3 +113,28 @@ def test_gradients_do_not_depend_on_how_the_batch_is_split():
     partial = iter(first_half)
     halves = grad(slice(2, 4), lambda t: t.add_(next(partial)))
     assert torch.equal(whole, halves)
+
+
+@pytest.mark.parametrize("sizes", [(4, 4, 4), (4, 2, 2)])
+def test_group_projection_matches_plain_projections(sizes):
+    """project_group on a position-major view gives the outputs and input gradient of the plain
+    per-reader projections (the gradient comes back position-major, no copy)."""
+    from edgeprune.models.common import project, project_group
+
+    gen = torch.Generator().manual_seed(3)
+    B, T, D, dh = 2, 5, 16, 4
+    R = sum(sizes)
+    dense = torch.randn(B, T, R, D, generator=gen)
+    projections = [(torch.randn(D, n * dh, generator=gen), torch.randn(n * dh, generator=gen), n) for n in sizes]
+    ups = [torch.randn(B, n, T, dh, generator=gen) for n in sizes]
+
+    x = dense.clone().requires_grad_(True)
+    outs = project_group(x.permute(2, 0, 1, 3), projections)
+    sum((o * u).sum() for o, u in zip(outs, ups)).backward()
+
+    ref_x = dense.permute(2, 0, 1, 3).contiguous().requires_grad_(True)
+    ref_outs = [project(part, w, b, n) for part, (w, b, n) in zip(ref_x.split(list(sizes)), projections)]
+    sum((o * u).sum() for o, u in zip(ref_outs, ups)).backward()
+    for o, r in zip(outs, ref_outs):
+        assert torch.allclose(o, r, atol=1e-5)
+    assert torch.allclose(x.grad.permute(2, 0, 1, 3), ref_x.grad, atol=1e-5)

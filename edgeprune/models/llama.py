@@ -14,7 +14,7 @@ import torch
 
 from ..graph import GraphSpec
 from .base import Family
-from .common import attention, head_outputs, project, rms_norm
+from .common import attention, head_outputs, project_group, rms_norm
 
 
 class LlamaFamily(Family):
@@ -52,14 +52,10 @@ class LlamaFamily(Family):
     def attention(self, layer, x, ctx):
         block = self.body.layers[layer]
         attn = block.self_attn
-        q_in, k_in, v_in = self.split_readers(self._norm(x, block.input_layernorm, ctx))  # one norm for all
-
-        def proj(x, lin, n):
-            return project(x, lin.weight.t(), lin.bias, n)
-
-        q = proj(q_in, attn.q_proj, self.n_heads)  # (B, H, T, dh)
-        k = proj(k_in, attn.k_proj, self.n_kv)  # (B, G, T, dh)
-        v = proj(v_in, attn.v_proj, self.n_kv)
+        normed = self._norm(x, block.input_layernorm, ctx)  # every Q/K/V reader: input_layernorm
+        q, k, v = project_group(normed, [(lin.weight.t(), lin.bias, n) for lin, n in
+                                         ((attn.q_proj, self.n_heads), (attn.k_proj, self.n_kv),
+                                          (attn.v_proj, self.n_kv))])  # (B, H|G, T, dh)
         cos, sin = ctx.extra["rotary"]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         window = getattr(attn, "sliding_window", None)
