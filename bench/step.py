@@ -92,6 +92,7 @@ def count_flops(kind: str, shape: tuple[int, int], args) -> dict:
     B, T = shape
     hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"))
     model = EdgeModel.from_hf(hf).train()
+    model.activation_checkpointing = args.checkpointing  # its recomputation counts too
     batch = SyntheticBatch(B, T, 1, torch.device("meta"))
     out = {}
     with LiveTensors(selected_rows=B):  # answers the loss mask's row count on meta
