@@ -35,9 +35,8 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig
+from .experiment import DTYPES, split_path
 from .memtrace import LiveTensors
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # Architectures users prune most, so that `estimate` works offline for them. Values are those of the
 # models' published config.json files (only what shapes the model).
@@ -187,9 +186,7 @@ def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "k
             del total, fit, logits, ref
     finally:
         for masks, gen in generators:
-            masks.generator = gen
-        for masks, _ in generators:
-            masks.log_alpha.grad = None
+            masks.generator, masks.log_alpha.grad = gen, None
         model.eval()
     return mem.peak
 
@@ -250,14 +247,20 @@ class Report:
 
 
 def _train_examples(cfg: ExperimentConfig) -> int | None:
-    """How many training examples the config's data has, if it is a readable JSONL file or directory."""
-    path = Path(cfg.data.path)
-    if path.is_dir():
-        path = path / f"{cfg.data.train_split}.jsonl"
-    if not path.is_file():
+    """How many training examples the config's data has (None where the data is not there): the lines
+    of the split's file in a directory, or the lines of a single JSONL file that belong to the split."""
+    from .tasks.jsonl import DEFAULT_SPLIT
+
+    try:
+        path = split_path(cfg.data, cfg.data.train_split)
+    except FileNotFoundError:
         return None
     with open(path) as fh:
-        return sum(1 for line in fh if line.strip())
+        lines = [line for line in fh if line.strip()]
+    if Path(cfg.data.path).is_dir():
+        return len(lines)
+    split = cfg.data.train_split
+    return sum(1 for line in lines if json.loads(line).get("split", DEFAULT_SPLIT) == split)
 
 
 def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int | None = None,

@@ -179,9 +179,8 @@ class WriterStates:
         if self.grad is None:
             self.grad = torch.zeros(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
         k = z.shape[1]
-        rows = z.T.expand(grad_out.shape[0], k, z.shape[0])
         if z.shape[0] > 1:  # in place, one small (n, R) x (R, D) product per position
-            self.grad[:, :k].baddbmm_(rows, grad_out)
+            self.grad[:, :k].baddbmm_(z.T.expand(grad_out.shape[0], k, z.shape[0]), grad_out)
         else:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply-add
             self.grad[:, :k].addcmul_(z[0][None, :, None], grad_out)
 

@@ -156,3 +156,15 @@ def test_cli_estimate_errors(tmp_path, capsys):
     assert main(["estimate", str(config), "--model", str(bad)]) == 2
     assert "bad.json" in capsys.readouterr().err
     assert main(["estimate", str(config), "--gpus", "0"]) == 2
+
+
+def test_cache_counts_only_the_training_split_of_a_single_jsonl(tmp_path):
+    from edgeprune.estimate import _train_examples
+
+    data = tmp_path / "task.jsonl"
+    lines = [{"clean": "a b", "corrupted": "c d"}, {"clean": "a b", "corrupted": "c d", "split": "train"},
+             {"clean": "a b", "corrupted": "c d", "split": "test"}]
+    data.write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    config = _config(tmp_path, data={"path": str(data)})
+    assert _train_examples(load_config(config)) == 2  # no "split" field means train
+    assert _train_examples(load_config(_config(tmp_path, data={"path": str(tmp_path / "missing")}))) is None
