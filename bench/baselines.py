@@ -41,9 +41,10 @@ SETTINGS = {
 def write_config(out: Path, s: dict, device: str) -> Path:
     """The shipped stories config with paths made absolute and the bench's settings."""
     cfg = yaml.safe_load((ROOT / "configs" / "stories_names.yaml").read_text())
-    cfg["model"]["name_or_path"] = str((ROOT / cfg["model"]["name_or_path"]).resolve())
+    configs = ROOT / "configs"  # its relative paths are from its own directory
+    cfg["model"]["name_or_path"] = str((configs / cfg["model"]["name_or_path"]).resolve())
     cfg["model"]["device"] = device
-    cfg["data"]["path"] = str((ROOT / cfg["data"]["path"]).resolve())
+    cfg["data"]["path"] = str((configs / cfg["data"]["path"]).resolve())
     cfg["prune"].update(steps=s["steps"], warmup_steps=s["warmup"], batch_size=s["batch_size"])
     cfg["run"].update(eval_every=0, save_every=0, eval_batches=s["eval_batches"], output_dir=str(out / "ep"))
     path = out / "config.yaml"

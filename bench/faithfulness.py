@@ -1,11 +1,13 @@
 """How close is the edge-masked model (all masks 1) to HF's own forward, per family and dtype?
 
-    python bench/faithfulness.py            # GPT-2-small-size and a Llama GQA config, random weights
+    python bench/faithfulness.py            # GPT-2-small-size, Llama GQA, Gemma(-2/3), OLMo-2, Pythia, Phi-3,
+                                            # Qwen3, Llama-3 rope, Mistral configs, random weights
     python bench/faithfulness.py --small    # tiny configs (seconds)
 
 Prints max/mean |logit difference| against HF fp32 for: our fp32 and bf16 forwards, HF's own bf16
-forward (the bf16 noise floor) and HF eager vs sdpa attention in fp32 (the fp32 noise floor).
-Weights are random with non-zero biases and non-unit norm weights.
+forward (the bf16 noise floor) and HF eager vs sdpa attention in fp32 (the fp32 noise floor; not for
+Gemma-2, whose only HF attention here is eager, for its soft-cap). Weights are random with non-zero
+biases and non-unit norm weights (Gemma's norms scale by 1 + w: its weights are centred at 0).
 """
 
 from __future__ import annotations
@@ -15,17 +17,22 @@ import copy
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (GPTNeoXConfig, GPTNeoXForCausalLM, MistralConfig, MistralForCausalLM, Phi3Config,
+                          Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GemmaConfig,
+                          GemmaForCausalLM, Olmo2Config, Olmo2ForCausalLM)
 
 from edgeprune import EdgeModel
 
 
 def randomize(model, seed=0):
     gen = torch.Generator().manual_seed(seed)
+    norm_center = 0.0 if type(model).__name__.startswith("Gemma") else 1.0  # Gemma: (1 + w) norms
     with torch.no_grad():
         for name, p in model.named_parameters():
             noise = torch.randn(p.shape, generator=gen)
             if p.dim() == 1 and ("ln" in name or "norm" in name) and name.endswith("weight"):
-                p.copy_(1.0 + 0.2 * noise)
+                p.copy_(norm_center + 0.2 * noise)
             elif p.dim() == 1:
                 p.copy_(0.1 * noise)
             else:
@@ -42,6 +49,11 @@ def configs(small: bool):
         yield "qwen2", Qwen2ForCausalLM, Qwen2Config(num_hidden_layers=2, num_attention_heads=4,
                                                      num_key_value_heads=2, hidden_size=64,
                                                      intermediate_size=128, vocab_size=512)
+        yield from _gemma_olmo(dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64,
+                                    head_dim=16, intermediate_size=128, vocab_size=512), window=5)
+        yield from _pythia_phi3_qwen3(dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                           hidden_size=64, intermediate_size=128, vocab_size=512),
+                                      head_dim=16, window=5)
         return
     yield "gpt2-small", GPT2LMHeadModel, GPT2Config()
     yield "llama-gqa", LlamaForCausalLM, LlamaConfig(num_hidden_layers=8, num_attention_heads=16,
@@ -50,6 +62,39 @@ def configs(small: bool):
     yield "qwen2", Qwen2ForCausalLM, Qwen2Config(num_hidden_layers=8, num_attention_heads=16,
                                                  num_key_value_heads=4, hidden_size=1024,
                                                  intermediate_size=2816, vocab_size=32000)
+    yield from _gemma_olmo(dict(num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4, hidden_size=1024,
+                                head_dim=64, intermediate_size=2816, vocab_size=32000), window=16)
+    yield from _pythia_phi3_qwen3(dict(num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=4,
+                                       hidden_size=1024, intermediate_size=2816, vocab_size=32000),
+                                  head_dim=64, window=16)
+
+
+def _pythia_phi3_qwen3(shape: dict, head_dim: int, window: int):
+    """Pythia (parallel residual, partial rotary), Phi-3 (fused projections), Qwen3 (q/k norms, one
+    sliding-window layer), Llama-3.x rotary scaling and Mistral's sliding window, of one shape; the
+    windows are shorter than the default sequence."""
+    neox = {k: v for k, v in shape.items() if k != "num_key_value_heads"}
+    yield "pythia", GPTNeoXForCausalLM, GPTNeoXConfig(**neox, rotary_pct=0.25, use_parallel_residual=True,
+                                                      bos_token_id=0, eos_token_id=0)
+    yield "phi3", Phi3ForCausalLM, Phi3Config(**shape, partial_rotary_factor=0.5, sliding_window=window,
+                                              pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    yield "qwen3", Qwen3ForCausalLM, Qwen3Config(**shape, head_dim=head_dim, use_sliding_window=True,
+                                                 sliding_window=window, max_window_layers=1)
+    yield "llama3-rope", LlamaForCausalLM, LlamaConfig(**shape, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8})
+    yield "mistral", MistralForCausalLM, MistralConfig(**shape, sliding_window=window)
+
+
+def _gemma_olmo(shape: dict, window: int):
+    """Gemma, Gemma-2 (soft-caps on, alternating sliding-window layers), Gemma-3 (q/k norms, local rotary
+    base) and OLMo-2 of one shape; the window is shorter than the default sequence."""
+    yield "gemma", GemmaForCausalLM, GemmaConfig(**shape)
+    yield "gemma2", Gemma2ForCausalLM, Gemma2Config(**shape, sliding_window=window, query_pre_attn_scalar=64,
+                                                    attn_logit_softcapping=50.0, final_logit_softcapping=30.0)
+    yield "gemma3", Gemma3ForCausalLM, Gemma3TextConfig(**shape, sliding_window=window, query_pre_attn_scalar=64,
+                                                        sliding_window_pattern=2)
+    yield "olmo2", Olmo2ForCausalLM, Olmo2Config(**shape, tie_word_embeddings=False)
 
 
 def stats(x, ref):
@@ -72,9 +117,10 @@ def main():
         corrupted = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
         with torch.no_grad():
             ref = hf32(ids).logits
-            eager = copy.deepcopy(hf32)
-            eager.config._attn_implementation = "eager"
-            rows.append((name, "HF eager vs sdpa", "fp32", *stats(eager(ids).logits, ref)))
+            if hf32.config._attn_implementation != "eager":
+                eager = copy.deepcopy(hf32)
+                eager.config._attn_implementation = "eager"
+                rows.append((name, "HF eager vs sdpa", "fp32", *stats(eager(ids).logits, ref)))
             rows.append((name, "edgeprune", "fp32",
                          *stats(EdgeModel.from_hf(hf32)(ids, corrupted_input_ids=corrupted).logits, ref)))
             hf16 = copy.deepcopy(hf32).to(torch.bfloat16)

@@ -6,7 +6,12 @@
 
 Models are random-init at realistic size (nothing is downloaded): ``gpt2`` is GPT-2 small
 (12 layers, 12 heads, d 768, vocab 50257); ``llama`` a Llama of similar size with grouped-query
-attention (12 layers, 12 query / 4 KV heads, d 768, MLP 2048, vocab 32000).
+attention (12 layers, 12 query / 4 KV heads, d 768, MLP 2048, vocab 32000); ``pythia`` Pythia-160M
+(12 layers, 12 heads, d 768, MLP 3072, vocab 50304, parallel residual, rotary on a quarter of each
+head); ``qwen3`` the Llama shape with Qwen3's per-head q/k norms (head_dim 64); ``phi3`` the Llama
+shape with Phi-3's fused qkv_proj / gate_up_proj, 12 KV heads (multi-head, as Phi-3-mini), vocab 32064;
+``gemma2`` the Llama shape as Gemma-2 (head_dim 64, post-norms, attention and final-logit soft-caps,
+alternating sliding-window layers of window 4096, tied embeddings).
 
 Time: in one process, the medians over ``--repeats`` of (a) a full pruning step as ``edgeprune
 prune`` runs it (reference + corrupted pass, masked forward with sampled masks and the loss,
@@ -58,10 +63,12 @@ from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
 from edgeprune.prune import lagrangian  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MODELS = ("gpt2", "llama", "pythia", "qwen3", "phi3", "gemma2")
 
 
 def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.device):
-    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+    from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
+                              LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -73,8 +80,28 @@ def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.de
         cfg, cls = LlamaConfig(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
                                hidden_size=768, intermediate_size=2048, vocab_size=32000,
                                max_position_embeddings=1024, tie_word_embeddings=False), LlamaForCausalLM
+    elif kind == "pythia":  # Pythia-160M
+        cfg, cls = GPTNeoXConfig(num_hidden_layers=layers or 12, num_attention_heads=12, hidden_size=768,
+                                 intermediate_size=3072, vocab_size=50304, max_position_embeddings=2048,
+                                 rotary_pct=0.25, use_parallel_residual=True, tie_word_embeddings=False), \
+            GPTNeoXForCausalLM
+    elif kind == "qwen3":
+        cfg, cls = Qwen3Config(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
+                               head_dim=64, hidden_size=768, intermediate_size=2048, vocab_size=32000,
+                               max_position_embeddings=1024, tie_word_embeddings=False), Qwen3ForCausalLM
+    elif kind == "phi3":  # multi-head like Phi-3-mini
+        cfg, cls = Phi3Config(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=12,
+                              hidden_size=768, intermediate_size=2048, vocab_size=32064, max_position_embeddings=1024,
+                              pad_token_id=None, bos_token_id=None, eos_token_id=None,
+                              tie_word_embeddings=False), Phi3ForCausalLM
+    elif kind == "gemma2":  # soft-capped attention: explicit scores (common.softcap_attention), HF eager
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+        cfg, cls = Gemma2Config(num_hidden_layers=layers or 12, num_attention_heads=12, num_key_value_heads=4,
+                                head_dim=64, hidden_size=768, intermediate_size=2048, vocab_size=32000,
+                                max_position_embeddings=1024, query_pre_attn_scalar=64, sliding_window=4096,
+                                attn_logit_softcapping=50.0, final_logit_softcapping=30.0), Gemma2ForCausalLM
     else:
-        raise ValueError(f"unknown model {kind!r} (gpt2 or llama)")
+        raise ValueError(f"unknown model {kind!r} ({', '.join(MODELS)})")
     with torch.device("meta" if device.type == "meta" else "cpu"):  # meta: no weights (the estimate)
         model = cls(cfg)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
@@ -300,7 +327,7 @@ def parse_shape(text: str) -> tuple[int, int]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="gpt2,llama", help="comma-separated: gpt2, llama")
+    parser.add_argument("--models", default="gpt2,llama", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--shapes", default="8x32,32x64", help="comma-separated BxT")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=1)

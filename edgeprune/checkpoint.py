@@ -73,6 +73,41 @@ def save_checkpoint(state: dict, directory: str | Path) -> Path:
     return directory
 
 
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.float16: "F16", torch.bfloat16: "BF16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> Path:
+    """A safetensors file with its header written in sorted key order, atomically (temporary file +
+    rename), so that identical inputs give byte-identical files (``safetensors.save_file`` writes
+    the metadata in a varying order). Readable by ``safetensors.safe_open`` / ``load_file``."""
+    import os
+    import struct
+
+    path = Path(path)
+    header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
+    blobs, offset = [], 0
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise TypeError(f"write_safetensors: {name} has unsupported dtype {t.dtype}")
+        data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format aligns the data to 8 bytes
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)
+    os.replace(tmp, path)
+    return path
+
+
 def find_checkpoint(directory: str | Path) -> Path | None:
     """The checkpoint directory to resume from (or its previous copy if a swap was interrupted)."""
     directory = Path(directory)

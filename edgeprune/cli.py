@@ -13,25 +13,57 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
+
+
+def _positive(flag: str, value, minimum: int = 1):
+    """Refuse a numeric command-line value below ``minimum`` (None passes: the default applies)."""
+    if value is not None and value < minimum:
+        raise ValueError(f"{flag}: must be at least {minimum}, got {value}")
+    return value
+
+
+def _quiet_hf(progress: bool) -> None:
+    """Without progress bars, HF's own ('Loading weights', downloads) go too."""
+    if not progress:
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+        import huggingface_hub.utils as hub_utils
+        hub_utils.disable_progress_bars()
 
 
 def _prune(args) -> int:
     from .config import apply_overrides, load_config
     from .prune import prune
 
+    _quiet_hf(not args.no_progress)
     cfg = load_config(args.config)
-    shortcuts = {"model.name_or_path": args.model, "prune.steps": args.steps, "run.output_dir": args.output_dir,
-                 "run.seed": args.seed, "model.device": args.device, "data.path": args.data}
-    overrides = [f"{k}={v}" for k, v in shortcuts.items() if v is not None]
-    apply_overrides(cfg, overrides + (args.set or []))
+    shortcuts = {"--model": ("model.name_or_path", args.model), "--steps": ("prune.steps", args.steps),
+                 "--output-dir": ("run.output_dir", args.output_dir), "--seed": ("run.seed", args.seed),
+                 "--device": ("model.device", args.device), "--data": ("data.path", args.data)}
+    for flag, (key, value) in shortcuts.items():
+        if value is not None:
+            apply_overrides(cfg, [f"{key}={value}"], source=f"command line ({flag})")
+    apply_overrides(cfg, args.set or [], source="command line (--set)")
     if args.wandb:
         cfg.run.wandb = True
-    cfg.validate(args.config)
-    if args.steps is not None and cfg.prune.warmup_steps > cfg.prune.steps:
+    if args.steps is not None and args.steps >= 1 and cfg.prune.warmup_steps > cfg.prune.steps:
         cfg.prune.warmup_steps = cfg.prune.steps  # a short run still reaches its target
-    result = prune(cfg, resume=args.resume, progress=not args.no_progress)
+    cfg.validate(args.config)
+    if args.check:
+        from .hub import check_exists
+        from .prune import run_dir_plan
+        check_exists(cfg.model.name_or_path, "model")
+        if cfg.data.path != "tracr" and not Path(cfg.data.path).exists():
+            raise FileNotFoundError(f"data.path {cfg.data.path}: no such file or directory")
+        run_dir_plan(Path(cfg.run.output_dir), resume=args.resume, overwrite=args.overwrite,
+                     resume_or_start=args.resume_or_start)
+        print(f"ok: {args.config} is valid and {cfg.run.output_dir} can be written")
+        return 0
+    result = prune(cfg, resume=args.resume, overwrite=args.overwrite, resume_or_start=args.resume_or_start,
+                   progress=not args.no_progress)
     if not result.main_process:  # torchrun: rank 0 reports
         return 0
     print(f"run directory: {result.output_dir}")
@@ -40,7 +72,7 @@ def _prune(args) -> int:
     return 0
 
 
-def _circuit_for_run(run_dir: Path, model, edges_file: str | None):
+def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_model: bool = False):
     """The circuit to evaluate: a given edges.json, else the run's masks binarised."""
     from .circuit import edges_to_mask, extract_circuit, remove_dangling
     from .draw import load_edges
@@ -48,16 +80,17 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None):
 
     if edges_file:
         edges = load_edges(edges_file)
-        kept = edges_to_mask(model.graph, edges)
+        try:
+            kept = edges_to_mask(model.graph, edges)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{edges_file}: {err.args[0] if err.args else err}") from None
         counts = {"total_edges": model.graph.num_edges, "edges": int(kept.sum()),
                   "edges_after_dangling": int(remove_dangling(model.graph, kept).sum()),
                   "edge_sparsity": 1.0 - int(kept.sum()) / model.graph.num_edges}
         return edges, {"source": str(edges_file), "counts": counts}
-    edge_la, node_la, fingerprint = load_masks(run_dir)
-    if edge_la.numel() != model.graph.num_edges:
-        raise ValueError(f"{run_dir}: masks have {edge_la.numel()} edges but the model's graph has "
-                         f"{model.graph.num_edges} ({model.graph.describe()})")
-    circuit = extract_circuit(model.graph, edge_la, node_la)
+    masks = load_masks(run_dir)
+    masks.check_model(model, allow_other_model)
+    circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
     return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
 
 
@@ -74,20 +107,21 @@ def _load_run(run_dir: Path, overrides: list[str]):
 
 def _eval(args) -> int:
     from .eval import evaluate, format_table
-    from .experiment import load_model, load_split
-    from .prune import _task_metric
+    from .experiment import load_model, load_split, task_metric
     from .tasks.jsonl import batches
 
+    _positive("--batch-size", args.batch_size)
+    _quiet_hf(not args.no_progress)
     run_dir = Path(args.run_dir)
     cfg = _load_run(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
     model = load_model(cfg.model)
-    edges, info = _circuit_for_run(run_dir, model, args.edges)
+    edges, info = _circuit_for_run(run_dir, model, args.edges, args.allow_other_model)
     model.set_edges(edges)
     data = load_split(cfg.data, model, args.split)
     bs = args.batch_size or cfg.prune.batch_size
     metrics = evaluate(model, batches(data.examples, bs, data.pad_token_id), loss=cfg.data.loss,
-                       task_metric=_task_metric(cfg, model), progress=not args.no_progress,
-                       output_scale=cfg.data.output_scale)
+                       task_metric=task_metric(cfg.data, model), progress=not args.no_progress,
+                       output_scale=cfg.data.output_scale, total=-(-len(data.examples) // bs))
     result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
     out = Path(args.output) if args.output else (
         run_dir / "metrics.json" if not args.edges else run_dir / f"metrics_{Path(args.edges).stem}.json")
@@ -111,9 +145,11 @@ def _export(args) -> int:
 
 
 def _draw(args) -> int:
-    from .draw import draw_circuit, load_edges
+    from .draw import draw_circuit, heads_per_group_of, load_edges
 
-    path = draw_circuit(load_edges(args.edges), args.output, title=args.title)
+    _positive("--heads-per-group", args.heads_per_group)
+    group = args.heads_per_group or heads_per_group_of(args.edges)
+    path = draw_circuit(load_edges(args.edges), args.output, title=args.title, heads_per_group=group)
     print(f"written: {path}")
     return 0
 
@@ -128,14 +164,22 @@ def _estimate(args) -> int:
     from .config import apply_overrides, load_config
     from .estimate import estimate, format_report
 
+    for flag, value in (("--seq-len", args.seq_len), ("--loss-positions", args.loss_positions),
+                        ("--examples", args.examples)):
+        _positive(flag, value)
     cfg = load_config(args.config)
-    apply_overrides(cfg, ([f"model.name_or_path={args.model}"] if args.model else []) + (args.set or []))
+    if args.model:
+        apply_overrides(cfg, [f"model.name_or_path={args.model}"], source="command line (--model)")
+    apply_overrides(cfg, args.set or [], source="command line (--set)")
     cfg.validate(args.config)
     try:
         gpus = [int(n) for n in args.gpus.split(",")]
+        if any(n < 1 for n in gpus):
+            raise ValueError
     except ValueError:
         raise ValueError(f"--gpus: expected comma-separated GPU counts like 1,2,8, got {args.gpus!r}") from None
-    report = estimate(cfg, gpus, seq_len=args.seq_len, loss_positions=args.loss_positions, examples=args.examples)
+    report = estimate(cfg, gpus, seq_len=args.seq_len, loss_positions=args.loss_positions, examples=args.examples,
+                      progress=not args.no_progress)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
@@ -157,7 +201,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
     p.add_argument("--wandb", action="store_true", help="log to wandb (offline unless WANDB_API_KEY is set)")
-    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run in run.output_dir from its checkpoint "
+                   "(an error when there is none)")
+    p.add_argument("--resume-or-start", action="store_true", help="continue the checkpoint if there is one, else "
+                   "start afresh (for requeued jobs)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run in run.output_dir (its old outputs "
+                   "are removed first)")
+    p.add_argument("--check", action="store_true", help="validate the config and the run directory, then exit "
+                   "(what the torchrun launcher runs first)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prune)
 
@@ -169,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
+    p.add_argument("--allow-other-model", action="store_true",
+                   help="apply masks learned on another model (its config or weights differ) with a warning")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -181,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("edges")
     p.add_argument("-o", "--output", required=True)
     p.add_argument("--title")
+    p.add_argument("--heads-per-group", type=int, help="query heads per KV head (grouped-query attention); "
+                   "default: from the circuit.json beside the edges file")
     p.set_defaults(func=_draw)
 
     from .tasks import cli_data
@@ -203,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="shortcut for --set model.name_or_path=... (hub id, directory or config.json)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--json", help="also write the estimate to this JSON file")
+    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_estimate)
 
     from .baselines import cli as baselines_cli
@@ -220,8 +276,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, PruneError, FileNotFoundError, ValueError) as err:
-        print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
+    except (ConfigError, CheckpointError, PruneError, FileNotFoundError, ValueError, OSError) as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone says it
+            print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
         return 2
 
 

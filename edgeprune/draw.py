@@ -8,10 +8,13 @@ Conventions of a drawing:
   read-out ``resid_post`` is alone at the bottom. A grey label at the side names each rank.
 - Only nodes that occur in some edge are drawn, plus the head that a per-head input belongs to.
   The MLP is a single node ``m{l}``: the edges into it are its input, the edges out its output.
-- A head's inputs are small circles labelled ``q`` / ``k`` / ``v`` above the head, joined to it by
-  a dashed edge, so that a head's inputs and its output are never confused. The edges file does not
-  say which heads share a KV group, so a grouped input ``a{l}.g{g}.k`` joins every drawn head of
-  layer ``l``.
+- A head's inputs are small ellipses labelled with their full names (``a3.h5.q``, ``a3.g1.k``)
+  above the head, joined to it by a dashed edge, so that a head's inputs and its output are never
+  confused. A grouped input ``a{l}.g{g}.k`` joins the drawn heads of its group only: heads
+  ``g * heads_per_group`` to ``(g + 1) * heads_per_group - 1``. The edges file does not say the
+  group size: ``draw_circuit`` takes it (``edgeprune draw`` reads it from the ``circuit.json``
+  beside the edges file, or ``--heads-per-group``); without it grouped inputs are drawn unjoined,
+  with a warning, never joined to heads they do not feed.
 - Every node kind has its own fill colour, and every circuit edge takes the colour of the kind of
   reader it feeds (q, k, v, MLP or output), so that with a few hundred edges one can still follow
   what a writer is used for. The legend at the top spells the colours out.
@@ -145,8 +148,14 @@ def load_edges(path: str | Path) -> list[tuple[str, str]]:
     return edges
 
 
-def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None) -> graphviz.Digraph:
-    """Lay out a circuit as a top-to-bottom graphviz graph (see the module docstring)."""
+def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None,
+                   heads_per_group: int | None = None) -> graphviz.Digraph:
+    """Lay out a circuit as a top-to-bottom graphviz graph (see the module docstring).
+
+    ``heads_per_group``: query heads per KV head under grouped-query attention (needed to join a
+    grouped K/V input to its heads)."""
+    if heads_per_group is not None and heads_per_group < 1:
+        raise ValueError(f"heads_per_group must be >= 1, got {heads_per_group}")
     edges = list(dict.fromkeys((w, r) for w, r in edges))  # drop repeats, keep the file's order
     dot = graphviz.Digraph(
         "circuit",
@@ -191,21 +200,33 @@ def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None) -
     for upper, lower in zip(anchors, anchors[1:]):
         dot.edge(upper, lower, style="invis", weight="100")
 
+    unjoined = []
     for node in ordered:
         if node.kind not in ("q", "k", "v"):
             continue
-        heads = [f"a{node.layer}.h{node.head}"] if node.head is not None else heads_by_layer[node.layer]
+        if node.head is not None:
+            heads = [f"a{node.layer}.h{node.head}"]
+        elif heads_per_group is None:
+            heads = []
+            unjoined.append(node.name)
+        else:
+            heads = [h for h in heads_by_layer[node.layer]
+                     if parse_node(h).head // heads_per_group == node.group]
         for head in heads:
             dot.edge(node.name, head, style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
     for writer, reader in edges:
         dot.edge(writer, reader, color=COLOURS[nodes[reader].kind] + EDGE_ALPHA)
 
+    if unjoined:
+        warnings.warn(f"grouped K/V inputs ({', '.join(unjoined[:3])}{' ...' if len(unjoined) > 3 else ''}) are "
+                      "drawn without their heads: the group size is unknown (pass heads_per_group, or "
+                      "--heads-per-group to edgeprune draw)", stacklevel=2)
     dot.node("legend", _legend_label(), shape="plaintext", style="", fontsize="9")
     return dot
 
 
 def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
-                 title: str | None = None) -> Path:
+                 title: str | None = None, heads_per_group: int | None = None) -> Path:
     """Draw a circuit to ``out_path`` (.pdf, .png, .svg or .dot); returns the path written.
 
     The graphviz source always goes beside the output as ``<stem>.dot``. Without graphviz's ``dot``
@@ -216,7 +237,7 @@ def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
     suffix = out.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"cannot draw to {out}: the file name must end in one of {', '.join(SUFFIXES)}")
-    dot = circuit_to_dot(edges, title)
+    dot = circuit_to_dot(edges, title, heads_per_group)
     out.parent.mkdir(parents=True, exist_ok=True)
     dot_path = out.with_suffix(".dot")
     dot_path.write_text(dot.source, encoding="utf-8")
@@ -231,6 +252,21 @@ def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
                       f"-o {out}", stacklevel=2)
         return dot_path
     return out
+
+
+def heads_per_group_of(edges_path: str | Path) -> int | None:
+    """Query heads per KV head from the ``circuit.json`` that ``edgeprune export`` wrote beside an
+    edges file (its graph fingerprint), or None when there is none."""
+    edges_path = Path(edges_path)
+    summary = edges_path.with_name("circuit.json" if edges_path.name == "edges.json"
+                                   else f"{edges_path.stem}.circuit.json")
+    if not summary.is_file():
+        return None
+    try:
+        graph = json.loads(summary.read_text()).get("graph") or {}
+        return int(graph["n_heads"]) // int(graph["n_kv_heads"])
+    except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
+        return None
 
 
 def _rank(node: NodeName) -> tuple[float, int]:
@@ -260,11 +296,8 @@ def _order(node: NodeName) -> tuple:
 def _node_style(node: NodeName) -> dict[str, str]:
     style = dict(fillcolor=COLOURS[node.kind], tooltip=node.name)
     if node.kind in ("q", "k", "v"):
-        if node.group is None:
-            style.update(label=node.kind, shape="circle", fixedsize="true", width="0.25")
-        else:
-            style.update(label=f"g{node.group}.{node.kind}", shape="ellipse", height="0.25", margin="0.02")
-        style.update(fontsize="8", fontcolor="white")
+        style.update(label=node.name, shape="ellipse", height="0.25", margin="0.02", fontsize="8",
+                     fontcolor="white")
     else:
         style.update(label=node.name, shape="box", height="0.3")
         if node.kind in ("embed", "output"):

@@ -42,6 +42,12 @@ from .memtrace import LiveTensors
 # models' published config.json files (only what shapes the model).
 _GPT2 = {"model_type": "gpt2", "vocab_size": 50257, "n_positions": 1024}
 _CODELLAMA = {"model_type": "llama", "vocab_size": 32016, "max_position_embeddings": 16384, "rope_theta": 1e6}
+_PYTHIA = {"model_type": "gpt_neox", "max_position_embeddings": 2048, "rotary_pct": 0.25, "rotary_emb_base": 10000,
+           "use_parallel_residual": True, "tie_word_embeddings": False}
+_QWEN = {"vocab_size": 151936, "rope_theta": 1e6, "rms_norm_eps": 1e-6}
+_GEMMA2 = {"model_type": "gemma2", "vocab_size": 256000, "max_position_embeddings": 8192, "head_dim": 256,
+           "query_pre_attn_scalar": 256, "sliding_window": 4096, "attn_logit_softcapping": 50.0,
+           "final_logit_softcapping": 30.0}
 KNOWN_CONFIGS = {
     "gpt2": {**_GPT2, "n_layer": 12, "n_head": 12, "n_embd": 768},
     "gpt2-medium": {**_GPT2, "n_layer": 24, "n_head": 16, "n_embd": 1024},
@@ -60,6 +66,43 @@ KNOWN_CONFIGS = {
     "meta-llama/Meta-Llama-3-8B": {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 8192,
                                    "rope_theta": 500000.0, "hidden_size": 4096, "intermediate_size": 14336,
                                    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8},
+    "meta-llama/Llama-3.1-8B": {"model_type": "llama", "vocab_size": 128256, "max_position_embeddings": 131072,
+                                "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}, "hidden_size": 4096,
+                                "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+                                "num_key_value_heads": 8},
+    "EleutherAI/pythia-160m": {**_PYTHIA, "vocab_size": 50304, "hidden_size": 768, "intermediate_size": 3072,
+                               "num_hidden_layers": 12, "num_attention_heads": 12},
+    "EleutherAI/pythia-1.4b": {**_PYTHIA, "vocab_size": 50304, "hidden_size": 2048, "intermediate_size": 8192,
+                               "num_hidden_layers": 24, "num_attention_heads": 16},
+    "EleutherAI/pythia-6.9b": {**_PYTHIA, "vocab_size": 50432, "hidden_size": 4096, "intermediate_size": 16384,
+                               "num_hidden_layers": 32, "num_attention_heads": 32},
+    "Qwen/Qwen2.5-0.5B": {**_QWEN, "model_type": "qwen2", "max_position_embeddings": 32768, "hidden_size": 896,
+                          "intermediate_size": 4864, "num_hidden_layers": 24, "num_attention_heads": 14,
+                          "num_key_value_heads": 2, "tie_word_embeddings": True},
+    "Qwen/Qwen2.5-7B": {**_QWEN, "model_type": "qwen2", "vocab_size": 152064, "max_position_embeddings": 131072,
+                        "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                        "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False},
+    "Qwen/Qwen3-0.6B": {**_QWEN, "model_type": "qwen3", "max_position_embeddings": 40960, "hidden_size": 1024,
+                        "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+                        "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": True},
+    "Qwen/Qwen3-8B": {**_QWEN, "model_type": "qwen3", "max_position_embeddings": 40960, "hidden_size": 4096,
+                      "intermediate_size": 12288, "num_hidden_layers": 36, "num_attention_heads": 32,
+                      "num_key_value_heads": 8, "head_dim": 128, "tie_word_embeddings": False},
+    "microsoft/Phi-3-mini-4k-instruct": {"model_type": "phi3", "vocab_size": 32064, "max_position_embeddings": 4096,
+                                         "rope_theta": 10000.0, "sliding_window": 2047, "hidden_size": 3072,
+                                         "intermediate_size": 8192, "num_hidden_layers": 32,
+                                         "num_attention_heads": 32, "num_key_value_heads": 32,
+                                         "tie_word_embeddings": False},
+    "google/gemma-2-2b": {**_GEMMA2, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+                          "num_attention_heads": 8, "num_key_value_heads": 4},
+    "google/gemma-2-9b": {**_GEMMA2, "hidden_size": 3584, "intermediate_size": 14336, "num_hidden_layers": 42,
+                          "num_attention_heads": 16, "num_key_value_heads": 8},
+    "allenai/OLMo-2-1124-7B": {"model_type": "olmo2", "vocab_size": 100352, "max_position_embeddings": 4096,
+                               "rope_theta": 500000.0, "hidden_size": 4096, "intermediate_size": 11008,
+                               "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32,
+                               "tie_word_embeddings": False},
 }
 for _name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl"):
     KNOWN_CONFIGS[f"openai-community/{_name}"] = KNOWN_CONFIGS[_name]
@@ -264,7 +307,7 @@ def _train_examples(cfg: ExperimentConfig) -> int | None:
 
 
 def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int | None = None,
-             examples: int | None = None, arch: Architecture | None = None) -> Report:
+             examples: int | None = None, arch: Architecture | None = None, progress: bool = False) -> Report:
     """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``.
 
     The batch shape: ``seq_len`` (default ``data.max_length``) tokens with ``loss_positions``
@@ -306,10 +349,15 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
     if seq_source:
         report.seq_source = seq_source
     traced: dict[int, int] = {}
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len({math.ceil(cfg.prune.batch_size / n) for n in gpus}), desc="estimate: tracing a step",
+               unit="batch size", disable=not progress, leave=False)
     for n in gpus:
         b = math.ceil(cfg.prune.batch_size / n)
         if b not in traced:
             traced[b] = trace_step(model, b, T, loss_positions=loss_positions, loss=cfg.data.loss, tokens=tokens)
+            bar.update(1)
         weights = arch.params * nbytes
         if n > 1:
             weights = math.ceil(arch.params / n) * nbytes + (arch.root_params + 2 * arch.layer_params) * nbytes
@@ -319,6 +367,7 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
             cache = cache_examples * (states + loss_positions * vocab) * nbytes
         report.rows.append(Row(gpus=n, batch=b, weights=weights, masks=n_masks * 4 * 3, step=traced[b],
                                cache=cache, writer_states=g.num_writers * b * T * D * 4))
+    bar.close()
     if cfg.prune.cache_corrupted and cache_examples is None:
         report.notes.append(f"prune.cache_corrupted: the cache needs the number of training examples "
                             f"({cfg.data.path} not found): give it with --examples; not counted")

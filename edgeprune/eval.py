@@ -2,14 +2,23 @@
 
 All metrics are over the loss positions (the tokens of the predicted span, teacher-forced):
 - ``kl``: mean KL(p_full || p_circuit), nats.
-- ``logit_diff_full`` / ``logit_diff_circuit``: logit of the target token minus the logit of the
-  full model's top alternative (its argmax over every other token), averaged.
-- ``faithfulness``: logit_diff_circuit / logit_diff_full (fraction of the full model's logit
-  difference the circuit keeps; ratio of the means).
+- ``logit_diff_full`` / ``logit_diff_circuit`` / ``logit_diff_empty``: logit of the target token
+  minus the logit of the full model's top alternative (its argmax over every other token),
+  averaged, for the full model, the circuit and the empty circuit (every edge ablated).
+- ``faithfulness`` (the headline): normalised, ``(m(C) - m(empty)) / (m(full) - m(empty))`` with m
+  the logit difference: 0 for the empty circuit, 1 for the full model, whatever the sign of m
+  (the same quantity as ``edgeprune curve``). NaN, and said so, when m(full) = m(empty).
+- ``logit_diff_ratio``: the plain ratio m(C) / m(full). Only meaningful when m(full) is clearly
+  positive: with negative logit differences a worse circuit can read above 1.
 - ``accuracy_full`` / ``accuracy_circuit``: argmax == target.
 - ``exact_match``: the circuit's argmax equals the full model's argmax.
 For numerical outputs (``loss: mse``) the metrics are ``mse`` and ``max_abs_error`` instead.
-Task metrics (IOI logit difference, ...) are computed at each example's first loss position.
+Task metrics (``tasks.common.TaskMetric``) are computed at each example's first loss position and
+stored under the task's name: ``ioi/logit_diff_full``, ``ioi/logit_diff_circuit``,
+``ioi/logit_diff_empty``, ``ioi/accuracy_...``, and ``ioi/faithfulness`` / ``ioi/logit_diff_ratio``
+on the task's main metric (``logit_diff``; ``prob_diff`` for ``gt``), defined as above.
+m(empty) costs one more forward per batch; ``EmptyBaseline`` keeps it across evaluations of the
+same batches (the pruning loop's validations).
 """
 
 from __future__ import annotations
@@ -74,60 +83,115 @@ def numerical_metrics(full: torch.Tensor, circuit: torch.Tensor) -> dict:
     return {"mse": (err ** 2).mean(-1).sum(), "max_abs_error": err.abs().amax(-1).sum()}
 
 
+class EmptyBaseline:
+    """The empty circuit's per-batch metric sums, computed on the first evaluation and reused by
+    later ones over the same batches (they do not depend on the masks)."""
+
+    def __init__(self):
+        self.sums: list[dict] = []
+
+
 @torch.no_grad()
 def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, progress: bool = False,
-             desc: str = "eval", output_scale: float = 1.0, reduce=None) -> dict:
+             desc: str = "eval", output_scale: float = 1.0, reduce=None, empty: bool | EmptyBaseline = True,
+             total: int | None = None) -> dict:
     """Circuit (the model's current masks, deterministic) vs full model over ``batches``.
 
-    ``task_metric(logits (B, V), extras) -> {name: (B,)}`` adds task metrics for both models.
-    ``output_scale`` multiplies both models' outputs first (``data.output_scale``).
+    ``task_metric``: a ``tasks.common.TaskMetric`` (its metrics are namespaced by its name).
+    ``output_scale`` multiplies every model's outputs first (``data.output_scale``).
     ``reduce(dict of sums) -> dict`` combines the sums of several processes (``Dist.sum_floats``).
+    ``empty``: also evaluate the empty circuit for the normalised faithfulness (True), reuse an
+    ``EmptyBaseline`` across calls, or skip it (False: no ``faithfulness``, only the ratio).
+    ``total``: the number of batches, for the progress bar.
     """
     was_training = model.training
     model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    task_sums: dict[str, float] = {}
+    baseline = EmptyBaseline() if empty is True else (empty or None)
+    reuse = baseline is not None and bool(baseline.sums)
+    sums: dict[str, float] = {}
     n_pos = n_ex = 0
+    task = getattr(task_metric, "name", "task")
+
+    def add(part: dict, prefix: str = "") -> None:
+        for k, v in part.items():
+            sums[prefix + k] = sums.get(prefix + k, 0.0) + float(v)
+
     try:
-        for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, total=total)):
             batch = batch.to(model.device)
             full, corrupted = reference_and_corrupted(model, batch)
             circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+            outputs = {"full": full, "circuit": circuit}
+            if baseline is not None and not reuse:
+                zeros = torch.zeros(model.graph.num_edges, device=model.device)
+                outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                                         edge_values=zeros).logits
             if output_scale != 1.0:
-                full, circuit = full * output_scale, circuit * output_scale
+                outputs = {k: v * output_scale for k, v in outputs.items()}
+            full, circuit = outputs["full"], outputs["circuit"]
             sel = batch.loss_mask
+            empty_part: dict[str, float] = {}
             if loss == "mse":
-                part = numerical_metrics(full[sel], circuit[sel])
+                add(numerical_metrics(full[sel], circuit[sel]))
             else:
-                part = position_metrics(full[sel], circuit[sel], batch.target_ids[sel])
-            for k, v in part.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                add(position_metrics(full[sel], circuit[sel], batch.target_ids[sel]))
+                if "empty" in outputs:
+                    ld = position_metrics(full[sel], outputs["empty"][sel], batch.target_ids[sel])
+                    empty_part["logit_diff_empty"] = float(ld["logit_diff_circuit"])
             n_pos += int(sel.sum())
             n_ex += batch.input_ids.shape[0]
             if task_metric is not None:
                 rows = torch.arange(batch.input_ids.shape[0], device=full.device)
                 first = batch.first_loss_position
-                for which, logits in (("full", full), ("circuit", circuit)):
+                for which, logits in outputs.items():
                     for k, v in task_metric(logits[rows, first].float(), batch.extras).items():
-                        key = f"{k}_{which}"
-                        task_sums[key] = task_sums.get(key, 0.0) + float(v.float().sum())
+                        key = f"{task}/{k}_{which}"
+                        if which == "empty":
+                            empty_part[key] = float(v.float().sum())
+                        else:
+                            sums[key] = sums.get(key, 0.0) + float(v.float().sum())
+            if baseline is not None:
+                if reuse:
+                    if i >= len(baseline.sums):
+                        raise ValueError("EmptyBaseline was computed on fewer batches than this evaluation")
+                    empty_part = baseline.sums[i]
+                else:
+                    baseline.sums.append(empty_part)
+                add(empty_part, "empty:")
     finally:
         model.train(was_training)
     if reduce is not None:
-        totals = reduce({**{f"sum:{k}": v for k, v in sums.items()}, **{f"task:{k}": v for k, v in task_sums.items()},
-                         "n_pos": n_pos, "n_ex": n_ex})
+        totals = reduce({**{f"sum:{k}": v for k, v in sums.items()}, "n_pos": n_pos, "n_ex": n_ex})
         sums = {k[4:]: v for k, v in totals.items() if k.startswith("sum:")}
-        task_sums = {k[5:]: v for k, v in totals.items() if k.startswith("task:")}
         n_pos, n_ex = int(totals["n_pos"]), int(totals["n_ex"])
     if n_pos == 0:
         raise ValueError("evaluation got no loss positions (empty split?)")
     metrics = {"n_examples": n_ex, "n_positions": n_pos}
-    metrics.update({k: v / n_pos for k, v in sums.items()})
+    for k, v in sums.items():
+        name = k[len("empty:"):] if k.startswith("empty:") else k
+        metrics[name] = v / (n_ex if "/" in name else n_pos)
     if loss != "mse":
-        full_ld = metrics["logit_diff_full"]
-        metrics["faithfulness"] = metrics["logit_diff_circuit"] / full_ld if full_ld != 0 else float("nan")
-    metrics.update({k: v / n_ex for k, v in task_sums.items()})
+        _ratios(metrics, "logit_diff")
+    if task_metric is not None:
+        _ratios(metrics, f"{task}/{task_metric.main}")
     return metrics
+
+
+def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
+    """(m(C) - m(empty)) / (m(full) - m(empty)); NaN when the full model and the empty circuit tie."""
+    denom = m_full - m_empty
+    return (m_circuit - m_empty) / denom if denom != 0 else float("nan")
+
+
+def _ratios(metrics: dict, m: str) -> None:
+    """``faithfulness`` (normalised, when the empty circuit was evaluated) and ``logit_diff_ratio``
+    (plain) of metric ``m``, named after m's namespace (``ioi/faithfulness``)."""
+    prefix = m.rpartition("/")[0] + "/" if "/" in m else ""
+    full, circ = metrics[f"{m}_full"], metrics[f"{m}_circuit"]
+    if f"{m}_empty" in metrics:
+        metrics[f"{prefix}faithfulness"] = normalized_faithfulness(circ, full, metrics[f"{m}_empty"])
+    metrics[f"{prefix}{m.rpartition('/')[2]}_ratio" if prefix else "logit_diff_ratio"] = (
+        circ / full if full != 0 else float("nan"))
 
 
 def format_table(metrics: dict, title: str | None = None) -> str:

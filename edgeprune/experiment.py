@@ -58,18 +58,40 @@ def split_path(cfg: DataConfig, split: str) -> Path:
 def load_split(cfg: DataConfig, model: EdgeModel, split: str) -> TaskData:
     """Tokenized examples of ``split`` with the model's own tokenizer.
 
-    ``data.path`` is a JSONL file (lines carry their ``split``) or a directory of
-    ``{train,validation,test}.jsonl``; in a directory the file decides the split.
+    ``data.path`` is a JSONL file (lines carry their ``split``), a directory of
+    ``{train,validation,test}.jsonl`` (the file decides the split), or a ``datasets`` dataset: a
+    ``save_to_disk`` directory (``Dataset`` with a ``split`` column, or ``DatasetDict`` by split)
+    or a Parquet / JSON file; every record is validated the same way.
     """
     from .tasks.jsonl import pad_token_id_for, read_jsonl_task
 
     if cfg.path == TRACR_ALL_INPUTS:
         return _tracr_split(model)
+    from .tasks.jsonl import is_hf_dataset, read_hf_dataset
+
     tokenizer = load_tokenizer(model)
-    path = split_path(cfg, split)
-    examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.path).is_dir() else split,
-                               max_length=cfg.max_length)
+    if is_hf_dataset(cfg.path):  # a datasets save_to_disk directory, or a Parquet / JSON file
+        path = Path(cfg.path)
+        examples = read_hf_dataset(path, tokenizer, split=split, max_length=cfg.max_length)
+    else:
+        path = split_path(cfg, split)
+        examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.path).is_dir() else split,
+                                   max_length=cfg.max_length)
+    metric = task_metric(cfg, model)
+    if metric is not None:  # a line whose answer fields do not name its predicted token is refused
+        metric.check(examples, str(path))
     return TaskData(examples, pad_token_id_for(tokenizer), str(path))
+
+
+def task_metric(cfg: DataConfig, model: EdgeModel):
+    """The ``tasks.common.TaskMetric`` named by ``data.task`` for the model's tokenizer, or None."""
+    if not cfg.task:
+        return None
+    from .tasks.registry import METRICS
+
+    if cfg.task not in METRICS:
+        raise ValueError(f"data.task {cfg.task!r} is not a known task ({', '.join(sorted(METRICS))})")
+    return METRICS[cfg.task](load_tokenizer(model))
 
 
 TRACR_ALL_INPUTS = "tracr"  # data.path for a compiled Tracr model: every input of its task length
@@ -97,4 +119,7 @@ def load_tokenizer(model: EdgeModel):
 def _tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    from .hub import loading
+
+    with loading(name_or_path, "tokenizer"):
+        return AutoTokenizer.from_pretrained(name_or_path)

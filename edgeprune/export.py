@@ -16,7 +16,12 @@ def run_circuit(run_dir: str | Path) -> tuple[Circuit, dict]:
     from the saved masks alone (no model weights are loaded)."""
     edge_la, node_la, fp = load_masks(run_dir)
     graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
-                            pos_embeds=fp["pos_embeds"], mlp=fp["mlp"]))
+                            pos_embeds=fp["pos_embeds"], mlp=fp["mlp"],
+                            parallel_residual=fp.get("parallel_residual", False)))  # absent: sequential
+    if "num_edges" in fp and graph.num_edges != fp["num_edges"]:
+        raise ValueError(f"{run_dir}: the saved graph fingerprint {fp} does not rebuild its own graph "
+                         f"({graph.describe()}): a graph field is missing from it "
+                         "(GPT-NeoX/Pythia need 'parallel_residual')")
     return extract_circuit(graph, edge_la, node_la), fp
 
 

@@ -6,7 +6,9 @@ earlier writers as input: ``a{l}.h{h}.q``, the key/value inputs ``a{l}.h{h}.k`` 
 grouped-query attention, one per KV head: ``a{l}.g{g}.k`` / ``.v``), the MLP input ``m{l}`` and the
 final read-out ``resid_post``. An edge (writer, reader) exists when the writer comes before the
 reader: the MLP of layer l reads the heads of layer l (sequential residual), attention readers of
-layer l read everything up to the MLP of layer l-1.
+layer l read everything up to the MLP of layer l-1. With a parallel residual (GPT-NeoX / Pythia:
+attention and MLP of a layer read the same residual stream) the MLP of layer l reads only what the
+heads of layer l read, so the same-layer edges ``a{l}.h{h} -> m{l}`` do not exist.
 
 Ordering is fixed and shared by masks, checkpoints and ``edges.json``: writers in forward order,
 readers in forward order (per layer: all Q, then K, then V, then the MLP), edges reader-major.
@@ -29,6 +31,7 @@ class GraphSpec:
     n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
     pos_embeds: bool = True  # False for rotary / position-free models
     mlp: bool = True
+    parallel_residual: bool = False  # True: m{l} reads the residual before layer l's heads (GPT-NeoX)
 
     def __post_init__(self):
         kv = self.kv_heads
@@ -88,10 +91,10 @@ class Graph:
             self.writer_blocks.append(Block(kind, layer, len(self.writers), len(self.writers) + len(names)))
             self.writers.extend(names)
 
-        def add_readers(kind, layer, names):
+        def add_readers(kind, layer, names, n_before=None):
             self.reader_blocks.append(Block(kind, layer, len(self.readers), len(self.readers) + len(names)))
             self.readers.extend(names)
-            self.n_writers_before.extend([len(self.writers)] * len(names))
+            self.n_writers_before.extend([len(self.writers) if n_before is None else n_before] * len(names))
 
         add_writers("embeds", None, ["tok_embeds", "pos_embeds"] if s.pos_embeds else ["tok_embeds"])
         for l in range(s.n_layers):
@@ -99,9 +102,10 @@ class Graph:
             add_readers("q", l, [f"a{l}.h{h}.q" for h in range(s.n_heads)])
             add_readers("k", l, [f"a{l}.{kv}{g}.k" for g in range(s.kv_heads)])
             add_readers("v", l, [f"a{l}.{kv}{g}.v" for g in range(s.kv_heads)])
+            before_heads = len(self.writers)
             add_writers("heads", l, [f"a{l}.h{h}" for h in range(s.n_heads)])
             if s.mlp:
-                add_readers("mlp", l, [f"m{l}"])
+                add_readers("mlp", l, [f"m{l}"], before_heads if s.parallel_residual else None)
                 add_writers("mlp", l, [f"m{l}"])
         add_readers("out", None, ["resid_post"])
 
@@ -149,11 +153,31 @@ class Graph:
         if writer not in self.writer_index:
             raise KeyError(f"unknown writer {writer!r} (writers look like 'tok_embeds', 'a0.h1', 'm2')")
         if reader not in self.reader_index:
-            raise KeyError(f"unknown reader {reader!r} (readers look like 'a1.h0.q', 'm2', 'resid_post')")
+            raise KeyError(f"unknown reader {reader!r} ({self._reader_hint(reader)})")
         w, r = self.writer_index[writer], self.reader_index[reader]
         if w >= self.n_writers_before[r]:
-            raise KeyError(f"no edge {writer} -> {reader}: the writer does not come before the reader")
+            why = "the writer does not come before the reader"
+            if self.spec.parallel_residual and reader.startswith("m") and w < self.writer_index[reader]:
+                why = "with a parallel residual the MLP of a layer does not read that layer's heads"
+            raise KeyError(f"no edge {writer} -> {reader}: {why}")
         return self.edge_offsets[r] + w
+
+    def _reader_hint(self, reader: str) -> str:
+        """What to write instead of an unknown reader name: its grouped/ungrouped K/V spelling."""
+        import re
+
+        s = self.spec
+        m = re.fullmatch(r"a(\d+)\.([hg])(\d+)\.([qkv])", reader)
+        if m and int(m.group(1)) < s.n_layers:
+            layer, kind, index, part = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+            if s.grouped and kind == "h" and part in "kv" and index < s.n_heads:
+                g = index // (s.n_heads // s.kv_heads)
+                return (f"this model has grouped-query attention ({s.n_heads} query heads, {s.kv_heads} KV "
+                        f"heads): the {part.upper()} input of head {index} is 'a{layer}.g{g}.{part}'")
+            if not s.grouped and kind == "g" and index < s.n_heads:
+                return f"this model has no grouped-query attention: write 'a{layer}.h{index}.{part}'"
+        kv = "a1.g0.k" if s.grouped else "a1.h0.k"
+        return f"readers look like 'a1.h0.q', '{kv}', 'm2', 'resid_post'"
 
     @cached_property
     def dense_index(self) -> torch.Tensor:

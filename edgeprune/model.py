@@ -10,6 +10,8 @@ where c_r are the layer constants before r (attention output biases), s the writ
 input, s~ their ablated values: the states of the corrupted input (``interchange``, default), zero
 (``zero``) or a dataset mean per writer (``mean``). The mix accumulates in fp32. With every mask 1
 this is the HF model; with every mask 0 under interchange it is the HF model on the corrupted input.
+With a parallel residual (``GraphSpec.parallel_residual``, GPT-NeoX) a layer's MLP reads the stream
+its attention reads: neither that layer's heads nor its attention output bias.
 
 Each decoder layer runs through ``self.runner`` (``checkpointing.LayerRunner``): directly, under
 activation checkpointing, or through its FSDP module when ``distributed.shard_model`` sharded it.
@@ -89,11 +91,21 @@ class EdgeModel(nn.Module):
         ablation = "interchange" if ablation is None else ablation
         from transformers import AutoConfig, AutoModelForCausalLM
 
+        from .hub import loading
+
+        if "torch_dtype" in hf_kwargs:  # HF's old name for dtype: honoured, never silently overridden
+            if "dtype" in hf_kwargs:
+                raise ValueError("from_pretrained: give dtype or torch_dtype (its deprecated name), not both")
+            import warnings
+            warnings.warn("torch_dtype is deprecated: use dtype=", FutureWarning, stacklevel=2)
+            hf_kwargs["dtype"] = hf_kwargs.pop("torch_dtype")
         cfg_kwargs = {k: v for k, v in hf_kwargs.items() if k in _CONFIG_KWARGS}
-        config = AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
+        with loading(name_or_path, "model"):
+            config = AutoConfig.from_pretrained(name_or_path, **cfg_kwargs)
         family_for(config.model_type)
         hf_kwargs.setdefault("dtype", torch.float32)
-        hf = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
+        with loading(name_or_path, "model"):
+            hf = AutoModelForCausalLM.from_pretrained(name_or_path, **hf_kwargs)
         return cls.from_hf(hf, ablation=ablation, node_masks=node_masks, model_id=str(name_or_path))
 
     @classmethod
@@ -129,6 +141,39 @@ class EdgeModel(nn.Module):
         super().train(mode)
         self.family.hf.eval()
         return self
+
+    # ------------------------------------------------------------------ identity
+    # config keys that say how a model was loaded or run, not what it is
+    _UNIDENTIFYING = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures", "name_or_path",
+                      "output_attentions", "output_hidden_states", "return_dict", "attn_implementation"}
+
+    def fingerprint(self) -> dict:
+        """What the model *is*, independent of the path it was loaded from: {"config": sha256 of its
+        config (loading options left out), "weights": sha256 of 1024 evenly spaced values of every
+        parameter, rounded to bf16 so the same weights loaded in fp32 or bf16 agree}. Computed once
+        (before any FSDP sharding: ``edgeprune.prune`` asks for it first)."""
+        if getattr(self, "_fingerprint", None) is None:
+            import hashlib
+            import json
+
+            cfg = self.hf.config.to_dict() if hasattr(self.hf.config, "to_dict") else dict(vars(self.hf.config))
+            cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in self._UNIDENTIFYING}
+            def canon(o):  # string keys everywhere, so mixed-key dicts (Tracr encodings) sort
+                if isinstance(o, dict):
+                    return {str(k): canon(v) for k, v in o.items()}
+                return [canon(v) for v in o] if isinstance(o, (list, tuple)) else o
+
+            config_hash = hashlib.sha256(json.dumps(canon(cfg), sort_keys=True, default=str).encode()).hexdigest()
+            h = hashlib.sha256()
+            for name, p in sorted(self.hf.named_parameters()):
+                h.update(f"{name}:{tuple(p.shape)};".encode())
+                if p.device.type == "meta":
+                    continue
+                flat = p.detach().reshape(-1)
+                idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1024), device=flat.device).long()
+                h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes())
+            self._fingerprint = {"config": config_hash, "weights": h.hexdigest()}
+        return dict(self._fingerprint)
 
     # ------------------------------------------------------------------ masks
     def mask_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -323,12 +368,13 @@ class EdgeModel(nn.Module):
         heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
         if store is not None:
             store.write(heads[:, keep], starts[0])
+        layer_in = resid  # what a parallel-residual MLP reads: the stream before this layer's attention
         resid = resid + heads.float().sum(0)
         const = fam.attn_constant(layer)
         if const is not None:
             resid = resid + const.float()
         if self.graph.spec.mlp:
-            out = fam.mlp(layer, resid, ctx)  # (B, T, D)
+            out = fam.mlp(layer, layer_in if self.graph.spec.parallel_residual else resid, ctx)  # (B, T, D)
             if store is not None:
                 store.write(out[None, keep], starts[1])
             resid = resid + out.float()
@@ -348,13 +394,18 @@ class EdgeModel(nn.Module):
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x
         new = [store.write(heads, starts[0])]
+        layer_base = base  # the constants this layer's attention readers saw
         const = fam.attn_constant(layer)
         if const is not None:  # a new tensor, never a view of a (possibly sharded) parameter
             base = const.float().clone() if base is None else base + const.float()
         if self.graph.spec.mlp:
             m_blk = blocks[3]
-            x = self._reader_input(z, m_blk.slice, store, base, tokens + [t for t in new if t is not None])
-            with self._recompute(x, z, m_blk.slice, store, base):
+            if self.graph.spec.parallel_residual:  # the MLP reads what the heads read (graph: no a{l} -> m{l})
+                mlp_base, mlp_tokens = layer_base, tokens
+            else:
+                mlp_base, mlp_tokens = base, tokens + [t for t in new if t is not None]
+            x = self._reader_input(z, m_blk.slice, store, mlp_base, mlp_tokens)
+            with self._recompute(x, z, m_blk.slice, store, mlp_base):
                 out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
         return (base, *[t for t in new if t is not None])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +28,11 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from .cache import ReferenceCache
-from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
-from .eval import evaluate, kl_divergence
+from .eval import EmptyBaseline, evaluate, kl_divergence
 from .experiment import load_model, load_split
+from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
 
 
@@ -45,9 +47,10 @@ class SparsityRamp:
         self.target, self.warmup, self.step = target, warmup, 0
 
     def value(self) -> float:
+        """The target of the step being taken (the (step + 1)-th): the last warm-up step reaches it."""
         if self.warmup <= 0:
             return self.target
-        return self.target * min(1.0, self.step / self.warmup)
+        return self.target * min(1.0, (self.step + 1) / self.warmup)
 
     def state_dict(self) -> dict:
         return {"target": self.target, "warmup": self.warmup, "step": self.step}
@@ -66,7 +69,8 @@ def graph_fingerprint(model: EdgeModel) -> dict:
     spec = model.graph.spec
     return {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.kv_heads,
             "pos_embeds": spec.pos_embeds, "mlp": spec.mlp, "num_edges": model.graph.num_edges,
-            "num_writers": model.graph.num_writers}
+            "num_writers": model.graph.num_writers,
+            **({"parallel_residual": True} if getattr(spec, "parallel_residual", False) else {})}
 
 
 @dataclass
@@ -86,16 +90,22 @@ def epoch_batches(data, batch_size: int, seed: int, epoch: int) -> list:
                         drop_last=drop_last))
 
 
-def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> PruneResult:
+def prune(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = False, resume_or_start: bool = False,
+          progress: bool = True, stop_after: int | None = None) -> PruneResult:
     """Run (or resume) the pruning experiment ``cfg``; outputs go to ``cfg.run.output_dir``.
 
+    The run directory must be new or empty, unless ``resume`` (continue its checkpoint; an error
+    when it has none), ``resume_or_start`` (continue a checkpoint if there is one, else start
+    afresh, removing the outputs of a run that never reached a checkpoint) or ``overwrite`` (remove
+    the old run's outputs first). Nothing is written before every check has passed: a refused
+    resume leaves the directory as it was.
     ``stop_after``: leave after this many steps of this call (after a checkpoint), as a kill would.
     Under torchrun the process group is set up here and closed (barrier, destroy) at the end.
     """
     d, device = distributed.setup(cfg.model.device)
     try:
-        result = _prune(cfg, d, device, resume=resume, progress=progress, stop_after=stop_after)
+        result = _prune(cfg, d, device, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start,
+                        progress=progress, stop_after=stop_after)
     except BaseException:
         d.close(clean=False)
         raise
@@ -103,27 +113,65 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, progress: bool = True,
     return result
 
 
-def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, progress: bool,
-           stop_after: int | None) -> PruneResult:
+# What ``prune``, ``eval``, ``export``, ``draw``, ``attribute``, ``curve`` and ``compare`` write into a
+# run directory: what ``--overwrite`` removes. Anything else there makes ``--overwrite`` refuse, except
+# attribution scores (``scores_*.safetensors``), which neither block a run nor are removed.
+RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "masks.safetensors",
+               "masks.safetensors.tmp", "metrics*.json", "edges*.json", "circuit*", "timing.json",
+               "wandb", "restarts.json", "curve*", "compare*", "estimate.json", "seed*")
+
+
+def run_dir_plan(out: Path, *, resume: bool, overwrite: bool, resume_or_start: bool) -> tuple[Path | None, list[Path]]:
+    """(checkpoint to resume or None, old outputs to remove before starting) for a run directory;
+    PruneError when the combination is refused. Reads only."""
+    existing = find_checkpoint(out / "checkpoint")
+    if resume and overwrite:
+        raise PruneError("--resume and --overwrite contradict each other: choose one")
+    if (resume or resume_or_start) and existing is not None:
+        return existing, []
+    if resume and not resume_or_start:
+        raise PruneError(f"--resume: {out} has no checkpoint to continue ({out / 'checkpoint'} is missing); "
+                         "start the run without --resume, or pass --resume-or-start")
+    import fnmatch
+    # attribution scores (``edgeprune attribute`` writes them here by default) are not a run: kept
+    present = [p for p in sorted(out.iterdir()) if not fnmatch.fnmatch(p.name, "scores_*.safetensors")] \
+        if out.is_dir() else []
+    if not present:
+        return None, []
+    if not (overwrite or resume_or_start):
+        what = f"a run (checkpoint at {existing})" if existing is not None else \
+            f"{len(present)} file(s): {', '.join(p.name for p in present[:5])}{' ...' if len(present) > 5 else ''}"
+        raise PruneError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
+                         "or choose another run.output_dir")
+    foreign = [p.name for p in present if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_OUTPUTS)]
+    if foreign:
+        raise PruneError(f"{out}: refusing to overwrite: {', '.join(foreign)} is not an edgeprune output; "
+                         "move it away or choose another run.output_dir")
+    return None, present
+
+
+def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, overwrite: bool,
+           resume_or_start: bool, progress: bool, stop_after: int | None) -> PruneResult:
     out = Path(cfg.run.output_dir)
     ckpt_dir = out / "checkpoint"
-    existing = find_checkpoint(ckpt_dir)
-    if existing is not None and not resume:
-        raise PruneError(f"{out} already holds a run (checkpoint at {existing}); pass --resume to continue "
-                         "it, or choose another run.output_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    if d.is_main:
-        save_config(cfg, out / "config.yaml")
+    log_path = out / "log.jsonl"
+    # ---- every check first (all ranks), so that a refused run leaves the directory untouched
+    existing, stale = run_dir_plan(out, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start)
+    if cfg.run.wandb and d.is_main:
+        import importlib.util
+        if importlib.util.find_spec("wandb") is None:
+            raise PruneError('run.wandb / --wandb needs the wandb package: pip install "edgeprune[wandb]"')
     say = tqdm.write if d.is_main else (lambda *_: None)
 
     model = load_model(cfg.model, device)
+    model.fingerprint()  # before FSDP shards the weights
     p = cfg.prune
     model.activation_checkpointing = p.activation_checkpointing
-    distributed.shard_model(model, d)
-    saved = None
+    saved, log_lines = None, []
     if existing is not None:
         saved = load_checkpoint(existing)
-        _check_compatible(saved, existing, model)
+        _check_compatible(saved, existing, model, cfg)
+        log_lines = _log_lines(log_path, int(saved["step"]), say)
     if p.batch_size < d.world:
         raise PruneError(f"prune.batch_size ({p.batch_size}) is the global batch: it must be at least the "
                          f"number of processes ({d.world})")
@@ -131,9 +179,25 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     try:
         val = load_split(cfg.data, model, cfg.data.eval_split)
     except (FileNotFoundError, ValueError) as err:
+        from .tasks.jsonl import TaskFormatError
+        if isinstance(err, TaskFormatError):  # a bad line is an error, not a missing split
+            raise
         say(f"no validation data ({err}); validating on the training split")
         val = train
-    task_metric = _task_metric(cfg, model)
+    task_metric = get_task_metric(cfg.data, model)
+    d.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
+
+    # ---- now write: remove a replaced run's outputs, then the resolved config
+    if d.is_main:
+        for old in stale:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if stale:
+            say(f"removed the previous outputs in {out} ({len(stale)} entries)")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        if existing is not None:
+            log_path.write_text("".join(ln + "\n" for ln in log_lines))
+    distributed.shard_model(model, d)
     if model.ablation == "mean":
         model.set_mean_states(model.compute_mean_states(
             (b.input_ids, b.attention_mask) for b in epoch_batches(train, p.batch_size, cfg.run.seed, 0)))
@@ -160,15 +224,9 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     lambda_opt = torch.optim.AdamW(list(lambdas.values()), lr=p.lr_lambdas, weight_decay=0.0, maximize=True)
 
     step = 0
-    log_path = out / "log.jsonl"
     if existing is not None:
         step = _restore(saved, existing, model, opt, lambda_opt, lambdas, ramps, generator)
-        if d.is_main:
-            _truncate_log(log_path, step)
         say(f"resumed from {existing} at step {step}")
-    elif log_path.exists() and d.is_main:
-        log_path.unlink()
-    d.barrier()  # every rank has read the run directory before rank 0 writes to it
 
     wandb_run = _start_wandb(cfg, out) if cfg.run.wandb and d.is_main else None
     log = _log if d.is_main else (lambda *_: None)
@@ -177,13 +235,15 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         if d.is_main:
             save_checkpoint(_state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step), ckpt_dir)
 
+    empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
+
     def validate(at_step: int) -> dict:
         from .tasks.jsonl import batches
         vb = batches(val.examples, p.batch_size, val.pad_token_id)
         if cfg.run.eval_batches is not None:
             vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
         metrics = evaluate(model, (d.shard(b) for b in vb), loss=cfg.data.loss, task_metric=task_metric,
-                           output_scale=cfg.data.output_scale, reduce=d.sum_floats)
+                           output_scale=cfg.data.output_scale, reduce=d.sum_floats, empty=empty)
         record = {"step": at_step, **{f"val_{k}": v for k, v in metrics.items()}}
         log(log_path, wandb_run, record)
         return metrics
@@ -272,21 +332,11 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
 
 # ---------------------------------------------------------------------------- helpers
-def _task_metric(cfg: ExperimentConfig, model: EdgeModel):
-    if not cfg.data.task:
-        return None
-    from .tasks.registry import METRICS
-
-    if cfg.data.task not in METRICS:
-        raise ValueError(f"data.task {cfg.data.task!r} is not a known task ({', '.join(sorted(METRICS))})")
-    from .experiment import load_tokenizer
-    return METRICS[cfg.data.task](load_tokenizer(model))
-
-
 def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict:
     state = {
         "step": step,
         "model_id": model.model_id,
+        "model_fingerprint": model.fingerprint(),
         "graph": graph_fingerprint(model),
         "config": cfg.to_dict(),
         "edge_log_alpha": model.edge_masks.log_alpha.detach(),
@@ -303,21 +353,49 @@ def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict
     return state
 
 
-def _check_compatible(state, where, model) -> None:
+def _check_compatible(state, where, model, cfg) -> None:
+    """The checkpoint belongs to this model (by content: config + weights fingerprint, whatever the
+    path it was loaded from) and this config's mask kinds; CheckpointError otherwise."""
     theirs, ours = state.get("graph"), graph_fingerprint(model)
     if theirs != ours:
         raise CheckpointError(f"{where}: checkpoint is for another graph ({theirs}), this model has {ours}")
-    if state.get("model_id") != model.model_id:
-        raise CheckpointError(f"{where}: checkpoint is for model {state.get('model_id')!r}, the config loads "
-                              f"{model.model_id!r}")
+    check_same_model(state.get("model_fingerprint"), state.get("model_id"), model, str(where))
     if (state.get("node_log_alpha") is None) != (model.node_masks is None):
         raise CheckpointError(f"{where}: node masks in checkpoint and config disagree (model.node_masks)")
+    kinds = {"edges"} | ({"nodes"} if model.node_masks is not None and cfg.prune.node_target is not None else set())
+    if set(state.get("lambdas", {})) != kinds:
+        raise CheckpointError(f"{where}: checkpoint has sparsity terms {sorted(state.get('lambdas', {}))}, the "
+                              f"config {sorted(kinds)} (prune.node_target)")
+
+
+def check_same_model(saved_fp: dict | None, saved_id: str | None, model: EdgeModel, where: str,
+                     allow_other: bool = False) -> None:
+    """Masks saved for one model must not be applied to another: compare content fingerprints.
+
+    Runs written before fingerprints existed carry only the model id: then the id is compared.
+    ``allow_other`` turns a mismatch into a warning (to transfer masks on purpose, e.g. to another
+    training checkpoint of the same model).
+    """
+    ours = model.fingerprint()
+    if saved_fp is not None:
+        same = saved_fp == ours
+        theirs = f"{saved_id!r} (fingerprint {saved_fp.get('weights', '?')[:12]})"
+        mine = f"{model.model_id!r} (fingerprint {ours.get('weights', '?')[:12]})"
+    else:
+        same = saved_id == model.model_id
+        theirs, mine = repr(saved_id), repr(model.model_id)
+    if same:
+        return
+    message = (f"{where}: these masks were learned on model {theirs}, but the config loads {mine}, "
+               "another model (its config or weights differ)")
+    if allow_other:
+        import warnings
+        warnings.warn(message + "; applying them anyway (--allow-other-model)", stacklevel=2)
+        return
+    raise CheckpointError(message + "; pass --allow-other-model to apply them anyway")
 
 
 def _restore(state, where, model, opt, lambda_opt, lambdas, ramps, generator) -> int:
-    if set(state["lambdas"]) != set(lambdas):
-        raise CheckpointError(f"{where}: checkpoint has sparsity terms {sorted(state['lambdas'])}, the config "
-                              f"{sorted(lambdas)}")
     with torch.no_grad():
         model.edge_masks.log_alpha.copy_(state["edge_log_alpha"])
         if model.node_masks is not None:
@@ -343,15 +421,12 @@ def _fix_optimizer_state(sd: dict) -> dict:
 
 
 def _write_masks(model: EdgeModel, path: Path) -> None:
-    from safetensors.torch import save_file
-
-    tensors = {"edge_log_alpha": model.edge_masks.log_alpha.detach().cpu().contiguous()}
+    tensors = {"edge_log_alpha": model.edge_masks.log_alpha.detach()}
     if model.node_masks is not None:
-        tensors["node_log_alpha"] = model.node_masks.log_alpha.detach().cpu().contiguous()
-    meta = {"model_id": str(model.model_id), "graph": json.dumps(graph_fingerprint(model))}
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+        tensors["node_log_alpha"] = model.node_masks.log_alpha.detach()
+    meta = {"model_id": str(model.model_id), "graph": json.dumps(graph_fingerprint(model), sort_keys=True),
+            "model_fingerprint": json.dumps(model.fingerprint(), sort_keys=True)}
+    write_safetensors(tensors, path, meta)
 
 
 def _log(path: Path, wandb_run, record: dict) -> None:
@@ -361,12 +436,33 @@ def _log(path: Path, wandb_run, record: dict) -> None:
         wandb_run.log(record, step=record["step"])
 
 
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines past the checkpoint's step (they will be logged again)."""
+def _log_lines(path: Path, step: int, say) -> list[str]:
+    """The lines of ``log.jsonl`` up to the checkpoint's ``step`` (later ones are logged again).
+
+    A partial last line (a kill during the append) is dropped with a notice: the checkpoint is the
+    truth. Any other damage is an error naming the file and the line.
+    """
     if not path.exists():
-        return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in kept))
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    kept = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            at = int(record["step"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            if number == len(lines) and not text.endswith("\n"):  # the unterminated last line
+                say(f"{path}:{number}: dropped a partial last line (the run was killed while logging); "
+                    "the checkpoint is the truth")
+                break
+            raise CheckpointError(f"{path}:{number}: damaged log line ({type(err).__name__}: {err}); "
+                                  "fix or delete the file to resume") from None
+        if at <= step:
+            kept.append(line)
+    return kept
 
 
 def _start_wandb(cfg: ExperimentConfig, out: Path):
@@ -374,28 +470,65 @@ def _start_wandb(cfg: ExperimentConfig, out: Path):
     try:
         import wandb
     except ImportError as err:
-        raise PruneError("--wandb needs the wandb package: pip install wandb") from err
+        raise PruneError('--wandb needs the wandb package: pip install "edgeprune[wandb]"') from err
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out), mode=mode,
                       name=out.name)
 
 
-def load_masks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor | None, dict]:
-    """(edge_log_alpha, node_log_alpha or None, graph fingerprint) of a run: its final
-    ``masks.safetensors``, else its latest checkpoint (a run that was stopped early)."""
-    from safetensors import safe_open
+@dataclass
+class RunMasks:
+    """A run's learned masks and what they were learned on."""
+    edge_log_alpha: torch.Tensor  # (E,)
+    node_log_alpha: torch.Tensor | None  # (W,)
+    graph: dict  # graph_fingerprint of the model
+    model_id: str | None
+    model_fingerprint: dict | None  # EdgeModel.fingerprint(); None in runs written before it existed
+    source: Path
+
+    def __iter__(self):  # (edge, node, graph), as older callers unpack it
+        return iter((self.edge_log_alpha, self.node_log_alpha, self.graph))
+
+    def check_model(self, model: EdgeModel, allow_other: bool = False) -> None:
+        """CheckpointError unless these masks belong to ``model``'s graph and to the model itself."""
+        ours = graph_fingerprint(model)
+        if self.graph and self.graph != ours:
+            raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
+                                  f"has {ours}")
+        if self.edge_log_alpha.numel() != model.graph.num_edges:
+            raise CheckpointError(f"{self.source}: masks have {self.edge_log_alpha.numel()} edges but the model's "
+                                  f"graph has {model.graph.num_edges} ({model.graph.describe()})")
+        check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
+
+
+def load_masks(run_dir: str | Path) -> RunMasks:
+    """A run's masks: its final ``masks.safetensors``, else its latest checkpoint (a run that was
+    stopped early). A damaged file is a CheckpointError naming it."""
+    from safetensors import SafetensorError, safe_open
 
     run_dir = Path(run_dir)
     path = run_dir / "masks.safetensors"
     if path.is_file():
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            edge = f.get_tensor("edge_log_alpha")
-            node = f.get_tensor("node_log_alpha") if "node_log_alpha" in f.keys() else None
-        return edge, node, json.loads(meta.get("graph", "{}"))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                keys = set(f.keys())
+                if "edge_log_alpha" not in keys:
+                    raise CheckpointError(f"{path}: no 'edge_log_alpha' tensor (found {sorted(keys)}): not an "
+                                          "edgeprune masks file")
+                edge = f.get_tensor("edge_log_alpha")
+                node = f.get_tensor("node_log_alpha") if "node_log_alpha" in keys else None
+            graph = json.loads(meta.get("graph", "{}"))
+            fp = json.loads(meta["model_fingerprint"]) if "model_fingerprint" in meta else None
+        except (SafetensorError, OSError, json.JSONDecodeError) as err:
+            raise CheckpointError(f"{path}: damaged masks file ({type(err).__name__}: {err}); re-export it "
+                                  "from the run's checkpoint or rerun") from None
+        model_id = meta.get("model_id")
+        return RunMasks(edge, node, graph, None if model_id in (None, "None") else model_id, fp, path)
     ckpt = find_checkpoint(run_dir / "checkpoint")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no masks.safetensors and no checkpoint/ (is this a run directory "
                                 "written by `edgeprune prune`?)")
     state = load_checkpoint(ckpt)
-    return state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"]
+    return RunMasks(state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"], state.get("model_id"),
+                    state.get("model_fingerprint"), ckpt)

@@ -2,6 +2,8 @@
 # Prune on one machine with several processes: FSDP2 shards the frozen weights, every process
 # holds the (tiny) masks, and the global batch (prune.batch_size) is split across processes, so the
 # run gives the masks a single process would. See edgeprune/distributed.py and docs/scale.md.
+# The config and the run directory are checked first, in one process (`edgeprune prune --check`):
+# a bad config or an existing run directory is one line and exit status 2, not a torchrun traceback.
 #
 #   run_scripts/torchrun.sh CONFIG [edgeprune prune options...]
 #   NPROC=4 run_scripts/torchrun.sh configs/gpt2_ioi.yaml --set prune.activation_checkpointing=true
@@ -37,5 +39,12 @@ if [[ -n "${PORT:-}" ]]; then
     rendezvous=(--master_addr 127.0.0.1 --master_port "$PORT")
 fi
 
-exec torchrun "${rendezvous[@]}" --nproc_per_node "$NPROC" -m edgeprune prune "$config" \
-    --set "model.device=${DEVICE:-auto}" "$@"
+python -m edgeprune prune "$config" --set "model.device=${DEVICE:-auto}" "$@" --check >/dev/null || exit 2
+
+status=0
+torchrun "${rendezvous[@]}" --nproc_per_node "$NPROC" -m edgeprune prune "$config" \
+    --set "model.device=${DEVICE:-auto}" "$@" || status=$?
+if [[ $status -ne 0 ]]; then
+    echo "$0: the run failed (exit $status); rank 0's one-line error is above torchrun's report" >&2
+    exit 2
+fi

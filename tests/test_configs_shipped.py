@@ -32,15 +32,22 @@ def local_gpt2(tmp_path_factory):
 
 @pytest.mark.parametrize("task", ["ioi", "gt", "gp"])
 def test_gpt2_task_config_prunes_evaluates_with_task_metric(task, local_gpt2, tmp_path, monkeypatch):
-    monkeypatch.chdir(ROOT)  # configs name data/ relative to the repository root
+    monkeypatch.chdir(tmp_path)  # configs resolve their data/ paths from their own directory
     out = tmp_path / "run"
-    assert main(["prune", f"configs/gpt2_{task}.yaml", "--model", str(local_gpt2), "--steps", "5",
+    assert main(["prune", str(ROOT / "configs" / f"gpt2_{task}.yaml"), "--model", str(local_gpt2), "--steps", "5",
                  "--output-dir", str(out), "--set", "prune.batch_size=4", "--set", "run.eval_batches=1",
                  "--no-progress"]) == 0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     final = [r for r in log if "val_kl" in r][-1]
     metric = {"ioi": "logit_diff", "gt": "prob_diff", "gp": "logit_diff"}[task]
-    assert f"val_{metric}_full" in final and f"val_{metric}_circuit" in final
+    for which in ("full", "circuit", "empty"):  # namespaced: never overwriting the generic metrics
+        assert f"val_{task}/{metric}_{which}" in final and f"val_logit_diff_{which}" in final
     assert main(["eval", str(out), "--split", "validation", "--batch-size", "20", "--no-progress"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())["metrics"]
-    assert metrics["n_examples"] == 100 and f"{metric}_circuit" in metrics
+    assert metrics["n_examples"] == 100 and f"{task}/{metric}_circuit" in metrics
+    # the printed ratios are computed from the printed numbers
+    m = lambda w: metrics[f"{task}/{metric}_{w}"]  # noqa: E731
+    assert metrics[f"{task}/faithfulness"] == pytest.approx((m("circuit") - m("empty")) / (m("full") - m("empty")))
+    g = lambda w: metrics[f"logit_diff_{w}"]  # noqa: E731
+    assert metrics["faithfulness"] == pytest.approx((g("circuit") - g("empty")) / (g("full") - g("empty")))
+    assert metrics["logit_diff_ratio"] == pytest.approx(g("circuit") / g("full"))

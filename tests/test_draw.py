@@ -140,11 +140,35 @@ def test_head_inputs_feed_their_head_by_dashed_edges_and_imply_the_head():
     assert '"a2.h5" [label="a2.h5"' in source
 
 
-def test_grouped_k_reader_connects_to_every_drawn_head_of_its_layer():
-    edges = [("tok_embeds", "a1.g0.k"), ("a1.h0", "m1"), ("a1.h3", "m1"), ("a0.h2", "m0")]
-    source = circuit_to_dot(edges).source
-    assert '"a1.g0.k" -> "a1.h0"' in source and '"a1.g0.k" -> "a1.h3"' in source
-    assert '"a1.g0.k" -> "a0.h2"' not in source
+def test_grouped_k_reader_connects_only_to_the_heads_of_its_group():
+    edges = [("tok_embeds", "a4.g0.k"), ("tok_embeds", "a4.g1.v"), ("a4.h0", "m4"), ("a4.h1", "m4"),
+             ("a4.h4", "m4"), ("a4.h7", "m4"), ("a0.h2", "m0")]
+    source = circuit_to_dot(edges, heads_per_group=2).source  # g0 serves h0, h1; g1 serves h2, h3
+    assert '"a4.g0.k" -> "a4.h0"' in source and '"a4.g0.k" -> "a4.h1"' in source
+    for wrong in ('"a4.g0.k" -> "a4.h4"', '"a4.g0.k" -> "a4.h7"', '"a4.g0.k" -> "a0.h2"', '"a4.g1.v" ->'):
+        assert wrong not in source
+
+
+def test_grouped_reader_without_group_size_is_not_joined_to_any_head():
+    with pytest.warns(UserWarning, match="group size is unknown"):
+        source = circuit_to_dot([("tok_embeds", "a1.g0.k"), ("a1.h0", "m1")]).source
+    assert '"a1.g0.k" -> "a1.h0"' not in source
+
+
+def test_head_inputs_are_labelled_with_their_full_names():
+    source = circuit_to_dot([("tok_embeds", "a2.h5.q"), ("tok_embeds", "a2.g1.k")], heads_per_group=4).source
+    assert '"a2.h5.q" [label="a2.h5.q"' in source and '"a2.g1.k" [label="a2.g1.k"' in source
+
+
+def test_draw_cli_reads_the_group_size_from_circuit_json(tmp_path):
+    from edgeprune.cli import main
+
+    edges = tmp_path / "edges.json"
+    edges.write_text(json.dumps([["tok_embeds", "a1.g1.k"], ["a1.h2", "m1"], ["a1.h0", "m1"]]))
+    (tmp_path / "circuit.json").write_text(json.dumps({"graph": {"n_heads": 4, "n_kv_heads": 2}}))
+    assert main(["draw", str(edges), "-o", str(tmp_path / "c.dot")]) == 0
+    source = (tmp_path / "c.dot").read_text()
+    assert '"a1.g1.k" -> "a1.h2"' in source and '"a1.g1.k" -> "a1.h0"' not in source
 
 
 def test_edges_take_the_colour_of_their_reader_kind():

@@ -165,7 +165,9 @@ def _curve(args) -> int:
           f"(m(full) = {result['m_full']:.4g}, m(empty) = {result['m_empty']:.4g}):")
     for label, entry in result["methods"].items():
         pts = "  ".join(f"{p['edges']}:{p['faithfulness']:.3f}" for p in entry["points"])
-        print(f"  {label:<14} CPR {entry['cpr']:.4f}  CMD {entry['cmd']:.4f}   edges:f  {pts}")
+        anchors = " + anchors " + ", ".join(f"({x:g},{f:g})" for x, f in entry["anchors"]) if entry["anchors"] else ""
+        flag = "  (few points: see warning)" if "warning" in entry else ""
+        print(f"  {label:<14} CPR {entry['cpr']:.4f}  CMD {entry['cmd']:.4f}   edges:f  {pts}{anchors}{flag}")
     print(f"written: {out / 'curve.json'} and {out / 'curve.png'}")
     return 0
 

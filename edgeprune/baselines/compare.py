@@ -7,7 +7,7 @@ edges that really are in its circuit. Columns:
 
 - ``edges``: edges in the circuit; ``kl``: mean KL(p_full || p_circuit) over the loss positions;
 - ``faithfulness``: (m(C) - m(empty)) / (m(full) - m(empty)), m the logit difference (as ``curve``);
-- ``logit_diff_ratio``: m(C) / m(full) (``edgeprune eval``'s ``faithfulness``);
+- ``logit_diff_ratio``: m(C) / m(full) (``edgeprune eval``'s ``logit_diff_ratio``);
 - ``wall_time_s``: time to find the circuit: the attribution run (stored in the scores file), or
   the pruning run (``RUN_DIR/timing.json`` when present, else the time between the run's
   ``config.yaml`` and ``masks.safetensors`` were written: approximate, marked ``~``).
@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 from ..model import EdgeModel
 from .curve import EDGE_PRUNING, CircuitEvaluator, label_scores, load_run_circuit
@@ -54,16 +56,21 @@ def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | Non
         n_edges = int(run_circuits[0].kept.sum())
     if n_edges < 0 or n_edges > model.graph.num_edges:
         raise ValueError(f"--edges must be in [0, {model.graph.num_edges}], got {n_edges}")
-    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)
+    bar = tqdm(total=1 + len(run_circuits) + len(scores), desc="compare", disable=not progress, leave=False)
+    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)  # evaluates the empty circuit
+    bar.update(1)
     rows = []
     for rc in run_circuits:
         wall, exact = run_wall_time(rc.run_dir)
         rows.append({"method": EDGE_PRUNING, "source": str(rc.run_dir), **ev.point(rc.kept),
                      "wall_time_s": wall, "wall_time_exact": exact})
+        bar.update(1)
     for label, s in zip(label_scores(list(scores)), scores):
         kept = circuit_of_size(model.graph, s.ranking_key(), n_edges, selection)
         rows.append({"method": label, "source": s.source, **ev.point(kept), "wall_time_s": s.wall_time_s,
                      "wall_time_exact": s.wall_time_s is not None})
+        bar.update(1)
+    bar.close()
     return {"n_edges": n_edges, "total_edges": model.graph.num_edges, "selection": selection,
             "m_full": ev.m_full, "m_empty": ev.m_empty, "n_examples": ev.n_examples,
             "n_positions": ev.n_positions, "rows": rows}

@@ -30,6 +30,7 @@ Edge Pruning gets one point per run directory (its circuit as ``edgeprune eval``
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,11 +38,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..circuit import extract_circuit
-from ..eval import evaluate
+from ..eval import evaluate, normalized_faithfulness
 from ..model import EdgeModel
 from .scores import Scores, check_graph
 from .selection import circuit_of_size, edge_order
 
+MIN_POINTS = 3  # fewer measured points than this: CPR/CMD are mostly the anchors, and say so
 DEFAULT_BUDGETS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0)
 EDGE_PRUNING = "edge-pruning"
 
@@ -67,11 +69,6 @@ def parse_budgets(text: str) -> list[float]:
     return check_budgets([t for t in text.replace(" ", "").split(",") if t])
 
 
-def normalized_faithfulness(m_circuit: float, m_full: float, m_empty: float) -> float:
-    denom = m_full - m_empty
-    return (m_circuit - m_empty) / denom if denom != 0 else float("nan")
-
-
 def areas(xs, fs) -> tuple[float, float]:
     """(CPR, CMD) of the piecewise-linear curve through (x, f), anchored at (0, 0) and (1, 1).
 
@@ -81,6 +78,9 @@ def areas(xs, fs) -> tuple[float, float]:
     for x, f in zip(xs, fs):
         if not 0.0 <= x <= 1.0:
             raise ValueError(f"edge fraction {x} is outside [0, 1]")
+        if not math.isfinite(f):
+            raise ValueError(f"faithfulness at edge fraction {x} is {f}: m(full) = m(empty) on this data, so "
+                             "no circuit can be scored against them (choose a split where the corruption matters)")
         by_x.setdefault(float(x), []).append(float(f))
     by_x.setdefault(0.0, [0.0])
     by_x.setdefault(1.0, [1.0])
@@ -102,7 +102,7 @@ class CircuitEvaluator:
     """Evaluates circuits (E,) bool on fixed batches, caching repeated circuits.
 
     ``point(kept)`` gives the edge count and fraction, m (logit difference), f (normalised),
-    KL and the plain ratio m(C) / m(full) (``edgeprune eval``'s ``faithfulness``).
+    KL and the plain ratio m(C) / m(full) (``edgeprune eval``'s ``logit_diff_ratio``).
     """
 
     def __init__(self, model: EdgeModel, batches, loss: str = "kl", progress: bool = False):
@@ -121,7 +121,7 @@ class CircuitEvaluator:
             graph = self.model.graph
             self.model.set_edges([e for e, k in zip(graph.edges, kept.tolist()) if k])
             try:
-                self._cache[key] = evaluate(self.model, self.batches, loss=self.loss)
+                self._cache[key] = evaluate(self.model, self.batches, loss=self.loss, empty=False)
             finally:
                 self.model.reset_masks()
         return self._cache[key]
@@ -132,7 +132,7 @@ class CircuitEvaluator:
         return {"edges": n, "edge_fraction": n / self.model.graph.num_edges,
                 "logit_diff": m["logit_diff_circuit"],
                 "faithfulness": normalized_faithfulness(m["logit_diff_circuit"], self.m_full, self.m_empty),
-                "kl": m["kl"], "logit_diff_ratio": m["faithfulness"], "exact_match": m["exact_match"]}
+                "kl": m["kl"], "logit_diff_ratio": m["logit_diff_ratio"], "exact_match": m["exact_match"]}
 
 
 @dataclass
@@ -142,19 +142,14 @@ class RunCircuit:
     counts: dict
 
 
-def load_run_circuit(run_dir: str | Path, model: EdgeModel) -> RunCircuit:
+def load_run_circuit(run_dir: str | Path, model: EdgeModel, allow_other_model: bool = False) -> RunCircuit:
     """An Edge Pruning run's circuit, extracted as ``edgeprune eval`` does (threshold + dangling removal)."""
-    from ..prune import graph_fingerprint, load_masks
+    from ..prune import load_masks
 
     run_dir = Path(run_dir)
-    edge_la, node_la, fingerprint = load_masks(run_dir)
-    ours = graph_fingerprint(model)
-    if fingerprint and fingerprint != ours:
-        raise ValueError(f"{run_dir}: the run's masks are for another graph ({fingerprint}); this model has {ours}")
-    if edge_la.numel() != model.graph.num_edges:
-        raise ValueError(f"{run_dir}: masks have {edge_la.numel()} edges, the model's graph has "
-                         f"{model.graph.num_edges} ({model.graph.describe()})")
-    c = extract_circuit(model.graph, edge_la, node_la)
+    masks = load_masks(run_dir)
+    masks.check_model(model, allow_other_model)
+    c = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
     return RunCircuit(run_dir, c.kept, c.counts)
 
 
@@ -197,7 +192,17 @@ def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets
         methods[label] = {"sources": [s.source], "method": s.method, "settings": s.settings,
                           "rank_by": s.rank_by, "points": points}
     bar.close()
-    for entry in methods.values():
+    for label, entry in methods.items():
+        measured = [p for p in entry["points"] if 0.0 < p["edge_fraction"] < 1.0]
+        xs = {p["edge_fraction"] for p in entry["points"]}
+        entry["anchors"] = [a for a in ((0.0, 0.0), (1.0, 1.0)) if a[0] not in xs]  # added, not measured
+        entry["measured_points"] = len(measured)
+        if len(measured) < MIN_POINTS:
+            entry["warning"] = (f"{label}: only {len(measured)} measured point(s) strictly between the empty and "
+                                f"the full circuit; its CPR/CMD come mostly from the (0,0)/(1,1) anchors and "
+                                f"are not comparable with methods measured at more sizes (give at least "
+                                f"{MIN_POINTS} runs or budgets)")
+            warnings.warn(entry["warning"], stacklevel=2)
         cpr, cmd = areas([p["edge_fraction"] for p in entry["points"]], [p["faithfulness"] for p in entry["points"]])
         entry["cpr"], entry["cmd"] = cpr, cmd
     return {

@@ -17,7 +17,6 @@ and EAP-IG scores by magnitude (``rank_by = "abs"``) and ACDC effects by value (
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,11 @@ class Scores:
             raise ScoresError(f"unknown method {self.method!r}; known methods: {', '.join(METHODS)}")
         if self.values.shape != (len(self.edges),):
             raise ScoresError(f"scores have shape {tuple(self.values.shape)} but there are {len(self.edges)} edges")
+        bad = (~torch.isfinite(self.values.float())).nonzero().flatten()
+        if bad.numel():  # a NaN would sort anywhere and give a circuit that means nothing
+            first = self.edges[int(bad[0])]
+            raise ScoresError(f"{bad.numel()} of {len(self.edges)} scores are NaN or infinite (the first is edge "
+                              f"{first[0]} -> {first[1]}); the attribution run that wrote them failed: rerun it")
 
     @property
     def rank_by(self) -> str:
@@ -67,7 +71,7 @@ class Scores:
 
 def save_scores(scores: Scores, path: str | Path) -> Path:
     """Write ``scores`` atomically (temporary file + rename)."""
-    from safetensors.torch import save_file
+    from ..checkpoint import write_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +88,7 @@ def save_scores(scores: Scores, path: str | Path) -> Path:
         "config": json.dumps(scores.config),
         "wall_time_s": json.dumps(scores.wall_time_s),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    os.replace(tmp, path)
-    return path
+    return write_safetensors(tensors, path, meta)
 
 
 def load_scores(path: str | Path) -> Scores:

@@ -175,3 +175,73 @@ def attention(q, k, v, ctx: Context, scale: float, sliding_window: int | None = 
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of (B, H, T, dh) queries or keys, HF's half-split convention; cos/sin (1|B, T, r).
+
+    Partial rotary (GPT-NeoX's ``rotary_pct``, ``partial_rotary_factor``; r < dh) turns only the first
+    r dimensions of each head and passes the rest through, as HF's ``apply_rotary_pos_emb`` does.
+    Shared by every rotary family (``llama.py``, ``gpt_neox.py``, ``phi3.py``).
+    """
+    cos, sin = cos[:, None], sin[:, None]
+    r = cos.shape[-1]
+    part = x if r == x.shape[-1] else x[..., :r]
+    half = r // 2
+    turned = part * cos + torch.cat((-part[..., half:], part[..., :half]), dim=-1) * sin
+    return turned if r == x.shape[-1] else torch.cat((turned, x[..., r:]), dim=-1)
+
+
+def rms_norm_fp32_scale(x: torch.Tensor, scale: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """RMSNorm that scales in fp32 and casts once (Gemma's ``(1 + w)`` norms, OLMo-2's), unlike
+    Llama's ``rms_norm``, which rounds the normalised input to the model dtype before scaling.
+
+    x: (..., D) any dtype; scale: (D,) fp32, the effective weight (``1 + w.float()`` for Gemma,
+    ``w.float()`` for OLMo-2). Returns x's shape in ``dtype``.
+    """
+    x = x.float()
+    return (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale).to(dtype)
+
+
+def post_norm_shares(heads: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
+    """Each head's share of an RMS post-norm of the heads' sum (Gemma-2/3, OLMo-2 ``post_attention_layernorm``).
+
+    A post-norm acts on the sum of a layer's heads, so heads are not separable writers as in GPT-2.
+    The rule: the norm's 1 / rms comes from the sum of these heads (this forward's heads, computed
+    from their own masked inputs) and is shared by them, so head h writes
+
+        s_h = o_h * scale / rms(sum_g o_g)
+
+    and the shares add up to the normed output: with every mask 1 the model is HF's. heads: (H, B,
+    T, D) per-head output-projection terms o_h in the model dtype; scale: (D,) fp32 effective norm
+    weight. Returns (H, B, T, D) in heads' dtype. The norm is computed in fp32, as HF's.
+    """
+    x = heads.float()
+    inv = torch.rsqrt(x.sum(0).pow(2).mean(-1, keepdim=True) + eps)  # (B, T, 1), shared by the heads
+    return (x * inv * scale).to(heads.dtype)
+
+
+def softcap_attention(q, k, v, ctx: Context, scale: float, softcap: float,
+                      sliding_window: int | None = None) -> torch.Tensor:
+    """Causal attention with tanh soft-capped logits (Gemma-2's ``attn_logit_softcapping``).
+
+    SDPA has no soft-cap, so the scores are formed explicitly, for the current length only (never an
+    n_ctx x n_ctx buffer), masked with ``Context.sdpa_mask`` (causal, padding, sliding window):
+    scores = softcap * tanh(q k^T * scale / softcap). q: (B, H, T, dh); k, v: (B, G, T, dh) with G
+    dividing H (grouped heads are not copied). Scores and softmax run in fp32 (HF's eager path rounds
+    the scores to the model dtype first); probabilities are cast to v's dtype, as HF does.
+    Returns (B, H, T, dh).
+    """
+    B, H, T, dh = q.shape
+    G = k.shape[1]
+    qg = q.unflatten(1, (G, H // G))  # (B, G, H/G, T, dh)
+    scores = torch.matmul(qg.float(), k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, G, H/G, T, T)
+    scores = torch.tanh(scores / softcap) * softcap
+    mask = ctx.sdpa_mask(sliding_window)  # (B, 1, T, T) bool or None (plain causal)
+    if mask is None:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    else:
+        mask = mask[:, :, None]  # (B, 1, 1, T, T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    return torch.matmul(probs, v[:, :, None]).flatten(1, 2)  # (B, H, T, dh)

@@ -161,4 +161,4 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int,
 
 def metric(tokenizer):
     """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right answer minus wrong."""
-    return answer_logit_diff(tokenizer, "answer", "wrong")
+    return answer_logit_diff(tokenizer, "answer", "wrong", task="boolean")

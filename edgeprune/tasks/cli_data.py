@@ -24,6 +24,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--n-val", type=int, default=100)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in the directory")
     parser.add_argument("--format", choices=FORMATS, default=None,
                         help="boolean only: fewshot (three solved examples first, the default) or "
                              "instruct (an instruction line first)")
@@ -31,22 +32,38 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args: argparse.Namespace) -> int:
+    """Exit status 0, or 2 with one line naming what is wrong (bad values, an existing dataset, a
+    tokenizer that cannot be loaded or has too few usable words)."""
+    from pathlib import Path
+
     from transformers import AutoTokenizer
+
+    from ..hub import LoadError, loading
+
+    def fail(message: str) -> int:
+        print(f"edgeprune data {args.task}: error: {message}", file=sys.stderr)
+        return 2
 
     options = {}
     if args.format is not None:
         if args.task != "boolean":
-            print(f"edgeprune data: --format applies to the boolean task only, not {args.task!r}",
-                  file=sys.stderr)
-            return 2
+            return fail(f"--format applies to the boolean task only, not {args.task!r}")
         options["format"] = args.format
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+    for flag, value in (("--n-train", args.n_train), ("--n-val", args.n_val), ("--n-test", args.n_test)):
+        if value < 0:
+            return fail(f"{flag} must be >= 0, got {value}")
+    out = Path(args.out)
+    existing = [out / f"{s}.jsonl" for s in ("train", "validation", "test")] + [out / "meta.json"]
+    if not getattr(args, "overwrite", False) and any(p.exists() for p in existing):
+        return fail(f"{out} already holds a dataset ({', '.join(p.name for p in existing if p.exists())}); "
+                    "pass --overwrite to replace it, or choose another -o")
     try:
+        with loading(args.tokenizer, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
         paths = generate(args.task, tokenizer, args.out, n_train=args.n_train, n_val=args.n_val,
                          n_test=args.n_test, seed=args.seed, **options)
-    except ValueError as err:
-        print(f"edgeprune data {args.task}: {err}", file=sys.stderr)
-        return 1
+    except (LoadError, ValueError) as err:
+        return fail(str(err))
     for split, path in paths.items():
         with open(path, encoding="utf-8") as f:
             n = sum(1 for _ in f)

@@ -139,9 +139,43 @@ def reject_options(task: str, options: dict, allowed: Iterable[str] = ()) -> Non
                          f"{sorted(allowed) or 'none'}")
 
 
-def answer_logit_diff(tokenizer, right_key: str, wrong_key: str):
+class TaskMetric:
+    """A task's metric and the check that makes it safe to report.
+
+    ``metric(logits (N, V), extras) -> {name: (N,)}`` scores each example at its first predicted
+    position; ``check(examples, source)`` runs first, over every example, and rejects a line whose
+    answer fields do not name the token the line predicts (e.g. an IOI file whose ``io`` lacks the
+    leading space the model predicts: the metric would silently score another token).
+    ``name`` namespaces the metrics (``ioi/logit_diff_full``); ``main`` is the metric that
+    faithfulness is normalised on.
+    """
+
+    def __init__(self, name: str, main: str, fn: Callable, check_example: Callable):
+        self.name, self.main, self._fn, self._check_example = name, main, fn, check_example
+
+    def __call__(self, logits, extras: list[dict]) -> dict:
+        return self._fn(logits, extras)
+
+    def check(self, examples, source: str) -> None:
+        """TaskFormatError naming ``source``, the line and the field, for the first bad example."""
+        from .jsonl import TaskFormatError
+
+        for ex in examples:
+            problem = self._check_example(ex)
+            if problem:
+                raise TaskFormatError(f"{source}:{ex.line}: {problem} (task metric {self.name!r})")
+
+
+def _describe_token(tokenizer, token_id: int) -> str:
+    return f"{tokenizer.decode([token_id])!r} (id {token_id})"
+
+
+def answer_logit_diff(tokenizer, right_key: str, wrong_key: str, task: str = "task") -> TaskMetric:
     """A metric ``(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``: the logit of the
-    single-token answer named by ``extras[i][right_key]`` minus that of ``extras[i][wrong_key]``."""
+    single-token answer named by ``extras[i][right_key]`` minus that of ``extras[i][wrong_key]``.
+
+    Its check: both fields are strings of one token each, they differ, and the right answer's token
+    is the token the line predicts (its span's first token)."""
     import torch
 
     ids: dict[str, int] = {}
@@ -160,4 +194,33 @@ def answer_logit_diff(tokenizer, right_key: str, wrong_key: str):
         diff = logits[rows, right].float() - logits[rows, wrong].float()
         return {"logit_diff": diff, "accuracy": (diff > 0).float()}
 
-    return logit_diff
+    def check(ex) -> str | None:
+        found = {}
+        for key in (right_key, wrong_key):
+            value = ex.extra.get(key)
+            if not isinstance(value, str) or not value:
+                return (f"field {key!r} must be a non-empty string naming an answer token, got "
+                        f"{value!r}")
+            pieces = span_ids(tokenizer, value)
+            if len(pieces) != 1:
+                hint = ""
+                if len(span_ids(tokenizer, " " + value)) == 1 and not value.startswith(" "):
+                    hint = f"; with the leading space the model predicts it would be one: {' ' + value!r}"
+                return f"field {key!r} is {value!r}, {len(pieces)} tokens; it must be one token{hint}"
+            found[key] = pieces[0]
+        target = ex.target_ids[0]
+        if found[right_key] != target:
+            text = ex.extra[right_key]
+            hint = ""
+            spaced = span_ids(tokenizer, " " + text)
+            if not text.startswith(" ") and spaced == [target]:
+                hint = (f"; the field lacks the leading space: write {' ' + text!r} (and the same for "
+                        f"{wrong_key!r})")
+            return (f"field {right_key!r} is {text!r} = token {_describe_token(tokenizer, found[right_key])}, "
+                    f"but the line predicts {_describe_token(tokenizer, target)}; the metric would score "
+                    f"another token than the one predicted{hint}")
+        if found[wrong_key] == found[right_key]:
+            return f"fields {right_key!r} and {wrong_key!r} name the same token {_describe_token(tokenizer, target)}"
+        return None
+
+    return TaskMetric(task, "logit_diff", logit_diff, check)

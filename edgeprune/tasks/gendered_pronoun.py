@@ -71,4 +71,4 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
 
 def metric(tokenizer):
     """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, right pronoun minus wrong."""
-    return answer_logit_diff(tokenizer, "pronoun", "wrong")
+    return answer_logit_diff(tokenizer, "pronoun", "wrong", task="gp")

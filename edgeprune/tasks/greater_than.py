@@ -22,7 +22,7 @@ import random
 
 import torch
 
-from .common import (TaskData, check_counts, check_pair, draw_splits, record, reject_options,
+from .common import (TaskData, TaskMetric, check_counts, check_pair, draw_splits, record, reject_options,
                      require_count, single_token_id, span_ids)
 from .words import SPANS
 
@@ -91,9 +91,13 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
     return TaskData(splits, templates)
 
 
-def metric(tokenizer):
-    """``metric(logits (N, V), extras) -> {"prob_diff": (N,), "accuracy": (N,)}``."""
-    digits = torch.tensor(two_digit_ids(tokenizer))
+def metric(tokenizer) -> TaskMetric:
+    """``metric(logits (N, V), extras) -> {"prob_diff": (N,), "accuracy": (N,)}``.
+
+    Its check: ``yy`` is an integer 0..99 and the line predicts one two-digit token later than it."""
+    ids = two_digit_ids(tokenizer)
+    digits = torch.tensor(ids)
+    value_of = {token: yy for yy, token in enumerate(ids)}
 
     def gt_metric(logits: torch.Tensor, extras: list[dict]) -> dict[str, torch.Tensor]:
         assert logits.dim() == 2 and logits.shape[0] == len(extras), (tuple(logits.shape), len(extras))
@@ -103,4 +107,17 @@ def metric(tokenizer):
         diff = (probs * later).sum(-1) - (probs * ~later).sum(-1)
         return {"prob_diff": diff, "accuracy": (diff > 0).float()}
 
-    return gt_metric
+    def check(ex) -> str | None:
+        yy = ex.extra.get("yy")
+        if isinstance(yy, bool) or not isinstance(yy, int) or not 0 <= yy <= 99:
+            return f"field 'yy' must be the start year's last two digits, an integer 0..99, got {yy!r}"
+        target = ex.target_ids[0]
+        if target not in value_of:
+            return (f"the line predicts {tokenizer.decode([target])!r} (id {target}), not one of the "
+                    f"two-digit tokens '00'..'99' the metric scores")
+        if value_of[target] <= yy:
+            return (f"the line predicts {value_of[target]:02d}, not a year later than yy = {yy:02d}: "
+                    f"the span must be one valid answer")
+        return None
+
+    return TaskMetric("gt", "prob_diff", gt_metric, check)

@@ -99,4 +99,4 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
 
 def metric(tokenizer):
     """``metric(logits (N, V), extras) -> {"logit_diff": (N,), "accuracy": (N,)}``, IO minus S."""
-    return answer_logit_diff(tokenizer, "io", "s")
+    return answer_logit_diff(tokenizer, "io", "s", task="ioi")

@@ -118,6 +118,12 @@ def _parse_line(text: str, tokenizer, path: Path, line: int,
         obj = json.loads(text)
     except json.JSONDecodeError as e:
         raise TaskFormatError(f"{at}: invalid JSON: {e.msg} (column {e.colno})") from None
+    return parse_record(obj, tokenizer, at, line, max_length)
+
+
+def parse_record(obj, tokenizer, at: str, line: int, max_length: int | None) -> Example:
+    """One task record (a JSONL line's object, or a ``datasets`` row) -> Example; ``at`` names it
+    in errors (``file:line``)."""
     if not isinstance(obj, dict):
         raise TaskFormatError(f"{at}: expected a JSON object with 'clean' and 'corrupted' strings, "
                               f"got a JSON {type(obj).__name__}")
@@ -184,6 +190,56 @@ def read_jsonl_task(path: str | Path, tokenizer, split: str | None = None,
         raise ValueError(f"{path}: no examples in split {split!r}; splits present: "
                          f"{', '.join(present)}")
     return chosen
+
+
+def read_hf_dataset(path: str | Path, tokenizer, split: str | None = None,
+                    max_length: int | None = None) -> list[Example]:
+    """Task records from the ``datasets`` library, validated line by line like a JSONL file.
+
+    ``path``: a ``save_to_disk`` directory (a ``Dataset`` whose rows carry ``split``, or a
+    ``DatasetDict`` whose keys are the splits), or a ``.parquet`` / ``.json`` file of records. Each
+    row has the JSONL fields (``clean``, ``corrupted``, optional ``split``, task fields); errors name
+    ``path:row`` (1-based).
+    """
+    import datasets
+
+    path = Path(path)
+    try:
+        if path.is_dir():
+            data = datasets.load_from_disk(str(path))
+        elif path.suffix == ".parquet":
+            data = datasets.Dataset.from_parquet(str(path))
+        else:
+            data = datasets.Dataset.from_json(str(path))
+    except Exception as err:  # datasets raises many types for a damaged or foreign directory
+        raise TaskFormatError(f"{path}: not a readable datasets dataset ({type(err).__name__}: {err})") from None
+    if isinstance(data, datasets.DatasetDict):
+        if split is None:
+            raise ValueError(f"{path}: a DatasetDict needs a split ({', '.join(data)})")
+        if split not in data:
+            raise ValueError(f"{path}: no split {split!r} (splits present: {', '.join(data)})")
+        rows = [{**r, "split": r.get("split") or split} for r in data[split]]
+        where = f"{path}[{split}]"
+        examples = [parse_record(r, tokenizer, f"{where}:{i}", i, max_length) for i, r in enumerate(rows, 1)]
+        return [ex for ex in examples if ex.split == split]
+    examples = [parse_record({k: v for k, v in r.items() if v is not None}, tokenizer, f"{path}:{i}", i, max_length)
+                for i, r in enumerate(data, 1)]
+    if not examples:
+        raise ValueError(f"{path}: no examples")
+    if split is None:
+        return examples
+    chosen = [ex for ex in examples if ex.split == split]
+    if not chosen:
+        raise ValueError(f"{path}: no examples in split {split!r}")
+    return chosen
+
+
+def is_hf_dataset(path: str | Path) -> bool:
+    """A ``save_to_disk`` directory, or a Parquet / JSON (not JSONL) file of records."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file()
+    return path.is_file() and path.suffix in (".parquet", ".json")
 
 
 def to_hf_dataset(examples: Sequence[Example]):
