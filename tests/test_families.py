@@ -283,3 +283,18 @@ def test_prune_runs_end_to_end(kind, tmp_path):
     assert result.finished and result.step == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert (tmp_path / "run" / "masks.safetensors").is_file()
+
+
+def test_export_of_a_parallel_residual_run_rebuilds_its_graph(tmp_path):
+    """The graph fingerprint carries parallel_residual, so export (no weights loaded) rebuilds the
+    Pythia graph, without the same-layer head -> MLP edges."""
+    from edgeprune.export import run_circuit
+    from edgeprune.prune import _write_masks
+
+    model = EdgeModel.from_hf(build("gpt_neox"))
+    assert model.graph.spec.parallel_residual
+    _write_masks(model, tmp_path / "masks.safetensors")
+    circuit, fp = run_circuit(tmp_path)
+    assert fp["parallel_residual"] is True
+    assert circuit.counts["total_edges"] == model.graph.num_edges
+    assert not any(w.startswith("a0.") and r == "m0" for w, r in circuit.edges)
