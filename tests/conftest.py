@@ -187,3 +187,26 @@ def require_shared(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"{path} is absent: the offline fixtures in ../shared are needed for this test")
     return path
+
+
+def prune_tiny(hf_model: torch.nn.Module, tmp_path: Path, name: str):
+    """Save ``hf_model`` (vocabulary 512) with the stories260K tokenizer and prune it for 3 steps on
+    the stories names task; returns the PruneResult (run directory ``tmp_path / "run"``)."""
+    require_shared(STORIES)
+    from transformers import AutoTokenizer
+
+    from edgeprune.config import from_dict
+    from edgeprune.prune import prune
+
+    path = tmp_path / name
+    hf_model.save_pretrained(path)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
+    task = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
+    cfg = from_dict({
+        "model": {"name_or_path": str(path), "device": "cpu"},
+        "data": {"path": str(task), "max_length": 64},
+        "prune": {"edge_target": 0.5, "steps": 3, "warmup_steps": 2, "batch_size": 4},
+        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "eval_every": 3, "save_every": 3,
+                "log_every": 1, "eval_batches": 1},
+    }).validate()
+    return prune(cfg, progress=False)

@@ -2,18 +2,16 @@
 sliding window) against transformers' own forward, never against our code."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import STORIES, build, randomize, require_shared, token_batch
+from conftest import prune_tiny, build, randomize, token_batch
 from edgeprune import EdgeModel
 from edgeprune.graph import Graph, GraphSpec
 from edgeprune.models import family_for
 
 FP32_TOL = 1e-5
-TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
 
@@ -263,23 +261,7 @@ def test_unsupported_model_type_names_the_supported_ones_and_how_to_add_one():
 
 @pytest.mark.parametrize("kind", ["pythia", "phi3", "qwen3"])
 def test_prune_runs_end_to_end(kind, tmp_path):
-    require_shared(STORIES)
-    from transformers import AutoTokenizer
-
-    from edgeprune.config import from_dict
-    from edgeprune.prune import prune
-
-    path = tmp_path / kind
-    make(kind, vocab_size=512).save_pretrained(path)  # the stories260K tokenizer's vocabulary
-    AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
-    cfg = from_dict({
-        "model": {"name_or_path": str(path), "device": "cpu"},
-        "data": {"path": str(TASK), "max_length": 64},
-        "prune": {"edge_target": 0.5, "steps": 3, "warmup_steps": 2, "batch_size": 4},
-        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "eval_every": 3, "save_every": 3,
-                "log_every": 1, "eval_batches": 1},
-    }).validate()
-    result = prune(cfg, progress=False)
+    result = prune_tiny(make(kind, vocab_size=512), tmp_path, kind)  # the stories260K vocabulary
     assert result.finished and result.step == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert (tmp_path / "run" / "masks.safetensors").is_file()

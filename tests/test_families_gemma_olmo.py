@@ -8,18 +8,16 @@ eager for Gemma-2 (HF's Gemma-2 does not support SDPA, which has no soft-cap), S
 """
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import STORIES, build, require_shared, token_batch
+from conftest import prune_tiny, build, token_batch
 from edgeprune import EdgeModel
 from edgeprune.graph import Graph, GraphSpec
 
 FP32_TOL = 1e-5
 KINDS = ["gemma", "gemma2", "gemma3_text", "olmo2"]
-TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
 
 
 def _mask(batch, seq, side):
@@ -242,23 +240,7 @@ def test_output_bias_inside_a_post_norm_is_refused(kind):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_prune_runs_end_to_end(kind, tmp_path):
-    require_shared(STORIES)
-    from transformers import AutoTokenizer
-
-    from edgeprune.config import from_dict
-    from edgeprune.prune import prune
-
-    path = tmp_path / kind
-    build(kind, vocab_size=512).save_pretrained(path)  # the stories260K tokenizer's vocabulary
-    AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
-    cfg = from_dict({
-        "model": {"name_or_path": str(path), "device": "cpu"},
-        "data": {"path": str(TASK), "max_length": 64},
-        "prune": {"edge_target": 0.5, "steps": 3, "warmup_steps": 2, "batch_size": 4},
-        "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "eval_every": 3, "save_every": 3,
-                "log_every": 1, "eval_batches": 1},
-    }).validate()
-    result = prune(cfg, progress=False)
+    result = prune_tiny(build(kind, vocab_size=512), tmp_path, kind)  # the stories260K vocabulary
     assert result.finished and result.step == 3
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert (tmp_path / "run" / "masks.safetensors").is_file()
