@@ -102,6 +102,32 @@ def stats(x, ref):
     return d.max().item(), d.mean().item()
 
 
+def measure(name, cls, cfg, batch: int, seq: int, device: str | torch.device = "cpu") -> list[tuple]:
+    """Rows (model, forward, dtype, max, mean) of |logit - HF fp32 logit| for one family on ``device``:
+    HF eager vs sdpa (fp32 floor, where HF has sdpa), ours fp32, HF bf16 (the bf16 floor), ours bf16.
+    Weights are randomised on CPU (same values on every device), then moved."""
+    torch.manual_seed(0)
+    hf32 = randomize(cls(cfg)).to(device)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device)
+    corrupted = torch.randint(0, cfg.vocab_size, (batch, seq), generator=gen).to(device)
+    rows = []
+    with torch.no_grad():
+        ref = hf32(ids).logits
+        if hf32.config._attn_implementation != "eager":
+            eager = copy.deepcopy(hf32)
+            eager.config._attn_implementation = "eager"
+            rows.append((name, "HF eager vs sdpa", "fp32", *stats(eager(ids).logits, ref)))
+            del eager
+        rows.append((name, "edgeprune", "fp32",
+                     *stats(EdgeModel.from_hf(hf32)(ids, corrupted_input_ids=corrupted).logits, ref)))
+        hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+        rows.append((name, "HF", "bf16", *stats(hf16(ids).logits, ref)))
+        rows.append((name, "edgeprune", "bf16",
+                     *stats(EdgeModel.from_hf(hf16)(ids, corrupted_input_ids=corrupted).logits, ref)))
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true")
@@ -110,23 +136,7 @@ def main():
     args = ap.parse_args()
     rows = []
     for name, cls, cfg in configs(args.small):
-        torch.manual_seed(0)
-        hf32 = randomize(cls(cfg))
-        gen = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
-        corrupted = torch.randint(0, cfg.vocab_size, (args.batch, args.seq), generator=gen)
-        with torch.no_grad():
-            ref = hf32(ids).logits
-            if hf32.config._attn_implementation != "eager":
-                eager = copy.deepcopy(hf32)
-                eager.config._attn_implementation = "eager"
-                rows.append((name, "HF eager vs sdpa", "fp32", *stats(eager(ids).logits, ref)))
-            rows.append((name, "edgeprune", "fp32",
-                         *stats(EdgeModel.from_hf(hf32)(ids, corrupted_input_ids=corrupted).logits, ref)))
-            hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-            rows.append((name, "HF", "bf16", *stats(hf16(ids).logits, ref)))
-            rows.append((name, "edgeprune", "bf16",
-                         *stats(EdgeModel.from_hf(hf16)(ids, corrupted_input_ids=corrupted).logits, ref)))
+        rows.extend(measure(name, cls, cfg, args.batch, args.seq))
     print(f"batch {args.batch} x seq {args.seq}; |logit - HF fp32 logit|")
     print(f"{'model':<12} {'forward':<18} {'dtype':<6} {'max':>10} {'mean':>10}")
     for r in rows:

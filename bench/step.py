@@ -66,7 +66,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 MODELS = ("gpt2", "llama", "pythia", "qwen3", "phi3", "gemma2")
 
 
-def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.device):
+def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.device, tiny: bool = False):
     from transformers import (GPT2Config, GPT2LMHeadModel, GPTNeoXConfig, GPTNeoXForCausalLM, LlamaConfig,
                               LlamaForCausalLM, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
     from transformers.utils import logging as hf_logging
@@ -102,9 +102,27 @@ def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.de
                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0), Gemma2ForCausalLM
     else:
         raise ValueError(f"unknown model {kind!r} ({', '.join(MODELS)})")
+    if tiny:
+        cfg = shrink(cfg)
     with torch.device("meta" if device.type == "meta" else "cpu"):  # meta: no weights (the estimate)
         model = cls(cfg)
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def shrink(cfg):
+    """The same architecture at d 64, 4 heads (2 KV heads where grouped), head_dim 16, MLP 128, vocab 512:
+    ``--tiny``, a dry run of the code (``bench/gpu_check.py --device cpu``), not a figure."""
+    data = cfg.to_dict()
+    if data["model_type"] == "gpt2":
+        data.update(n_embd=64, n_head=4, vocab_size=512)
+    else:
+        kv = data.get("num_key_value_heads") or data["num_attention_heads"]
+        data.update(hidden_size=64, num_attention_heads=4, num_key_value_heads=4 if kv == data["num_attention_heads"]
+                    else 2, head_dim=16, intermediate_size=128, vocab_size=512)
+        if "query_pre_attn_scalar" in data:
+            data["query_pre_attn_scalar"] = 16
+    data.pop("model_type", None)
+    return type(cfg)(**data)
 
 
 def count_flops(kind: str, shape: tuple[int, int], args) -> dict:
@@ -117,7 +135,7 @@ def count_flops(kind: str, shape: tuple[int, int], args) -> dict:
     from edgeprune.memtrace import LiveTensors
 
     B, T = shape
-    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"))
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"), getattr(args, "tiny", False))
     model = EdgeModel.from_hf(hf).train()
     model.activation_checkpointing = args.checkpointing  # its recomputation counts too
     batch = SyntheticBatch(B, T, 1, torch.device("meta"))
@@ -142,7 +160,7 @@ def count_flops(kind: str, shape: tuple[int, int], args) -> dict:
 
 def estimate_peaks(kind: str, shape: tuple[int, int], args) -> tuple[int, int]:
     """``edgeprune estimate``'s traced peaks (meta device, no weights) of the step and of HF's fwd+bwd."""
-    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"))
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"), getattr(args, "tiny", False))
     model = EdgeModel.from_hf(hf)
     model.activation_checkpointing = args.checkpointing
     return trace_step(model, *shape), trace_hf(hf, *shape)
@@ -234,15 +252,28 @@ def make_clock(device: torch.device):
 
 def setup(kind, shape, args, device):
     B, T = shape
-    hf = build_hf(kind, args.layers, DTYPES[args.dtype], device)
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], device, getattr(args, "tiny", False))
     batch = Batch(B, T, hf.config.vocab_size, device)
     return hf, batch
 
 
-def time_one(kind: str, shape: tuple[int, int], args, device) -> dict:
+def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True) -> dict:
     hf, batch = setup(kind, shape, args, device)
     model = EdgeModel.from_hf(hf)
     prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing), HFStep(hf, batch)
+    out = time_steps(prune_step, hf_step, args, device)
+    if flops:
+        out["flops"] = count_flops(kind, shape, args)
+    g = model.graph
+    d = hf.config.hidden_size
+    out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
+    out["graph"] = g.describe()
+    return out
+
+
+def time_steps(prune_step: PruneStep, hf_step: HFStep, args, device) -> dict:
+    """Medians over ``args.repeats`` interleaved runs (after ``args.warmup``) of both steps, with parts
+    and the ratio step / HF; timings synchronise CUDA before each reading (``make_clock``)."""
     clock = make_clock(device)
     for _ in range(args.warmup):
         clock()
@@ -259,11 +290,6 @@ def time_one(kind: str, shape: tuple[int, int], args, device) -> dict:
         out[name] = {"median_s": statistics.median(totals), "min_s": min(totals),
                      "parts": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
     out["ratio"] = out["prune"]["median_s"] / out["hf"]["median_s"]
-    out["flops"] = count_flops(kind, shape, args)
-    g = model.graph
-    d = hf.config.hidden_size
-    out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
-    out["graph"] = g.describe()
     return out
 
 
@@ -276,11 +302,18 @@ def _rss_status() -> tuple[int, int]:
 
 def measure_memory(kind: str, shape: tuple[int, int], which: str, args, device) -> int:
     """Peak bytes above the loaded model during two steps of ``which`` (run in a fresh process)."""
-    import gc
-
     hf, batch = setup(kind, shape, args, device)
     step = PruneStep(EdgeModel.from_hf(hf), batch, args.cache, args.checkpointing) if which == "prune" \
         else HFStep(hf, batch)
+    return peak_above_now(step, device)
+
+
+def peak_above_now(step, device, steps: int = 2) -> int:
+    """Peak bytes above the current allocation during ``steps`` calls of ``step``: on CUDA
+    ``torch.cuda.max_memory_allocated`` (exact in any process), on CPU peak RSS (meaningful only in a
+    fresh process: ``memory_in_subprocess``)."""
+    import gc
+
     clock = make_clock(device)
     gc.collect()
     if device.type == "cuda":
@@ -290,7 +323,7 @@ def measure_memory(kind: str, shape: tuple[int, int], which: str, args, device) 
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
         base = _rss_status()[0]
-    for _ in range(2):
+    for _ in range(steps):
         step(clock)
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() - base
@@ -301,6 +334,7 @@ def memory_in_subprocess(kind, shape, which, args) -> int | None:
     cmd = [sys.executable, __file__, "--_memory", f"{kind}:{shape[0]}x{shape[1]}:{which}",
            "--dtype", args.dtype, "--device", args.device]
     cmd += (["--cache"] if args.cache else []) + (["--checkpointing"] if args.checkpointing else [])
+    cmd += ["--tiny"] if args.tiny else []
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.layers:
@@ -339,6 +373,7 @@ def main(argv=None) -> int:
     parser.add_argument("--malloc-default", action="store_true",
                         help="measure RSS with glibc's default (dynamic) mmap threshold")
     parser.add_argument("--quick", action="store_true", help="gpt2, 8x32, 3 repeats")
+    parser.add_argument("--tiny", action="store_true", help="d 64, 4 heads, vocab 512: checks the code, no figures")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")

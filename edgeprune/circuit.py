@@ -26,36 +26,41 @@ class Threshold:
     target_kept: int  # round(n * (1 - expected sparsity))
 
 
-def threshold_to_sparsity(log_alpha: torch.Tensor, sparsity: float | None = None,
-                          iters: int = 100) -> Threshold:
-    """Binary search for a threshold whose binarised sparsity equals ``sparsity``.
+def threshold_to_sparsity(log_alpha: torch.Tensor, sparsity: float | None = None) -> Threshold:
+    """The threshold whose binarised sparsity is closest to ``sparsity``.
 
     ``sparsity`` defaults to the masks' learned expected sparsity (1 - E[L0] / n). log_alpha (n,)
     fp32. The result keeps ``round(n * (1 - sparsity))`` masks unless log_alpha has exact ties at
-    the cut (then the nearest achievable count).
+    the cut: then it keeps the achievable count nearest to that target (a tied group is kept or
+    dropped as a whole; on equal distance, the larger count). Masks that got no gradient from the
+    fit move in lockstep under the sparsity term, so large tied groups are common: the count is
+    found on the sorted values (every gap between distinct values is a possible cut), not by
+    bisection, which can stop on the wrong side of a tied group.
     """
-    la = log_alpha.detach().float().cpu()
+    la = log_alpha.detach().float().cpu().reshape(-1)
     n = la.numel()
     if sparsity is None:
         sparsity = 1.0 - float(prob_nonzero(la).sum()) / n
     target = int(round(n * (1.0 - min(max(sparsity, 0.0), 1.0))))
-    lo, hi = float(la.min()) - 1.0, float(la.max()) + 1.0  # count(la > lo) = n, count(la > hi) = 0
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        count = int((la > mid).sum())
-        if count == target:
-            lo = hi = mid
-            break
-        if count > target:
-            lo = mid
-        else:
-            hi = mid
-    cut = (lo + hi) / 2 if lo != hi else lo
+    if n == 0:
+        return Threshold(kept=torch.zeros(0, dtype=torch.bool), log_alpha=0.0,
+                         value=float(deterministic(torch.tensor([0.0]))), target_kept=0)
+    desc = la.sort(descending=True).values
+    # keeping k masks is achievable iff k is 0, n, or desc[k - 1] > desc[k] (the cut falls in a gap)
+    gaps = torch.nonzero(desc[:-1] > desc[1:]).flatten() + 1
+    achievable = torch.cat([torch.tensor([0, n]), gaps])
+    dist = (achievable - target).abs()
+    k = int(achievable[dist == dist.min()].max())
+    if k == n:
+        cut = float(desc[-1]) - 1.0
+    else:
+        below = float(desc[k])  # the largest dropped value: keep log_alpha > cut, cut in [below, above)
+        cut = below
+        if k > 0:
+            mid = float(torch.tensor((float(desc[k - 1]) + below) / 2, dtype=torch.float32))
+            if below <= mid < float(desc[k - 1]):
+                cut = mid
     kept = la > cut
-    if int(kept.sum()) != target:  # ties: take the side closer to the target
-        alt = la > lo
-        if abs(int(alt.sum()) - target) < abs(int(kept.sum()) - target):
-            kept, cut = alt, lo
     value = float(deterministic(torch.tensor([cut])))
     return Threshold(kept=kept, log_alpha=cut, value=value, target_kept=target)
 

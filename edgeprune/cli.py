@@ -7,6 +7,8 @@
     edgeprune data {ioi,gt,gp,boolean} --tokenizer gpt2 -o DIR
     edgeprune demo
     edgeprune estimate CONFIG [--gpus 1,2,4,8] [--seq-len T]
+    edgeprune generate RUN_DIR --prompt "..." [--max-new-tokens N]
+    edgeprune eval RUN_DIR --text FILE|DATASET_DIR [--max-length N]
 """
 
 from __future__ import annotations
@@ -111,6 +113,11 @@ def _eval(args) -> int:
     from .tasks.jsonl import batches
 
     _positive("--batch-size", args.batch_size)
+    if args.text:
+        from .text_eval import run_text_eval
+        return run_text_eval(args)
+    if args.ablation:
+        args.set = (args.set or []) + [f"model.ablation={args.ablation}"]
     _quiet_hf(not args.no_progress)
     run_dir = Path(args.run_dir)
     cfg = _load_run(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
@@ -123,11 +130,18 @@ def _eval(args) -> int:
                        task_metric=task_metric(cfg.data, model), progress=not args.no_progress,
                        output_scale=cfg.data.output_scale, total=-(-len(data.examples) // bs))
     result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
+    from .prune import target_warning
+    missed = None if args.edges or cfg.prune.mode == "faithful" else target_warning(info["counts"]["expected_edge_sparsity"], cfg.prune.edge_target,
+                                                    cfg.prune.early_stop_tolerance)
+    if missed:
+        result["warnings"] = [missed]
     out = Path(args.output) if args.output else (
         run_dir / "metrics.json" if not args.edges else run_dir / f"metrics_{Path(args.edges).stem}.json")
     out.write_text(json.dumps(result, indent=2))
     print(format_table({**{k: v for k, v in info["counts"].items()}, **metrics},
                        f"circuit ({info['source']}) vs full model on {args.split}"))
+    if missed:
+        print(f"warning: {missed}")
     print(f"written: {out}")
     return 0
 
@@ -157,7 +171,8 @@ def _draw(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(args.output_dir, steps=args.steps, seed=args.seed, progress=not args.no_progress)
+    return run_demo(args.output_dir, program=args.program, steps=args.steps, seed=args.seed,
+                    restarts=args.restarts, progress=not args.no_progress)
 
 
 def _estimate(args) -> int:
@@ -222,6 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--allow-other-model", action="store_true",
                    help="apply masks learned on another model (its config or weights differ) with a warning")
+    p.add_argument("--text", help="free-text loss instead of the task: a text file (one document per line) or a "
+                   "datasets directory with a 'text' column (docs/generate.md)")
+    p.add_argument("--max-length", type=int, default=512, help="--text: tokens per sliding window")
+    p.add_argument("--stride", type=int, help="--text: window start every N tokens (default: disjoint windows)")
+    p.add_argument("--ablation", choices=("interchange", "zero", "mean"), help="override the run's ablation "
+                   "(--text needs zero or mean)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
@@ -244,8 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="offline demo: prune a compiled Tracr model and draw its circuit")
     p.add_argument("--output-dir", default="runs/demo")
+    p.add_argument("--program", default="reverse",
+                   help="a shipped program (data/tracr_models/NAME) or a compiled artifact folder (default reverse)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--restarts", type=int, default=3, help="seeds seed..seed+N-1; the sparsest faithful circuit wins")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 
@@ -265,6 +289,15 @@ def build_parser() -> argparse.ArgumentParser:
     baselines_cli.add_attribute_parser(sub)
     baselines_cli.add_curve_parser(sub)
     baselines_cli.add_compare_parser(sub)
+    from .generate import add_generate_parser
+    add_generate_parser(sub)
+    from .viewer.cli import add_view_parser
+    add_view_parser(sub)
+    from .interop import cli as interop_cli
+    interop_cli.add_convert_parser(sub)
+    interop_cli.add_mib_export_parser(sub)
+    from .stability import add_stability_parser
+    add_stability_parser(sub)
     return parser
 
 

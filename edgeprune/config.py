@@ -75,8 +75,20 @@ class PruneConfig:
     lr_lambdas: float = 0.8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    sparsity_control: str = "auto"  # project | lagrangian | auto (project for targets < 1, else lagrangian):
+    # project: after every step a common shift of all log_alpha puts the expected sparsity exactly on
+    # the ramp's target (the Lagrangian's lambdas then stay ~0); lagrangian: the paper's dual ascent only
+    init_from: str | None = None  # warm start: a scores file (edgeprune attribute) or a run directory
+    candidates: int | None = None  # learn only the top N edges of prune.init_from; the rest stay exactly 0
+    early_stop: int = 0  # stop once the target is reached and validation KL has not improved for this
+    # many evaluations (run.eval_every) in a row; 0: off
+    early_stop_tolerance: float = 0.005  # "reached": |expected sparsity - target| <= this
     cache_corrupted: bool = False  # compute reference logits/corrupted states once per example (edgeprune.cache)
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
+    mode: str = "target"  # target: reach edge_target | faithful: no target, the sparsest circuit whose
+    # fit (KL or MSE) stays <= faithful_tolerance (edgeprune/faithful.py)
+    faithful_tolerance: float = 0.01  # faithful: the largest mean KL / MSE per position of the circuit
+    faithful_per_position: bool = False  # faithful: the tolerance bounds every position, not the mean
 
 
 @dataclass
@@ -156,6 +168,29 @@ class ExperimentConfig:
         for key in ("lr_masks", "lr_lambdas"):
             if getattr(p, key) <= 0:
                 bad(f"prune.{key}", f"must be > 0, got {getattr(p, key)}")
+        if p.sparsity_control not in ("auto", "project", "lagrangian"):
+            bad("prune.sparsity_control", f"must be auto, project or lagrangian, got {p.sparsity_control!r}")
+        if p.sparsity_control == "project" and max(p.edge_target, p.node_target or 0.0) >= 1.0:
+            bad("prune.sparsity_control", "project puts the expected sparsity exactly on the target, and a target "
+                                          ">= 1 would prune every edge; use lagrangian (or auto) to aim past 1")
+        if p.candidates is not None:
+            if p.candidates < 1:
+                bad("prune.candidates", f"must be >= 1 (edges to learn) or null, got {p.candidates}")
+            if not p.init_from:
+                bad("prune.candidates", "needs prune.init_from (the scores or run whose top edges are the candidates)")
+        if p.init_from is not None and not p.init_from:
+            bad("prune.init_from", "must be a scores file or a run directory, or null")
+        if p.early_stop < 0:
+            bad("prune.early_stop", f"must be >= 0 (evaluations without improvement; 0: off), got {p.early_stop}")
+        if p.early_stop and not self.run.eval_every:
+            bad("prune.early_stop", "needs validations: set run.eval_every > 0")
+        if not 0.0 < p.early_stop_tolerance < 1.0:
+            bad("prune.early_stop_tolerance", f"must be in (0, 1), got {p.early_stop_tolerance}")
+        if p.mode not in ("target", "faithful"):
+            bad("prune.mode", f"must be target or faithful, got {p.mode!r}")
+        if not p.faithful_tolerance > 0:
+            bad("prune.faithful_tolerance", f"must be > 0 (the largest KL / MSE the circuit may add), "
+                                            f"got {p.faithful_tolerance}")
         if p.weight_decay < 0:
             bad("prune.weight_decay", f"must be >= 0, got {p.weight_decay}")
         if p.max_grad_norm is not None and p.max_grad_norm <= 0:
@@ -252,7 +287,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     return cfg.validate(str(path))
 
 
-PATH_KEYS = ("model.name_or_path", "data.path")
+PATH_KEYS = ("model.name_or_path", "data.path", "prune.init_from")
 
 
 def _resolve_paths(cfg: ExperimentConfig, base: Path) -> None:

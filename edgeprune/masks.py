@@ -19,6 +19,9 @@ LEFT, RIGHT, BETA = -0.1, 1.1, 2.0 / 3.0
 INIT_LOG_ALPHA = 10.0
 # log_alpha above this gives a deterministic mask of exactly 1: sigmoid(a) (r - l) + l >= 1.
 FULL_LOG_ALPHA = math.log((1 - LEFT) / (RIGHT - 1))
+# log_alpha of a mask fixed at exactly 0 (``prune.candidates``): sampled and deterministic values are
+# 0.0 for every u in [1e-6, 1 - 1e-6], and P(z != 0) ~ 1e-13 adds nothing to the expected L0.
+OFF_LOG_ALPHA = -30.0
 
 
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:

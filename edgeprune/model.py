@@ -207,7 +207,8 @@ class EdgeModel(nn.Module):
                 position_ids: torch.Tensor | None = None,
                 corrupted_states: torch.Tensor | list[torch.Tensor] | None = None,
                 edge_values: torch.Tensor | None = None, node_values: torch.Tensor | None = None,
-                return_states: bool = False, select: torch.Tensor | None = None) -> EdgeOutput:
+                return_states: bool = False, select: torch.Tensor | None = None,
+                past_key_values=None) -> EdgeOutput:
         """The edge-masked forward. input_ids (B, T) -> logits (B, T, V).
 
         Under interchange ablation give ``corrupted_input_ids`` (same shape; its writer states are
@@ -216,8 +217,11 @@ class EdgeModel(nn.Module):
         ``node_values`` override the masks for this call (e.g. a tensor that requires grad, for
         attribution). ``select`` ((B, T) bool) computes the logits only at those positions and returns
         them as (N, V), ordered like ``logits[select]`` (the read-out is a large part of the cost).
+        ``past_key_values`` (``kvcache.EdgeKVCache``): input_ids are the new tokens only, attention_mask
+        covers past and new (B, past + T), ablated states come as ``corrupted_states`` of the new columns.
         """
-        self._check_ids(input_ids, attention_mask, "input_ids")
+        position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values,
+                                          corrupted_input_ids)
         ablated = self._ablated_states(input_ids, corrupted_input_ids, corrupted_attention_mask,
                                        corrupted_states, position_ids)
         if edge_values is None:
@@ -230,18 +234,27 @@ class EdgeModel(nn.Module):
             raise ValueError(f"node mask values must have shape ({self.graph.num_writers},), "
                              f"got {tuple(node_values.shape)}")
         z = dense_masks(self.graph, edge_values.float(), None if node_values is None else node_values.float())
-        return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select)
+        return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select,
+                         past=past_key_values)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
-                     select: torch.Tensor | None = None, states_rows: slice | None = None) -> EdgeOutput:
+                     select: torch.Tensor | None = None, states_rows: slice | None = None,
+                     past_key_values=None) -> EdgeOutput:
         """The unmasked model (every edge kept), optionally returning its writer states.
 
         ``select`` as in ``forward``; ``states_rows`` keeps the states of these batch rows only
         (the reference pass runs clean and corrupted inputs as one batch and keeps the corrupted half).
         """
-        self._check_ids(input_ids, attention_mask, "input_ids")
-        return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows)
+        position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values, None)
+        return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows,
+                         past=past_key_values)
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """Continue (B, T) prompts with the current circuit (deterministic masks): see ``edgeprune.generate``."""
+        from .generate import generate
+
+        return generate(self, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def compute_mean_states(self, batches) -> torch.Tensor:
@@ -273,6 +286,18 @@ class EdgeModel(nn.Module):
         if mask is not None and tuple(mask.shape) != tuple(ids.shape):
             raise ValueError(f"attention_mask for {name} must have shape {tuple(ids.shape)}, got {tuple(mask.shape)}")
 
+    def _check_cached(self, ids, mask, position_ids, past, corrupted_ids):
+        """Check the inputs (a cached step: against the cache); the position ids to use."""
+        if past is None:
+            self._check_ids(ids, mask, "input_ids")
+            return position_ids
+        self._check_ids(ids, None, "input_ids")
+        past.check_inputs(ids, mask)
+        if corrupted_ids is not None:
+            raise ValueError("with past_key_values give the ablated states of the new columns as corrupted_states "
+                             "(edgeprune.generate does), not corrupted_input_ids")
+        return past.next_positions(ids, mask) if position_ids is None else position_ids
+
     def _ablated_states(self, ids, corrupted_ids, corrupted_mask, corrupted_states, position_ids):
         """The ablated writer states (W, B, T, D) or (W, 1, 1, D), or None for zero ablation."""
         if self.ablation == "zero":
@@ -302,18 +327,21 @@ class EdgeModel(nn.Module):
                                      return_states=True).states
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
-             states_rows=None) -> EdgeOutput:
+             states_rows=None, past=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
         z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``. Each decoder layer
         runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows)
+                                select, states_rows, past)
 
-    def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows):
+    def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
+              past=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
+        if past is not None:  # incremental decoding: the families' attention extends the cache
+            past.begin(ctx)
         emb = fam.embed(input_ids, ctx)  # (E, B, T, D) model dtype
         if z is None:  # the plain residual stream, in fp32; writer states only if asked for
             keep = slice(None) if states_rows is None else states_rows

@@ -31,6 +31,8 @@ from .cache import ReferenceCache
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
+from .control import solve_price, sparsity_grad
+from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
@@ -48,9 +50,13 @@ class SparsityRamp:
 
     def value(self) -> float:
         """The target of the step being taken (the (step + 1)-th): the last warm-up step reaches it."""
+        return self.at(self.step)
+
+    def at(self, step: int) -> float:
+        """The target of the (step + 1)-th step."""
         if self.warmup <= 0:
             return self.target
-        return self.target * min(1.0, (self.step + 1) / self.warmup)
+        return self.target * min(1.0, (step + 1) / self.warmup)
 
     def state_dict(self) -> dict:
         return {"target": self.target, "warmup": self.warmup, "step": self.step}
@@ -63,6 +69,56 @@ def lagrangian(expected: torch.Tensor, target: float, lambdas: torch.Tensor) -> 
     """lambda1 * (s - t) + lambda2 * (s - t)^2; lambdas (2,) trained by gradient ascent."""
     gap = expected - target
     return lambdas[0] * gap + lambdas[1] * gap * gap
+
+
+def sparsity_control(p) -> str:
+    """``project`` or ``lagrangian`` for a PruneConfig (``auto``: project unless a target aims at or past 1,
+    the reference implementation's trick, which only the Lagrangian can follow)."""
+    if p.sparsity_control != "auto":
+        return p.sparsity_control
+    return "project" if max(p.edge_target, p.node_target or 0.0) < 1.0 else "lagrangian"
+
+
+def target_warning(learned: float, target: float, tol: float = 0.005, kind: str = "edge") -> str | None:
+    """A one-line warning when the learned expected sparsity missed a target in [0, 1] by more than ``tol``."""
+    if target > 1.0 or abs(learned - target) <= tol:
+        return None
+    return (f"the learned {kind} sparsity {learned:.4f} missed the target {target:.4f} (gap {learned - target:+.4f}): "
+            "the circuit is " + ("larger" if learned < target else "smaller") + " than asked; use "
+            "prune.sparsity_control: project (the default for targets < 1), a longer prune.warmup_steps, or a warm "
+            "start (prune.init_from)")
+
+
+class EarlyStop:
+    """Stop once every sparsity target is reached (within ``tolerance``, after the warm-up) and the
+    validation KL (or MSE) has not improved by 0.1% for ``patience`` evaluations in a row."""
+
+    def __init__(self, patience: int, tolerance: float):
+        self.patience, self.tolerance = patience, tolerance
+        self.best, self.bad, self.reason = math.inf, 0, None
+
+    def update(self, step: int, fit: float, gaps: dict[str, float], warmed_up: bool) -> str | None:
+        if not self.patience or self.reason is not None:
+            return self.reason
+        reached = warmed_up and all(abs(g) <= self.tolerance for g in gaps.values())
+        improved = not math.isfinite(self.best) or fit < self.best - max(1e-3 * abs(self.best), 1e-9)
+        if improved:
+            self.best, self.bad = fit, 0
+        elif reached:
+            self.bad += 1
+        if reached and self.bad >= self.patience:
+            gap_text = ", ".join(f"{k} gap {g:+.4f}" for k, g in gaps.items())
+            self.reason = (f"early stop at step {step}: target reached ({gap_text}, tolerance {self.tolerance}) "
+                           f"and validation loss {fit:.4g} has not improved on {self.best:.4g} for {self.bad} "
+                           f"evaluations")
+        return self.reason
+
+    def state_dict(self) -> dict:
+        return {"best": self.best if math.isfinite(self.best) else None, "bad": self.bad, "reason": self.reason}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.best = math.inf if state.get("best") is None else state["best"]
+        self.bad, self.reason = state.get("bad", 0), state.get("reason")
 
 
 def graph_fingerprint(model: EdgeModel) -> dict:
@@ -80,6 +136,8 @@ class PruneResult:
     history: list[dict]
     finished: bool
     main_process: bool = True  # False on the ranks > 0 of a torchrun job (they write nothing)
+    stopped: str | None = None  # the early-stop reason, when prune.early_stop ended the run
+    warning: str | None = None  # the learned sparsity missed the target (target_warning)
 
 
 def epoch_batches(data, batch_size: int, seed: int, epoch: int) -> list:
@@ -185,6 +243,10 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         say(f"no validation data ({err}); validating on the training split")
         val = train
     task_metric = get_task_metric(cfg.data, model)
+    start = None
+    if p.init_from:  # read (and checked) before anything is written; a resumed run restores over it
+        from .warmstart import warm_start
+        start = warm_start(p.init_from, model, p)
     d.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
 
     # ---- now write: remove a replaced run's outputs, then the resolved config
@@ -211,6 +273,18 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
                 # jitter (seeded) spreads the moments at which masks leave 'exactly 1'
                 jitter = torch.rand(masks.n, generator=generator, device=device) * p.init_jitter
                 masks.log_alpha.copy_(p.init_log_alpha + jitter)
+    fixed = None  # (E,) bool: edges held at exactly 0 outside the candidates
+    if start is not None:
+        from .warmstart import fixed_edges
+        fixed = fixed_edges(start, p).to(device) if p.candidates is not None else None
+        with torch.no_grad():
+            model.edge_masks.log_alpha.copy_(start.edge_log_alpha.to(device))
+            if model.node_masks is not None and start.node_log_alpha is not None:
+                model.node_masks.log_alpha.copy_(start.node_log_alpha.to(device))
+        if existing is None:
+            say(start.describe() + (f"; learning only its top {p.candidates} edges" if fixed is not None else ""))
+    control = "lagrangian" if p.mode == "faithful" else sparsity_control(p)  # faithful: lambdas hold its multiplier
+    early = EarlyStop(p.early_stop, p.early_stop_tolerance)
     mask_params = [model.edge_masks.log_alpha]
     lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
     ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps)}
@@ -226,14 +300,17 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     step = 0
     if existing is not None:
         step = _restore(saved, existing, model, opt, lambda_opt, lambdas, ramps, generator)
-        say(f"resumed from {existing} at step {step}")
+        early.load_state_dict(saved.get("early_stop", {}))
+        say(f"resumed from {existing} at step {step}" + (f" (it had stopped: {early.reason})" if early.reason else ""))
 
     wandb_run = _start_wandb(cfg, out) if cfg.run.wandb and d.is_main else None
     log = _log if d.is_main else (lambda *_: None)
 
     def save(at_step: int):
         if d.is_main:
-            save_checkpoint(_state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step), ckpt_dir)
+            state = _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step)
+            state["early_stop"] = early.state_dict()
+            save_checkpoint(state, ckpt_dir)
 
     empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
 
@@ -255,7 +332,14 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     ran = 0
     reference = ReferenceCache(enabled=p.cache_corrupted)  # full-model logits, corrupted states
     model.train()
-    while step < p.steps:
+
+    def hold_fixed() -> None:
+        if fixed is not None:
+            with torch.no_grad():
+                model.edge_masks.log_alpha[fixed] = OFF_LOG_ALPHA
+
+    hold_fixed()
+    while step < p.steps and early.reason is None:
         e, i = divmod(step, steps_per_epoch)
         if e != epoch:
             epoch, order = e, epoch_batches(train, p.batch_size, cfg.run.seed, e)
@@ -275,14 +359,19 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         fit = per_position.sum() / n_positions
         record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit_sum / n_positions}
         loss, sparsity_terms = fit, 0.0
-        for kind, lam in lambdas.items():
+        if p.mode == "faithful":  # no target: E[L0] under a constraint on the fit (edgeprune/faithful.py)
+            from .faithful import objective
+            loss, sparsity_terms = objective(per_position, fit, model, lambdas, p, record)
+        for kind, lam in (lambdas.items() if p.mode != "faithful" else ()):
             masks = model.edge_masks if kind == "edges" else model.node_masks
             expected = masks.expected_sparsity()
             target = ramps[kind].value()
-            term = lagrangian(expected, target, lam)
-            loss = loss + term
-            sparsity_terms += term.item()
+            if control == "lagrangian":  # project: the price is solved for below, lambdas stay 0
+                term = lagrangian(expected, target, lam)
+                loss = loss + term
+                sparsity_terms += term.item()
             record.update({f"{kind}_sparsity": expected.item(), f"{kind}_target": target,
+                           f"{kind}_gap": expected.item() - target,
                            f"{kind}_lambda1": lam[0].item(), f"{kind}_lambda2": lam[1].item()})
         record["loss"] = fit_sum / n_positions + sparsity_terms
         if not math.isfinite(record["loss"]):
@@ -296,8 +385,19 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         loss.backward()
         if p.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(mask_params, p.max_grad_norm)
+        if control == "project":
+            for kind, ramp in ramps.items():  # the price that lands the step on the next target
+                la = (model.edge_masks if kind == "edges" else model.node_masks).log_alpha
+                if la.grad is None:
+                    la.grad = torch.zeros_like(la)
+                price = solve_price(la, la.grad, opt.state.get(la, {}), opt.param_groups[0], ramp.at(ramp.step + 1),
+                                    cap_quantile=min(max(ramp.target, 0.5), 0.999))
+                la.grad.add_(price * sparsity_grad(la))
+                record[f"{kind}_lambda1"], record[f"{kind}_lambda2"] = price, 0.0
         opt.step()
-        lambda_opt.step()
+        if control == "lagrangian":
+            lambda_opt.step()
+        hold_fixed()
         for ramp in ramps.values():
             ramp.step += 1
         step += 1
@@ -306,12 +406,20 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
         if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
             log(log_path, wandb_run, record)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", kl=f"{record.get('kl', record.get('mse')):.4f}",
-                        sparsity=f"{record['edges_sparsity']:.3f}", lam=f"{record['edges_lambda1']:.3f}")
+        bar.set_postfix(kl=f"{record.get('kl', record.get('mse')):.4f}", target=f"{record['edges_target']:.3f}",
+                        sparsity=f"{record['edges_sparsity']:.3f}", gap=f"{record['edges_gap']:+.3f}",
+                        lam=f"{record['edges_lambda1']:.2f}")
         bar.update(1)
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < p.steps:
-            validate(step)
+            metrics = validate(step)
             model.train()
+            if p.early_stop:
+                gaps = {k: (model.edge_masks if k == "edges" else model.node_masks).expected_sparsity().item()
+                        - ramps[k].target for k in ramps}
+                if early.update(step, metrics.get("kl", metrics.get("mse")), gaps, step >= p.warmup_steps):
+                    say(early.reason)
+                    log(log_path, wandb_run, {"step": step, "early_stop": early.reason})
+                    save(step)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == p.steps:
             save(step)
         if stop_after is not None and ran >= stop_after and step < p.steps:
@@ -322,13 +430,25 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
     model.eval()
     final = validate(step)
+    if p.mode == "faithful":  # the masks give an order; the circuit is the sparsest faithful set along it
+        from .faithful import apply_selection, select_faithful
+        selection = select_faithful(model, val, cfg)
+        apply_selection(model, selection, out if d.is_main else None)
+        say(selection.describe(p.faithful_tolerance) + f"; {out / 'circuit_selection.json'}")
     if d.is_main:
         _write_masks(model, out / "masks.safetensors")
-    say(f"done: {step} steps, expected edge sparsity {model.edge_masks.expected_sparsity().item():.4f}, "
+    learned = model.edge_masks.expected_sparsity().item()
+    aim = f"target {p.edge_target:.4f}" if p.mode != "faithful" else "faithful mode: the selected circuit"
+    say(f"done: {step} steps, expected edge sparsity {learned:.4f} ({aim}), "
                f"validation {cfg.data.loss} {final.get('kl', final.get('mse')):.4g}; masks in {out / 'masks.safetensors'}")
+    warning = target_warning(learned, p.edge_target, p.early_stop_tolerance) if p.mode != "faithful" else None
+    if warning:
+        say(f"warning: {warning}")
+        log(log_path, wandb_run, {"step": step, "warning": warning})
     if wandb_run is not None:
         wandb_run.finish()
-    return PruneResult(out, step, history, finished=True, main_process=d.is_main)
+    return PruneResult(out, step, history, finished=True, main_process=d.is_main, stopped=early.reason,
+                       warning=warning)
 
 
 # ---------------------------------------------------------------------------- helpers

@@ -11,9 +11,17 @@ Working pins (Python 3.11, CPU): tracr-pypi==1.0.0, jax==0.10.2, jaxlib==0.10.2,
 chex==0.1.92, numpy==2.4.6, safetensors==0.8.0. The current releases worked unpinned; if a later jax
 breaks tracr, pin these.
 
-Programs (both from tracr's ``compiler.lib``, BOS token "BOS", max_seq_len 5 real tokens + BOS):
+Programs (all from tracr's ``compiler.lib``, BOS token "BOS", max_seq_len 5 real tokens + BOS, task
+length 4; small on purpose, so that tests stay fast):
 - ``reverse``: ``make_reverse(tokens)`` (with ``make_length``), vocab {1, 2, 3}, categorical, non-causal.
 - ``xproportion``: ``make_frac_prevs(tokens == "x")``, vocab {a, b, c, x}, numerical, causal.
+- ``length``: ``make_length()``, vocab {a, b, c}, categorical (the length at every position).
+- ``hist``: ``make_hist()``, vocab {a, b, c}, categorical (occurrences of each position's token).
+- ``count_a``: ``make_count(tokens, "a")``, vocab {a, b, c}, categorical.
+- ``sort_unique``: ``make_sort_unique(tokens, tokens)``, vocab {1..5}, categorical; defined only on
+  sequences of distinct tokens (``input_set: distinct``), so its reference outputs, the check of its
+  attention fallback and its task hold only those.
+- ``pair_balance``: ``make_pair_balance(tokens, "(", ")")``, vocab {(, ), x}, numerical, causal.
 
 Per program the script writes
 - ``weights.safetensors``: fp32 arrays in TransformerLens names and input-major layouts (all
@@ -23,8 +31,10 @@ Per program the script writes
   (D, mlp_hidden), ``b_in``, ``W_out`` (mlp_hidden, D), ``b_out``, and ``unembed.W_U`` (D, n_out),
   the projection onto the output space.
 - ``config.json``: shapes, attention scaling, vocabulary and encodings, residual labels, versions.
-- ``reference_outputs.json``: the compiled (JAX) model's outputs on every input of every length
+- ``reference_outputs.json``: the compiled (JAX) model's outputs on every input of the program's
+  input set (``input_set``: all sequences, or those of distinct tokens) of every length
   1..max_seq_len, at the non-BOS positions (tracr's own decoding replaces the BOS position's output).
+  This is the program's own input set: ``data.path: tracr`` uses its inputs of the task length.
 - ``ground_truth.json``: the circuit as ``[writer, reader]`` pairs (``edges.json`` format), derived
   from the weights (see ``derive_ground_truth``) and verified by ``tests/test_tracr.py``.
 
@@ -61,17 +71,36 @@ def _programs():
         "xproportion": dict(program=lambda: lib.make_frac_prevs(rasp.tokens == "x"), vocab=["a", "b", "c", "x"],
                             max_seq_len=5, causal=True, task_length=4,
                             description="fraction of tokens so far that are 'x' (make_frac_prevs(tokens == 'x'))"),
+        "length": dict(program=lambda: lib.make_length(), vocab=["a", "b", "c"], max_seq_len=5, causal=False,
+                       task_length=4, description="the length of the input at every position (make_length)"),
+        "hist": dict(program=lambda: lib.make_hist(), vocab=["a", "b", "c"], max_seq_len=5, causal=False,
+                     task_length=4, description="how often each position's token occurs in the input (make_hist)"),
+        "count_a": dict(program=lambda: lib.make_count(rasp.tokens, "a"), vocab=["a", "b", "c"], max_seq_len=5,
+                        causal=False, task_length=4,
+                        description="how many tokens are 'a', at every position (make_count(tokens, 'a'))"),
+        "sort_unique": dict(program=lambda: lib.make_sort_unique(rasp.tokens, rasp.tokens), vocab=[1, 2, 3, 4, 5],
+                            max_seq_len=5, causal=False, task_length=4, inputs="distinct",
+                            description="sort the tokens (make_sort_unique(tokens, tokens)); defined on "
+                                        "sequences of distinct tokens only"),
+        "pair_balance": dict(program=lambda: lib.make_pair_balance(rasp.tokens, "(", ")"), vocab=["(", ")", "x"],
+                             max_seq_len=5, causal=True, task_length=4,
+                             description="fraction of '(' minus fraction of ')' so far "
+                                         "(make_pair_balance(tokens, '(', ')'))"),
     }
 
 
-PROGRAM_NAMES = ("reverse", "xproportion")
+PROGRAM_NAMES = ("reverse", "xproportion", "length", "hist", "count_a", "sort_unique", "pair_balance")
 
 
 # ---------------------------------------------------------------------------------------- compile
 def compile_program(name: str):
     """The tracr ``AssembledTransformerModel`` of a shipped program."""
     from tracr.compiler import compiling
+    from tracr.rasp import rasp
 
+    # Residual labels carry tracr's global expression ids: restart the counter so that a program's
+    # labels do not depend on which programs were compiled before it in this process.
+    rasp.RASPExpr._ids = itertools.count(1)
     spec = _programs()[name]
     return compiling.compile_rasp_to_model(spec["program"](), vocab=set(spec["vocab"]),
                                            max_seq_len=spec["max_seq_len"], causal=spec["causal"],
@@ -181,6 +210,7 @@ def make_config(name: str, assembled, weights) -> dict:
         **({"output_encoding": sorted(([i, v] for v, i in assembled.output_encoder.encoding_map.items()),
                                       key=lambda kv: kv[0])} if categorical else {"output_label": labels[dims[0]]}),
         "task_length": spec["task_length"],
+        "input_set": spec.get("inputs", "all"),
         "residual_labels": labels,
         "compiler": {"mlp_exactness": 100, "compiler_bos": BOS},
         "versions": {pkg: _version(pkg) for pkg in ("tracr-pypi", "jax", "jaxlib", "dm-haiku")},
@@ -199,6 +229,15 @@ def _version(pkg: str) -> str | None:
 def all_inputs(vocab, length: int) -> list[list]:
     """Every input sequence of ``length`` tokens (no BOS), in lexicographic vocabulary order."""
     return [list(seq) for seq in itertools.product(vocab, repeat=length)]
+
+
+def program_inputs(spec: dict, length: int) -> list[list]:
+    """The program's own input set at ``length``: every sequence, or (``inputs: distinct``) the
+    sequences of distinct tokens, on which programs such as ``make_sort_unique`` are defined."""
+    seqs = all_inputs(spec["vocab"], length)
+    if spec.get("inputs") == "distinct":
+        seqs = [s for s in seqs if len(set(s)) == len(s)]
+    return seqs
 
 
 def run_compiled(assembled, inputs: list[list]):
@@ -229,7 +268,9 @@ def reference_outputs(name: str, assembled) -> dict:
     spec = _programs()[name]
     cases = []
     for n in range(1, spec["max_seq_len"] + 1):
-        inputs = all_inputs(spec["vocab"], n)
+        inputs = program_inputs(spec, n)
+        if not inputs:
+            continue
         outputs, _ = run_compiled(assembled, inputs)
         cases.extend({"input": seq, "output": out} for seq, out in zip(inputs, outputs))
     categorical = hasattr(assembled.output_encoder, "encoding_map")
@@ -237,8 +278,10 @@ def reference_outputs(name: str, assembled) -> dict:
         "format_version": FORMAT_VERSION,
         "program": name,
         "output_kind": "categorical" if categorical else "numerical",
-        "note": "outputs of the compiled JAX model (fp32) at the non-BOS positions, for every input of "
-                "every length 1..max_seq_len; categorical: decoded values, numerical: raw values",
+        "input_set": spec.get("inputs", "all"),
+        "note": "outputs of the compiled JAX model (fp32) at the non-BOS positions, for every input of the "
+                "program's input set (input_set: all sequences, or those of distinct tokens) of every length "
+                "1..max_seq_len; categorical: decoded values (null where undefined), numerical: raw values",
         "cases": cases,
     }
 
@@ -418,8 +461,8 @@ def selector_checker(assembled, name: str):
     """``selector_total(l, h, c)``: on every input of every length, does every non-BOS query of head
     (l, h) have a visible non-BOS key whose logit beats the BOS key's by at least the fallback logit c?"""
     spec = _programs()[name]
-    per_length = [run_compiled(assembled, all_inputs(spec["vocab"], n))[1]
-                  for n in range(1, spec["max_seq_len"] + 1)]
+    per_length = [run_compiled(assembled, program_inputs(spec, n))[1]
+                  for n in range(1, spec["max_seq_len"] + 1) if program_inputs(spec, n)]
 
     def total(l: int, h: int, c: float) -> bool:
         for logits in per_length:

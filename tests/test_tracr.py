@@ -21,7 +21,7 @@ from edgeprune.models.tracr import TracrArtifactError, TracrModel, load_tracr
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "data" / "tracr_models"
-PROGRAMS = ("reverse", "xproportion")
+PROGRAMS = tuple(sorted(p.name for p in ARTIFACTS.iterdir() if (p / "config.json").is_file()))
 NUMERICAL_TOL = 1e-5
 
 
@@ -108,6 +108,13 @@ def test_graph_and_ground_truth_sizes():
     assert sizes["xproportion"].graph.describe() == "6 writers, 9 readers, 32 edges"
     assert len(sizes["reverse"].hf.ground_truth) == 11
     assert len(sizes["xproportion"].hf.ground_truth) == 5
+    shipped = {name: (m.graph.num_edges, len(m.hf.ground_truth)) for name, m in sizes.items()}
+    assert shipped == {"reverse": (94, 11), "xproportion": (32, 5), "length": (13, 4), "hist": (13, 6),
+                       "count_a": (13, 6), "sort_unique": (32, 9), "pair_balance": (61, 10)}
+
+
+def test_at_least_four_programs_beyond_reverse_and_xproportion_ship():
+    assert {"reverse", "xproportion"} < set(PROGRAMS) and len(PROGRAMS) >= 6
 
 
 def test_zero_ablation_is_the_default_for_tracr_and_explicit_choice_wins():

@@ -170,8 +170,13 @@ def head_outputs(attn: torch.Tensor, w_out: torch.Tensor) -> torch.Tensor:
 
 def attention(q, k, v, ctx: Context, scale: float, sliding_window: int | None = None) -> torch.Tensor:
     """Causal SDPA over (B, H, T, dh) queries and (B, G, T, dh) keys/values (G divides H)."""
-    mask = ctx.sdpa_mask(sliding_window)
     gqa = k.shape[1] != q.shape[1]
+    cache = ctx.extra.get("kv_cache")
+    if cache is not None:  # incremental decoding: this layer's past K/V reader outputs (edgeprune.kvcache)
+        k, v = cache.update(k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=cache.sdpa_mask(ctx, sliding_window), scale=scale,
+                                              enable_gqa=gqa)
+    mask = ctx.sdpa_mask(sliding_window)
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
@@ -234,10 +239,15 @@ def softcap_attention(q, k, v, ctx: Context, scale: float, softcap: float,
     """
     B, H, T, dh = q.shape
     G = k.shape[1]
+    cache = ctx.extra.get("kv_cache")
+    if cache is not None:  # incremental decoding (edgeprune.kvcache): keys so far, mask over all of them
+        k, v = cache.update(k, v)
+        mask = cache.sdpa_mask(ctx, sliding_window)
+    else:
+        mask = ctx.sdpa_mask(sliding_window)  # (B, 1, T, T) bool or None (plain causal)
     qg = q.unflatten(1, (G, H // G))  # (B, G, H/G, T, dh)
     scores = torch.matmul(qg.float(), k.float()[:, :, None].transpose(-1, -2)) * scale  # (B, G, H/G, T, T)
     scores = torch.tanh(scores / softcap) * softcap
-    mask = ctx.sdpa_mask(sliding_window)  # (B, 1, T, T) bool or None (plain causal)
     if mask is None:
         mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     else:

@@ -1,0 +1,183 @@
+"""How stable is a circuit across seeds? ``edgeprune stability RUN_DIR...``
+
+The runs are of one config with different ``run.seed`` (any runs on one graph work). Printed and
+written (``-o``, JSON):
+
+- each run's circuit (threshold at its learned sparsity, dangling edges removed) and its size;
+- pairwise edge IoU at equal size: every run's top ``k`` edges by log_alpha, ``k`` the smallest
+  circuit of the runs (so a larger circuit is not penalised for being larger), ``|A & B| / |A | B|``;
+- the edges kept by every run (in every top-``k`` set);
+- per-edge keep frequency over the runs' own circuits (a histogram: edges kept by exactly j runs),
+  and the most frequent edges (all of them in the JSON).
+
+``--bootstrap N`` resamples the evaluation split with replacement N times (seeded) and, for every
+resample, re-evaluates each run's circuit (re-extracted from its masks) against the full model:
+the mean, standard deviation and 2.5-97.5 percentiles of KL and faithfulness per run tell whether
+differences between seeds exceed the noise of the evaluation data.
+"""
+
+from __future__ import annotations
+
+import json
+from itertools import combinations
+from pathlib import Path
+
+import torch
+
+from .circuit import extract_circuit
+from .graph import Graph, GraphSpec
+
+
+def _graph_of(fp: dict, where: str) -> Graph:
+    keys = ("n_layers", "n_heads", "n_kv_heads", "pos_embeds", "mlp")
+    try:
+        graph = Graph(GraphSpec(**{k: fp[k] for k in keys}, parallel_residual=fp.get("parallel_residual", False)))
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{where}: masks without a usable graph record ({err}); rerun with this version") from None
+    if graph.num_edges != fp.get("num_edges"):
+        raise ValueError(f"{where}: the graph record says {fp.get('num_edges')} edges, its shape gives {graph.num_edges}")
+    return graph
+
+
+def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Edge IoU of two (E,) bool sets (1.0 for two empty sets)."""
+    union = int((a | b).sum())
+    return 1.0 if union == 0 else int((a & b).sum()) / union
+
+
+def top_k(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
+    """(E,) bool: the k edges of largest log_alpha (ties: graph order)."""
+    kept = torch.zeros(log_alpha.numel(), dtype=torch.bool)
+    kept[torch.argsort(log_alpha.float(), descending=True, stable=True)[:k]] = True
+    return kept
+
+
+def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
+    """The report of the module docstring for runs on one graph (ValueError when they differ)."""
+    from .prune import load_masks
+
+    if len(run_dirs) < 2:
+        raise ValueError("stability needs at least 2 run directories (runs of one config with different seeds)")
+    runs = [load_masks(r) for r in run_dirs]
+    first = runs[0]
+    for r, d in zip(runs[1:], run_dirs[1:]):
+        if r.graph != first.graph:
+            raise ValueError(f"{d}: masks are for another graph than {run_dirs[0]} ({r.graph} vs {first.graph})")
+    graph = _graph_of(first.graph, str(run_dirs[0]))
+    circuits = [extract_circuit(graph, r.edge_log_alpha, r.node_log_alpha) for r in runs]
+    sizes = [int(c.kept.sum()) for c in circuits]
+    k = min(sizes)
+    sets = [top_k(r.edge_log_alpha, k) for r in runs]
+    pairs = {f"{i},{j}": iou(sets[i], sets[j]) for i, j in combinations(range(len(runs)), 2)}
+    every = torch.stack(sets).all(0)
+    kept = torch.stack([c.kept for c in circuits])  # (R, E)
+    counts = kept.sum(0)
+    n = len(runs)
+    freq_order = torch.argsort(counts, descending=True, stable=True)
+    frequent = [{"edge": list(graph.edges[i]), "runs": int(counts[i]), "frequency": int(counts[i]) / n}
+                for i in freq_order.tolist() if counts[i] > 0]
+    values = list(pairs.values())
+    return {
+        "runs": [str(d) for d in run_dirs],
+        "circuit_edges": sizes,
+        "total_edges": graph.num_edges,
+        "equal_size": k,
+        "pairwise_iou": pairs,
+        "mean_iou": sum(values) / len(values),
+        "min_iou": min(values),
+        "kept_by_every_run": [list(graph.edges[i]) for i in every.nonzero().flatten().tolist()],
+        "histogram": {str(j): int((counts == j).sum()) for j in range(1, n + 1)},
+        "keep_frequency": frequent,
+        "top": top,
+    }
+
+
+def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", batch_size: int | None = None,
+              seed: int = 0, progress: bool = False) -> dict:
+    """KL and faithfulness of each run's circuit on ``n`` resamples (with replacement) of ``split``."""
+    from .eval import evaluate
+    from .experiment import load_model, load_split, task_metric
+    from .prune import load_masks
+    from .tasks.jsonl import batches
+
+    from .cli import _load_run
+    cfg = _load_run(Path(run_dirs[0]), [])
+    model = load_model(cfg.model)
+    data = load_split(cfg.data, model, split)
+    metric = task_metric(cfg.data, model)
+    bs = batch_size or cfg.prune.batch_size
+    gen = torch.Generator().manual_seed(seed)
+    samples = [torch.randint(len(data.examples), (len(data.examples),), generator=gen).tolist() for _ in range(n)]
+    out = {}
+    for d in run_dirs:
+        masks = load_masks(d)
+        masks.check_model(model)
+        circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
+        model.set_edges(circuit.edges)
+        per = {"kl": [], "faithfulness": []} if cfg.data.loss == "kl" else {"mse": []}
+        for idx in samples:
+            examples = [data.examples[i] for i in idx]
+            m = evaluate(model, batches(examples, bs, data.pad_token_id), loss=cfg.data.loss, task_metric=metric,
+                         output_scale=cfg.data.output_scale, progress=progress)
+            for key in per:
+                per[key].append(float(m.get(key, float("nan"))))
+        out[str(d)] = {key: _summary(v) for key, v in per.items()}
+        model.reset_masks()
+    return {"split": split, "resamples": n, "seed": seed, "per_run": out}
+
+
+def _summary(values: list[float]) -> dict:
+    t = torch.tensor(values, dtype=torch.float64)
+    return {"mean": float(t.mean()), "std": float(t.std()) if t.numel() > 1 else 0.0,
+            "p2.5": float(t.quantile(0.025)), "p97.5": float(t.quantile(0.975))}
+
+
+def format_report(report: dict) -> str:
+    lines = [f"{len(report['runs'])} runs on a graph of {report['total_edges']} edges; circuit sizes "
+             f"{report['circuit_edges']}; compared at equal size k = {report['equal_size']}"]
+    lines.append("pairwise edge IoU at equal size:")
+    for pair, value in report["pairwise_iou"].items():
+        i, j = (int(x) for x in pair.split(","))
+        lines.append(f"  {report['runs'][i]}  vs  {report['runs'][j]}: {value:.3f}")
+    lines.append(f"  mean {report['mean_iou']:.3f}, min {report['min_iou']:.3f}")
+    lines.append(f"edges kept by every run: {len(report['kept_by_every_run'])} of {report['equal_size']}")
+    lines.append("edges kept by exactly j runs: " + ", ".join(f"j={j}: {c}" for j, c in report["histogram"].items()))
+    lines.append(f"most frequent edges (of {len(report['keep_frequency'])} kept by any run):")
+    for row in report["keep_frequency"][:report["top"]]:
+        lines.append(f"  {row['edge'][0]} -> {row['edge'][1]}: {row['runs']}/{len(report['runs'])}")
+    boot = report.get("bootstrap")
+    if boot:
+        lines.append(f"bootstrap ({boot['resamples']} resamples of {boot['split']}, seed {boot['seed']}):")
+        for run, metrics in boot["per_run"].items():
+            text = "; ".join(f"{k} {v['mean']:.4g} +- {v['std']:.2g} [{v['p2.5']:.4g}, {v['p97.5']:.4g}]"
+                             for k, v in metrics.items())
+            lines.append(f"  {run}: {text}")
+    return "\n".join(lines)
+
+
+def _run(args) -> int:
+    report = stability(args.run_dirs, top=args.top)
+    if args.bootstrap:
+        if args.bootstrap < 2:
+            raise ValueError(f"--bootstrap: needs at least 2 resamples, got {args.bootstrap}")
+        report["bootstrap"] = bootstrap(args.run_dirs, args.bootstrap, args.split, args.batch_size, args.seed,
+                                        progress=not args.no_progress)
+    print(format_report(report))
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"written: {args.output}")
+    return 0
+
+
+def add_stability_parser(sub) -> None:
+    p = sub.add_parser("stability", help="edge IoU, shared edges and keep frequency across runs of several seeds")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
+                   help="re-evaluate each run's circuit on N resamples of the evaluation split")
+    p.add_argument("--split", default="validation", help="evaluation split for --bootstrap (default validation)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--seed", type=int, default=0, help="seed of the --bootstrap resamples")
+    p.add_argument("--top", type=int, default=20, help="most frequent edges to print (default 20)")
+    p.add_argument("-o", "--output", help="also write the report as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run)

@@ -1,0 +1,50 @@
+"""``edgeprune view``: one self-contained HTML page of a circuit (or two, compared)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def add_view_parser(sub) -> None:
+    p = sub.add_parser("view", help="write a circuit as one self-contained HTML page (open it from disk)")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="a run directory, an edges.json / circuit.json or a scores .safetensors file; two "
+                        "inputs: the two circuits compared")
+    p.add_argument("-o", "--output", help="HTML file (default RUN_DIR/circuit.html, else circuit.html beside the input)")
+    p.add_argument("--max-edges", type=int, default=None, help="edges of each ranking shipped in the page (default 5000)")
+    p.add_argument("--edges", type=int, action="append", metavar="N",
+                   help="open at the top N ranked edges (once per input; default: the run's own circuit)")
+    p.add_argument("--curve", help="a curve.json whose points for these inputs the page shows")
+    p.add_argument("--title")
+    p.add_argument("--serve", action="store_true", help="also serve the page on 127.0.0.1 and print its URL")
+    p.add_argument("--port", type=int, default=0, help="port for --serve (default: any free port)")
+    p.set_defaults(func=run_view)
+
+
+def run_view(args) -> int:
+    from . import DEFAULT_CAP, build_payload, load_source, serve, write_html
+    from .sources import _read_json
+
+    if len(args.inputs) > 2:
+        raise ValueError(f"view takes one or two inputs, got {len(args.inputs)}")
+    curve = _read_json(Path(args.curve)) if args.curve else None
+    if curve is not None and not isinstance(curve, dict):
+        raise ValueError(f"{args.curve}: not a curve.json (expected a JSON object with 'methods')")
+    sources = [load_source(p, curve) for p in args.inputs]
+    first = Path(args.inputs[0])
+    out = Path(args.output) if args.output else (first / "circuit.html" if first.is_dir()
+                                                 else first.with_name(f"{first.stem}.html"))
+    edges = args.edges or []
+    if len(edges) > len(sources):
+        raise ValueError(f"--edges: given {len(edges)} times for {len(sources)} inputs")
+    initial = edges + [None] * (len(sources) - len(edges))
+    payload = build_payload(sources, cap=args.max_edges or DEFAULT_CAP, title=args.title, initial=initial)
+    path = write_html(payload, out)
+    counts = ", ".join(f"{s['label']}: top {s['shipped']} of {s['candidates']} edges" for s in payload["sources"])
+    print(f"written: {path} ({path.stat().st_size / 1024:.0f} KiB; {counts})")
+    if args.serve:
+        try:
+            serve(path, args.port)
+        except KeyboardInterrupt:
+            pass
+    return 0

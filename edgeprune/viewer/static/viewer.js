@@ -1,0 +1,222 @@
+"use strict";
+(function () {
+  const D = JSON.parse(document.getElementById("edgeprune-data").textContent);
+  const NS = "http://www.w3.org/2000/svg";
+  const N = D.nodes, S = D.sources, two = S.length === 2;
+  const isReader = k => ["q", "k", "v", "mlp", "output"].includes(k);
+  const el = (tag, attrs, parent) => {
+    const e = document.createElementNS(NS, tag);
+    for (const k in attrs) e.setAttribute(k, attrs[k]);
+    if (parent) parent.appendChild(e);
+    return e;
+  };
+  const fmt = v => (typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString("en") : v.toPrecision(4)) : String(v));
+  const state = { n: S.map(s => s.default_n), sel: null, zoom: 1 };
+  const current = S.map(() => []);  // per source: indices (into its ranking) of the edges kept
+
+  // The same rule as circuit.remove_dangling: keep an edge only on a path embedding -> resid_post.
+  function dangling(ws, rs) {
+    let live = ws.map((_, i) => i);
+    for (;;) {
+      const reached = new Set(D.embeds);
+      let changed = true;
+      while (changed) {
+        changed = false;
+        for (const i of live) if (reached.has(ws[i])) for (const n of D.feeds[rs[i]]) if (!reached.has(n)) { reached.add(n); changed = true; }
+      }
+      const useful = new Set();
+      const leads = r => r === D.output || D.feeds[r].some(n => useful.has(n));
+      changed = true;
+      while (changed) {
+        changed = false;
+        for (const i of live) if (!useful.has(ws[i]) && leads(rs[i])) { useful.add(ws[i]); changed = true; }
+      }
+      const next = live.filter(i => reached.has(ws[i]) && leads(rs[i]));
+      if (next.length === live.length) return next;
+      live = next;
+    }
+  }
+
+  function select(k) {
+    const s = S[k], n = state.n[k];
+    if (s.values === null) { current[k] = s.w.map((_, i) => i); return; }  // a fixed circuit, as in its file
+    current[k] = dangling(s.w.slice(0, n), s.r.slice(0, n));
+  }
+
+  const svg = document.getElementById("svg");
+  const gRows = document.getElementById("rows"), gEdges = document.getElementById("edges"), gNodes = document.getElementById("nodes");
+  function size() { svg.setAttribute("width", D.width * state.zoom); svg.setAttribute("height", D.height * state.zoom); svg.setAttribute("viewBox", `0 0 ${D.width} ${D.height}`); }
+  for (const row of D.rows) { const t = el("text", { x: 8, y: row.y + 3, class: "rowlabel" }, gRows); t.textContent = row.label; }
+
+  const edgeName = (w, r) => `${N[w].name} \u2192 ${N[r].name}`;
+  function path(w, r) {
+    const a = N[w], b = N[r];
+    const y1 = a.y - (a.kind === "head" || a.kind === "mlp" || a.kind === "embed" ? 8 : 4);
+    const y2 = b.y + (b.kind === "mlp" || b.kind === "output" ? 8 : 4);
+    const ym = (y1 + y2) / 2;
+    return `M${a.x},${y1} C${a.x},${ym} ${b.x},${ym} ${b.x},${y2}`;
+  }
+  const membership = {};  // "w,r" -> bit mask of the sources holding the edge
+  let drawn = [];  // [w, r, mask, [k, i] of the first source holding it]
+
+  function render() {
+    S.forEach((_, k) => select(k));
+    for (const key in membership) delete membership[key];
+    const firsts = {};
+    S.forEach((s, k) => current[k].forEach(i => {
+      const key = s.w[i] + "," + s.r[i];
+      membership[key] = (membership[key] || 0) | (1 << k);
+      if (!(key in firsts)) firsts[key] = [k, i];
+    }));
+    drawn = Object.keys(membership).map(key => { const [w, r] = key.split(",").map(Number); return [w, r, membership[key], firsts[key]]; });
+    drawn.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
+    gEdges.textContent = "";
+    const used = new Set([D.output, ...D.embeds]);
+    const ranges = S.map(s => { const v = (s.values || []).slice(0, s.shipped).map(Math.abs); return [Math.min(...v, 0), Math.max(...v, 1e-12)]; });
+    for (const [w, r, mask, [k, i]] of drawn) {
+      used.add(w); used.add(r); for (const n of D.feeds[r]) used.add(n);
+      const kind = N[r].kind;
+      const colour = two ? (mask === 3 ? "#222222" : mask === 1 ? "#D55E00" : "#0072B2") : D.colours[kind];
+      const v = S[k].values ? Math.abs(S[k].values[i]) : 1, [lo, hi] = ranges[k];
+      const width = S[k].values ? 0.6 + 2.4 * Math.sqrt((v - lo) / (hi - lo || 1)) : 1.2;
+      const p = el("path", { d: path(w, r), class: "edge " + (two ? ["", "only-a", "only-b", "both"][mask] : kind), stroke: colour,
+        "stroke-width": width.toFixed(2), "data-w": N[w].name, "data-r": N[r].name }, gEdges);
+      p.addEventListener("mouseenter", () => showEdge(w, r, mask, k, i));
+    }
+    gNodes.textContent = "";
+    const names = document.getElementById("names"); names.textContent = "";
+    N.forEach((nd, id) => {
+      if (!used.has(id)) return;
+      const g = el("g", { class: "node", "data-name": nd.name, id: "node-" + id }, gNodes);
+      if (["q", "k", "v"].includes(nd.kind)) {
+        for (const h of D.feeds[id]) el("path", { d: `M${nd.x},${nd.y - 4} L${N[h].x},${N[h].y + 8}`, class: "guide", stroke: D.colours[nd.kind] }, g);
+        el("circle", { cx: nd.x, cy: nd.y, r: 4, fill: D.colours[nd.kind] }, g);
+      } else {
+        const w = nd.kind === "head" ? 44 : 70;
+        el("rect", { x: nd.x - w / 2, y: nd.y - 8, width: w, height: 16, rx: nd.kind === "head" ? 2 : 6, fill: D.colours[nd.kind] }, g);
+        const t = el("text", { x: nd.x, y: nd.y + 3, "text-anchor": "middle" }, g); t.textContent = nd.name;
+      }
+      g.addEventListener("mouseenter", () => showNode(id));
+      g.addEventListener("click", ev => { ev.stopPropagation(); choose(id); });
+      const o = document.createElement("option"); o.value = nd.name; names.appendChild(o);
+    });
+    document.getElementById("empty").hidden = drawn.length > 0;
+    controls(); if (state.sel !== null) highlight(state.sel);
+  }
+
+  function degree(id) {
+    let into = 0, out = 0;
+    const head = N[id].kind === "head";
+    const feedsIt = r => r === id || (head && D.feeds[r].includes(id));
+    for (const [w, r] of drawn) { if (w === id) out++; if (feedsIt(r)) into++; }
+    return [into, out];
+  }
+  function showNode(id) {
+    const nd = N[id], [into, out] = degree(id);
+    let text = `${nd.name}\nkind: ${nd.kind}\nin-degree: ${into}  out-degree: ${out}`;
+    S.forEach(s => { if (s.node_values && nd.name in s.node_values) text += `\nnode log_alpha (${s.label}): ${fmt(s.node_values[nd.name])}`; });
+    document.getElementById("info").textContent = text;
+  }
+  function showEdge(w, r, mask, k, i) {
+    let text = `${edgeName(w, r)}\nreader kind: ${N[r].kind}`;
+    S.forEach((s, kk) => {
+      const j = s.w.findIndex((ww, jj) => ww === w && s.r[jj] === r);
+      if (j < 0) return;
+      text += `\n${two ? s.label + ": " : ""}rank ${j + 1} of ${fmt(s.candidates)}` + (s.values ? `, ${s.value_name} ${fmt(s.values[j])}` : "");
+    });
+    if (two) text += `\nin: ${mask === 3 ? "both" : mask === 1 ? "A only" : "B only"}`;
+    document.getElementById("info").textContent = text;
+  }
+
+  // ancestors / descendants of a node in the drawn circuit
+  function related(id, mode) {
+    const nodesUp = new Set([id]), nodesDown = new Set([id]), edgesOn = new Set();
+    const headOf = r => (N[r].kind === "mlp" ? [r] : D.feeds[r]);
+    if (mode !== "down") {
+      let changed = true;
+      while (changed) { changed = false; drawn.forEach(([w, r], e) => { if (headOf(r).some(n => nodesUp.has(n)) || nodesUp.has(r)) { edgesOn.add(e); if (!nodesUp.has(w)) { nodesUp.add(w); changed = true; } } }); }
+    }
+    if (mode !== "up") {
+      let changed = true;
+      while (changed) { changed = false; drawn.forEach(([w, r], e) => { if (nodesDown.has(w)) { edgesOn.add(e); for (const n of [r, ...headOf(r)]) if (!nodesDown.has(n)) { nodesDown.add(n); changed = true; } } }); }
+    }
+    return [new Set([...nodesUp, ...nodesDown]), edgesOn];
+  }
+  function highlight(id) {
+    const [nodes, edges] = related(id, document.getElementById("mode").value);
+    const paths = gEdges.children;
+    for (let e = 0; e < paths.length; e++) paths[e].classList.toggle("faded", !edges.has(e));
+    for (const g of gNodes.children) {
+      const nid = Number(g.id.slice(5));
+      const near = nodes.has(nid) || D.feeds[nid].some(h => nodes.has(h));
+      g.classList.toggle("faded", !near); g.classList.toggle("sel", nid === id);
+    }
+  }
+  function clear() { state.sel = null; for (const c of [...gEdges.children, ...gNodes.children]) c.classList.remove("faded", "sel"); }
+  function choose(id) { state.sel = id; highlight(id); showNode(id); }
+  document.getElementById("canvas").addEventListener("click", clear);
+  document.getElementById("mode").addEventListener("change", () => state.sel !== null && highlight(state.sel));
+  document.getElementById("search").addEventListener("change", ev => {
+    const id = N.findIndex(nd => nd.name === ev.target.value.trim());
+    const g = document.getElementById("node-" + id);
+    if (id < 0 || !g) { document.getElementById("info").textContent = `no node ${ev.target.value} in this circuit`; return; }
+    choose(id); g.scrollIntoView({ block: "center", inline: "center" });
+  });
+
+  function nearest(points, count) {
+    let best = null;
+    for (const p of points) if (best === null || Math.abs(p.edges - count) < Math.abs(best.edges - count)) best = p;
+    return best;
+  }
+  const SHOW = ["faithfulness", "kl", "logit_diff_ratio", "exact_match", "accuracy_circuit"];
+  function controls() {
+    const box = document.getElementById("controls");
+    S.forEach((s, k) => {
+      let div = document.getElementById("src-" + k);
+      if (!div) {
+        div = document.createElement("div"); div.className = "src"; div.id = "src-" + k; box.appendChild(div);
+        div.innerHTML = `<b>${two ? "ABCD"[k] + ": " : ""}</b><span class="lab"></span><br>` +
+          (s.values ? `<input type="range" id="slider-${k}" min="0" max="${s.shipped}" value="${state.n[k]}">` : "") +
+          `<div>edges in circuit: <span class="count" id="count-${k}"></span></div><div class="prefix"></div><div class="metrics"></div>` +
+          `<div class="note"></div>`;
+        div.querySelector(".lab").textContent = s.label;
+        if (s.values) div.querySelector("input").addEventListener("input", ev => { state.n[k] = Number(ev.target.value); render(); });
+        div.querySelector(".note").textContent = s.values
+          ? `ranked by ${s.rank_by}; the page holds the top ${fmt(s.shipped)} of ${fmt(s.candidates)} edges (cap ${fmt(D.cap)}, --max-edges)`
+          : `a fixed circuit from its file${s.graph_known ? "" : " (graph inferred from the names)"}`;
+      }
+      const count = current[k].length;
+      document.getElementById("count-" + k).textContent = fmt(count);
+      div.querySelector(".prefix").textContent = s.values ? `top ${fmt(state.n[k])} ranked edges, dangling edges removed` : "";
+      const p = nearest(s.points, count), m = div.querySelector(".metrics");
+      m.textContent = "";
+      if (p) {
+        const t = document.createElement("table"); t.className = "m";
+        const rows = [[`at ${fmt(p.edges)} edges (nearest evaluated${p.split ? ", " + p.split : ""}, ${p.source})`, ""]]
+          .concat(SHOW.filter(key => key in p).map(key => [key, fmt(p[key])]));
+        for (const [a, b] of rows) { const tr = t.insertRow(); tr.insertCell().textContent = a; tr.insertCell().textContent = b; }
+        m.appendChild(t);
+      }
+    });
+    const cmp = document.getElementById("compare");
+    if (two) {
+      const a = new Set(current[0].map(i => S[0].w[i] + "," + S[0].r[i])), b = new Set(current[1].map(i => S[1].w[i] + "," + S[1].r[i]));
+      const both = [...a].filter(x => b.has(x)).length, union = a.size + b.size - both;
+      cmp.innerHTML = `both: <span class="count" id="count-both">${both}</span> &nbsp; A only: <span class="count" id="count-a-only">${a.size - both}</span>` +
+        ` &nbsp; B only: <span class="count" id="count-b-only">${b.size - both}</span><br>IoU: <span class="count" id="iou">${union ? (both / union).toFixed(4) : "n/a"}</span>`;
+    }
+  }
+
+  const legend = document.getElementById("legend");
+  const items = two ? [["#222222", "in both"], ["#D55E00", "A only"], ["#0072B2", "B only"]]
+    : [["q", "query input"], ["k", "key input"], ["v", "value input"], ["mlp", "MLP input"], ["output", "resid_post"]].map(([k, t]) => [D.colours[k], "edge into a " + t]);
+  for (const [c, t] of items) { const d = document.createElement("div"); d.innerHTML = `<span class="sw" style="background:${c}"></span>`; d.append(t); legend.appendChild(d); }
+  document.getElementById("title").textContent = D.title;
+  document.getElementById("graphinfo").textContent = `graph: ${D.graph}`;
+  document.getElementById("zin").onclick = () => { state.zoom *= 1.25; size(); };
+  document.getElementById("zout").onclick = () => { state.zoom /= 1.25; size(); };
+  document.getElementById("zfit").onclick = () => { const c = document.getElementById("canvas"); state.zoom = Math.min(c.clientWidth / D.width, c.clientHeight / D.height); size(); };
+  size(); render();
+  window.edgeprune = { ready: true, sources: S.length, setSize(k, n) { state.n[k] = n; const s = document.getElementById("slider-" + k); if (s) s.value = n; render(); } };
+  document.body.setAttribute("data-ready", "1");
+})();

@@ -1,0 +1,103 @@
+"""Warm starts: initial log_alpha from attribution scores or from another run's masks.
+
+``prune.init_from: SCORES_FILE`` (an ``edgeprune attribute`` output, ``baselines/scores.py``'s
+format) maps the scores' ranking to log_alpha, rank by rank (the values of the scores do not
+matter, only their order, so EAP, EAP-IG and ACDC files all work):
+
+- the top ``k = round((1 - edge_target) * E)`` edges (the circuit of the target's size) start kept:
+  log_alpha from ``a + 1`` (rank 0) down to ``a`` (rank k - 1), with ``a = max(prune.init_log_alpha,
+  2.4)``, so their deterministic masks are exactly 1;
+- the tail starts near the decision boundary: log_alpha from 1.0 (rank k) down to -1.0 (the last
+  rank), P(z != 0) from 0.93 to 0.65, where the loss's gradient moves a mask most.
+
+The map is strictly decreasing in rank, so every threshold of the initial log_alpha keeps exactly
+a top set of the scores' ordering (ties in the scores keep the graph's edge order), and so does the
+common shift that ``sparsity_control: project`` applies.
+
+``prune.init_from: RUN_DIR`` starts from that run's final masks (``masks.safetensors``, else its
+checkpoint), checked to belong to this model: e.g. the run of a lower target in a sparsity sweep.
+
+``prune.candidates: N`` keeps learning only the top N edges of that ordering (scores, or the run's
+log_alpha); every other edge is held at exactly 0 for the whole run (log_alpha -30), as the
+hybrid attribution-then-pruning methods of the MIB shared task did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .masks import FULL_LOG_ALPHA
+
+TOP_SPAN = 1.0  # log_alpha range of the kept top set, above max(init_log_alpha, FULL_LOG_ALPHA)
+TAIL_HIGH, TAIL_LOW = 1.0, -1.0  # log_alpha range of the tail
+
+
+@dataclass
+class WarmStart:
+    edge_log_alpha: torch.Tensor  # (E,) fp32
+    node_log_alpha: torch.Tensor | None  # (W,) fp32, from a run with node masks
+    order: torch.Tensor  # (E,) long: edge indices, most important first
+    source: str
+    kind: str  # "scores (METHOD)" or "run"
+
+    def describe(self) -> str:
+        return f"warm start from {self.kind} {self.source}"
+
+
+def rank_order(key: torch.Tensor) -> torch.Tensor:
+    """(E,) long: indices sorting ``key`` (larger = more important) descending; ties keep edge order."""
+    return torch.argsort(key.float().cpu(), descending=True, stable=True)
+
+
+def rank_log_alpha(order: torch.Tensor, n_keep: int, init_log_alpha: float) -> torch.Tensor:
+    """(E,) fp32 log_alpha from a ranking (``order[r]`` is the edge of rank r): see the module docstring."""
+    n = order.numel()
+    n_keep = min(max(n_keep, 0), n)
+    top = max(init_log_alpha, FULL_LOG_ALPHA)
+    values = torch.empty(n, dtype=torch.float32)
+    if n_keep:
+        values[:n_keep] = torch.linspace(top + TOP_SPAN, top, n_keep) if n_keep > 1 else top + TOP_SPAN
+    if n - n_keep:
+        values[n_keep:] = torch.linspace(TAIL_HIGH, TAIL_LOW, n - n_keep) if n - n_keep > 1 else TAIL_HIGH
+    out = torch.empty(n, dtype=torch.float32)
+    out[order] = values
+    return out
+
+
+def warm_start(source: str, model, p) -> WarmStart:
+    """The initial masks of ``prune.init_from`` for ``model`` (PruneConfig ``p``); errors name the source."""
+    path = Path(source)
+    n = model.graph.num_edges
+    if p.candidates is not None and p.candidates > n:
+        raise ValueError(f"prune.candidates: {p.candidates} is more than the graph's {n} edges")
+    if path.is_dir():
+        from .prune import load_masks
+        masks = load_masks(path)
+        masks.check_model(model)
+        la = masks.edge_log_alpha.float().cpu().clone()
+        node = masks.node_log_alpha.float().cpu().clone() if masks.node_log_alpha is not None else None
+        if node is not None and model.node_masks is None:
+            node = None
+        return WarmStart(la, node, rank_order(la), str(path), "run")
+    if not path.exists():
+        raise FileNotFoundError(f"prune.init_from: {path}: no such scores file or run directory")
+    from .baselines.scores import check_graph, load_scores
+    scores = load_scores(path)
+    check_graph(scores, model)
+    order = rank_order(scores.ranking_key())
+    target = min(max(p.edge_target, 0.0), 1.0)
+    n_keep = int(round((1.0 - target) * n))
+    if p.candidates is not None:
+        n_keep = min(n_keep, p.candidates)
+    return WarmStart(rank_log_alpha(order, n_keep, p.init_log_alpha), None, order, str(path),
+                     f"scores ({scores.method})")
+
+
+def fixed_edges(start: WarmStart, p) -> torch.Tensor:
+    """(E,) bool: the edges outside the top ``prune.candidates`` of the warm start's ordering."""
+    fixed = torch.ones(start.order.numel(), dtype=torch.bool)
+    fixed[start.order[:p.candidates]] = False
+    return fixed

@@ -1,0 +1,227 @@
+"""Reaching the target (sparsity control, the ramp), warm starts, candidates, early stop, warnings, stability."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import STORIES, build, require_shared
+from edgeprune.baselines.scores import Scores, save_scores
+from edgeprune.circuit import threshold_to_sparsity
+from edgeprune.cli import main
+from edgeprune.config import ConfigError, from_dict
+from edgeprune.control import adamw_preview, solve_price, sparsity_grad
+from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, prob_nonzero
+from edgeprune.prune import SparsityRamp, graph_fingerprint, prune
+from edgeprune.warmstart import rank_log_alpha, rank_order
+
+TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A small random-init Llama (GQA, 2 layers) with the stories260K tokenizer, saved like a checkpoint."""
+    require_shared(STORIES)
+    from transformers import AutoTokenizer
+    path = tmp_path_factory.mktemp("tiny")
+    build("llama", vocab_size=512, num_hidden_layers=3, num_attention_heads=8, num_key_value_heads=4).save_pretrained(path)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
+    return path
+
+
+def config(model_path, out, run=None, **prune_kw):
+    prune_cfg = dict(edge_target=0.9, steps=12, warmup_steps=8, batch_size=4)
+    prune_cfg.update(prune_kw)
+    run_cfg = {"output_dir": str(out), "seed": 0, "eval_every": 0, "save_every": 0, "log_every": 1,
+               "eval_batches": 1}
+    run_cfg.update(run or {})
+    return from_dict({"model": {"name_or_path": str(model_path), "device": "cpu"},
+                      "data": {"path": str(TASK), "max_length": 64}, "prune": prune_cfg, "run": run_cfg}).validate()
+
+
+def test_ramp_reaches_target_at_last_warmup_step():
+    ramp = SparsityRamp(0.9, warmup=4)
+    values = []
+    for _ in range(6):
+        values.append(ramp.value())
+        ramp.step += 1
+    assert values == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
+
+
+def test_new_defaults_reach_target_within_0_005_at_end_of_warmup(tiny, tmp_path):
+    result = prune(config(tiny, tmp_path / "run", edge_target=0.95, steps=46, warmup_steps=40), progress=False)
+    at_warmup = result.history[39]  # the record of step 40, the last warm-up step: the ramp is at its target
+    assert at_warmup["step"] == 40 and at_warmup["edges_target"] == 0.95
+    assert abs(at_warmup["edges_sparsity"] - 0.95) <= 0.005, at_warmup
+    assert max(abs(r["edges_gap"]) for r in result.history[5:40]) <= 0.005  # it follows the ramp all along
+    assert abs(result.history[-1]["edges_sparsity"] - 0.95) <= 0.005
+    assert result.warning is None
+
+
+def test_lagrangian_misses_the_target_and_says_so(tiny, tmp_path, capsys):
+    out = tmp_path / "lag"
+    result = prune(config(tiny, out, sparsity_control="lagrangian", lr_masks=0.01, lr_lambdas=0.01, steps=4,
+                          warmup_steps=2), progress=False)
+    assert result.warning and "missed the target 0.9000" in result.warning
+    assert any("warning" in json.loads(line) for line in (out / "log.jsonl").read_text().splitlines())
+    assert main(["eval", str(out), "--split", "validation", "--no-progress"]) == 0
+    assert "warning: the learned edge sparsity" in capsys.readouterr().out
+    assert "missed the target" in json.loads((out / "metrics.json").read_text())["warnings"][0]
+
+
+def test_price_preview_is_adamw_own_update_and_moves_sparsity_up():
+    """The solved price's preview of a step is torch's AdamW update; on 30k edges with only noise
+    for a fit loss the sparsity climbs the ramp (rate-limited by lr: not a tracking guarantee)."""
+    n = 30_000
+    masks = HardConcreteMasks(n, init=3.0)
+    opt = torch.optim.AdamW([masks.log_alpha], lr=0.25, weight_decay=0.0)
+    ramp = SparsityRamp(0.9, warmup=20)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(20):
+        la = masks.log_alpha
+        la.grad = torch.randn(n, generator=gen) * 1e-7  # noise standing in for the fit's gradient
+        price = solve_price(la, la.grad, opt.state.get(la, {}), opt.param_groups[0], ramp.at(step))
+        la.grad.add_(price * sparsity_grad(la))
+        preview = adamw_preview(la.detach(), la.grad, opt.state.get(la, {}), opt.param_groups[0])
+        opt.step()
+        assert torch.allclose(preview, la.detach(), atol=1e-5)
+    assert float(masks.expected_sparsity().detach()) > 0.5
+
+
+def test_rank_map_keeps_the_top_set_and_puts_the_tail_near_the_boundary():
+    key = torch.tensor([0.3, 5.0, -1.0, 2.0, 2.0, 0.0])
+    order = rank_order(key)
+    assert order.tolist() == [1, 3, 4, 0, 5, 2]  # ties keep edge order
+    la = rank_log_alpha(order, n_keep=2, init_log_alpha=3.0)
+    assert la[1] > la[3] > la[4] > la[0] > la[5] > la[2]
+    assert bool((la[[1, 3]] >= FULL_LOG_ALPHA).all()) and bool((la[[4, 0, 5, 2]].abs() <= 1.0).all())
+
+
+def _scores_file(model_path, path, seed=0):
+    from edgeprune.model import EdgeModel
+    model = EdgeModel.from_pretrained(str(model_path))
+    values = torch.randn(model.graph.num_edges, generator=torch.Generator().manual_seed(seed))
+    save_scores(Scores("eap-ig", values, model.graph.edges, graph_fingerprint(model), model_id=model.model_id), path)
+    return values
+
+
+def test_warm_start_from_eap_ig_scores_keeps_their_top_set_at_the_first_step(tiny, tmp_path):
+    values = _scores_file(tiny, tmp_path / "scores_eap-ig.safetensors")
+    top = torch.argsort(values.abs(), descending=True, stable=True)
+    out = tmp_path / "warm"
+    # one step with a vanishing mask learning rate: the first step's masks are the initial ones
+    prune(config(tiny, out, init_from=str(tmp_path / "scores_eap-ig.safetensors"), steps=1, warmup_steps=1,
+                 lr_masks=1e-7, sparsity_control="lagrangian"), progress=False)
+    la = load_file(str(out / "masks.safetensors"))["edge_log_alpha"]
+    for k in (1, 10, 100, int(0.1 * la.numel()), la.numel() // 2):
+        ours = set(torch.argsort(la, descending=True, stable=True)[:k].tolist())
+        assert ours == set(top[:k].tolist()), k
+    kept = threshold_to_sparsity(la).kept  # the circuit at the learned sparsity: a top set of the scores too
+    assert set(kept.nonzero().flatten().tolist()) == set(top[:int(kept.sum())].tolist())
+
+
+def test_candidates_leave_the_other_masks_exactly_zero_throughout(tiny, tmp_path, monkeypatch):
+    values = _scores_file(tiny, tmp_path / "scores.safetensors", seed=1)
+    n_cand = 40
+    outside = torch.argsort(values.abs(), descending=True, stable=True)[n_cand:]
+    seen = []
+    real_forward = HardConcreteMasks.forward
+
+    def recording(self):
+        out = real_forward(self)
+        if out.numel() == values.numel():
+            seen.append(out.detach().clone())
+        return out
+
+    monkeypatch.setattr(HardConcreteMasks, "forward", recording)
+    result = prune(config(tiny, tmp_path / "cand", init_from=str(tmp_path / "scores.safetensors"), candidates=n_cand,
+                          edge_target=0.95, run={"eval_every": 3}), progress=False)
+    assert len(seen) >= result.step  # sampled masks of every step and the validations' deterministic ones
+    for z in seen:
+        assert torch.count_nonzero(z[outside]) == 0
+    assert bool((z[:n_cand].sum() >= 0))
+    la = load_file(str(tmp_path / "cand" / "masks.safetensors"))["edge_log_alpha"]
+    assert float(prob_nonzero(la[outside]).max()) < 1e-12
+
+
+def _early(tiny, out):
+    # masks barely learn after the warm-up, so the validation KL is flat once the target is reached
+    return config(tiny, out, steps=60, warmup_steps=4, lr_masks=0.3, early_stop=2,
+                  run={"eval_every": 2, "save_every": 2})
+
+
+def test_early_stop_ends_a_run_whose_target_is_reached_and_kl_is_flat(tiny, tmp_path, monkeypatch):
+    import edgeprune.prune as prune_module
+    monkeypatch.setattr(prune_module, "evaluate", _flat_evaluate(prune_module.evaluate))
+    out = tmp_path / "es"
+    result = prune(_early(tiny, out), progress=False)
+    assert result.finished and result.stopped and "target reached" in result.stopped
+    assert result.step < 60
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert any("early_stop" in r for r in log) and (out / "masks.safetensors").is_file()
+
+    # killed before the stop, resumed: the same stop, the same masks
+    cfg = _early(tiny, tmp_path / "es2")
+    first = prune(cfg, progress=False, stop_after=5)
+    assert not first.finished
+    second = prune(cfg, resume=True, progress=False)
+    assert second.stopped == result.stopped and second.step == result.step
+    a = load_file(str(out / "masks.safetensors"))["edge_log_alpha"]
+    b = load_file(str(tmp_path / "es2" / "masks.safetensors"))["edge_log_alpha"]
+    assert torch.equal(a, b)
+    # resuming a run that stopped does not train on
+    third = prune(cfg, resume=True, progress=False)
+    assert third.step == result.step and third.stopped == result.stopped
+
+
+def _flat_evaluate(real):
+    """The real evaluation, with the KL rounded to 2 digits: flat after a few evaluations."""
+    def evaluate(*args, **kwargs):
+        metrics = real(*args, **kwargs)
+        metrics["kl"] = round(metrics["kl"], 2)
+        return metrics
+    return evaluate
+
+
+def test_config_refuses_candidates_without_init_from_and_project_past_one(tiny, tmp_path):
+    with pytest.raises(ConfigError, match="prune.candidates: needs prune.init_from"):
+        config(tiny, tmp_path, candidates=5)
+    with pytest.raises(ConfigError, match="prune.sparsity_control: project .* target >= 1"):
+        config(tiny, tmp_path, edge_target=1.0, sparsity_control="project")
+    with pytest.raises(ConfigError, match="prune.early_stop: needs validations"):
+        config(tiny, tmp_path, early_stop=2)
+
+
+def test_warm_start_from_a_lower_targets_run_and_missing_source(tiny, tmp_path):
+    low = tmp_path / "low"
+    prune(config(tiny, low, edge_target=0.5, steps=4, warmup_steps=2), progress=False)
+    la_low = load_file(str(low / "masks.safetensors"))["edge_log_alpha"]
+    out = tmp_path / "high"
+    prune(config(tiny, out, init_from=str(low), steps=1, warmup_steps=1, lr_masks=1e-7,
+                 sparsity_control="lagrangian"), progress=False)
+    la = load_file(str(out / "masks.safetensors"))["edge_log_alpha"]
+    assert torch.allclose(la, la_low, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="prune.init_from: .*nothing-here"):
+        prune(config(tiny, tmp_path / "x", init_from=str(tmp_path / "nothing-here")), progress=False)
+
+
+def test_stability_cli_reports_iou_shared_edges_and_frequency(tiny, tmp_path, capsys):
+    runs = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        cfg = config(tiny, tmp_path / name, steps=4, warmup_steps=2, edge_target=0.8)
+        cfg.run.seed = seed
+        prune(cfg, progress=False)
+        runs.append(str(tmp_path / name))
+    out = tmp_path / "stability.json"
+    assert main(["stability", *runs, "--bootstrap", "2", "-o", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "pairwise edge IoU at equal size" in printed and "edges kept by every run" in printed
+    report = json.loads(out.read_text())
+    assert report["pairwise_iou"]["0,1"] == 1.0  # the same seed: the same circuit
+    assert 0.0 <= report["pairwise_iou"]["0,2"] < 1.0
+    assert len(report["kept_by_every_run"]) <= report["equal_size"] == min(report["circuit_edges"])
+    assert sum(report["histogram"].values()) == len(report["keep_frequency"])
+    assert set(report["bootstrap"]["per_run"]) == set(runs)
+    assert main(["stability", runs[0]]) == 2  # one run: a one-line error

@@ -1,0 +1,239 @@
+"""The circuit viewer (``edgeprune view``): its payload, its errors, and the page in a real headless Chromium."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeprune.baselines.scores import Scores, save_scores
+from edgeprune.baselines.selection import select_top
+from edgeprune.cli import main
+from edgeprune.graph import Graph, GraphSpec
+from edgeprune.viewer import build_payload, load_source, write_html
+from edgeprune.viewer.page import render
+
+SNAPSHOT = Path(__file__).parent / "snapshots" / "viewer_payload.json"
+CHROMIUM = os.environ.get("EDGEPRUNE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+
+
+def fingerprint(graph: Graph) -> dict:
+    s = graph.spec
+    return {"n_layers": s.n_layers, "n_heads": s.n_heads, "n_kv_heads": s.kv_heads, "pos_embeds": s.pos_embeds,
+            "mlp": s.mlp, "num_edges": graph.num_edges, "num_writers": graph.num_writers}
+
+
+def write_scores(path: Path, graph: Graph, seed: int = 0, method: str = "eap") -> torch.Tensor:
+    """Deterministic scores with no ties in |score| (a formula, not an RNG: the snapshot must not drift)."""
+    n = graph.num_edges
+    values = torch.tensor([((i * 7919 + seed * 104729) % 1009 - 504.5) / 100 for i in range(n)])
+    save_scores(Scores(method, values, graph.edges, fingerprint(graph), model_id="test"), path)
+    return values
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    graph = Graph(GraphSpec(n_layers=2, n_heads=4))
+    values = write_scores(Path("a.safetensors"), graph)
+    return graph, values
+
+
+# ------------------------------------------------------------------ payload (no browser)
+def test_payload_snapshot_is_deterministic(small):
+    payload = build_payload([load_source("a.safetensors")], cap=50, initial=[20])
+    text = json.dumps(payload, sort_keys=True, indent=1)
+    if os.environ.get("EDGEPRUNE_UPDATE_SNAPSHOTS"):
+        SNAPSHOT.write_text(text + "\n")
+    assert text + "\n" == SNAPSHOT.read_text()
+    assert render(payload) == render(build_payload([load_source("a.safetensors")], cap=50, initial=[20]))
+
+
+def test_page_ships_only_top_k_and_no_network_references(small):
+    payload = build_payload([load_source("a.safetensors")], cap=25)
+    src = payload["sources"][0]
+    assert src["shipped"] == 25 and src["candidates"] == 137 and len(src["w"]) == 25
+    html = render(payload)
+    assert "http://" not in html.replace('http://www.w3.org/2000/svg', "") and "https://" not in html
+    assert "<script src" not in html and "<link" not in html
+
+
+def test_not_a_circuit_is_a_clear_error(tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model": "gpt2"}')
+    assert main(["view", str(bad), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert "config.json: not a circuit" in err and "Traceback" not in err
+    (tmp_path / "notes.json").write_text("[1, 2")
+    assert main(["view", str(tmp_path / "notes.json"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "invalid JSON at line 1" in capsys.readouterr().err
+
+
+def test_scores_for_a_graph_that_does_not_match_are_refused(tmp_path, capsys):
+    graph = Graph(GraphSpec(n_layers=2, n_heads=4))
+    other = Graph(GraphSpec(n_layers=3, n_heads=4))
+    values = torch.ones(graph.num_edges)
+    save_scores(Scores("eap", values, graph.edges, fingerprint(other)), tmp_path / "s.safetensors")
+    assert main(["view", str(tmp_path / "s.safetensors"), "-o", str(tmp_path / "x.html")]) == 2
+    assert "do not match their graph" in capsys.readouterr().err
+    write_scores(tmp_path / "a.safetensors", graph)
+    write_scores(tmp_path / "b.safetensors", other)
+    assert main(["view", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
+                 "-o", str(tmp_path / "x.html")]) == 2
+    assert "different graphs" in capsys.readouterr().err
+
+
+def test_edges_not_in_the_circuit_json_graph_are_refused(tmp_path, capsys):
+    (tmp_path / "edges.json").write_text(json.dumps([["a0.h1", "a5.h0.q"]]))
+    (tmp_path / "circuit.json").write_text(json.dumps({"graph": fingerprint(Graph(GraphSpec(2, 4))),
+                                                       "edges_file": "edges.json"}))
+    assert main(["view", str(tmp_path / "edges.json"), "-o", str(tmp_path / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert "edges.json" in err and "a5.h0.q" in err
+
+
+# ------------------------------------------------------------------ the page in headless Chromium
+def _browser_or_skip():
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.skip(f"no Chromium at {CHROMIUM} (apt-get install chromium; make install does it)")
+    try:
+        from playwright.sync_api import sync_playwright  # noqa: F401
+    except ImportError:
+        pytest.skip('the playwright Python package is missing (pip install -e ".[dev]")')
+    return sync_playwright
+
+
+@pytest.fixture(scope="module")
+def browser():
+    sync_playwright = _browser_or_skip()
+    profile = tempfile.mkdtemp(prefix="edgeprune-chromium-")
+    with sync_playwright() as pw:
+        ctx = pw.chromium.launch_persistent_context(profile, executable_path=CHROMIUM if Path(CHROMIUM).exists()
+                                                    else shutil.which("chromium"), headless=True,
+                                                    args=CHROMIUM_ARGS, viewport={"width": 1400, "height": 900})
+        yield ctx
+        ctx.close()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def open_page(browser):
+    """Open an HTML file; after the test, assert no console errors and no request but the file itself."""
+    pages = []
+
+    def open_(path: Path):
+        page = browser.new_page()
+        page.errors, page.requests = [], []
+        page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))
+        page.on("pageerror", lambda e: page.errors.append(str(e)))
+        page.on("request", lambda r: page.requests.append(r.url))
+        url = Path(path).resolve().as_uri()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']", timeout=10_000)
+        pages.append((page, url))
+        return page
+
+    yield open_
+    for page, url in pages:
+        assert page.errors == [], page.errors
+        assert page.requests == [url], page.requests
+        page.close()
+
+
+def page_edges(page) -> set[tuple[str, str]]:
+    return {tuple(x) for x in page.eval_on_selector_all("#edges path.edge",
+                                                        "els => els.map(e => [e.dataset.w, e.dataset.r])")}
+
+
+def test_slider_matches_python_selection_and_hover_names_the_edge(small, open_page, tmp_path):
+    graph, values = small
+    path = write_html(build_payload([load_source("a.safetensors")], cap=60, initial=[12]), tmp_path / "a.html")
+    page = open_page(path)
+    for n in (12, 0, 1, 5, 30, 60):
+        if n != 12:
+            page.fill("#slider-0", str(n))  # an input event, as dragging the slider sends
+        want = {e for e, k in zip(graph.edges, select_top(graph, values.abs(), n).tolist()) if k}
+        got = page_edges(page)
+        assert got == want, n
+        assert page.locator("#edges path.edge").count() == len(want) == int(page.inner_text("#count-0").replace(",", ""))
+    page.fill("#slider-0", "30")
+    assert page.locator("#edges path.edge").count() > 0
+    last = page.locator("#edges path.edge").last  # drawn last: on top, so the mouse reaches it
+    w, r = last.get_attribute("data-w"), last.get_attribute("data-r")
+    last.hover()
+    assert f"{w} \u2192 {r}" in page.inner_text("#info")
+    page.click(f"#nodes g[data-name='{w}'] rect")
+    assert page.locator("#nodes g.sel").count() == 1
+    artifacts = Path(os.environ.get("EDGEPRUNE_TEST_ARTIFACTS", tmp_path))
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = page.screenshot(path=str(artifacts / "viewer.png"))
+    assert len(shot) > 5000
+
+
+def test_gqa_slider_uses_the_group_feeding_rule(tmp_path, monkeypatch, open_page):
+    monkeypatch.chdir(tmp_path)
+    graph = Graph(GraphSpec(n_layers=2, n_heads=4, n_kv_heads=2, pos_embeds=False))
+    values = write_scores(Path("g.safetensors"), graph, seed=3)
+    page = open_page(write_html(build_payload([load_source("g.safetensors")], initial=[40]), tmp_path / "g.html"))
+    for n in (40, 15, 80):
+        page.fill("#slider-0", str(n))
+        assert page_edges(page) == {e for e, k in zip(graph.edges, select_top(graph, values.abs(), n).tolist()) if k}
+
+
+def test_run_directory_page_draws_the_run_circuit(tmp_path, open_page):
+    from conftest import build, prune_tiny
+    from edgeprune.export import export_run
+
+    result = prune_tiny(build("gpt2", vocab_size=512), tmp_path, "gpt2")
+    circuit, _ = export_run(result.output_dir, result.output_dir / "edges.json")
+    assert main(["view", str(result.output_dir)]) == 0
+    page = open_page(result.output_dir / "circuit.html")
+    assert page.locator("#edges path.edge").count() == circuit.counts["edges"]
+    assert page_edges(page) == set(circuit.edges)
+    page2 = open_page(write_html(build_payload([load_source(result.output_dir / "edges.json")]), tmp_path / "e.html"))
+    assert page_edges(page2) == set(circuit.edges)
+
+
+def test_two_circuits_show_intersection_and_iou(small, tmp_path, open_page):
+    graph, values = small
+    other = write_scores(Path("b.safetensors"), graph, seed=5)
+    page = open_page(write_html(build_payload([load_source("a.safetensors"), load_source("b.safetensors")],
+                                              initial=[30, 40]), tmp_path / "ab.html"))
+    a = {e for e, k in zip(graph.edges, select_top(graph, values.abs(), 30).tolist()) if k}
+    b = {e for e, k in zip(graph.edges, select_top(graph, other.abs(), 40).tolist()) if k}
+    assert int(page.inner_text("#count-both")) == len(a & b)
+    assert page.locator("#edges path.both").count() == len(a & b)
+    assert page.locator("#edges path.only-a").count() == len(a - b)
+    assert page.locator("#edges path.only-b").count() == len(b - a)
+    assert float(page.inner_text("#iou")) == pytest.approx(len(a & b) / len(a | b), abs=1e-4)
+
+
+def test_empty_circuit_page_says_it_is_empty(tmp_path, open_page):
+    (tmp_path / "edges.json").write_text("[]")
+    assert main(["view", str(tmp_path / "edges.json"), "-o", str(tmp_path / "empty.html")]) == 0
+    page = open_page(tmp_path / "empty.html")
+    assert page.locator("#edges path.edge").count() == 0
+    assert page.is_visible("#empty") and "empty circuit" in page.inner_text("#empty")
+
+
+def test_serve_serves_the_page_on_localhost(small, tmp_path):
+    import threading
+    import urllib.request
+
+    from edgeprune.viewer import serve
+
+    path = write_html(build_payload([load_source("a.safetensors")]), tmp_path / "s.html")
+    urls = []
+    ready = threading.Event()
+    threading.Thread(target=serve, args=(path, 0, lambda u: (urls.append(u), ready.set())), daemon=True).start()
+    assert ready.wait(10)
+    assert urls[0].startswith("http://127.0.0.1:")
+    with urllib.request.urlopen(urls[0], timeout=10) as resp:
+        assert resp.read() == path.read_bytes()
