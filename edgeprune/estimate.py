@@ -151,11 +151,22 @@ def hf_config(name_or_path: str):
                          f"config.json file with --model; known offline: {', '.join(sorted(KNOWN_CONFIGS))}") from None
 
 
-def load_architecture(cfg: ExperimentConfig) -> Architecture:
-    """The model of ``cfg.model`` built on the meta device (no weights), wrapped as an EdgeModel."""
+def meta_model(config):
+    """The HF causal LM of ``config`` on the meta device (no weights, no memory), built quietly."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def load_architecture(cfg: ExperimentConfig) -> Architecture:
+    """The model of ``cfg.model`` built on the meta device (no weights), wrapped as an EdgeModel."""
     from .model import EdgeModel
     from .models.tracr import is_tracr_artifact, load_tracr
 
@@ -169,14 +180,7 @@ def load_architecture(cfg: ExperimentConfig) -> Architecture:
         source = str(Path(m.name_or_path) / "config.json")
     else:
         config, source = hf_config(m.name_or_path)
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-        try:
-            with torch.device("meta"):
-                hf = AutoModelForCausalLM.from_config(config)
-        finally:
-            hf_logging.set_verbosity(verbosity)
-        model = EdgeModel.from_hf(hf.to(dtype), model_id=m.name_or_path, **kwargs)
+        model = EdgeModel.from_hf(meta_model(config).to(dtype), model_id=m.name_or_path, **kwargs)
     hf = model.hf
     params = sum(p.numel() for p in hf.parameters())
     layers = [sum(p.numel() for p in layer.parameters()) for layer in model.family.decoder_layers()]

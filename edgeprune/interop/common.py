@@ -37,25 +37,14 @@ def fingerprint_of(graph: Graph) -> dict:
 
 def model_graph(name_or_path: str):
     """(graph, model) of a model built on the meta device from its config alone (no weights)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from ..estimate import hf_config
+    from ..estimate import hf_config, meta_model
     from ..model import EdgeModel
     from ..models.tracr import is_tracr_artifact
 
     if is_tracr_artifact(name_or_path):
         raise InteropError(tracr_refusal(name_or_path))
     config, _ = hf_config(name_or_path)
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        with torch.device("meta"):
-            hf = AutoModelForCausalLM.from_config(config)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    model = EdgeModel.from_hf(hf, model_id=name_or_path)
+    model = EdgeModel.from_hf(meta_model(config), model_id=name_or_path)
     return model.graph, model
 
 
