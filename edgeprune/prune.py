@@ -85,8 +85,7 @@ def target_warning(learned: float, target: float, tol: float = 0.005, kind: str 
         return None
     return (f"the learned {kind} sparsity {learned:.4f} missed the target {target:.4f} (gap {learned - target:+.4f}): "
             "the circuit is " + ("larger" if learned < target else "smaller") + " than asked; use "
-            "prune.sparsity_control: project (the default for targets < 1), a longer prune.warmup_steps, or a warm "
-            "start (prune.init_from)")
+            "a longer prune.warmup_steps, a higher prune.lr_lambdas, or a warm start (prune.init_from)")
 
 
 class EarlyStop:

@@ -50,8 +50,13 @@ def test_ramp_reaches_target_at_last_warmup_step():
     assert values == pytest.approx([0.225, 0.45, 0.675, 0.9, 0.9, 0.9])
 
 
-def test_new_defaults_reach_target_within_0_005_at_end_of_warmup(tiny, tmp_path):
-    result = prune(config(tiny, tmp_path / "run", edge_target=0.95, steps=46, warmup_steps=40), progress=False)
+@pytest.mark.xfail(strict=True, reason="issue 14 open: projected control lands on the ramp only by moving every "
+                   "mask in lockstep (all log_alpha equal, an empty circuit), so it is not the default")
+def test_project_control_reaches_target_within_0_005_with_a_real_circuit(tiny, tmp_path):
+    result = prune(config(tiny, tmp_path / "run", edge_target=0.95, steps=46, warmup_steps=40,
+                          sparsity_control="project"), progress=False)
+    log_alpha = load_file(str(tmp_path / "run" / "masks.safetensors"))["edge_log_alpha"]
+    assert log_alpha.std() > 0.1, "every mask moved in lockstep: the masks learned nothing"
     at_warmup = result.history[39]  # the record of step 40, the last warm-up step: the ramp is at its target
     assert at_warmup["step"] == 40 and at_warmup["edges_target"] == 0.95
     assert abs(at_warmup["edges_sparsity"] - 0.95) <= 0.005, at_warmup
@@ -148,7 +153,7 @@ def test_candidates_leave_the_other_masks_exactly_zero_throughout(tiny, tmp_path
 
 def _early(tiny, out):
     # masks barely learn after the warm-up, so the validation KL is flat once the target is reached
-    return config(tiny, out, steps=60, warmup_steps=4, lr_masks=0.3, early_stop=2,
+    return config(tiny, out, steps=60, warmup_steps=4, lr_masks=0.3, early_stop=2, sparsity_control="project",
                   run={"eval_every": 2, "save_every": 2})
 
 
