@@ -8,7 +8,9 @@ threshold is reported in both forms.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -181,3 +183,33 @@ def edges_to_mask(graph: Graph, edges) -> torch.Tensor:
         except KeyError as err:
             raise ValueError(f"edge {i}: {err.args[0]} ({graph.describe()})") from None
     return kept
+
+
+def read_edge_pairs(path: str | Path) -> list[tuple[int, list]]:
+    """The entries of an ``edges.json``-format file (a JSON list of [writer, reader] name pairs) as
+    ``(index, [writer, reader])``, checked for shape only; errors (ValueError) name the file and entry."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, got a JSON {_json_type(data)}")
+    for i, entry in enumerate(data):
+        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, str) for n in entry)):
+            raise ValueError(f"{path}: entry {i} is {shorten(json.dumps(entry))}; expected a [writer, reader] pair of node names, "
+                             'e.g. ["a0.h1", "m2"]')
+    return list(enumerate(data))
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def shorten(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import graphviz
 
+from .circuit import read_edge_pairs, shorten
+
 ACCEPTED_NAMES = ("'tok_embeds', 'pos_embeds', 'a{l}.h{h}', 'a{l}.h{h}.q|k|v', 'a{l}.g{g}.k|v', "
                   "'m{l}', 'resid_post'")
 WRITER_KINDS = ("embed", "head", "mlp")
@@ -122,24 +124,9 @@ def load_edges(path: str | Path) -> list[tuple[str, str]]:
 
     Checks the names and their roles, not that the edges exist in a particular model.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, "
-                         f"got a JSON {_json_type(data)}")
     edges = []
-    for i, entry in enumerate(data):
-        shown = _shorten(json.dumps(entry))
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, str) for n in entry)):
-            raise ValueError(f"{path}: entry {i} is {shown}; expected a [writer, reader] pair of "
-                             "node names, e.g. [\"a0.h1\", \"m2\"]")
+    for i, entry in read_edge_pairs(path):
+        shown = shorten(json.dumps(entry))
         try:
             parse_edge(*entry)
         except ValueError as e:
@@ -313,11 +300,3 @@ def _legend_label() -> str:
     return (f'<<TABLE BORDER="1" COLOR="#CCCCCC" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2">'
             f'<TR><TD COLSPAN="2"><B>legend</B></TD></TR>{rows}{notes}</TABLE>>')
 
-
-def _json_type(value) -> str:
-    names = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _shorten(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -215,20 +215,14 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
 
 def convert_reference_edges(path: str | Path, graph: Graph) -> list[list[str]]:
     """A reference ``edges.json`` in our names (checked against ``graph``); errors name the entry."""
-    from ..circuit import edges_to_mask
+    from ..circuit import edges_to_mask, read_edge_pairs
 
-    path = Path(path)
     try:
-        pairs = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise InteropError(f"{path}: not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
-    if not isinstance(pairs, list):
-        raise InteropError(f"{path}: expected a JSON list of [writer, reader] pairs")
+        pairs = read_edge_pairs(path)
+    except ValueError as err:
+        raise InteropError(str(err)) from None
     out = []
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise InteropError(f"{path}: entry {i}: expected a [writer, reader] pair, got {pair!r}")
-        w, r = pair
+    for _, (w, r) in pairs:
         w = "tok_embeds" if w == "embeds" else w
         m = re.fullmatch(r"a(\d+)\.h(\d+)\.([kv])", r)
         if graph.spec.grouped and m:

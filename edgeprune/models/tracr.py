@@ -449,17 +449,14 @@ def load_tracr(path, *, dtype: torch.dtype = torch.float32, device: str | torch.
 
 def load_ground_truth(path, graph: Graph) -> list[tuple[str, str]]:
     """An ``edges.json``-format file: [[writer, reader], ...], every pair an edge of ``graph``."""
-    path = Path(path)
+    from ..circuit import read_edge_pairs
+
     try:
-        pairs = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise TracrArtifactError(f"{path}: not valid JSON (line {err.lineno}: {err.msg})") from None
-    if not isinstance(pairs, list):
-        raise TracrArtifactError(f"{path}: expected a JSON list of [writer, reader] pairs")
+        pairs = read_edge_pairs(path)
+    except ValueError as err:
+        raise TracrArtifactError(str(err)) from None
     out = []
-    for i, pair in enumerate(pairs):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
-            raise TracrArtifactError(f"{path}: entry {i} must be a [writer, reader] pair of names, got {pair!r}")
+    for i, pair in pairs:
         try:
             graph.edge_index(*pair)
         except KeyError as err:
