@@ -332,6 +332,9 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     reference = ReferenceCache(enabled=p.cache_corrupted)  # full-model logits, corrupted states
     model.train()
 
+    def masks_of(kind: str):
+        return model.edge_masks if kind == "edges" else model.node_masks
+
     def hold_fixed() -> None:
         if fixed is not None:
             with torch.no_grad():
@@ -362,8 +365,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             from .faithful import objective
             loss, sparsity_terms = objective(per_position, fit, model, lambdas, p, record)
         for kind, lam in (lambdas.items() if p.mode != "faithful" else ()):
-            masks = model.edge_masks if kind == "edges" else model.node_masks
-            expected = masks.expected_sparsity()
+            expected = masks_of(kind).expected_sparsity()
             target = ramps[kind].value()
             if control == "lagrangian":  # project: the price is solved for below, lambdas stay 0
                 term = lagrangian(expected, target, lam)
@@ -386,7 +388,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             torch.nn.utils.clip_grad_norm_(mask_params, p.max_grad_norm)
         if control == "project":
             for kind, ramp in ramps.items():  # the price that lands the step on the next target
-                la = (model.edge_masks if kind == "edges" else model.node_masks).log_alpha
+                la = masks_of(kind).log_alpha
                 if la.grad is None:
                     la.grad = torch.zeros_like(la)
                 price = solve_price(la, la.grad, opt.state.get(la, {}), opt.param_groups[0], ramp.at(ramp.step + 1),
@@ -413,8 +415,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             metrics = validate(step)
             model.train()
             if p.early_stop:
-                gaps = {k: (model.edge_masks if k == "edges" else model.node_masks).expected_sparsity().item()
-                        - ramps[k].target for k in ramps}
+                gaps = {k: masks_of(k).expected_sparsity().item() - ramps[k].target for k in ramps}
                 if early.update(step, metrics.get("kl", metrics.get("mse")), gaps, step >= p.warmup_steps):
                     say(early.reason)
                     log(log_path, wandb_run, {"step": step, "early_stop": early.reason})
