@@ -131,8 +131,8 @@ def _eval(args) -> int:
                        output_scale=cfg.data.output_scale, total=-(-len(data.examples) // bs))
     result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
     from .prune import target_warning
-    missed = None if args.edges or cfg.prune.mode == "faithful" else target_warning(info["counts"]["expected_edge_sparsity"], cfg.prune.edge_target,
-                                                    cfg.prune.early_stop_tolerance)
+    missed = None if args.edges or cfg.prune.mode == "faithful" else target_warning(
+        info["counts"]["expected_edge_sparsity"], cfg.prune.edge_target, cfg.prune.early_stop_tolerance)
     if missed:
         result["warnings"] = [missed]
     out = Path(args.output) if args.output else (
