@@ -4,8 +4,9 @@
     python bench/time_to_circuit.py --steps 60 --seeds 0  # quicker
     python bench/time_to_circuit.py --model DIR           # also any model directory (on the names task)
 
-Per task and seed: EAP-IG scores (wall time); cold start (``--steps`` steps); warm start from the
-EAP-IG scores with a third of the steps; then ``edgeprune compare`` of each run against EAP-IG's
+Per task and seed: EAP-IG scores (wall time); cold start (``--steps`` steps) under the paper's
+Lagrangian and under the projected control (``prune.sparsity_control``); warm start from the
+EAP-IG scores with a third of the steps (projected); then ``edgeprune compare`` of each run against EAP-IG's
 circuit at the run's own edge count on the test split. Printed: steps and wall time until the
 expected sparsity is within 0.005 of the target (``-`` = never), wall time of the whole run, edges,
 KL and normalised logit-difference faithfulness (``mse`` for Tracr xproportion).
@@ -55,9 +56,12 @@ def bench_task(name: str, config: Path, out: Path, steps: int, seed: int, extra:
     t_attr = timed(["attribute", str(config), "--method", "eap-ig", "-o", str(scores), "--no-progress",
                     *([] if not tracr else ["--metric", "kl" if "reverse" in name else "mse"]), *extra])
     rows = []
-    for label, run_steps, more in (("cold", steps, []),
-                                   ("warm (EAP-IG)", max(3, steps // 3), ["--set", f"prune.init_from={scores}"])):
-        run = base / label.split()[0]
+    control = "prune.sparsity_control="
+    for label, run_steps, more in (("cold, lagrangian", steps, ["--set", control + "lagrangian"]),
+                                   ("cold, project", steps, ["--set", control + "project"]),
+                                   ("warm (EAP-IG), project", max(3, steps // 3),
+                                    ["--set", f"prune.init_from={scores}", "--set", control + "project"])):
+        run = base / label.replace(" (EAP-IG)", "").replace(", ", "_")
         wall = timed(["prune", str(config), "--steps", str(run_steps), "--output-dir", str(run), *common, *more])
         first, last = reached_at(run)
         cmp_dir = run / "compare"

@@ -75,7 +75,7 @@ class PruneConfig:
     lr_lambdas: float = 0.8
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
-    sparsity_control: str = "lagrangian"  # lagrangian | project (experimental) | auto (project for targets < 1):
+    sparsity_control: str = "auto"  # lagrangian | project | auto (project for targets < 1, else lagrangian):
     # project: after every step a common shift of all log_alpha puts the expected sparsity exactly on
     # the ramp's target (the Lagrangian's lambdas then stay ~0); lagrangian: the paper's dual ascent only
     init_from: str | None = None  # warm start: a scores file (edgeprune attribute) or a run directory

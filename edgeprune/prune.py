@@ -31,7 +31,7 @@ from .cache import ReferenceCache
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
-from .control import solve_price, sparsity_grad
+from .control import project
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split
 from .experiment import task_metric as get_task_metric
@@ -340,7 +340,14 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             with torch.no_grad():
                 model.edge_masks.log_alpha[fixed] = OFF_LOG_ALPHA
 
+    def project_onto(kind: str, target: float) -> float:
+        free = ~fixed if kind == "edges" and fixed is not None else None
+        return project(masks_of(kind).log_alpha, target, free)
+
     hold_fixed()
+    if control == "project" and existing is None:  # the first forward already sits on the ramp
+        for kind, ramp in ramps.items():
+            project_onto(kind, ramp.value())
     while step < p.steps and early.reason is None:
         e, i = divmod(step, steps_per_epoch)
         if e != epoch:
@@ -367,7 +374,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         for kind, lam in (lambdas.items() if p.mode != "faithful" else ()):
             expected = masks_of(kind).expected_sparsity()
             target = ramps[kind].value()
-            if control == "lagrangian":  # project: the price is solved for below, lambdas stay 0
+            if control == "lagrangian":  # project: a shift after the step enforces the target, lambdas stay 0
                 term = lagrangian(expected, target, lam)
                 loss = loss + term
                 sparsity_terms += term.item()
@@ -386,21 +393,15 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         loss.backward()
         if p.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(mask_params, p.max_grad_norm)
-        if control == "project":
-            for kind, ramp in ramps.items():  # the price that lands the step on the next target
-                la = masks_of(kind).log_alpha
-                if la.grad is None:
-                    la.grad = torch.zeros_like(la)
-                price = solve_price(la, la.grad, opt.state.get(la, {}), opt.param_groups[0], ramp.at(ramp.step + 1),
-                                    cap_quantile=min(max(ramp.target, 0.5), 0.999))
-                la.grad.add_(price * sparsity_grad(la))
-                record[f"{kind}_lambda1"], record[f"{kind}_lambda2"] = price, 0.0
         opt.step()
         if control == "lagrangian":
             lambda_opt.step()
         hold_fixed()
         for ramp in ramps.values():
             ramp.step += 1
+        if control == "project":  # the step took the fit alone; one common shift lands it on the next target
+            for kind, ramp in ramps.items():
+                record[f"{kind}_shift"] = project_onto(kind, ramp.value())
         step += 1
         ran += 1
         history.append(record)
