@@ -11,7 +11,10 @@ The checks, most important first (a budget cut loses the least):
    |dlogit| of our fp32 forward (all masks 1) against HF's fp32 forward on the same device, TF32
    off; our bf16 forward against HF fp32 beside HF's own bf16 forward (the bf16 noise floor), and
    HF eager vs sdpa (the fp32 floor). Bars (DESIGN.md section 4): fp32 max <= ``--fp32-tol``;
-   bf16 mean <= ``--bf16-mean-factor`` x HF bf16 mean and bf16 max <= ``--bf16-max-factor`` x HF bf16 max.
+   bf16 mean <= ``--bf16-mean-factor`` x HF bf16 mean (1.0) and bf16 max <= ``--bf16-max-factor`` x HF
+   bf16 max (1.1). The CPU dry run uses 1.1 and 1.25: its figures come from 2x8 tokens through CPU
+   bf16 kernels that differ between instruction sets (one machine measured at most 0.96x of the
+   max bar, another CI machine failed one at 1.0/1.1), so they check the plumbing, not the floor.
 2. ``step``: ``bench/step.py``'s pruning step against HF forward+backward, GPT-2 small and a
    Llama-GQA of the same size at 32x64, fp32 and bf16, with and without activation checkpointing:
    median times (CUDA-synchronised), their ratio, ``torch.cuda.max_memory_allocated`` above the
@@ -577,8 +580,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"one check's limit (defaults {TIMEOUTS}; CPU {CPU_TIMEOUT:.0f} each)")
     ap.add_argument("--families", help="numerics: only these of bench/faithfulness.py's configs (comma-separated)")
     ap.add_argument("--fp32-tol", type=float, default=1e-5, help="bar: fp32 max |dlogit| vs HF (default 1e-5)")
-    ap.add_argument("--bf16-mean-factor", type=float, default=1.0, help="bar: bf16 mean <= F x HF bf16 mean")
-    ap.add_argument("--bf16-max-factor", type=float, default=1.1, help="bar: bf16 max <= F x HF bf16 max")
+    ap.add_argument("--bf16-mean-factor", type=float, default=None,
+                    help="bar: bf16 mean <= F x HF bf16 mean (default 1.0; CPU dry run 1.1)")
+    ap.add_argument("--bf16-max-factor", type=float, default=None,
+                    help="bar: bf16 max <= F x HF bf16 max (default 1.1; CPU dry run 1.25: a max over 2x8 tokens "
+                         "on CPU bf16 kernels, which differ between instruction sets, is one sample's tail)")
     ap.add_argument("--dist-tol", type=float, default=1e-4,
                     help="bar: torchrun step-1 loss vs one process, relative (default 1e-4)")
     ap.add_argument("--prune-steps", type=int, default=None, help="prune check steps (default 50; CPU dry run 2)")
@@ -607,6 +613,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.budget is None:
         args.budget = 450.0 if device.type == "cuda" else CPU_BUDGET
+    if args.bf16_mean_factor is None:
+        args.bf16_mean_factor = 1.0 if device.type == "cuda" else 1.1
+    if args.bf16_max_factor is None:
+        args.bf16_max_factor = 1.1 if device.type == "cuda" else 1.25
     if args.prune_steps is None:
         args.prune_steps = 2 if device.type == "cpu" else 50
         if device.type == "cpu" and args.eval_batches is None:

@@ -37,6 +37,11 @@ device; step FLOPs / HF FLOPs is the time ratio the step would have if it ran at
 mix's skinny GEMMs run at a lower rate than HF's large ones), the rates are printed beside.
 
 The loss sits on the last position of every example (one predicted token, as in IOI-style tasks).
+
+``--positions spans`` also times the position-aware step (``model.positions: spans``; one mask per
+(edge, span), ``--spans`` spans of equal length over the T positions) against the shared-mask step on
+the same batch, interleaved, and measures its peak memory the same way: the ratios printed are
+position-aware / shared.
 """
 
 from __future__ import annotations
@@ -177,6 +182,19 @@ class Batch:
         self.corrupted_attention_mask = self.attention_mask.clone()
         self.loss_mask = torch.zeros(B, T, dtype=torch.bool, device=device)
         self.loss_mask[:, -1] = True
+        self.span_ids = None  # set_spans: (B, T) long, for position-aware masks
+
+
+def span_names(n: int) -> list[str]:
+    return [f"s{i}" for i in range(n)]
+
+
+def positional(model: EdgeModel, batch: Batch, n_spans: int) -> EdgeModel:
+    """``model`` with position-aware masks: ``n_spans`` spans of (nearly) equal length over the positions."""
+    B, T = batch.input_ids.shape
+    model.set_spans(span_names(n_spans))
+    batch.span_ids = (torch.arange(T, device=batch.input_ids.device) * n_spans // T).expand(B, T).contiguous()
+    return model
 
 
 class PruneStep:
@@ -200,7 +218,8 @@ class PruneStep:
         sel = batch.loss_mask
         ref_logits, corrupted = self.reference(model, batch, sel)  # (N, V) at the loss positions
         t["reference"] = clock()
-        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel).logits
+        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
+                       span_ids=batch.span_ids if model.spans is not None else None).logits
         del corrupted  # the backward does not need the corrupted states
         fit = kl_divergence(ref_logits, logits).mean()
         loss = fit + lagrangian(model.edge_masks.expected_sparsity(), 0.5, self.lam)
@@ -268,6 +287,10 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     d = hf.config.hidden_size
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
     out["graph"] = g.describe()
+    if getattr(args, "positions", None):
+        shared = PruneStep(model, batch, args.cache, args.checkpointing)
+        pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
+        out["positions"] = time_steps(pos, shared, args, device)  # ratio: position-aware / shared
     return out
 
 
@@ -303,9 +326,12 @@ def _rss_status() -> tuple[int, int]:
 def measure_memory(kind: str, shape: tuple[int, int], which: str, args, device) -> int:
     """Peak bytes above the loaded model during two steps of ``which`` (run in a fresh process)."""
     hf, batch = setup(kind, shape, args, device)
-    step = PruneStep(EdgeModel.from_hf(hf), batch, args.cache, args.checkpointing) if which == "prune" \
-        else HFStep(hf, batch)
-    return peak_above_now(step, device)
+    if which == "hf":
+        return peak_above_now(HFStep(hf, batch), device)
+    model = EdgeModel.from_hf(hf)
+    if which == "prune_spans":
+        positional(model, batch, args.spans)
+    return peak_above_now(PruneStep(model, batch, args.cache, args.checkpointing), device)
 
 
 def peak_above_now(step, device, steps: int = 2) -> int:
@@ -335,6 +361,7 @@ def memory_in_subprocess(kind, shape, which, args) -> int | None:
            "--dtype", args.dtype, "--device", args.device]
     cmd += (["--cache"] if args.cache else []) + (["--checkpointing"] if args.checkpointing else [])
     cmd += ["--tiny"] if args.tiny else []
+    cmd += ["--spans", str(args.spans)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.layers:
@@ -377,6 +404,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
+    parser.add_argument("--positions", choices=["spans"], help="also time the position-aware step (see above)")
+    parser.add_argument("--spans", type=int, default=8, help="spans for --positions (default 8)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -404,6 +433,8 @@ def main(argv=None) -> int:
                 r["prune"]["peak_bytes"] = memory_in_subprocess(kind, shape, "prune", args)
                 if not args.cache:  # the estimate traces a step without the cache
                     r["prune"]["estimate_bytes"], r["hf"]["estimate_bytes"] = estimate_peaks(kind, shape, args)
+            if args.positions and not args.no_memory:
+                r["positions"]["peak_bytes"] = memory_in_subprocess(kind, shape, "prune_spans", args)
             r.update(model=kind, shape=shape_text)
             results.append(r)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in r["prune"]["parts"].items())
@@ -426,6 +457,13 @@ def main(argv=None) -> int:
                 if "estimate_bytes" in r["prune"]:
                     print(f"        edgeprune estimate (traced on meta): step {gib(r['prune']['estimate_bytes'])} GiB  "
                           f"HF {gib(r['hf']['estimate_bytes'])} GiB")
+
+            if args.positions:
+                q = r["positions"]
+                pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")
+                mem = "" if pp is None or sp is None else f"; memory {gib(pp)} GiB vs {gib(sp)} GiB, ratio {pp / sp:.2f}x"
+                print(f"  position-aware ({args.spans} spans): step {q['prune']['median_s']:.3f} s vs shared "
+                      f"{q['hf']['median_s']:.3f} s, ratio {q['ratio']:.2f}x{mem}")
 
     print("\n| model | B x T | step (s) | HF fwd+bwd (s) | ratio | step peak (GiB) | estimate (GiB) | HF peak (GiB) "
           "| writer states (GiB) | (step - HF) / writers |")

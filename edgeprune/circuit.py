@@ -88,16 +88,39 @@ def reader_nodes(graph: Graph) -> list[list[int]]:
     return out
 
 
-def remove_dangling(graph: Graph, kept: torch.Tensor) -> torch.Tensor:
-    """Keep only edges on a path from an embedding writer to ``resid_post``. kept (E,) bool -> (E,) bool."""
-    kept = kept.detach().cpu().bool().clone()
+def remove_dangling(graph: Graph, kept: torch.Tensor, n_spans: int | None = None) -> torch.Tensor:
+    """Keep only edges on a path from an embedding writer to ``resid_post``. kept (E,) bool -> (E,) bool.
+
+    Position-aware (``n_spans`` S; kept (S * E,), span-major): the nodes are (node, span). An edge
+    (w -> r, s) joins writer w at span s to reader r at span s (the residual stream is position-wise);
+    a Q reader or an MLP input at span s feeds its node at span s, while a K/V reader at span s feeds
+    its head(s) at *every* span (attention reads keys and values at other positions); the
+    embeddings at every span are sources and ``resid_post`` at every span is an output.
+    """
+    W, R = graph.num_writers, graph.num_readers
     feeds = reader_nodes(graph)
     edges = [(graph.writer_index[w], graph.reader_index[r]) for w, r in graph.edges]
-    out_reader = graph.reader_index["resid_post"]
+    sources = {graph.writer_index[e] for e in EMBEDDINGS if e in graph.writer_index}
+    outs = {graph.reader_index["resid_post"]}
+    if n_spans is not None:  # the same walk over (node, span) pairs
+        kv = [name.endswith((".k", ".v")) for name in graph.readers]
+        feeds = [[t * W + n for t in (range(n_spans) if kv[r] else (s,)) for n in feeds[r]]
+                 for s in range(n_spans) for r in range(R)]
+        edges = [(s * W + w, s * R + r) for s in range(n_spans) for w, r in edges]
+        sources = {s * W + w for s in range(n_spans) for w in sources}
+        outs = {s * R + r for s in range(n_spans) for r in outs}
+    return _live(edges, kept.detach().cpu().bool().clone(), feeds, sources, outs)
+
+
+def _live(edges: list[tuple[int, int]], kept: torch.Tensor, feeds: list[list[int]], sources: set[int],
+          outs: set[int]) -> torch.Tensor:
+    """The kept edges (writer node, reader node) that lie on a path from a source writer to an output
+    reader; ``feeds[reader]``: the writer nodes a reader's input goes into."""
+    n_readers = len(feeds)
     while True:
         live = [(w, r) for (w, r), k in zip(edges, kept.tolist()) if k]
-        # forward: writers reachable from an embedding (edges are in topological order per reader)
-        reached = {graph.writer_index[e] for e in EMBEDDINGS if e in graph.writer_index}
+        # forward: writers reachable from a source
+        reached = set(sources)
         changed = True
         while changed:
             changed = False
@@ -107,16 +130,16 @@ def remove_dangling(graph: Graph, kept: torch.Tensor) -> torch.Tensor:
                         if node not in reached:
                             reached.add(node)
                             changed = True
-        # backward: writers with a path to resid_post
+        # backward: writers with a path to an output
         useful: set[int] = set()
         changed = True
         while changed:
             changed = False
             for w, r in live:
-                if w not in useful and (r == out_reader or any(n in useful for n in feeds[r])):
+                if w not in useful and (r in outs or any(n in useful for n in feeds[r])):
                     useful.add(w)
                     changed = True
-        leads_out = [r == out_reader or any(n in useful for n in feeds[r]) for r in range(graph.num_readers)]
+        leads_out = [r in outs or any(n in useful for n in feeds[r]) for r in range(n_readers)]
         new = torch.tensor([k and w in reached and leads_out[r] for (w, r), k in zip(edges, kept.tolist())],
                            dtype=torch.bool)
         if torch.equal(new, kept):
@@ -124,13 +147,20 @@ def remove_dangling(graph: Graph, kept: torch.Tensor) -> torch.Tensor:
         kept = new
 
 
+def span_edges(graph: Graph, spans) -> list[tuple[str, str, str]]:
+    """The (writer, reader, span) edges of position-aware masks, in their flat (span-major) order."""
+    return [(w, r, s) for s in spans for w, r in graph.edges]
+
+
 @dataclass
 class Circuit:
-    edges: list[tuple[str, str]]
-    kept: torch.Tensor  # (E,) bool after dangling-edge removal
+    edges: list[tuple[str, ...]]  # (writer, reader), or (writer, reader, span) position-aware
+    kept: torch.Tensor  # (E,) bool after dangling-edge removal ((S * E,) position-aware)
     edge_threshold: Threshold
     node_threshold: Threshold | None
     counts: dict  # edges/nodes before and after dangling removal, totals, sparsities
+    spans: tuple[str, ...] | None = None  # position-aware: the span names, in mask order
+    span_info: list[dict] | None = None  # position-aware: per span its token counts (spans.describe_spans)
 
     def thresholds(self) -> dict:
         """The thresholds used, as log_alpha and as deterministic mask value (edges, and nodes if any)."""
@@ -141,53 +171,76 @@ class Circuit:
 
 
 def extract_circuit(graph: Graph, edge_log_alpha: torch.Tensor, node_log_alpha: torch.Tensor | None = None,
-                    edge_sparsity: float | None = None, node_sparsity: float | None = None) -> Circuit:
-    """Binarise learned masks into a circuit (threshold search, node masks, dangling removal)."""
-    if edge_log_alpha.shape != (graph.num_edges,):
+                    edge_sparsity: float | None = None, node_sparsity: float | None = None,
+                    spans=None) -> Circuit:
+    """Binarise learned masks into a circuit (threshold search, node masks, dangling removal).
+    Position-aware masks (``spans``: their names) give (writer, reader, span) edges; one threshold
+    for every (edge, span)."""
+    n_spans = None if spans is None else len(spans)
+    if edge_log_alpha.shape != (graph.num_edges * (n_spans or 1),):
+        per = "" if n_spans is None else f" x {n_spans} spans"
         raise ValueError(f"edge masks have {tuple(edge_log_alpha.shape)} entries, the graph has "
-                         f"({graph.num_edges},) edges ({graph.describe()})")
+                         f"{graph.num_edges} edges{per} ({graph.describe()})")
     et = threshold_to_sparsity(edge_log_alpha, edge_sparsity)
     kept = et.kept.clone()
     nt = None
     if node_log_alpha is not None:
         nt = threshold_to_sparsity(node_log_alpha, node_sparsity)
-        writer_of = torch.tensor([graph.writer_index[w] for w, _ in graph.edges])
+        writer_of = torch.tensor([graph.writer_index[w] for w, _ in graph.edges]).repeat(n_spans or 1)
         kept &= nt.kept[writer_of]
     before = int(kept.sum())
-    kept = remove_dangling(graph, kept)
-    edges = [e for e, k in zip(graph.edges, kept.tolist()) if k]
-    nodes = {w for w, _ in edges} | {r for _, r in edges}
+    kept = remove_dangling(graph, kept, n_spans)
+    names = graph.edges if spans is None else span_edges(graph, spans)
+    edges = [e for e, k in zip(names, kept.tolist()) if k]
+    nodes = {e[0] for e in edges} | {e[1] for e in edges}
     counts = {
-        "total_edges": graph.num_edges,
+        "total_edges": len(names),
         "edges_thresholded": int(et.kept.sum()),
         "edges_before_dangling": before,
         "edges": len(edges),
         "nodes": len(nodes),
-        "edge_sparsity": 1.0 - len(edges) / graph.num_edges,
-        "expected_edge_sparsity": 1.0 - et.target_kept / graph.num_edges,
+        "edge_sparsity": 1.0 - len(edges) / len(names),
+        "expected_edge_sparsity": 1.0 - et.target_kept / len(names),
     }
+    if spans is not None:
+        counts["spans"] = len(spans)
     if nt is not None:
         counts["writers_kept"] = int(nt.kept.sum())
         counts["total_writers"] = graph.num_writers
-    return Circuit(edges=edges, kept=kept, edge_threshold=et, node_threshold=nt, counts=counts)
+    return Circuit(edges=edges, kept=kept, edge_threshold=et, node_threshold=nt, counts=counts,
+                   spans=None if spans is None else tuple(spans))
 
 
-def edges_to_mask(graph: Graph, edges) -> torch.Tensor:
-    """(E,) bool of a list of [writer, reader] pairs; errors name the bad entry."""
-    kept = torch.zeros(graph.num_edges, dtype=torch.bool)
-    for i, pair in enumerate(edges):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-            raise ValueError(f"edge {i}: expected a [writer, reader] pair, got {pair!r}")
+def edges_to_mask(graph: Graph, edges, spans=None) -> torch.Tensor:
+    """(E,) bool of a list of [writer, reader] pairs; position-aware (``spans``: the span names),
+    (S * E,) of [writer, reader, span] triples. Errors name the bad entry."""
+    E = graph.num_edges
+    span_index = None if spans is None else {s: i for i, s in enumerate(spans)}
+    kept = torch.zeros(E * (1 if spans is None else len(spans)), dtype=torch.bool)
+    for i, entry in enumerate(edges):
+        if spans is None and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            hint = " (a [writer, reader, span] triple is for position-aware models)" \
+                if isinstance(entry, (list, tuple)) and len(entry) == 3 else ""
+            raise ValueError(f"edge {i}: expected a [writer, reader] pair, got {entry!r}{hint}")
+        if spans is not None and not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise ValueError(f"edge {i}: position-aware masks take [writer, reader, span] triples, got {entry!r}")
+        offset = 0
+        if spans is not None:
+            if entry[2] not in span_index:
+                raise ValueError(f"edge {i}: unknown span {entry[2]!r}; the spans are {', '.join(spans)}")
+            offset = span_index[entry[2]] * E
         try:
-            kept[graph.edge_index(*pair)] = True
+            kept[offset + graph.edge_index(entry[0], entry[1])] = True
         except KeyError as err:
             raise ValueError(f"edge {i}: {err.args[0]} ({graph.describe()})") from None
     return kept
 
 
-def read_edge_pairs(path: str | Path) -> list[tuple[int, list]]:
+def read_edge_pairs(path: str | Path, spans: bool = False) -> list[tuple[int, list]]:
     """The entries of an ``edges.json``-format file (a JSON list of [writer, reader] name pairs) as
-    ``(index, [writer, reader])``, checked for shape only; errors (ValueError) name the file and entry."""
+    ``(index, [writer, reader])``, checked for shape only; errors (ValueError) name the file and entry.
+    With ``spans`` the entries may instead all be [writer, reader, span] triples (position-aware; the
+    span a string), as entry 0 decides: a file mixing both shapes is an error naming the first misfit."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
@@ -199,10 +252,19 @@ def read_edge_pairs(path: str | Path) -> list[tuple[int, list]]:
         raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, got a JSON {_json_type(data)}")
+    width = len(data[0]) if spans and data and isinstance(data[0], list) and len(data[0]) in (2, 3) else 2
     for i, entry in enumerate(data):
-        if not (isinstance(entry, list) and len(entry) == 2 and all(isinstance(n, str) for n in entry)):
-            raise ValueError(f"{path}: entry {i} is {shorten(json.dumps(entry))}; expected a [writer, reader] pair of node names, "
-                             'e.g. ["a0.h1", "m2"]')
+        shown = shorten(json.dumps(entry))
+        if width == 3 and isinstance(entry, list) and len(entry) == 3 and not isinstance(entry[2], str):
+            raise ValueError(f"{path}: entry {i} is {shown}; the span (third element) must be a string, "
+                             'a span name such as "IO" or "END"')
+        if not (isinstance(entry, list) and len(entry) == width and all(isinstance(n, str) for n in entry)):
+            mixed = (" like entry 0 (a file holds [writer, reader] pairs or [writer, reader, span] triples, "
+                     "not both)") if spans and isinstance(entry, list) and len(entry) == 5 - width else ""
+            expected = ('a [writer, reader] pair of node names' + (mixed or ', e.g. ["a0.h1", "m2"]')
+                        if width == 2 else
+                        'a [writer, reader, span] triple' + (mixed or ', e.g. ["a0.h1", "m2", "END"]'))
+            raise ValueError(f"{path}: entry {i} is {shown}; expected {expected}")
     return list(enumerate(data))
 
 

@@ -80,19 +80,20 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_m
     from .draw import load_edges
     from .prune import load_masks
 
+    masks = load_masks(run_dir)
+    masks.apply_spans(model)  # a position-aware run: masks (and edges) per span
     if edges_file:
         edges = load_edges(edges_file)
         try:
-            kept = edges_to_mask(model.graph, edges)
+            kept = edges_to_mask(model.graph, edges, model.spans)
         except (KeyError, ValueError) as err:
             raise ValueError(f"{edges_file}: {err.args[0] if err.args else err}") from None
-        counts = {"total_edges": model.graph.num_edges, "edges": int(kept.sum()),
-                  "edges_after_dangling": int(remove_dangling(model.graph, kept).sum()),
-                  "edge_sparsity": 1.0 - int(kept.sum()) / model.graph.num_edges}
+        counts = {"total_edges": kept.numel(), "edges": int(kept.sum()),
+                  "edges_after_dangling": int(remove_dangling(model.graph, kept, model.n_spans).sum()),
+                  "edge_sparsity": 1.0 - int(kept.sum()) / kept.numel()}
         return edges, {"source": str(edges_file), "counts": counts}
-    masks = load_masks(run_dir)
     masks.check_model(model, allow_other_model)
-    circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
+    circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
     return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
 
 

@@ -46,6 +46,8 @@ class ModelConfig:
     ablation: str | None = None  # interchange | zero | mean; None: interchange (zero for Tracr)
     node_masks: bool = False  # also learn one mask per writer node
     revision: str | None = None  # passed to from_pretrained
+    positions: str | None = None  # null: masks shared by every position; spans: one mask per (edge, named
+    # span of the task's prompts); positions: one per (edge, token position), prompts of one length
 
 
 @dataclass
@@ -130,6 +132,14 @@ class ExperimentConfig:
             bad("model.name_or_path", "required (a hub id such as 'gpt2' or a local directory)")
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
             bad("model.dtype", f"must be float32, bfloat16 or float16, got {self.model.dtype!r}")
+        if self.model.positions not in (None, "spans", "positions"):
+            bad("model.positions", f"must be spans, positions or null, got {self.model.positions!r}")
+        if self.model.positions is not None and self.prune.mode == "faithful":
+            bad("model.positions", "prune.mode: faithful does not support position-aware masks yet; use "
+                "prune.mode: target with an edge_target")
+        if self.model.positions is not None and self.model.node_masks:
+            bad("model.positions", "position-aware edge masks do not combine with model.node_masks (node masks "
+                "are shared by every position)")
         if self.model.ablation not in (None, "interchange", "zero", "mean"):
             bad("model.ablation", f"must be interchange, zero or mean, got {self.model.ablation!r}")
         if not self.data.path:

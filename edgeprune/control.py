@@ -14,7 +14,7 @@ so ``c`` is found by bisection to any precision. A common shift keeps every diff
 masks: the ordering and the spacing the fit has learned are untouched, only the level moves. It is
 the step's multiplier in another form (the exact Lagrange solution of the projection under a
 metric that moves every mask alike), found per step, so nothing needs tuning with the number of
-edges; it costs ~60 elementwise passes over the masks per step.
+edges; it costs a handful of elementwise passes over the masks per step.
 """
 
 from __future__ import annotations
@@ -35,27 +35,36 @@ def expected_sparsity_of(log_alpha: torch.Tensor) -> float:
 
 
 def solve_shift(log_alpha: torch.Tensor, target: float, free: torch.Tensor | None = None,
-                iters: int = 60) -> float:
+                tolerance: float = 1e-7, iters: int = 100) -> float:
     """The c such that adding c to the ``free`` entries of ``log_alpha`` (all when None) gives expected
-    sparsity ``target``; when the target is out of reach (e.g. below the share of held masks), the
-    bound of [-_REACH, _REACH] that gets closest. log_alpha (n,), free (n,) bool."""
+    sparsity ``target`` (to ``tolerance``); when the target is out of reach (e.g. below the share of
+    held masks), the bound of [-_REACH, _REACH] that gets closest. log_alpha (n,), free (n,) bool.
+
+    Newton's method on s(c), kept inside a shrinking bracket (a bisection step whenever Newton would
+    leave it): a handful of passes over the masks (4M edges: ~0.17 s on a 2-core CPU)."""
     with torch.no_grad():
-        a = log_alpha.detach().double()
+        a = log_alpha.detach().float()
         n = a.numel()
         move = a if free is None else a[free]
-        held = 0.0 if free is None else float(torch.sigmoid(a[~free] - _SHIFT).sum())
-
-        def sparsity(c: float) -> float:
-            return 1.0 - (float(torch.sigmoid(move + c - _SHIFT).sum()) + held) / n
-
+        held = 0.0 if free is None else float(torch.sigmoid(a[~free] - _SHIFT).sum(dtype=torch.float64))
         lo, hi = -_REACH, _REACH  # s(lo) is high, s(hi) low
+        c = 0.0
         for _ in range(iters):
-            mid = (lo + hi) / 2
-            if sparsity(mid) > target:
-                lo = mid
+            p = torch.sigmoid(move + c - _SHIFT)
+            gap = 1.0 - (float(p.sum(dtype=torch.float64)) + held) / n - target
+            if abs(gap) <= tolerance:
+                return c
+            if gap > 0:
+                lo = c
             else:
-                hi = mid
-        return (lo + hi) / 2
+                hi = c
+            slope = -float((p * (1 - p)).sum(dtype=torch.float64)) / n  # ds/dc < 0
+            step = c - gap / slope if slope < 0 else None
+            new = step if step is not None and lo < step < hi else (lo + hi) / 2
+            if abs(new - c) < 1e-9 or hi - lo < 1e-12:  # at the precision of fp32 sums
+                return new
+            c = new
+        return c
 
 
 def project(log_alpha: torch.Tensor, target: float, free: torch.Tensor | None = None) -> float:

@@ -21,6 +21,19 @@ Conventions of a drawing:
 
 Nodes are named exactly as in ``edges.json`` (and in SVG output the full name is each node's
 tooltip), so a name seen in a drawing can be searched for in the file and in the logs.
+
+Position-aware circuits (``edges.json`` entries ``[writer, reader, span]``: the reader at the
+positions of ``span`` reads the writer at those same positions) are drawn with one column (a
+graphviz cluster) per span, labelled with the span's name and token count, left to right in the
+order of the ``circuit.json`` ``spans`` beside the edges file (else in order of first appearance;
+spans without edges get no column). A node is drawn once in every span it appears in (its
+graphviz id is ``"{span}:{name}"``, its label the plain name), and the ranks run across the
+columns as above. Within a column an edge ``(w, r, s)`` joins ``w`` to ``r``, a Q input and an MLP
+input feed their node in the same column; a head appears in a column where it writes, or where its
+Q input is read. A K/V input read at span ``s`` feeds its head at every span the head appears in
+(attention reads keys and values at other positions): dashed within its column as in a plain
+drawing, dotted and thicker into the other columns. A head whose only inputs are K/V inputs (so
+it appears in no column of its own) is drawn beside those inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import graphviz
+from graphviz.quoting import attr_list, quote
 
 from .circuit import read_edge_pairs, shorten
 
@@ -119,31 +133,86 @@ def parse_edge(writer: str, reader: str) -> tuple[NodeName, NodeName]:
     return w, r
 
 
-def load_edges(path: str | Path) -> list[tuple[str, str]]:
-    """Read an ``edges.json`` file: a JSON list of [writer, reader] pairs of node names.
+class Edges(list):
+    """What ``load_edges`` returns: a list of ``(writer, reader)`` tuples, or of ``(writer, reader,
+    span)`` tuples for a position-aware circuit, carrying ``spans``: the span columns for a drawing
+    (the ``circuit.json`` span records, ``{"name", "tokens", "min", "max"}``, or the span names in
+    order of first appearance), None for a plain circuit. ``circuit_to_dot`` reads ``spans`` from it,
+    so ``draw_circuit(load_edges(path), out)`` keeps the ``circuit.json`` column order."""
 
-    Checks the names and their roles, not that the edges exist in a particular model.
+    spans: list | None = None
+
+
+def load_edges(path: str | Path) -> Edges:
+    """Read an ``edges.json`` file: a JSON list of [writer, reader] pairs of node names, or of
+    [writer, reader, span] triples (position-aware; all entries one shape).
+
+    Checks the names and their roles, not that the edges exist in a particular model; for triples,
+    that each span is one of the ``spans`` of the ``circuit.json`` beside the file when it lists them.
     """
-    edges = []
-    for i, entry in read_edge_pairs(path):
+    entries = read_edge_pairs(path, spans=True)
+    positional = bool(entries) and len(entries[0][1]) == 3
+    info = span_info_of(path) if positional else None
+    known = None if info is None else [d["name"] for d in info]
+    edges = Edges()
+    for i, entry in entries:
         shown = shorten(json.dumps(entry))
         try:
-            parse_edge(*entry)
+            parse_edge(entry[0], entry[1])
         except ValueError as e:
             raise ValueError(f"{path}: entry {i} {shown}: {e}") from None
-        edges.append((entry[0], entry[1]))
+        if known is not None and entry[2] not in known:
+            raise ValueError(f"{path}: entry {i} {shown}: unknown span {entry[2]!r}; "
+                             f"{_summary_path(path)} lists the spans {', '.join(known)}")
+        edges.append(tuple(entry))
+    if positional:
+        edges.spans = info if info is not None else list(dict.fromkeys(e[2] for e in edges))
     return edges
 
 
-def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None,
-                   heads_per_group: int | None = None) -> graphviz.Digraph:
+def span_info_of(edges_path: str | Path) -> list[dict] | None:
+    """The ``spans`` records (``{"name", "tokens", "min", "max"}``, in column order) of the
+    ``circuit.json`` beside an edges file, or None when there is no such file or it lists no spans.
+    A ``spans`` field of the wrong shape is an error naming the file and the record."""
+    summary = _summary_path(edges_path)
+    if not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # not ours to validate here; the spans only order the columns
+    spans = data.get("spans") if isinstance(data, dict) else None
+    if spans is None:
+        return None
+    if not isinstance(spans, list):
+        raise ValueError(f"{summary}: spans: expected a list of span records, got {shorten(json.dumps(spans))}")
+    records = []
+    for i, record in enumerate(spans):
+        if isinstance(record, str):
+            record = {"name": record}
+        if not (isinstance(record, dict) and isinstance(record.get("name"), str)):
+            raise ValueError(f"{summary}: spans[{i}] is {shorten(json.dumps(record))}; expected a record "
+                             'with a string "name", e.g. {"name": "IO", "tokens": 1.0, "min": 1, "max": 1}')
+        records.append(record)
+    return records
+
+
+def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
+                   heads_per_group: int | None = None, spans: Iterable | None = None) -> graphviz.Digraph:
     """Lay out a circuit as a top-to-bottom graphviz graph (see the module docstring).
 
-    ``heads_per_group``: query heads per KV head under grouped-query attention (needed to join a
-    grouped K/V input to its heads)."""
+    ``edges``: (writer, reader) pairs, or (writer, reader, span) triples for a position-aware
+    circuit (one column per span). ``heads_per_group``: query heads per KV head under grouped-query
+    attention (needed to join a grouped K/V input to its heads). ``spans`` (triples only): the
+    columns, left to right, as span names or ``circuit.json`` span records (``{"name", "tokens",
+    "min", "max"}``); every span of an edge must be among them. Default: ``edges.spans`` when
+    ``edges`` came from ``load_edges``, else the spans in order of first appearance."""
     if heads_per_group is not None and heads_per_group < 1:
         raise ValueError(f"heads_per_group must be >= 1, got {heads_per_group}")
-    edges = list(dict.fromkeys((w, r) for w, r in edges))  # drop repeats, keep the file's order
+    if spans is None:
+        spans = getattr(edges, "spans", None)
+    edges = list(dict.fromkeys(tuple(e) for e in edges))  # drop repeats, keep the file's order
+    positional = _check_shapes(edges)
     dot = graphviz.Digraph(
         "circuit",
         graph_attr=dict(rankdir="TB", newrank="true", splines="spline", nodesep="0.15",
@@ -156,6 +225,9 @@ def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None,
         dot.attr(label=graphviz.nohtml(title), labelloc="t", fontsize="16")
     if not edges:
         dot.node("empty", "empty circuit", shape="plaintext", style="", fontcolor="#666666")
+        return dot
+    if positional:
+        _span_layout(dot, edges, _columns(edges, spans), heads_per_group)
         return dot
 
     nodes: dict[str, NodeName] = {}
@@ -212,9 +284,11 @@ def circuit_to_dot(edges: Iterable[tuple[str, str]], title: str | None = None,
     return dot
 
 
-def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
-                 title: str | None = None, heads_per_group: int | None = None) -> Path:
+def draw_circuit(edges: Iterable[tuple[str, ...]], out_path: str | Path,
+                 title: str | None = None, heads_per_group: int | None = None,
+                 spans: Iterable | None = None) -> Path:
     """Draw a circuit to ``out_path`` (.pdf, .png, .svg or .dot); returns the path written.
+    ``edges``, ``heads_per_group``, ``spans``: as ``circuit_to_dot`` (triples: a column per span).
 
     The graphviz source always goes beside the output as ``<stem>.dot``. Without graphviz's ``dot``
     program only that source is written, with a warning saying how to render it, and its path is
@@ -224,7 +298,7 @@ def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
     suffix = out.suffix.lower()
     if suffix not in SUFFIXES:
         raise ValueError(f"cannot draw to {out}: the file name must end in one of {', '.join(SUFFIXES)}")
-    dot = circuit_to_dot(edges, title, heads_per_group)
+    dot = circuit_to_dot(edges, title, heads_per_group, spans)
     out.parent.mkdir(parents=True, exist_ok=True)
     dot_path = out.with_suffix(".dot")
     dot_path.write_text(dot.source, encoding="utf-8")
@@ -244,9 +318,7 @@ def draw_circuit(edges: Iterable[tuple[str, str]], out_path: str | Path,
 def heads_per_group_of(edges_path: str | Path) -> int | None:
     """Query heads per KV head from the ``circuit.json`` that ``edgeprune export`` wrote beside an
     edges file (its graph fingerprint), or None when there is none."""
-    edges_path = Path(edges_path)
-    summary = edges_path.with_name("circuit.json" if edges_path.name == "edges.json"
-                                   else f"{edges_path.stem}.circuit.json")
+    summary = _summary_path(edges_path)
     if not summary.is_file():
         return None
     try:
@@ -254,6 +326,156 @@ def heads_per_group_of(edges_path: str | Path) -> int | None:
         return int(graph["n_heads"]) // int(graph["n_kv_heads"])
     except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
         return None
+
+
+def _summary_path(edges_path: str | Path) -> Path:
+    """The ``circuit.json`` that ``edgeprune export`` writes beside an edges file (as
+    ``export.circuit_json_path``; not imported from there, which would load the training stack)."""
+    edges_path = Path(edges_path)
+    return edges_path.with_name("circuit.json" if edges_path.name == "edges.json"
+                                else f"{edges_path.stem}.circuit.json")
+
+
+def _check_shapes(edges: list[tuple]) -> bool:
+    """Whether ``edges`` are (writer, reader, span) triples; all entries must be one shape, and a
+    span a string. Errors name the entry."""
+    width = len(edges[0]) if edges else 2
+    for i, edge in enumerate(edges):
+        shown = shorten(json.dumps(list(edge), default=repr))
+        if len(edge) not in (2, 3) or len(edge) != width:
+            raise ValueError(f"entry {i} {shown}: expected a [writer, reader] pair or a [writer, reader, "
+                             f"span] triple, the same shape as entry 0 ({width} elements)")
+        if width == 3 and not isinstance(edge[2], str):
+            raise ValueError(f"entry {i} {shown}: the span (third element) must be a string, "
+                             'a span name such as "IO" or "END"')
+    return width == 3
+
+
+def _columns(edges: list[tuple[str, str, str]], spans: Iterable | None) -> list[dict]:
+    """The span columns that hold edges, in order, as records with at least a ``name``."""
+    if spans is None:
+        records = [{"name": s} for s in dict.fromkeys(e[2] for e in edges)]
+    else:
+        records = [dict(s) if isinstance(s, dict) else {"name": s} for s in spans]
+        known = {r.get("name") for r in records}
+        for i, edge in enumerate(edges):
+            if edge[2] not in known:
+                raise ValueError(f"entry {i} {shorten(json.dumps(list(edge)))}: unknown span {edge[2]!r}; "
+                                 f"the spans are {', '.join(str(r.get('name')) for r in records)}")
+    used = {e[2] for e in edges}
+    return [r for r in records if r["name"] in used]
+
+
+def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], columns: list[dict],
+                 heads_per_group: int | None) -> None:
+    """A position-aware circuit: a cluster per span column, nodes repeated per span (module docstring)."""
+    nodes: dict[tuple[str, str], NodeName] = {}  # (span, name) -> node
+    for writer, reader, span in edges:
+        for node in parse_edge(writer, reader):
+            nodes[(span, node.name)] = node
+    for (span, _), node in list(nodes.items()):
+        if node.kind == "q":
+            head = f"a{node.layer}.h{node.head}"
+            nodes.setdefault((span, head), parse_node(head))
+    placed = {name for (_, name), node in nodes.items() if node.kind == "head"}
+    for (span, _), node in list(nodes.items()):
+        if node.kind in ("k", "v") and node.head is not None and f"a{node.layer}.h{node.head}" not in placed:
+            head = f"a{node.layer}.h{node.head}"  # fed by K/V inputs only: drawn beside them
+            nodes.setdefault((span, head), parse_node(head))
+    head_spans: dict[str, list[str]] = defaultdict(list)  # head -> the columns it appears in
+    order = {c["name"]: i for i, c in enumerate(columns)}
+    for span, name in sorted(nodes, key=lambda key: order[key[0]]):
+        if nodes[(span, name)].kind == "head":
+            head_spans[name].append(span)
+
+    def node_id(span: str, name: str) -> str:
+        return f"{span}:{name}"
+
+    ranks: dict[tuple[float, int], list[str]] = defaultdict(list)
+    members: dict[str, list[str]] = {}  # column -> its node ids
+    for i, column in enumerate(columns):
+        span = column["name"]
+        members[span] = []
+        with dot.subgraph(name=f"cluster_span{i}") as cluster:
+            cluster.attr(label=_span_label(column), labeljust="c", style="rounded",
+                         color="#AAAAAA", fontsize="11", fontcolor="#333333")
+            for node in sorted((n for (s, _), n in nodes.items() if s == span), key=_order):
+                ident = node_id(span, node.name)
+                cluster.node(ident, **{**_node_style(node), "tooltip": f"{node.name} at span {span}"})
+                ranks[_rank(node)].append(ident)
+                members[span].append(ident)
+    # The column order: the K/V joins across columns would let graphviz reorder the clusters, so an
+    # invisible point per column, chained left to right in the top rank (outside the clusters, where
+    # graphviz keeps the order of a same-rank chain), holds each column below its point.
+    tops = [f"_column{i}" for i in range(len(columns))]
+    with dot.subgraph() as top:
+        top.attr(rank="min")
+        for ident in tops:
+            top.node(ident, "", shape="point", style="invis", width="0", height="0")
+        for left, right in zip(tops, tops[1:]):
+            top.edge(left, right, style="invis")
+    for ident, column in zip(tops, columns):
+        for member in members[column["name"]]:
+            _edge(dot, ident, member, style="invis")
+    anchors = []
+    for i, rank in enumerate(sorted(ranks)):
+        anchor = f"_rank{i}"
+        anchors.append(anchor)
+        with dot.subgraph() as same:  # one rank across all columns (newrank allows it across clusters)
+            same.attr(rank="same")
+            same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
+                      fontcolor="#888888")
+            for ident in ranks[rank]:
+                same.node(ident)
+    for upper, lower in zip(anchors, anchors[1:]):
+        dot.edge(upper, lower, style="invis", weight="100")
+
+    unjoined = []
+    for (span, name), node in sorted(nodes.items(), key=lambda item: (order[item[0][0]], _order(item[1]))):
+        if node.kind not in ("q", "k", "v"):
+            continue
+        if node.head is not None:
+            heads = [f"a{node.layer}.h{node.head}"]
+        elif heads_per_group is None:
+            heads = []
+            unjoined.append(name)
+        else:
+            heads = [h for h in head_spans if parse_node(h).layer == node.layer
+                     and parse_node(h).head // heads_per_group == node.group]
+        for head in heads:
+            targets = [span] if node.kind == "q" else head_spans[head]
+            for target in targets:
+                style = dict(style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
+                if target != span:  # attention reads keys/values at other positions
+                    style.update(style="dotted", penwidth="1.4", constraint="false")
+                _edge(dot, node_id(span, name), node_id(target, head), **style)
+    for writer, reader, span in edges:
+        _edge(dot, node_id(span, writer), node_id(span, reader), color=COLOURS[nodes[(span, reader)].kind] + EDGE_ALPHA)
+
+    if unjoined:
+        unjoined = list(dict.fromkeys(unjoined))
+        warnings.warn(f"grouped K/V inputs ({', '.join(unjoined[:3])}{' ...' if len(unjoined) > 3 else ''}) are "
+                      "drawn without their heads: the group size is unknown (pass heads_per_group, or "
+                      "--heads-per-group to edgeprune draw)", stacklevel=3)
+    dot.node("legend", _legend_label(spans=True), shape="plaintext", style="", fontsize="9")
+
+
+def _edge(dot: graphviz.Digraph, tail: str, head: str, **attrs: str) -> None:
+    """An edge between node ids as written: ``Digraph.edge`` would read the ``:`` of ``"IO:a3.h1"``
+    as a port separator (node ``IO``, port ``a3.h1``)."""
+    dot.body.append(f"\t{quote(tail)} -> {quote(head)}{attr_list(attributes=attrs)}\n")
+
+
+def _span_label(column: dict) -> str:
+    """A column's title: the span name and its tokens per prompt (a mean, with the range if it varies)."""
+    tokens = column.get("tokens")
+    if not isinstance(tokens, (int, float)):
+        return graphviz.escape(column["name"])
+    lo, hi = column.get("min"), column.get("max")
+    count = f"{tokens:g} token{'' if tokens == 1 else 's'}"
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo != hi:
+        count += f" ({lo:g}-{hi:g})"
+    return f"{graphviz.escape(column['name'])}\\n{count}"  # \n: graphviz's centred line break
 
 
 def _rank(node: NodeName) -> tuple[float, int]:
@@ -292,11 +514,16 @@ def _node_style(node: NodeName) -> dict[str, str]:
     return style
 
 
-def _legend_label() -> str:
+def _legend_label(spans: bool = False) -> str:
     rows = "".join(f'<TR><TD BGCOLOR="{COLOURS[kind]}" WIDTH="14" HEIGHT="10"></TD>'
                    f'<TD ALIGN="LEFT">{text}</TD></TR>' for kind, text in LEGEND)
     notes = ('<TR><TD COLSPAN="2" ALIGN="LEFT">edge colour: kind of the reader it feeds</TD></TR>'
              '<TR><TD COLSPAN="2" ALIGN="LEFT">dashed: a head\'s input into the head</TD></TR>')
+    if spans:
+        notes += ('<TR><TD COLSPAN="2" ALIGN="LEFT">columns: token spans; a node is drawn in each span '
+                  'it appears in</TD></TR>'
+                  '<TR><TD COLSPAN="2" ALIGN="LEFT">dotted: a K/V input read by its head at another '
+                  'span</TD></TR>')
     return (f'<<TABLE BORDER="1" COLOR="#CCCCCC" CELLBORDER="0" CELLSPACING="2" CELLPADDING="2">'
             f'<TR><TD COLSPAN="2"><B>legend</B></TD></TR>{rows}{notes}</TABLE>>')
 

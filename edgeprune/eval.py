@@ -120,12 +120,13 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
         for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, total=total)):
             batch = batch.to(model.device)
             full, corrupted = reference_and_corrupted(model, batch)
-            circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+            circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                            span_ids=batch.span_ids).logits
             outputs = {"full": full, "circuit": circuit}
             if baseline is not None and not reuse:
-                zeros = torch.zeros(model.graph.num_edges, device=model.device)
+                zeros = torch.zeros(model.edge_masks.n, device=model.device)
                 outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
-                                         edge_values=zeros).logits
+                                         edge_values=zeros, span_ids=batch.span_ids).logits
             if output_scale != 1.0:
                 outputs = {k: v * output_scale for k, v in outputs.items()}
             full, circuit = outputs["full"], outputs["circuit"]

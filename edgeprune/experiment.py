@@ -80,7 +80,35 @@ def load_split(cfg: DataConfig, model: EdgeModel, split: str) -> TaskData:
     metric = task_metric(cfg, model)
     if metric is not None:  # a line whose answer fields do not name its predicted token is refused
         metric.check(examples, str(path))
-    return TaskData(examples, pad_token_id_for(tokenizer), str(path))
+    return with_spans(TaskData(examples, pad_token_id_for(tokenizer), str(path)), model)
+
+
+def with_spans(data: TaskData, model: EdgeModel) -> TaskData:
+    """Give every example the span ids of a position-aware model (``model.spans``, in its order); a
+    split whose spans are not the run's is an error naming them. Shared-mask models: unchanged."""
+    if model.spans is None:
+        return data
+    from .spans import assign_spans
+
+    names = assign_spans(data.examples, model.span_mode, data.source)
+    if set(names) != set(model.spans) or len(names) != len(model.spans):
+        raise ValueError(f"{data.source}: its spans are {', '.join(names)}, but the run's masks are for "
+                         f"{', '.join(model.spans)}")
+    remap = [model.spans.index(n) for n in names]
+    for ex in data.examples:
+        ex.span_ids = [remap[i] for i in ex.span_ids]
+    return data
+
+
+def use_spans(mode: str | None, model: EdgeModel, data: TaskData) -> None:
+    """``model.positions``: make ``model``'s edge masks position-aware for the spans of ``data`` (the
+    training split decides their names and order) and give its examples their span ids."""
+    if mode is None:
+        return
+    from .spans import assign_spans, describe_spans
+
+    names = assign_spans(data.examples, mode, data.source)
+    model.set_spans(names, mode=mode, info=describe_spans(data.examples, names))
 
 
 def task_metric(cfg: DataConfig, model: EdgeModel):
@@ -104,8 +132,8 @@ def _tracr_split(model: EdgeModel) -> TaskData:
     if not isinstance(model.hf, TracrModel):
         raise ValueError(f"data.path {TRACR_ALL_INPUTS!r} is the task of a compiled Tracr model, but "
                          f"{model.model_id} is not one")
-    return TaskData(tracr_examples(model.hf), pad_token_id=model.hf.bos_id,
-                    source=f"every input of {model.hf.program!r} of length {model.hf.task_length}")
+    return with_spans(TaskData(tracr_examples(model.hf), pad_token_id=model.hf.bos_id,
+                               source=f"every input of {model.hf.program!r} of length {model.hf.task_length}"), model)
 
 
 def load_tokenizer(model: EdgeModel):

@@ -14,7 +14,8 @@ from .prune import load_masks
 def run_circuit(run_dir: str | Path) -> tuple[Circuit, dict]:
     """The binarised circuit of a run (threshold search + dangling removal) and its graph fingerprint,
     from the saved masks alone (no model weights are loaded)."""
-    edge_la, node_la, fp = load_masks(run_dir)
+    masks = load_masks(run_dir)
+    fp = masks.graph
     graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
                             pos_embeds=fp["pos_embeds"], mlp=fp["mlp"],
                             parallel_residual=fp.get("parallel_residual", False)))  # absent: sequential
@@ -22,7 +23,9 @@ def run_circuit(run_dir: str | Path) -> tuple[Circuit, dict]:
         raise ValueError(f"{run_dir}: the saved graph fingerprint {fp} does not rebuild its own graph "
                          f"({graph.describe()}): a graph field is missing from it "
                          "(GPT-NeoX/Pythia need 'parallel_residual')")
-    return extract_circuit(graph, edge_la, node_la), fp
+    circuit = extract_circuit(graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
+    circuit.span_info = masks.span_info
+    return circuit, fp
 
 
 def circuit_json_path(edges_path: Path) -> Path:
@@ -48,6 +51,10 @@ def export_run(run_dir: str | Path, edges_path: str | Path) -> tuple[Circuit, di
         "counts": circuit.counts,
         "edges_file": edges_path.name,
     }
+    if circuit.spans is not None:  # position-aware: the spans, in order, with their token counts
+        info = {d["name"]: d for d in (circuit.span_info or [])}
+        summary["spans"] = [info.get(name, {"name": name}) for name in circuit.spans]
+        summary["positions"] = fp.get("positions", "spans")
     metrics_path = run_dir / "metrics.json"
     if metrics_path.is_file():
         saved = json.loads(metrics_path.read_text())

@@ -71,7 +71,8 @@ def circuit_fit(model, batches, loss: str, output_scale: float = 1.0) -> tuple[f
     for batch in batches:
         batch = batch.to(model.device)
         full, corrupted = reference_and_corrupted(model, batch)
-        circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted).logits
+        circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                        span_ids=batch.span_ids).logits
         sel = batch.loss_mask
         ref, cur = full[sel].float() * output_scale, circuit[sel].float() * output_scale
         per = (cur - ref).pow(2).mean(-1) if loss == "mse" else kl_divergence(ref, cur)

@@ -49,13 +49,25 @@ from torch.autograd.function import once_differentiable
 from .graph import Graph
 
 
-def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None) -> torch.Tensor:
+def per_position(z: torch.Tensor, span_ids: torch.Tensor | None, P: int) -> torch.Tensor:
+    """The masks each position's mix uses, (P, R, n): z (R, n) shared by every position (a view), or
+    position-aware z (S, R, n) picked by the span of each position (``span_ids`` (P,) long)."""
+    if z.dim() == 2:
+        return z.expand(P, *z.shape)
+    if span_ids is None:
+        raise ValueError("position-aware masks (one set per span) need the span of every position (span_ids)")
+    return z.index_select(0, span_ids)
+
+
+def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
+               span_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The mix without autograd: base + z @ diffs, position by position.
 
-    z (R, n) fp32; diffs (P, n, D) fp32 (P = B x T positions, a writer slice of the buffer); base:
-    fp32 (B, T, D), (1, 1, D) or (D,) (ablated sum + layer constants) or None. -> (P, R, D) fp32.
+    z (R, n) fp32, or (S, R, n) per span with ``span_ids`` (P,) long the span of each position; diffs
+    (P, n, D) fp32 (P = B x T positions, a writer slice of the buffer); base: fp32 (B, T, D),
+    (1, 1, D) or (D,) (ablated sum + layer constants) or None. -> (P, R, D) fp32.
     """
-    out = torch.bmm(z.expand(diffs.shape[0], *z.shape), diffs)  # one (R, n) x (n, D) product per position
+    out = torch.bmm(per_position(z, span_ids, diffs.shape[0]), diffs)  # one (R, n) x (n, D) product per position
     if base is None:
         return out
     return out.add_(base if base.dim() == 1 else base.reshape(-1, 1, base.shape[-1]))  # z = 0: exactly the base
@@ -81,9 +93,11 @@ class WriterStates:
     """
 
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 ablated: torch.Tensor | None = None, reduce=None):
+                 ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None):
         B, T, D = shape
         self.shape = (B, T, D)
+        # (P,) long: the span of each position, for position-aware masks z (S, R, n); None: z (R, n)
+        self.span_ids = None if span_ids is None else span_ids.reshape(B * T).to(device=device, dtype=torch.long)
         self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
@@ -126,8 +140,8 @@ class WriterStates:
 
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D)."""
-        n = z.shape[1]
-        return reader_view(mix_values(z, self.diffs(n), self.base(n, const)), *self.shape[:2])
+        n = z.shape[-1]
+        return reader_view(mix_values(z, self.diffs(n), self.base(n, const), self.span_ids), *self.shape[:2])
 
     def ablated_sum(self, n: int) -> torch.Tensor | None:
         """fp32 sum of the ablated states of writers 0..n-1 ((B, T, D), (1, 1, D) or None for zero)."""
@@ -141,17 +155,17 @@ class WriterStates:
         return self._sums[n]
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over the first n = z.shape[1] writers.
+        """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over the first n = z.shape[-1] writers.
 
-        z: (R, n) fp32; const: (D,) fp32 layer constants or None; tokens: those of the groups among
+        z: (R, n) fp32, or (S, R, n) position-aware (each position uses its span's row); const: (D,) fp32 layer constants or None; tokens: those of the groups among
         the n writers. Returns (R, B, T, D) fp32, a view of a position-major (B, T, R, D) tensor.
         Gradients flow to z and to the states.
         """
-        base = self.base(z.shape[1], const)
+        base = self.base(z.shape[-1], const)
         if torch.is_grad_enabled() and (z.requires_grad or tokens):
             out = _Mix.apply(z, self, base, *tokens)
         else:
-            out = mix_values(z, self.diffs(z.shape[1]), base)
+            out = mix_values(z, self.diffs(z.shape[-1]), base, self.span_ids)
         return reader_view(out, *self.shape[:2])
 
     def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -161,26 +175,37 @@ class WriterStates:
             return asum
         return const if asum is None else asum + const
 
-    def _grad_z(self, grad_out: torch.Tensor, n: int) -> torch.Tensor:
-        """dL/dz (R, n) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in fp64."""
+    def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None) -> torch.Tensor:
+        """dL/dz (R, n) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in fp64.
+        Position-aware (``n_spans``): (S, R, n), each span's positions summed in fp64."""
         B, T, _ = self.shape
         R = grad_out.shape[1]
         per_position = torch.bmm(grad_out, self.diffs(n).transpose(1, 2))  # (P, R, n)
-        total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
+        if n_spans is None:
+            total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
+        else:
+            total = torch.zeros((n_spans, R, n), dtype=torch.float64, device=per_position.device)
+            total.index_add_(0, self.span_ids, per_position.double())
         if self.reduce is not None:
             self.reduce(total)
         return total.float()
 
     def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor) -> None:
         """grad[:, :n] += z^T @ grad_out at every position, for z (R, n), grad_out (P, R, D), in fp32."""
-        if z.shape[1] > self._taken:
+        if z.shape[-1] > self._taken:
             raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
                                "not supported: run the forward again")
         if self.grad is None:
             self.grad = torch.zeros(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
-        k = z.shape[1]
-        if z.shape[0] > 1:  # in place, one small (n, R) x (R, D) product per position
-            self.grad[:, :k].baddbmm_(z.T.expand(grad_out.shape[0], k, z.shape[0]), grad_out)
+        k, R = z.shape[-1], z.shape[-2]
+        if z.dim() == 3:  # position-aware: each position's own masks
+            zp = per_position(z, self.span_ids, grad_out.shape[0])  # (P, R, k)
+            if R > 1:
+                self.grad[:, :k].baddbmm_(zp.transpose(1, 2), grad_out)
+            else:
+                self.grad[:, :k].addcmul_(zp[:, 0, :, None], grad_out)
+        elif R > 1:  # in place, one small (n, R) x (R, D) product per position
+            self.grad[:, :k].baddbmm_(z.T.expand(grad_out.shape[0], k, R), grad_out)
         else:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply-add
             self.grad[:, :k].addcmul_(z[0][None, :, None], grad_out)
 
@@ -213,16 +238,16 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, z, store, base, *tokens):
         ctx.save_for_backward(z)
         ctx.store = store
-        return mix_values(z, store.diffs(z.shape[1]), base)  # (P, R, D)
+        return mix_values(z, store.diffs(z.shape[-1]), base, store.span_ids)  # (P, R, D)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
         (z,) = ctx.saved_tensors
         store = ctx.store
-        n = z.shape[1]
+        n = z.shape[-1]
         go = grad_out.contiguous()  # (P, R, D)
-        grad_z = store._grad_z(go, n) if ctx.needs_input_grad[0] else None
+        grad_z = store._grad_z(go, n, z.shape[0] if z.dim() == 3 else None) if ctx.needs_input_grad[0] else None
         n_tokens = len(ctx.needs_input_grad) - 3
         if n_tokens:
             store._add_grad(z, go)
@@ -278,15 +303,22 @@ def recompute_saved(x: torch.Tensor, rebuild):
         yield
 
 
-def dense_masks(graph: Graph, edge_values: torch.Tensor, node_values: torch.Tensor | None) -> torch.Tensor:
-    """(readers, writers) fp32 matrix of effective masks; 0 where no edge exists.
+def dense_masks(graph: Graph, edge_values: torch.Tensor, node_values: torch.Tensor | None,
+                n_spans: int | None = None) -> torch.Tensor:
+    """(readers, writers) fp32 matrix of effective masks; 0 where no edge exists. Position-aware
+    (``n_spans`` S): edge_values (S * E,) span-major (span s's masks are ``[s * E, (s + 1) * E)``) give
+    (S, readers, writers).
 
-    edge_values: (E,) in graph edge order. node_values: (W,) per writer or None. A node mask
-    multiplies every edge out of its writer: x_r = s~ + z_rw z_w (s_w - s~_w).
+    edge_values: (E,) in graph edge order. node_values: (W,) per writer or None (shared by every
+    span). A node mask multiplies every edge out of its writer: x_r = s~ + z_rw z_w (s_w - s~_w).
     """
     idx = graph.dense_index.to(edge_values.device)
-    flat = edge_values.new_zeros(graph.num_readers * graph.num_writers).index_put((idx,), edge_values)
-    dense = flat.view(graph.num_readers, graph.num_writers)
+    size = graph.num_readers * graph.num_writers
+    if n_spans is not None:
+        idx = (torch.arange(n_spans, device=idx.device)[:, None] * size + idx[None, :]).reshape(-1)
+    flat = edge_values.new_zeros(size * (n_spans or 1)).index_put((idx,), edge_values)
+    dense = flat.view(graph.num_readers, graph.num_writers) if n_spans is None else \
+        flat.view(n_spans, graph.num_readers, graph.num_writers)
     if node_values is not None:
         dense = dense * node_values[None, :]
     return dense

@@ -64,6 +64,9 @@ class EdgeModel(nn.Module):
         self.ablation = ablation
         self.model_id = model_id
         self.edge_masks = HardConcreteMasks(self.graph.num_edges)
+        self.spans: tuple[str, ...] | None = None  # position-aware masks: one set per span (set_spans)
+        self.span_mode: str | None = None
+        self.span_info: list[dict] | None = None
         self.node_masks = HardConcreteMasks(self.graph.num_writers) if node_masks else None
         self.mean_states: torch.Tensor | None = None  # (W, D) for ablation="mean"
         self.runner = LayerRunner()  # per-layer calls: activation checkpointing, FSDP (edgeprune.distributed)
@@ -176,21 +179,38 @@ class EdgeModel(nn.Module):
         return dict(self._fingerprint)
 
     # ------------------------------------------------------------------ masks
+    def set_spans(self, names, mode: str = "spans", info: list[dict] | None = None) -> None:
+        """Position-aware masks: one mask per (edge, span) for these span names (None: one per edge,
+        shared by every position). The edge masks are re-made, every mask 1; their flat order is
+        span-major, span s's masks at ``[s * E, (s + 1) * E)``. Every forward then takes ``span_ids``.
+        ``mode``: spans (named spans) or positions (raw token positions); ``info``: per span its token
+        counts (``spans.describe_spans``), written with the masks."""
+        if names is not None:
+            names = tuple(str(n) for n in names)
+            if not names or len(set(names)) != len(names):
+                raise ValueError(f"span names must be distinct and at least one, got {list(names)}")
+        old = self.edge_masks
+        self.spans = names
+        self.span_mode = None if names is None else mode
+        self.span_info = None if names is None else info
+        self.edge_masks = HardConcreteMasks(self.graph.num_edges * (1 if names is None else len(names)), old.init)
+        self.edge_masks.to(old.log_alpha.device)
+        self.edge_masks.train(old.training)
+
+    @property
+    def n_spans(self) -> int | None:
+        return None if self.spans is None else len(self.spans)
+
     def mask_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Current (E,) edge and (W,) node mask values (sampled in training, else deterministic)."""
         return self.edge_masks(), None if self.node_masks is None else self.node_masks()
 
     def set_edges(self, edges) -> None:
-        """Keep exactly these (writer, reader) edges (mask 1), ablate every other (mask 0)."""
-        values = torch.zeros(self.graph.num_edges)
-        for i, pair in enumerate(edges):
-            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
-                raise ValueError(f"edge {i}: expected a [writer, reader] pair, got {pair!r}")
-            try:
-                values[self.graph.edge_index(*pair)] = 1.0
-            except KeyError as err:
-                raise ValueError(f"edge {i}: {err.args[0]}") from None
-        self.edge_masks.set_values(values)
+        """Keep exactly these (writer, reader) edges (mask 1), ablate every other (mask 0). Position-aware
+        models take (writer, reader, span) triples."""
+        from .circuit import edges_to_mask
+
+        self.edge_masks.set_values(edges_to_mask(self.graph, edges, self.spans).float())
         if self.node_masks is not None:
             self.node_masks.set_values(torch.ones(self.graph.num_writers))
 
@@ -208,7 +228,7 @@ class EdgeModel(nn.Module):
                 corrupted_states: torch.Tensor | list[torch.Tensor] | None = None,
                 edge_values: torch.Tensor | None = None, node_values: torch.Tensor | None = None,
                 return_states: bool = False, select: torch.Tensor | None = None,
-                past_key_values=None) -> EdgeOutput:
+                past_key_values=None, span_ids: torch.Tensor | None = None) -> EdgeOutput:
         """The edge-masked forward. input_ids (B, T) -> logits (B, T, V).
 
         Under interchange ablation give ``corrupted_input_ids`` (same shape; its writer states are
@@ -219,6 +239,8 @@ class EdgeModel(nn.Module):
         them as (N, V), ordered like ``logits[select]`` (the read-out is a large part of the cost).
         ``past_key_values`` (``kvcache.EdgeKVCache``): input_ids are the new tokens only, attention_mask
         covers past and new (B, past + T), ablated states come as ``corrupted_states`` of the new columns.
+        ``span_ids`` ((B, T) long, the span index of every position): required with position-aware
+        masks (``set_spans``), where position p of row b mixes its inputs with span ``span_ids[b, p]``'s masks.
         """
         position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values,
                                           corrupted_input_ids)
@@ -227,15 +249,17 @@ class EdgeModel(nn.Module):
         if edge_values is None:
             edge_values, default_nodes = self.mask_values()
             node_values = default_nodes if node_values is None else node_values
-        if edge_values.shape != (self.graph.num_edges,):
-            raise ValueError(f"edge mask values must have shape ({self.graph.num_edges},), "
+        if edge_values.shape != (self.edge_masks.n,):
+            raise ValueError(f"edge mask values must have shape ({self.edge_masks.n},), "
                              f"got {tuple(edge_values.shape)}")
+        span_ids = self._check_spans(span_ids, input_ids, past_key_values)
         if node_values is not None and node_values.shape != (self.graph.num_writers,):
             raise ValueError(f"node mask values must have shape ({self.graph.num_writers},), "
                              f"got {tuple(node_values.shape)}")
-        z = dense_masks(self.graph, edge_values.float(), None if node_values is None else node_values.float())
+        z = dense_masks(self.graph, edge_values.float(), None if node_values is None else node_values.float(),
+                        self.n_spans)
         return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select,
-                         past=past_key_values)
+                         past=past_key_values, span_ids=span_ids)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
@@ -279,6 +303,25 @@ class EdgeModel(nn.Module):
         self.mean_states = states.float().to(self.device)
 
     # ------------------------------------------------------------------ internals
+    def _check_spans(self, span_ids, ids, past):
+        if self.spans is None:
+            if span_ids is not None:
+                raise ValueError("span_ids given, but this model's masks are shared by every position "
+                                 "(model.set_spans / model.positions makes them position-aware)")
+            return None
+        if past is not None:
+            raise ValueError("a position-aware circuit has masks per span of a task's prompts: generation "
+                             "(past_key_values) has no spans for new tokens")
+        if not isinstance(span_ids, torch.Tensor) or tuple(span_ids.shape) != tuple(ids.shape) \
+                or span_ids.dtype not in (torch.long, torch.int):
+            raise ValueError(f"position-aware masks ({len(self.spans)} spans: {', '.join(self.spans)}) need "
+                             f"span_ids, a (batch, seq) integer tensor shaped like input_ids {tuple(ids.shape)}, "
+                             f"got {type(span_ids).__name__} {tuple(getattr(span_ids, 'shape', ()))}")
+        if span_ids.numel() and (int(span_ids.min()) < 0 or int(span_ids.max()) >= len(self.spans)):
+            raise ValueError(f"span_ids must be in [0, {len(self.spans)}) (spans {', '.join(self.spans)}), got "
+                             f"values {int(span_ids.min())}..{int(span_ids.max())}")
+        return span_ids
+
     def _check_ids(self, ids, mask, name):
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
             raise ValueError(f"{name} must be a (batch, seq) integer tensor, got "
@@ -327,17 +370,17 @@ class EdgeModel(nn.Module):
                                      return_states=True).states
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
-             states_rows=None, past=None) -> EdgeOutput:
+             states_rows=None, past=None, span_ids=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
         z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``. Each decoder layer
         runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows, past)
+                                select, states_rows, past, span_ids)
 
     def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
-              past=None):
+              past=None, span_ids=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         if past is not None:  # incremental decoding: the families' attention extends the cache
@@ -357,7 +400,7 @@ class EdgeModel(nn.Module):
 
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
-                             self.mask_grad_reduce)
+                             self.mask_grad_reduce, span_ids)
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
         for layer, blocks in enumerate(self._layer_readers):
@@ -441,7 +484,7 @@ class EdgeModel(nn.Module):
     def _reader_input(self, z, rows: slice, store, const, tokens):
         """(R, B, T, D) fp32 inputs of the readers ``rows``: the mix over the writers before them."""
         n_w = self.graph.n_writers_before[rows.start]
-        return store.mix(z[rows, :n_w], const, tokens)
+        return store.mix(z[..., rows, :n_w], const, tokens)  # z (R, W) or position-aware (S, R, W)
 
     def _recompute(self, x, z, rows: slice, store, const):
         """Keep the readers' norms from saving their input x: backward rebuilds it from the mix."""
@@ -450,5 +493,5 @@ class EdgeModel(nn.Module):
         if x.shape[0] == 1:  # one reader (an MLP): keeping x costs less than rebuilding it
             return contextlib.nullcontext()
         n_w = self.graph.n_writers_before[rows.start]
-        z_rows = z[rows, :n_w].detach()
+        z_rows = z[..., rows, :n_w].detach()
         return recompute_saved(x, lambda: store.rebuild(z_rows, const))

@@ -33,7 +33,7 @@ from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
 from .control import project
 from .masks import OFF_LOG_ALPHA
-from .experiment import load_model, load_split
+from .experiment import load_model, load_split, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
 
@@ -125,7 +125,9 @@ def graph_fingerprint(model: EdgeModel) -> dict:
     return {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.kv_heads,
             "pos_embeds": spec.pos_embeds, "mlp": spec.mlp, "num_edges": model.graph.num_edges,
             "num_writers": model.graph.num_writers,
-            **({"parallel_residual": True} if getattr(spec, "parallel_residual", False) else {})}
+            **({"parallel_residual": True} if getattr(spec, "parallel_residual", False) else {}),
+            **({"spans": list(model.spans), "positions": model.span_mode}
+               if getattr(model, "spans", None) is not None else {})}
 
 
 @dataclass
@@ -224,6 +226,10 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     model.fingerprint()  # before FSDP shards the weights
     p = cfg.prune
     model.activation_checkpointing = p.activation_checkpointing
+    train = None
+    if cfg.model.positions:  # position-aware masks: the training split names the spans (before the graph check)
+        train = load_split(cfg.data, model, cfg.data.train_split)
+        use_spans(cfg.model.positions, model, train)
     saved, log_lines = None, []
     if existing is not None:
         saved = load_checkpoint(existing)
@@ -232,7 +238,8 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     if p.batch_size < d.world:
         raise PruneError(f"prune.batch_size ({p.batch_size}) is the global batch: it must be at least the "
                          f"number of processes ({d.world})")
-    train = load_split(cfg.data, model, cfg.data.train_split)
+    if train is None:
+        train = load_split(cfg.data, model, cfg.data.train_split)
     try:
         val = load_split(cfg.data, model, cfg.data.eval_split)
     except (FileNotFoundError, ValueError) as err:
@@ -357,7 +364,8 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         # logits only at the loss positions: the read-out over the vocabulary is costly
         sel, scale = batch.loss_mask, cfg.data.output_scale
         ref_logits, corrupted = reference(model, batch, sel)  # (N, V), corrupted states (W, B, T, D)
-        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel).logits
+        logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
+                       span_ids=batch.span_ids).logits
         del corrupted  # the backward does not need them
         if cfg.data.loss == "mse":
             per_position = ((logits.float() - ref_logits.float()) * scale).pow(2).mean(-1)
@@ -469,6 +477,8 @@ def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict
     }
     if model.node_masks is not None:
         state["node_log_alpha"] = model.node_masks.log_alpha.detach()
+    if model.span_info is not None:
+        state["span_info"] = model.span_info
     if torch.cuda.is_available():
         state["rng"]["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -547,6 +557,8 @@ def _write_masks(model: EdgeModel, path: Path) -> None:
         tensors["node_log_alpha"] = model.node_masks.log_alpha.detach()
     meta = {"model_id": str(model.model_id), "graph": json.dumps(graph_fingerprint(model), sort_keys=True),
             "model_fingerprint": json.dumps(model.fingerprint(), sort_keys=True)}
+    if model.span_info is not None:  # per span its token counts in the training split (circuit.json)
+        meta["spans"] = json.dumps(model.span_info)
     write_safetensors(tensors, path, meta)
 
 
@@ -606,6 +618,17 @@ class RunMasks:
     model_id: str | None
     model_fingerprint: dict | None  # EdgeModel.fingerprint(); None in runs written before it existed
     source: Path
+    span_info: list[dict] | None = None  # position-aware runs: per span its token counts
+
+    @property
+    def spans(self) -> list[str] | None:
+        """The span names of position-aware masks (their order), or None."""
+        return (self.graph or {}).get("spans")
+
+    def apply_spans(self, model: EdgeModel) -> None:
+        """Make ``model``'s masks position-aware like these (a shared-mask run: nothing to do)."""
+        if self.spans is not None:
+            model.set_spans(self.spans, mode=self.graph.get("positions", "spans"), info=self.span_info)
 
     def __iter__(self):  # (edge, node, graph), as older callers unpack it
         return iter((self.edge_log_alpha, self.node_log_alpha, self.graph))
@@ -616,9 +639,10 @@ class RunMasks:
         if self.graph and self.graph != ours:
             raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
                                   f"has {ours}")
-        if self.edge_log_alpha.numel() != model.graph.num_edges:
+        if self.edge_log_alpha.numel() != model.edge_masks.n:
             raise CheckpointError(f"{self.source}: masks have {self.edge_log_alpha.numel()} edges but the model's "
-                                  f"graph has {model.graph.num_edges} ({model.graph.describe()})")
+                                  f"graph has {model.edge_masks.n} ({model.graph.describe()}"
+                                  f"{'' if model.spans is None else f' x {len(model.spans)} spans'})")
         check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
 
 
@@ -641,15 +665,16 @@ def load_masks(run_dir: str | Path) -> RunMasks:
                 node = f.get_tensor("node_log_alpha") if "node_log_alpha" in keys else None
             graph = json.loads(meta.get("graph", "{}"))
             fp = json.loads(meta["model_fingerprint"]) if "model_fingerprint" in meta else None
+            span_info = json.loads(meta["spans"]) if "spans" in meta else None
         except (SafetensorError, OSError, json.JSONDecodeError) as err:
             raise CheckpointError(f"{path}: damaged masks file ({type(err).__name__}: {err}); re-export it "
                                   "from the run's checkpoint or rerun") from None
         model_id = meta.get("model_id")
-        return RunMasks(edge, node, graph, None if model_id in (None, "None") else model_id, fp, path)
+        return RunMasks(edge, node, graph, None if model_id in (None, "None") else model_id, fp, path, span_info)
     ckpt = find_checkpoint(run_dir / "checkpoint")
     if ckpt is None:
         raise FileNotFoundError(f"{run_dir}: no masks.safetensors and no checkpoint/ (is this a run directory "
                                 "written by `edgeprune prune`?)")
     state = load_checkpoint(ckpt)
     return RunMasks(state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"], state.get("model_id"),
-                    state.get("model_fingerprint"), ckpt)
+                    state.get("model_fingerprint"), ckpt, state.get("span_info"))

@@ -51,3 +51,20 @@ def test_gpt2_task_config_prunes_evaluates_with_task_metric(task, local_gpt2, tm
     g = lambda w: metrics[f"logit_diff_{w}"]  # noqa: E731
     assert metrics["faithfulness"] == pytest.approx((g("circuit") - g("empty")) / (g("full") - g("empty")))
     assert metrics["logit_diff_ratio"] == pytest.approx(g("circuit") / g("full"))
+
+
+@pytest.mark.parametrize("task,named", [("ioi", {"IO", "S1", "S2", "END"}), ("gt", {"YY", "END"}),
+                                        ("gp", {"NAME", "END"})])
+def test_gpt2_spans_config_prunes_position_aware_out_of_the_box(task, named, local_gpt2, tmp_path, monkeypatch):
+    from edgeprune.prune import load_masks
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    assert main(["prune", str(ROOT / "configs" / f"gpt2_{task}_spans.yaml"), "--model", str(local_gpt2),
+                 "--steps", "2", "--output-dir", str(out), "--set", "prune.batch_size=4", "--set",
+                 "run.eval_batches=1", "--no-progress"]) == 0
+    masks = load_masks(out)
+    assert set(masks.spans) == named | {"other", "predict"}
+    assert masks.edge_log_alpha.numel() == len(masks.spans) * masks.graph["num_edges"]
+    assert main(["export", str(out), "-o", str(out / "edges.json")]) == 0
+    assert [s["name"] for s in json.loads((out / "circuit.json").read_text())["spans"]] == masks.spans

@@ -93,7 +93,8 @@ def metric_sum(logits: torch.Tensor, p: Prepared, metric: str) -> torch.Tensor:
 def masked_logits(model: EdgeModel, p: Prepared, z: torch.Tensor) -> torch.Tensor:
     """(B, T, V) logits of the model with edge values z (E,) fp32 (may require grad)."""
     b = p.batch
-    return model(b.input_ids, b.attention_mask, corrupted_states=p.corrupted, edge_values=z).logits
+    return model(b.input_ids, b.attention_mask, corrupted_states=p.corrupted, edge_values=z,
+                 span_ids=b.span_ids).logits
 
 
 @torch.no_grad()
@@ -125,7 +126,7 @@ def path_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric:
     n_total = sum(int(b.loss_mask.sum()) for b in batches)
     if n_total == 0:
         raise ValueError("attribution got no loss positions (empty split?)")
-    E = model.graph.num_edges
+    E = model.edge_masks.n  # (S * E,) for position-aware masks: a score per (edge, span)
     grad = torch.zeros(E, dtype=torch.float32, device=model.device)
     was_training = model.training
     model.eval()

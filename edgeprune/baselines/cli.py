@@ -31,11 +31,16 @@ def _task(cfg, split: str, batch_size: int | None, n_batches: int | None):
     from ..tasks.jsonl import batches
 
     model = load_model(cfg.model)
-    if model.ablation == "mean":  # the same means as the pruning run: its training split, epoch 0
+    train = None
+    if cfg.model.positions is not None:  # position-aware: the training split names the spans, as in prune
+        from ..experiment import use_spans
         train = load_split(cfg.data, model, cfg.data.train_split)
+        use_spans(cfg.model.positions, model, train)
+    if model.ablation == "mean":  # the same means as the pruning run: its training split, epoch 0
+        train = train or load_split(cfg.data, model, cfg.data.train_split)
         model.set_mean_states(model.compute_mean_states(
             (b.input_ids, b.attention_mask) for b in epoch_batches(train, cfg.prune.batch_size, cfg.run.seed, 0)))
-    data = load_split(cfg.data, model, split)
+    data = train if train is not None and split == cfg.data.train_split else load_split(cfg.data, model, split)
     bs = batch_size or cfg.prune.batch_size
     out = []
     for i, b in enumerate(batches(data.examples, bs, data.pad_token_id)):
@@ -125,8 +130,9 @@ def _attribute(args) -> int:
     if scores.kept is not None:
         print(f"ACDC circuit (tau={args.tau}): {s['edges_kept']} edges kept, {s['edges_tested']} tested")
     print("top edges (score = change of the metric when the edge is ablated):")
-    for (w, r), v in scores.top(10):
-        print(f"  {w:>12} -> {r:<14} {v:+.5g}")
+    for edge, v in scores.top(10):
+        at = f" @ {edge[2]}" if len(edge) > 2 else ""  # position-aware: (writer, reader, span)
+        print(f"  {edge[0]:>12} -> {edge[1]:<14}{at} {v:+.5g}")
     print(f"written: {out}")
     return 0
 

@@ -6,6 +6,12 @@ reader: both prefixes tokenize (``tokenizer(prefix)``, special tokens as the tok
 the same length, each span is exactly one token (``add_special_tokens=False``), and appending the
 span's token to the prefix's tokens gives what the tokenizer makes of the whole text, so the model
 is scored on the tokenization it would see anyway.
+
+Spans. The IOI, GT and GP generators mark the parts of the prompt a position-aware circuit names
+(``mark("IO", " Mary")`` -> ``<span name=IO> Mary</span>``; format in ``jsonl``). The pair check
+reads the texts without the markup (``split_text`` strips it), and ``draw_splits`` also parses
+every marked record with the task reader, so a span that misses a token boundary or covers other
+tokens in the corrupted text is a failed draw, never a line the reader rejects.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
-from .jsonl import SPLITS
+from .jsonl import SPLITS, TaskFormatError, parse_record, strip_spans
 
 
 @dataclass
@@ -73,6 +79,37 @@ def predict_text(prefix: str, span: str) -> str:
     return f"{prefix}<predict>{span}</predict>"
 
 
+def mark(name: str, text: str) -> str:
+    """``text`` marked as the span ``name``; put a word's leading space inside (" Mary")."""
+    return f"<span name={name}>{text}</span>"
+
+
+def mark_end(prefix: str, name: str = "END") -> str:
+    """``prefix`` with its last word (and the space before it) or its final punctuation mark marked
+    as the span ``name``: the position whose logits predict the answer."""
+    cut = len(prefix.rstrip())
+    if cut and not prefix[cut - 1].isalnum():
+        start = cut - 1
+    else:
+        start = cut
+        while start and prefix[start - 1].isalnum():
+            start -= 1
+        while start and prefix[start - 1] == " ":
+            start -= 1
+    return prefix[:start] + mark(name, prefix[start:cut]) + prefix[cut:]
+
+
+def spans_parse(tokenizer, rec: dict) -> bool:
+    """True when a record's span markup meets the reader's contract (always, without markup)."""
+    if "<span" not in rec["clean"] and "<span" not in rec["corrupted"]:
+        return True
+    try:
+        parse_record(rec, tokenizer, "generated", 0, None)
+    except TaskFormatError:
+        return False
+    return True
+
+
 def record(split: str, clean: tuple[str, str], corrupted: tuple[str, str], **fields) -> dict:
     """One JSONL line: the marked clean and corrupted texts, the split, then the task fields."""
     return {"clean": predict_text(*clean), "corrupted": predict_text(*corrupted), "split": split,
@@ -91,7 +128,7 @@ def draw_splits(sample: Callable[[random.Random, str, int], dict | None], counts
     has run out of distinct examples. Splits are drawn in SPLITS order, which keeps a seed's train
     split the same whatever the sizes of the later splits.
     """
-    key = key or (lambda r: r["clean"])
+    key = key or (lambda r: strip_spans(r["clean"])[0])
     seen: set = set()
     out: dict[str, list[dict]] = {}
     for split in SPLITS:
@@ -99,7 +136,7 @@ def draw_splits(sample: Callable[[random.Random, str, int], dict | None], counts
         misses = 0
         while len(rows) < counts[split]:
             rec = sample(rng, split, len(rows))
-            if rec is None or key(rec) in seen:
+            if rec is None or key(rec) in seen or not spans_parse(tokenizer, rec):
                 misses += 1
                 if misses >= max_misses:
                     raise ValueError(f"could make only {len(rows)} of the {counts[split]} {split} "
@@ -116,8 +153,9 @@ def draw_splits(sample: Callable[[random.Random, str, int], dict | None], counts
 
 
 def split_text(text: str) -> tuple[str, str]:
-    """(prefix, span) of a ``...<predict>span</predict>...`` text; what follows </predict> is dropped."""
-    head, sep, rest = text.partition("<predict>")
+    """(prefix, span) of a ``...<predict>span</predict>...`` text, without span markup (the text the
+    model reads); what follows </predict> is dropped."""
+    head, sep, rest = strip_spans(text)[0].partition("<predict>")
     span, sep2, _ = rest.partition("</predict>")
     if not sep or not sep2:
         raise ValueError(f"no <predict>...</predict> span in {text!r}")

@@ -5,6 +5,10 @@ refers back to them. The corrupted prompt replaces the name with one of the othe
 number of tokens), so the right pronoun flips. Contexts avoid gender-typed jobs and actions, so the
 name is the only cue. Splits alternate female and male names.
 
+Spans (for position-aware circuits): ``NAME`` (the name, " Mary"; the other-gender name in the
+corrupted prompt) and ``END`` (the last prompt token, "," or the last word, whose logits predict the
+pronoun).
+
 Record fields: ``name`` (with its leading space), ``gender`` ("female" or "male"), ``pronoun`` (the
 right one, " she" or " he"), ``wrong`` (the other), ``job`` (null where the template has none),
 ``template``.
@@ -16,8 +20,9 @@ from __future__ import annotations
 import random
 
 
-from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, record, reject_options,
-                     require_count, single_token_id, single_token_words)
+from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, mark, mark_end, record,
+                     reject_options, require_count, single_token_id, single_token_words)
+from .jsonl import strip_spans
 from .words import FEMALE_NAMES, JOBS, MALE_NAMES
 
 TEMPLATES = (
@@ -55,9 +60,10 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
         other = GENDERS[1 - index % 2]
         template, job = rng.randrange(len(TEMPLATES)), rng.choice(JOBS)
         name, swap = rng.choice(names[gender]), rng.choice(names[other])
-        clean = (TEMPLATES[template].format(name=name, job=job), PRONOUNS[gender])
-        corrupted = (TEMPLATES[template].format(name=swap, job=job), PRONOUNS[other])
-        if not check_pair(tokenizer, clean, corrupted):
+        marked = mark_end(TEMPLATES[template].replace(" {name}", mark("NAME", " {name}")))
+        clean = (marked.format(name=name, job=job), PRONOUNS[gender])
+        corrupted = (marked.format(name=swap, job=job), PRONOUNS[other])
+        if not check_pair(tokenizer, *((strip_spans(t)[0], span) for t, span in (clean, corrupted))):
             return None
         job_used = job if "{job}" in TEMPLATES[template] else None
         return record(split, clean, corrupted, name=" " + name, gender=gender,

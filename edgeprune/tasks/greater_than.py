@@ -10,6 +10,10 @@ the same shape, and where all 100 two-digit strings "00".."99" are single tokens
 them). The ``<predict>`` span is one valid answer (a random YY' > YY); the metric does not depend
 on which.
 
+Spans (for position-aware circuits): ``YY`` (the start year's two-digit token, "43" in " 17" "43";
+"01" in the corrupted prompt) and ``END`` (the last prompt token, the century " 17" whose logits
+predict the end year's digits).
+
 Record fields: ``year`` (e.g. 1743), ``century`` (17), ``yy`` (43), ``noun``, ``template``.
 Metric: ``prob_diff`` = sum of p(YY') over YY' > YY minus the sum over YY' <= YY, with p the
 softmax over the whole vocabulary, restricted to the 100 two-digit tokens; ``accuracy`` =
@@ -22,8 +26,9 @@ import random
 
 import torch
 
-from .common import (TaskData, TaskMetric, check_counts, check_pair, draw_splits, record, reject_options,
-                     require_count, single_token_id, span_ids)
+from .common import (TaskData, TaskMetric, check_counts, check_pair, draw_splits, mark, mark_end, record,
+                     reject_options, require_count, single_token_id, span_ids)
+from .jsonl import strip_spans
 from .words import SPANS
 
 TEMPLATES = (
@@ -78,10 +83,11 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
         later = rng.randrange(yy + 1, 100)
 
         def text(start_yy: int) -> str:
-            return TEMPLATES[template].format(noun=noun, start=f"{cc}{start_yy:02d}", cc=cc)
+            start = f"{cc}" + mark("YY", f"{start_yy:02d}")
+            return mark_end(TEMPLATES[template].format(noun=noun, start=start, cc=cc))
 
         clean, corrupted = (text(yy), f"{later:02d}"), (text(CORRUPT_YY), f"{later:02d}")
-        if not check_pair(tokenizer, clean, corrupted):
+        if not check_pair(tokenizer, *((strip_spans(t)[0], span) for t, span in (clean, corrupted))):
             return None
         return record(split, clean, corrupted, year=year, century=cc, yy=yy, noun=noun,
                       template=template)

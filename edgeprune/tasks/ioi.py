@@ -9,6 +9,11 @@ template with three fresh, distinct names, so nothing in it says which name shou
 The test split uses base templates that train and validation never see (``TEST_TEMPLATES``), so a
 circuit that passes the test generalises past the wording it was found on.
 
+Spans (for position-aware circuits): ``IO`` (the indirect object in the first clause), ``S1`` (the
+subject in the first clause), ``S2`` (the subject's repetition, the giver) and ``END`` (the last
+prompt token, " to" or " for", whose logits predict the answer); the corrupted prompt marks the same
+slots, which hold its fresh names. Every name is one token, so the spans have one token each.
+
 Record fields: ``io`` and ``s`` (the names with their leading space, as the model predicts them),
 ``template`` (index into ``TEMPLATES``), ``order`` ("ABBA" or "BABA"), ``place``, ``object``.
 Metric: ``logit_diff`` = logit(IO) - logit(S); ``accuracy`` = IO's logit above S's.
@@ -19,8 +24,9 @@ from __future__ import annotations
 import random
 
 
-from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, record, reject_options,
-                     require_count, single_token_words)
+from .common import (TaskData, answer_logit_diff, check_counts, check_pair, draw_splits, mark, mark_end, record,
+                     reject_options, require_count, single_token_words)
+from .jsonl import strip_spans
 from .words import FEMALE_NAMES, MALE_NAMES, OBJECTS, PLACES
 
 # {A} and {B} are the two names of the first clause; {S} repeats one of them.
@@ -60,9 +66,18 @@ MIN_PLACES = 3
 MIN_OBJECTS = 3
 
 
+def marked_template(template: int, order: str) -> str:
+    """``TEMPLATES[template]`` with its name slots and last word marked as the spans IO, S1, S2, END."""
+    a, b = ("IO", "S1") if order == "ABBA" else ("S1", "IO")
+    text = TEMPLATES[template]
+    for slot, span in (("A", a), ("B", b), ("S", "S2")):
+        text = text.replace(" {" + slot + "}", mark(span, " {" + slot + "}"))
+    return mark_end(text)
+
+
 def _fill(template: int, order: str, io: str, s: str, place: str, obj: str) -> str:
     a, b = (io, s) if order == "ABBA" else (s, io)
-    return TEMPLATES[template].format(A=a, B=b, S=s, place=place, object=obj)
+    return marked_template(template, order).format(A=a, B=b, S=s, place=place, object=obj)
 
 
 def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **options) -> TaskData:
@@ -85,9 +100,9 @@ def generate(tokenizer, *, n_train: int, n_val: int, n_test: int, seed: int, **o
         clean = (_fill(template, order, io, s, place, obj), " " + io)
         # ABC: the corrupted prompt's "answer" is whichever fresh name sits where IO sat.
         corrupt_io = a2 if order == "ABBA" else b2
-        corrupt_text = TEMPLATES[template].format(A=a2, B=b2, S=c2, place=place, object=obj)
+        corrupt_text = marked_template(template, order).format(A=a2, B=b2, S=c2, place=place, object=obj)
         corrupted = (corrupt_text, " " + corrupt_io)
-        if not check_pair(tokenizer, clean, corrupted):
+        if not check_pair(tokenizer, *((strip_spans(text)[0], span) for text, span in (clean, corrupted))):
             return None
         return record(split, clean, corrupted, io=" " + io, s=" " + s, template=template,
                       order=order, place=place, object=obj)

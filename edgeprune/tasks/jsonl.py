@@ -30,6 +30,22 @@ Alignment. With prefix length P and span length S:
 Clean and corrupted prefixes must have the same number of tokens, so an interchange ablation
 patches position t of the clean run with position t of the corrupted run.
 
+Spans (position-aware circuits). The text before ``<predict>`` may name spans of the prompt:
+``"When<span name=IO> Mary</span> and<span name=S1> John</span> went ..."``. NAME matches
+``[A-Za-z_][A-Za-z0-9_]*`` (``name="IO"`` with quotes is read the same); spans do not nest, are not
+empty, and may not appear in or after ``<predict>``; one name may mark several pieces of a prompt
+(they form one span). The markup is always stripped before tokenization, so a run with shared masks
+sees exactly the text without tags. Each tag must sit on a token boundary: the text up to the tag
+tokenizes (without special tokens) to a prefix of the whole prefix's tokens; with GPT-2-style
+tokenizers a space belongs to the word after it, so write ``and<span name=IO> Mary</span>``, not
+``and <span name=IO>Mary</span>``. ``Example.span_names`` gives every input token its span: the
+named span covering it, else ``predict`` for the loss positions and the teacher-forced span tokens
+after them (positions P-1 .. P+S-1), else ``other`` (a BOS included). A named span wins over
+``predict``: IOI's ``END`` on the last prefix token ``" to"`` makes position P-1 ``END``. The
+corrupted text must give the same list (the same spans over the same token positions), else the line
+is rejected naming the first span that differs. ``other`` and ``predict`` are reserved names.
+``edgeprune.spans.assign_spans`` turns the names into the ids a position-aware model uses.
+
 Every malformed line raises ``TaskFormatError`` naming the file, the line and the field; nothing is
 skipped silently.
 """
@@ -38,6 +54,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -49,6 +66,12 @@ SPLITS = ("train", "validation", "test")
 DEFAULT_SPLIT = "train"
 OPEN, CLOSE = "<predict>", "</predict>"
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index
+OTHER_SPAN, PREDICT_SPAN = "other", "predict"  # the default spans of tokens outside named ones
+DEFAULT_SPANS = (OTHER_SPAN, PREDICT_SPAN)
+SPAN_CLOSE = "</span>"
+_SPAN_TAG = re.compile(r"</?span\b[^<>]*>?")  # anything that looks like a span tag, well formed or not
+_SPAN_OPEN = re.compile(r"<span\s+name=(?P<q>[\"']?)(?P<name>[^\s\"'<>]*)(?P=q)\s*>")
+_SPAN_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 class TaskFormatError(ValueError):
@@ -59,7 +82,11 @@ class TaskFormatError(ValueError):
 class Example:
     """One tokenized line. Lengths: input_ids and corrupted_input_ids (P + S,),
     loss_positions and target_ids (S,), corrupted_target_ids (S',) with S' the corrupted span's
-    own length. ``line`` is the 1-based line number in the file."""
+    own length. ``line`` is the 1-based line number in the file.
+
+    ``span_names`` (P + S,): each input token's span (see the module docstring); None for examples
+    not read from a task file (Tracr). ``span_ids`` (P + S,): the span index of each token, filled
+    by ``edgeprune.spans.assign_spans``; None until then."""
 
     input_ids: list[int]
     corrupted_input_ids: list[int]
@@ -69,6 +96,60 @@ class Example:
     split: str
     line: int
     extra: dict[str, Any] = field(default_factory=dict)
+    span_names: list[str] | None = None
+    span_ids: list[int] | None = None
+
+
+@dataclass(frozen=True)
+class MarkedSpan:
+    """One marked piece of a prompt: character offsets [start, end) in the text without markup."""
+
+    name: str
+    start: int
+    end: int
+
+
+def strip_spans(text: str, where: str = "text") -> tuple[str, list[MarkedSpan]]:
+    """(text without span markup, the marked pieces in order); TaskFormatError naming ``where`` for a
+    malformed, nested, unclosed, empty or reserved-name span."""
+    plain: list[str] = []
+    spans: list[MarkedSpan] = []
+    pos = length = 0
+    opened: tuple[str, int] | None = None
+    for m in _SPAN_TAG.finditer(text):
+        plain.append(text[pos:m.start()])
+        length += m.start() - pos
+        pos = m.end()
+        tag = m.group(0)
+        if tag.startswith("</"):
+            if tag != SPAN_CLOSE:
+                raise TaskFormatError(f"{where}: malformed closing tag {tag!r}; expected {SPAN_CLOSE}")
+            if opened is None:
+                raise TaskFormatError(f"{where}: {SPAN_CLOSE} without an opening <span name=NAME>")
+            name, start = opened
+            if length == start:
+                raise TaskFormatError(f"{where}: span {name} is empty; put the text it names between "
+                                      f"<span name={name}> and {SPAN_CLOSE}")
+            spans.append(MarkedSpan(name, start, length))
+            opened = None
+            continue
+        om = _SPAN_OPEN.fullmatch(tag)
+        if om is None or not _SPAN_NAME.fullmatch(om["name"]):
+            raise TaskFormatError(f"{where}: malformed span tag {tag!r}; expected <span name=NAME> with "
+                                  f"NAME made of letters, digits and _ and not starting with a digit "
+                                  f"(e.g. <span name=IO>)")
+        name = om["name"]
+        if opened is not None:
+            raise TaskFormatError(f"{where}: span {name} opens inside span {opened[0]}; spans cannot "
+                                  f"nest (close {opened[0]} with {SPAN_CLOSE} first)")
+        if name in DEFAULT_SPANS:
+            raise TaskFormatError(f"{where}: span name {name!r} is reserved for the default spans "
+                                  f"({', '.join(DEFAULT_SPANS)}); choose another name")
+        opened = (name, length)
+    if opened is not None:
+        raise TaskFormatError(f"{where}: span {opened[0]} is never closed; end it with {SPAN_CLOSE}")
+    plain.append(text[pos:])
+    return "".join(plain), spans
 
 
 def _split_span(text: str, where: str) -> tuple[str, str]:
@@ -86,6 +167,97 @@ def _split_span(text: str, where: str) -> tuple[str, str]:
     if not span:
         raise TaskFormatError(f"{where}: the {OPEN}{CLOSE} span is empty")
     return text[:start], span
+
+
+def _split_marked(text: str, where: str) -> tuple[str, list[MarkedSpan], str]:
+    """(prefix without span markup, its marked pieces, the <predict> span) of a line's text."""
+    prefix, span = _split_span(text, where)
+    late = _SPAN_TAG.search(text, len(prefix))
+    if late is not None:
+        raise TaskFormatError(f"{where}: span tag {late.group(0)!r} after {OPEN}; spans may only mark "
+                              f"the text before {OPEN} (the predicted tokens are the 'predict' span)")
+    plain, spans = strip_spans(prefix, where)
+    return plain, spans, span
+
+
+def _boundary_example(plain: str, at: int, tag: str) -> str:
+    """The text around a misplaced tag, and where to put it instead, for the error message."""
+    before, after = plain[max(0, at - 12):at], plain[at:at + 12]
+    shown = f"{before}{tag}{after}"
+    word = before.rstrip()
+    if len(word) < len(before):  # GPT-2 style: the space belongs to the word after it
+        return f"e.g. {shown!r} -> {word + tag + before[len(word):] + after!r}"
+    return (f"here {shown!r} splits a token; move the tag between two words (before the space that "
+            f"starts a word)")
+
+
+def _span_tokens(tokenizer, plain: str, spans: list[MarkedSpan], plain_ids: list[int], offset: int,
+                 where: str) -> list[tuple[str, int, int]]:
+    """Each marked piece as (name, first token, end token) in the prefix ids with special tokens
+    (``offset`` of them first); TaskFormatError where a tag is not on a token boundary."""
+    cache: dict[int, int] = {}
+
+    def boundary(at: int, tag: str, name: str) -> int:
+        if at not in cache:
+            ids = list(tokenizer(plain[:at], add_special_tokens=False)["input_ids"])
+            if plain_ids[:len(ids)] != ids:
+                what = f"the {tag} tag" if tag != SPAN_CLOSE else f"the {SPAN_CLOSE} tag of span {name}"
+                raise TaskFormatError(f"{where}: tokens merge across {what}; put the tag on a token "
+                                      f"boundary, {_boundary_example(plain, at, tag)}")
+            cache[at] = offset + len(ids)
+        return cache[at]
+
+    out = []
+    for sp in spans:
+        start = boundary(sp.start, f"<span name={sp.name}>", sp.name)
+        end = boundary(sp.end, SPAN_CLOSE, sp.name)
+        if end <= start:
+            raise TaskFormatError(f"{where}: span {sp.name} ({plain[sp.start:sp.end]!r}) has no tokens "
+                                  f"of its own")
+        out.append((sp.name, start, end))
+    return out
+
+
+def span_names_for(n_tokens: int, loss_positions: Sequence[int],
+                   pieces: Sequence[tuple[str, int, int]] = ()) -> list[str]:
+    """Per token: the named piece covering it, else ``predict`` for the loss positions and the
+    teacher-forced token after the last one, else ``other``. ``pieces``: (name, start, end) token
+    ranges."""
+    names = [OTHER_SPAN] * n_tokens
+    if loss_positions:
+        for p in range(min(loss_positions), min(max(loss_positions) + 2, n_tokens)):
+            names[p] = PREDICT_SPAN
+    for name, start, end in pieces:
+        names[start:end] = [name] * (end - start)
+    return names
+
+
+def _ranges(pieces: Sequence[tuple[str, int, int]]) -> dict[str, list[tuple[int, int]]]:
+    out: dict[str, list[tuple[int, int]]] = {}
+    for name, start, end in pieces:
+        out.setdefault(name, []).append((start, end))
+    return out
+
+
+def _show_ranges(ranges: list[tuple[int, int]]) -> str:
+    return ", ".join(f"{a}-{b - 1}" for a, b in ranges)
+
+
+def _check_same_spans(clean: Sequence[tuple[str, int, int]], corrupted: Sequence[tuple[str, int, int]],
+                      at: str) -> None:
+    """TaskFormatError naming the first span whose token ranges differ between the two texts."""
+    a, b = _ranges(clean), _ranges(corrupted)
+    for name in list(a) + [n for n in b if n not in a]:
+        if a.get(name) == b.get(name):
+            continue
+        if name in a and name in b:
+            joint = f"covers tokens {_show_ranges(a[name])} in 'clean' but {_show_ranges(b[name])} in 'corrupted'"
+        elif name in a:
+            joint = f"covers tokens {_show_ranges(a[name])} in 'clean' but is absent from 'corrupted'"
+        else:
+            joint = f"covers tokens {_show_ranges(b[name])} in 'corrupted' but is absent from 'clean'"
+        raise TaskFormatError(f"{at}: fields 'clean' and 'corrupted': span {name} {joint}; both texts "
+                              f"must mark the same spans over the same token positions")
 
 
 def _tokenize(tokenizer, prefix: str, span: str, where: str) -> tuple[list[int], list[int]]:
@@ -138,11 +310,15 @@ def parse_record(obj, tokenizer, at: str, line: int, max_length: int | None) -> 
         raise TaskFormatError(f"{at}: field 'split' must be one of {', '.join(SPLITS)}, "
                               f"got {split!r}")
 
-    clean_prefix, clean_span = _split_span(obj["clean"], f"{at}: field 'clean'")
-    corr_prefix, corr_span = _split_span(obj["corrupted"], f"{at}: field 'corrupted'")
+    clean_prefix, clean_marks, clean_span = _split_marked(obj["clean"], f"{at}: field 'clean'")
+    corr_prefix, corr_marks, corr_span = _split_marked(obj["corrupted"], f"{at}: field 'corrupted'")
     prefix_ids, span_ids = _tokenize(tokenizer, clean_prefix, clean_span, f"{at}: field 'clean'")
     corr_prefix_ids, corr_span_ids = _tokenize(tokenizer, corr_prefix, corr_span,
                                                f"{at}: field 'corrupted'")
+    pieces = _marked_tokens(tokenizer, clean_prefix, clean_marks, prefix_ids, f"{at}: field 'clean'")
+    corr_pieces = _marked_tokens(tokenizer, corr_prefix, corr_marks, corr_prefix_ids,
+                                 f"{at}: field 'corrupted'")
+    _check_same_spans(pieces, corr_pieces, at)
     P, S = len(prefix_ids), len(span_ids)
     if len(corr_prefix_ids) != P:
         raise TaskFormatError(f"{at}: fields 'clean' and 'corrupted': the text before {OPEN} must "
@@ -161,7 +337,17 @@ def parse_record(obj, tokenizer, at: str, line: int, max_length: int | None) -> 
         split=split,
         line=line,
         extra=extra,
+        span_names=span_names_for(P + S, range(P - 1, P + S - 1), pieces),
     )
+
+
+def _marked_tokens(tokenizer, plain: str, marks: list[MarkedSpan], prefix_ids: list[int],
+                   where: str) -> list[tuple[str, int, int]]:
+    """The marked pieces of a prefix as token ranges of ``prefix_ids`` (special tokens included)."""
+    if not marks:
+        return []
+    plain_ids = list(tokenizer(plain, add_special_tokens=False)["input_ids"])
+    return _span_tokens(tokenizer, plain, marks, plain_ids, len(prefix_ids) - len(plain_ids), where)
 
 
 def read_jsonl_task(path: str | Path, tokenizer, split: str | None = None,
@@ -266,6 +452,8 @@ class Batch:
     corrupted_target_ids: (B,) long, the first token of the corrupted span
     first_loss_position:  (B,) long, the position whose logits predict the first span token
     extras:               the examples' ``extra`` dicts
+    span_ids:             (B, T) long, each token's span id (``edgeprune.spans.assign_spans``), 0 at
+                          padding; None unless every example has span ids
     """
 
     input_ids: torch.Tensor
@@ -277,6 +465,7 @@ class Batch:
     corrupted_target_ids: torch.Tensor
     first_loss_position: torch.Tensor
     extras: list[dict[str, Any]]
+    span_ids: torch.Tensor | None = None
 
     def to(self, device: str | torch.device) -> "Batch":
         """A new Batch with every tensor on ``device``."""
@@ -294,6 +483,8 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
     corrupted = torch.full((B, T), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((B, T), dtype=torch.long)
     targets = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    with_spans = all(ex.span_ids is not None for ex in examples)
+    span_ids = torch.zeros((B, T), dtype=torch.long) if with_spans else None
     for b, ex in enumerate(examples):
         n = len(ex.input_ids)
         if len(ex.corrupted_input_ids) != n:
@@ -303,6 +494,11 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         corrupted[b, :n] = torch.tensor(ex.corrupted_input_ids)
         attention_mask[b, :n] = 1
         targets[b, ex.loss_positions] = torch.tensor(ex.target_ids)
+        if span_ids is not None:
+            if len(ex.span_ids) != n:
+                raise ValueError(f"example from line {ex.line}: input_ids has {n} tokens but "
+                                 f"span_ids has {len(ex.span_ids)}")
+            span_ids[b, :n] = torch.tensor(ex.span_ids)
     return Batch(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -313,6 +509,7 @@ def collate(examples: Sequence[Example], pad_token_id: int) -> Batch:
         corrupted_target_ids=torch.tensor([ex.corrupted_target_ids[0] for ex in examples]),
         first_loss_position=torch.tensor([ex.loss_positions[0] for ex in examples]),
         extras=[ex.extra for ex in examples],
+        span_ids=span_ids,
     )
 
 

@@ -1,0 +1,165 @@
+"""Position-aware circuits end to end: EAP/EAP-IG per span against the shared-mask scores, and
+prune -> eval -> export -> draw -> attribute on the real stories260K with spans marked in its task."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import STORIES, build, require_shared, token_batch
+from edgeprune import EdgeModel
+from edgeprune.baselines import eap_ig_scores, eap_scores, load_scores
+from edgeprune.cli import main
+from edgeprune.config import from_dict
+from edgeprune.prune import load_masks, prune
+from edgeprune.tasks.jsonl import Example, collate
+
+ROOT = Path(__file__).resolve().parents[1]
+TASK = ROOT / "data" / "tasks" / "stories_names.jsonl"
+SPANS = ("other", "IO", "END")
+
+
+def _batch(batch=3, seq=10, span=3, seed=1):
+    """Random tokens, the last ``span`` teacher-forced; spans: IO at 2-3, END at the first predicting
+    position, other elsewhere."""
+    ids, corrupted = token_batch(batch, seq, seed=seed), token_batch(batch, seq, seed=seed + 100)
+    corrupted[:, seq - span:] = ids[:, seq - span:]
+    examples = [Example(input_ids=ids[b].tolist(), corrupted_input_ids=corrupted[b].tolist(),
+                        loss_positions=list(range(seq - span - 1, seq - 1)), target_ids=ids[b, seq - span:].tolist(),
+                        corrupted_target_ids=corrupted[b, seq - span:].tolist(), split="train", line=b + 1)
+                for b in range(batch)]
+    out = collate(examples, pad_token_id=0)
+    span_ids = torch.zeros(batch, seq, dtype=torch.long)
+    span_ids[:, 2:4] = 1
+    span_ids[:, seq - span - 1] = 2
+    out.span_ids = span_ids
+    return out
+
+
+@pytest.mark.parametrize("method", ["eap", "eap-ig"])
+def test_attribution_per_span_sums_to_the_shared_score(method):
+    hf = build("gpt2", seed=2)
+    shared, positional = EdgeModel.from_hf(hf), EdgeModel.from_hf(hf)
+    positional.set_spans(SPANS)
+    batches = [_batch(seed=3), _batch(batch=2, seq=8, span=2, seed=4)]
+    score = eap_scores if method == "eap" else (lambda m, b: eap_ig_scores(m, b, steps=3))
+    plain = [dataclasses.replace(b, span_ids=None) for b in batches]  # a shared-mask model takes no span ids
+    ref, per_span = score(shared, plain), score(positional, batches).view(len(SPANS), -1)
+    assert per_span.shape[1] == shared.graph.num_edges
+    assert (per_span[1].abs() > 0).any() and (per_span[2].abs() > 0).any()  # the spans carry their own scores
+    # fp32 rounding of sums over B*T*D terms, split three ways instead of one
+    assert torch.allclose(per_span.sum(0), ref, rtol=1e-4, atol=1e-6 * ref.abs().max().item())
+
+
+# ---------------------------------------------------------------------------- stories260K, end to end
+def _mark(text: str) -> str:
+    """Spans of a stories line: the story's opening, and the token before <predict> (END)."""
+    text = text.replace("Once upon a time", "<span name=OPEN>Once upon a time</span>", 1)
+    head, tail = text.split("<predict>")
+    return f"{head[:-1]}<span name=END>{head[-1]}</span><predict>{tail}"
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    require_shared(STORIES)
+    tmp = tmp_path_factory.mktemp("positions")
+    task = tmp / "stories_spans.jsonl"
+    lines = [json.loads(x) for x in TASK.read_text().splitlines()]
+    task.write_text("".join(json.dumps({**r, "clean": _mark(r["clean"]), "corrupted": _mark(r["corrupted"])}) + "\n"
+                            for r in lines))
+    config = {"model": {"name_or_path": str(STORIES), "device": "cpu", "positions": "spans"},
+              "data": {"path": str(task), "max_length": 64},
+              "prune": {"edge_target": 0.9, "steps": 12, "warmup_steps": 8, "batch_size": 8},
+              "run": {"output_dir": str(tmp / "run"), "seed": 0, "eval_every": 6, "save_every": 6,
+                      "log_every": 1, "eval_batches": 2}}
+    (tmp / "config.yaml").write_text(json.dumps(config))
+    result = prune(from_dict(config).validate(), progress=False)
+    return tmp, result
+
+
+def test_prune_eval_export_draw_position_aware(run, capsys):
+    tmp, result = run
+    out = tmp / "run"
+    assert result.finished
+    masks = load_masks(out)
+    assert masks.spans == ["other", "OPEN", "END", "predict"]  # by first token; BOS is other
+    from edgeprune.experiment import load_model
+    from edgeprune.config import load_config
+    n_edges = load_model(load_config(out / "config.yaml").model).graph.num_edges
+    assert masks.edge_log_alpha.numel() == 4 * n_edges
+    assert [s["name"] for s in masks.span_info] == masks.spans
+
+    assert main(["eval", str(out), "--split", "test", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 < metrics["counts"]["edges"] <= metrics["counts"]["edges_before_dangling"] < 4 * n_edges
+
+    assert main(["export", str(out), "-o", str(out / "edges.json")]) == 0
+    edges = json.loads((out / "edges.json").read_text())
+    circuit = json.loads((out / "circuit.json").read_text())
+    assert len(edges) == circuit["counts"]["edges"] == metrics["counts"]["edges"]
+    assert all(len(e) == 3 and e[2] in masks.spans for e in edges)
+    assert [s["name"] for s in circuit["spans"]] == masks.spans
+    counts = {s["name"]: s for s in circuit["spans"]}
+    assert counts["END"]["min"] == counts["END"]["max"] == 1  # one token per line
+    assert counts["OPEN"]["min"] >= 1 and counts["predict"]["min"] >= 1
+    # the predicted position's logits are all that the loss sees: the read-out elsewhere is never kept
+    assert {e[2] for e in edges if e[1] == "resid_post"} <= {"END", "predict"}
+
+    # the exported triples read back reproduce the metrics
+    assert main(["eval", str(out), "--split", "test", "--edges", str(out / "edges.json"), "--no-progress"]) == 0
+    assert json.loads((out / "metrics_edges.json").read_text())["metrics"] == metrics["metrics"]
+
+    assert main(["draw", str(out / "edges.json"), "-o", str(out / "circuit.pdf")]) == 0
+    dot = (out / "circuit.dot").read_text()
+    assert all(re.search(rf"\b{name}\b", dot) for name in {e[2] for e in edges})
+    capsys.readouterr()
+
+
+def test_attribute_cli_on_a_position_aware_config(run, capsys):
+    tmp, _ = run
+    scores_path = tmp / "scores_eap.safetensors"
+    assert main(["attribute", str(tmp / "config.yaml"), "--method", "eap", "--batches", "1",
+                 "-o", str(scores_path), "--no-progress"]) == 0
+    scores = load_scores(scores_path)
+    assert all(len(e) == 3 for e in scores.edges) and {e[2] for e in scores.edges} == {"OPEN", "other", "END",
+                                                                                     "predict"}
+    assert main(["attribute", str(tmp / "config.yaml"), "--method", "acdc", "--batches", "1",
+                 "-o", str(tmp / "acdc.safetensors"), "--no-progress"]) == 2
+    assert "ACDC on position-aware masks" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- Tracr reverse, raw positions
+def test_tracr_reverse_with_raw_positions_reads_the_positions_its_attention_reads(tmp_path, capsys):
+    """``reverse`` (length 4, BOS at p0): the length head a0.h0 aggregates the BOS indicator, so its V
+    is read at p0 only; the reversing head a3.h0 reads the tokens (V) and the key positions (K) at
+    p1..p4, never at the BOS (no query matches it), and is read out at p1..p4 only: p0's logits are
+    no output of the program. Target mode (prune.mode faithful has no positional masks yet)."""
+    torch.set_num_threads(1)
+    config = {"model": {"name_or_path": str(ROOT / "data" / "tracr_models" / "reverse"), "ablation": "zero",
+                        "device": "cpu", "positions": "positions"},
+              "data": {"path": "tracr", "loss": "kl", "max_length": None},
+              "prune": {"edge_target": 0.8, "sparsity_control": "lagrangian", "init_log_alpha": 6.0,
+                        "lr_masks": 0.05, "lr_lambdas": 0.1, "steps": 300, "warmup_steps": 200, "batch_size": 81},
+              "run": {"output_dir": str(tmp_path / "run"), "seed": 0, "eval_every": 100, "save_every": 300,
+                      "log_every": 25}}
+    result = prune(from_dict(config).validate(), progress=False)
+    out = result.output_dir
+    assert load_masks(out).spans == [f"p{t}" for t in range(5)]
+    assert main(["eval", str(out), "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())["metrics"]
+    assert metrics["accuracy_circuit"] > 0.8 and metrics["kl"] < 0.1, metrics
+    assert main(["export", str(out), "-o", str(out / "edges.json")]) == 0
+    edges = json.loads((out / "edges.json").read_text())
+
+    def at(writer, reader):
+        return sorted(span for w, r, span in edges if (w, r) == (writer, reader))
+
+    outputs = ["p1", "p2", "p3", "p4"]
+    assert at("tok_embeds", "a0.h0.v") == ["p0"]
+    assert at("tok_embeds", "a3.h0.v") == outputs and at("pos_embeds", "a3.h0.k") == outputs
+    assert at("m2", "a3.h0.q") == outputs and at("a3.h0", "resid_post") == outputs
+    assert sorted(span for _, r, span in edges if r == "resid_post") == outputs
+    capsys.readouterr()
