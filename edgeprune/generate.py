@@ -185,6 +185,8 @@ def load_run_circuit(args):
     cfg = _load_run(run_dir, overrides)
     model = load_model(cfg.model)
     edges, info = _circuit_for_run(run_dir, model, args.edges, getattr(args, "allow_other_model", False))
+    from .spans import refuse_positions
+    refuse_positions(model.spans, str(run_dir), "generate / eval --text (free text and new tokens have no spans)")
     model.set_edges(edges)
     if model.ablation == "mean" and not getattr(args, "text", None):
         train = load_split(cfg.data, model, "train")

@@ -87,6 +87,15 @@ def assign_spans(examples: Sequence[Example], mode: str, where: str) -> list[str
     return order
 
 
+def refuse_positions(spans, where: str, what: str) -> None:
+    """A clear error for the commands that do not take position-aware circuits yet (docs/positions.md)."""
+    if spans:
+        names = [s["name"] if isinstance(s, dict) else str(s) for s in spans]  # names or circuit.json records
+        raise ValueError(f"{where}: a position-aware circuit ({len(names)} spans: {', '.join(names)}); {what} does "
+                         "not support position-aware circuits yet (see docs/positions.md); eval, export, draw "
+                         "and attribute do")
+
+
 def describe_spans(examples: Sequence[Example], names: Sequence[str]) -> list[dict]:
     """Per span, in ``names`` order: ``{"name", "tokens" (mean per example), "min", "max"}`` token
     counts over ``examples`` (whose ``span_ids`` index ``names``), for circuit.json."""

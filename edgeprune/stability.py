@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from .circuit import extract_circuit
+from .circuit import extract_circuit, span_edges
 from .graph import Graph, GraphSpec
 
 
@@ -64,7 +64,9 @@ def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
         if r.graph != first.graph:
             raise ValueError(f"{d}: masks are for another graph than {run_dirs[0]} ({r.graph} vs {first.graph})")
     graph = _graph_of(first.graph, str(run_dirs[0]))
-    circuits = [extract_circuit(graph, r.edge_log_alpha, r.node_log_alpha) for r in runs]
+    spans = first.spans  # position-aware runs: every (edge, span) is one edge here
+    names = list(graph.edges) if spans is None else span_edges(graph, spans)
+    circuits = [extract_circuit(graph, r.edge_log_alpha, r.node_log_alpha, spans=spans) for r in runs]
     sizes = [int(c.kept.sum()) for c in circuits]
     k = min(sizes)
     sets = [top_k(r.edge_log_alpha, k) for r in runs]
@@ -74,18 +76,18 @@ def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
     counts = kept.sum(0)
     n = len(runs)
     freq_order = torch.argsort(counts, descending=True, stable=True)
-    frequent = [{"edge": list(graph.edges[i]), "runs": int(counts[i]), "frequency": int(counts[i]) / n}
+    frequent = [{"edge": list(names[i]), "runs": int(counts[i]), "frequency": int(counts[i]) / n}
                 for i in freq_order.tolist() if counts[i] > 0]
     values = list(pairs.values())
     return {
         "runs": [str(d) for d in run_dirs],
         "circuit_edges": sizes,
-        "total_edges": graph.num_edges,
+        "total_edges": len(names),
         "equal_size": k,
         "pairwise_iou": pairs,
         "mean_iou": sum(values) / len(values),
         "min_iou": min(values),
-        "kept_by_every_run": [list(graph.edges[i]) for i in every.nonzero().flatten().tolist()],
+        "kept_by_every_run": [list(names[i]) for i in every.nonzero().flatten().tolist()],
         "histogram": {str(j): int((counts == j).sum()) for j in range(1, n + 1)},
         "keep_frequency": frequent,
         "top": top,
@@ -103,6 +105,7 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
     from .cli import _load_run
     cfg = _load_run(Path(run_dirs[0]), [])
     model = load_model(cfg.model)
+    load_masks(run_dirs[0]).apply_spans(model)  # position-aware runs: the split gets the run's span ids
     data = load_split(cfg.data, model, split)
     metric = task_metric(cfg.data, model)
     bs = batch_size or cfg.prune.batch_size
@@ -112,7 +115,7 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
     for d in run_dirs:
         masks = load_masks(d)
         masks.check_model(model)
-        circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
+        circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
         model.set_edges(circuit.edges)
         per = {"kl": [], "faithfulness": []} if cfg.data.loss == "kl" else {"mse": []}
         for idx in samples:

@@ -70,9 +70,10 @@ def rank_log_alpha(order: torch.Tensor, n_keep: int, init_log_alpha: float) -> t
 def warm_start(source: str, model, p) -> WarmStart:
     """The initial masks of ``prune.init_from`` for ``model`` (PruneConfig ``p``); errors name the source."""
     path = Path(source)
-    n = model.graph.num_edges
+    n = model.edge_masks.n  # E, or S * E for position-aware masks (scores and runs per (edge, span))
     if p.candidates is not None and p.candidates > n:
-        raise ValueError(f"prune.candidates: {p.candidates} is more than the graph's {n} edges")
+        raise ValueError(f"prune.candidates: {p.candidates} is more than the graph's {n} edges"
+                         f"{'' if model.spans is None else ' (x spans)'}")
     if path.is_dir():
         from .prune import load_masks
         masks = load_masks(path)

@@ -163,3 +163,61 @@ def test_tracr_reverse_with_raw_positions_reads_the_positions_its_attention_read
     assert at("m2", "a3.h0.q") == outputs and at("a3.h0", "resid_post") == outputs
     assert sorted(span for _, r, span in edges if r == "resid_post") == outputs
     capsys.readouterr()
+
+
+def _config_of(tmp: Path, out: Path, **prune_kw) -> dict:
+    config = json.loads((tmp / "config.yaml").read_text())
+    config["prune"].update(prune_kw)
+    config["run"]["output_dir"] = str(out)
+    return config
+
+
+def test_warm_start_from_per_span_scores_and_stability_of_position_aware_runs(run, tmp_path, capsys):
+    tmp, _ = run
+    scores_path = tmp_path / "scores.safetensors"
+    assert main(["attribute", str(tmp / "config.yaml"), "--method", "eap", "--batches", "1",
+                 "-o", str(scores_path), "--no-progress"]) == 0
+    scores = load_scores(scores_path)
+    top = torch.argsort(scores.ranking_key(), descending=True, stable=True)
+    # one step with a vanishing mask learning rate: the first step's masks are the warm start's
+    warm = tmp_path / "warm"
+    prune(from_dict(_config_of(tmp, warm, init_from=str(scores_path), steps=1, warmup_steps=1, lr_masks=1e-7,
+                               sparsity_control="lagrangian")).validate(), progress=False)
+    la = load_masks(warm).edge_log_alpha
+    assert la.numel() == len(scores.edges)
+    for k in (1, 10, 100, la.numel() // 3):
+        assert set(torch.argsort(la, descending=True, stable=True)[:k].tolist()) == set(top[:k].tolist()), k
+
+    other = tmp_path / "seed1"
+    cfg = _config_of(tmp, other)
+    cfg["run"]["seed"] = 1
+    prune(from_dict(cfg).validate(), progress=False)
+    report_path = tmp_path / "stability.json"
+    assert main(["stability", str(tmp / "run"), str(other), "--bootstrap", "2", "-o", str(report_path),
+                 "--no-progress"]) == 0
+    report = json.loads(report_path.read_text())
+    assert report["total_edges"] == len(scores.edges)
+    assert all(len(e["edge"]) == 3 for e in report["keep_frequency"])
+    assert all(len(e) == 3 for e in report["kept_by_every_run"])
+    assert set(report["bootstrap"]["per_run"]) == {str(tmp / "run"), str(other)}
+    capsys.readouterr()
+
+
+def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_path, capsys):
+    tmp, _ = run
+    out = str(tmp / "run")
+    if not (tmp / "run" / "edges.json").is_file():
+        assert main(["export", out, "-o", str(tmp / "run" / "edges.json")]) == 0
+    capsys.readouterr()
+    text = tmp_path / "text.txt"
+    text.write_text("Once upon a time there was a cat.\n")
+    for argv in (["view", out, "-o", str(tmp_path / "v.html")],
+                 ["view", str(tmp / "run" / "edges.json"), "-o", str(tmp_path / "v.html")],
+                 ["curve", out, "-o", str(tmp_path / "curve"), "--no-progress"],
+                 ["compare", out, "-o", str(tmp_path / "compare"), "--no-progress"],
+                 ["convert", out, "--to", "eap-ig", "-o", str(tmp_path / "g.json")],
+                 ["generate", out, "--prompt", "Once upon a time"],
+                 ["eval", out, "--text", str(text), "--no-progress"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "does not support position-aware circuits yet" in err and err.count("\n") == 1, (argv, err)

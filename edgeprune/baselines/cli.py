@@ -111,6 +111,8 @@ def _add_common(p, split: str) -> None:
 
 # ---------------------------------------------------------------------------- attribute
 def _attribute(args) -> int:
+    from ..cli import _quiet_hf
+    _quiet_hf(not args.no_progress)
     from ..config import load_config
     from .methods import attribute
     from .scores import save_scores
@@ -154,6 +156,8 @@ def add_attribute_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------- curve
 def _curve(args) -> int:
+    from ..cli import _quiet_hf
+    _quiet_hf(not args.no_progress)
     from .curve import faithfulness_curve, plot_curve
 
     budgets = args.budgets or list(DEFAULT_BUDGETS)
@@ -195,6 +199,8 @@ def add_curve_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------- compare
 def _compare(args) -> int:
+    from ..cli import _quiet_hf
+    _quiet_hf(not args.no_progress)
     from .compare import compare, format_markdown
 
     runs, scores = _split_inputs(args.inputs)

@@ -21,6 +21,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..model import EdgeModel
+from ..spans import refuse_positions
 from .curve import EDGE_PRUNING, CircuitEvaluator, label_scores, load_run_circuit
 from .scores import check_graph
 from .selection import circuit_of_size
@@ -46,6 +47,7 @@ def run_wall_time(run_dir: str | Path) -> tuple[float | None, bool]:
 def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | None = None,
             selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
     """Rows of the comparison table (see the module docstring) and the shared settings."""
+    refuse_positions(model.spans, "model.positions", "compare")
     for s in scores:
         check_graph(s, model)
     run_circuits = [load_run_circuit(r, model) for r in runs]

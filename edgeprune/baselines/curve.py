@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..circuit import extract_circuit
 from ..eval import evaluate, normalized_faithfulness
 from ..model import EdgeModel
+from ..spans import refuse_positions
 from .scores import Scores, check_graph
 from .selection import circuit_of_size, edge_order
 
@@ -164,6 +165,7 @@ def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets
                        selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
     """Curve points, CPR and CMD per method (the structure written to ``curve.json``)."""
     budgets = check_budgets(budgets)
+    refuse_positions(model.spans, "model.positions", "curve")
     for s in scores:
         check_graph(s, model)
     ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)

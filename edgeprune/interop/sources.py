@@ -61,11 +61,20 @@ def load_source(path: str | Path) -> Source:
     raise InteropError(f"{path}: not a run directory, a scores file (.safetensors) or a circuit (.json)")
 
 
+def _refuse(spans, where) -> None:
+    from ..spans import refuse_positions
+    try:
+        refuse_positions(spans, str(where), "EAP-IG / MIB interchange (convert, mib-export)")
+    except ValueError as err:
+        raise InteropError(str(err)) from None
+
+
 def _run(run_dir: Path) -> Source:
     from ..circuit import extract_circuit
     from ..prune import load_masks
 
     masks = load_masks(run_dir)
+    _refuse(masks.spans, run_dir)
     graph = graph_from_fingerprint(masks.graph, str(masks.source))
     if masks.edge_log_alpha.numel() != graph.num_edges:
         raise InteropError(f"{masks.source}: {masks.edge_log_alpha.numel()} edge masks, the graph has {graph.num_edges}")
@@ -83,6 +92,7 @@ def _scores(path: Path) -> Source:
     from ..baselines.scores import load_scores
 
     s = load_scores(path)
+    _refuse(s.graph.get("spans"), path)
     graph = graph_from_fingerprint(s.graph, str(path))
     if [tuple(e) for e in s.edges] != graph.edges:
         raise InteropError(f"{path}: the edge names/order differ from the graph its fingerprint describes")
@@ -113,6 +123,7 @@ def _circuit(path: Path) -> Source:
             raise InteropError(f"{summary_path}: not valid JSON (line {err.lineno}: {err.msg})") from None
     if "graph" not in summary:
         raise InteropError(f"{summary_path}: no 'graph' field (the graph fingerprint)")
+    _refuse(summary["graph"].get("spans") if isinstance(summary["graph"], dict) else None, summary_path)
     graph = graph_from_fingerprint(summary["graph"], str(summary_path))
     try:
         edges = json.loads(edges_path.read_text())

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..graph import Graph, GraphSpec
+from ..spans import refuse_positions
 
 
 @dataclass
@@ -73,6 +74,7 @@ def _run_source(run_dir: Path) -> ViewSource:
     from ..prune import load_masks
 
     masks = load_masks(run_dir)
+    refuse_positions(masks.spans, str(run_dir), "edgeprune view")
     circuit, fp = run_circuit(run_dir)
     graph = graph_of(fp, str(run_dir))
     order = edge_order(graph, masks.edge_log_alpha.float(), "topn").tolist()
@@ -97,6 +99,7 @@ def _scores_source(path: Path) -> ViewSource:
     from ..baselines.selection import edge_order
 
     scores = load_scores(path)
+    refuse_positions(scores.graph.get("spans"), str(path), "edgeprune view")
     graph = graph_of(scores.graph, str(path))
     if [tuple(e) for e in scores.edges] != graph.edges:
         raise ValueError(f"{path}: the scores' edges do not match their graph ({graph.describe()}, "
@@ -125,6 +128,8 @@ def _edges_source(path: Path) -> ViewSource:
         summary_path = circuit_json_path(path)
         summary = _read_json(summary_path) if summary_path.is_file() else None
     edges = load_edges(path)
+    refuse_positions(getattr(edges, "spans", None) or sorted({e[2] for e in edges if len(e) == 3}), str(path),
+                     "edgeprune view")
     if isinstance(summary, dict) and isinstance(summary.get("graph"), dict):
         graph, known = graph_of(summary["graph"], str(summary_path)), True
     else:
