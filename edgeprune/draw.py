@@ -263,14 +263,10 @@ def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
     for node in ordered:
         if node.kind not in ("q", "k", "v"):
             continue
-        if node.head is not None:
-            heads = [f"a{node.layer}.h{node.head}"]
-        elif heads_per_group is None:
+        heads = _joined_heads(node, heads_by_layer[node.layer], heads_per_group)
+        if heads is None:
             heads = []
             unjoined.append(node.name)
-        else:
-            heads = [h for h in heads_by_layer[node.layer]
-                     if parse_node(h).head // heads_per_group == node.group]
         for head in heads:
             dot.edge(node.name, head, style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
     for writer, reader in edges:
@@ -434,14 +430,10 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
     for (span, name), node in sorted(nodes.items(), key=lambda item: (order[item[0][0]], _order(item[1]))):
         if node.kind not in ("q", "k", "v"):
             continue
-        if node.head is not None:
-            heads = [f"a{node.layer}.h{node.head}"]
-        elif heads_per_group is None:
+        heads = _joined_heads(node, [h for h in head_spans if parse_node(h).layer == node.layer], heads_per_group)
+        if heads is None:
             heads = []
             unjoined.append(name)
-        else:
-            heads = [h for h in head_spans if parse_node(h).layer == node.layer
-                     and parse_node(h).head // heads_per_group == node.group]
         for head in heads:
             targets = [span] if node.kind == "q" else head_spans[head]
             for target in targets:
@@ -485,6 +477,16 @@ def _rank(node: NodeName) -> tuple[float, int]:
     if node.kind == "output":
         return (math.inf, 0)
     return (node.layer, {"q": 0, "k": 0, "v": 0, "head": 1, "mlp": 2}[node.kind])
+
+
+def _joined_heads(node, layer_heads, heads_per_group: int | None) -> list[str] | None:
+    """The heads (names among ``layer_heads``) a Q/K/V node feeds: its own head, or for a grouped K/V
+    input the heads of its group; None when the group size is unknown."""
+    if node.head is not None:
+        return [f"a{node.layer}.h{node.head}"]
+    if heads_per_group is None:
+        return None
+    return [h for h in layer_heads if parse_node(h).head // heads_per_group == node.group]
 
 
 def _rank_label(rank: tuple[float, int]) -> str:

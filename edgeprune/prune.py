@@ -43,10 +43,11 @@ class PruneError(RuntimeError):
 
 
 class SparsityRamp:
-    """Target sparsity at a step: linear from 0 to ``target`` over ``warmup`` steps, then constant."""
+    """Target sparsity at a step: linear from ``start`` (0; a warm start: its own expected sparsity) to
+    ``target`` over ``warmup`` steps, then constant."""
 
-    def __init__(self, target: float, warmup: int):
-        self.target, self.warmup, self.step = target, warmup, 0
+    def __init__(self, target: float, warmup: int, start: float = 0.0):
+        self.target, self.warmup, self.start, self.step = target, warmup, start, 0
 
     def value(self) -> float:
         """The target of the step being taken (the (step + 1)-th): the last warm-up step reaches it."""
@@ -56,13 +57,14 @@ class SparsityRamp:
         """The target of the (step + 1)-th step."""
         if self.warmup <= 0:
             return self.target
-        return self.target * min(1.0, (step + 1) / self.warmup)
+        return self.start + (self.target - self.start) * min(1.0, (step + 1) / self.warmup)
 
     def state_dict(self) -> dict:
-        return {"target": self.target, "warmup": self.warmup, "step": self.step}
+        return {"target": self.target, "warmup": self.warmup, "start": self.start, "step": self.step}
 
     def load_state_dict(self, state: dict) -> None:
         self.target, self.warmup, self.step = state["target"], state["warmup"], state["step"]
+        self.start = state.get("start", 0.0)  # checkpoints written before warm starts ramped from 0
 
 
 def lagrangian(expected: torch.Tensor, target: float, lambdas: torch.Tensor) -> torch.Tensor:
@@ -293,7 +295,16 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     early = EarlyStop(p.early_stop, p.early_stop_tolerance)
     mask_params = [model.edge_masks.log_alpha]
     lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
-    ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps)}
+    ramp_start = 0.0
+    if start is not None and start.kind != "run":  # a scores map is built at the target: no warm-up
+        ramp_start = p.edge_target
+    elif start is not None:  # another run's masks: ramp from their expected sparsity to this target
+        from .control import expected_sparsity_of
+        la = start.edge_log_alpha.clone()
+        if fixed is not None:
+            la[fixed.cpu()] = OFF_LOG_ALPHA
+        ramp_start = min(expected_sparsity_of(la), p.edge_target)
+    ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps, ramp_start)}
     if model.node_masks is not None:
         model.node_masks.generator = generator
         mask_params.append(model.node_masks.log_alpha)

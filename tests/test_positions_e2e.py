@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import STORIES, build, require_shared, token_batch
+from conftest import STORIES, build, require_shared
+from test_baselines import random_batch
 from edgeprune import EdgeModel
 from edgeprune.baselines import eap_ig_scores, eap_scores, load_scores
 from edgeprune.cli import main
 from edgeprune.config import from_dict
 from edgeprune.prune import load_masks, prune
-from edgeprune.tasks.jsonl import Example, collate
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "data" / "tasks" / "stories_names.jsonl"
@@ -25,13 +25,7 @@ SPANS = ("other", "IO", "END")
 def _batch(batch=3, seq=10, span=3, seed=1):
     """Random tokens, the last ``span`` teacher-forced; spans: IO at 2-3, END at the first predicting
     position, other elsewhere."""
-    ids, corrupted = token_batch(batch, seq, seed=seed), token_batch(batch, seq, seed=seed + 100)
-    corrupted[:, seq - span:] = ids[:, seq - span:]
-    examples = [Example(input_ids=ids[b].tolist(), corrupted_input_ids=corrupted[b].tolist(),
-                        loss_positions=list(range(seq - span - 1, seq - 1)), target_ids=ids[b, seq - span:].tolist(),
-                        corrupted_target_ids=corrupted[b, seq - span:].tolist(), split="train", line=b + 1)
-                for b in range(batch)]
-    out = collate(examples, pad_token_id=0)
+    out = random_batch(batch, seq, span, seed)
     span_ids = torch.zeros(batch, seq, dtype=torch.long)
     span_ids[:, 2:4] = 1
     span_ids[:, seq - span - 1] = 2

@@ -13,7 +13,7 @@ from edgeprune.circuit import threshold_to_sparsity
 from edgeprune.cli import main
 from edgeprune.config import ConfigError, from_dict
 from edgeprune.control import expected_sparsity_of, project, solve_shift
-from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, prob_nonzero
+from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, deterministic, prob_nonzero
 from edgeprune.prune import SparsityRamp, graph_fingerprint, prune
 from edgeprune.warmstart import rank_log_alpha, rank_order
 
@@ -90,13 +90,16 @@ def test_shift_lands_exactly_on_the_target_and_keeps_every_difference():
     assert abs(solve_shift(la, 0.05, free)) == pytest.approx(60.0, abs=1e-6)  # held masks alone exceed 0.05
 
 
-def test_rank_map_keeps_the_top_set_and_puts_the_tail_near_the_boundary():
+def test_rank_map_keeps_the_top_set_and_starts_at_the_target():
     key = torch.tensor([0.3, 5.0, -1.0, 2.0, 2.0, 0.0])
     order = rank_order(key)
     assert order.tolist() == [1, 3, 4, 0, 5, 2]  # ties keep edge order
-    la = rank_log_alpha(order, n_keep=2, init_log_alpha=3.0)
+    la = rank_log_alpha(order, n_keep=2, init_log_alpha=3.0, target=0.6)
     assert la[1] > la[3] > la[4] > la[0] > la[5] > la[2]
-    assert bool((la[[1, 3]] >= FULL_LOG_ALPHA).all()) and bool((la[[4, 0, 5, 2]].abs() <= 1.0).all())
+    assert bool((deterministic(la[[1, 3]]) == 1.0).all()) and bool((deterministic(la[[4, 0, 5, 2]]) == 0.0).all())
+    assert expected_sparsity_of(la) == pytest.approx(0.6, abs=1e-6)  # the first step needs no shift
+    big = rank_log_alpha(rank_order(torch.randn(5000, generator=torch.Generator().manual_seed(0))), 500, 3.0, 0.9)
+    assert expected_sparsity_of(big) == pytest.approx(0.9, abs=1e-6) and float(big.max()) == pytest.approx(4.0)
 
 
 def _scores_file(model_path, path, seed=0):
@@ -120,6 +123,22 @@ def test_warm_start_from_eap_ig_scores_keeps_their_top_set_at_the_first_step(tin
         assert ours == set(top[:k].tolist()), k
     kept = threshold_to_sparsity(la).kept  # the circuit at the learned sparsity: a top set of the scores too
     assert set(kept.nonzero().flatten().tolist()) == set(top[:int(kept.sum())].tolist())
+
+
+def test_warm_starts_skip_the_ramp_from_zero(tiny, tmp_path):
+    """A scores warm start is built at the target: every step's target is the target and the expected
+    sparsity is on it from step 1; a run warm start ramps from that run's sparsity to the new target."""
+    _scores_file(tiny, tmp_path / "scores.safetensors")
+    result = prune(config(tiny, tmp_path / "warm", init_from=str(tmp_path / "scores.safetensors"), steps=4,
+                          warmup_steps=3), progress=False)
+    assert [r["edges_target"] for r in result.history] == [0.9] * 4
+    assert abs(result.history[0]["edges_sparsity"] - 0.9) <= 1e-4
+    low = prune(config(tiny, tmp_path / "low", edge_target=0.5, steps=4, warmup_steps=2), progress=False)
+    s_low = low.history[-1]["edges_sparsity"]
+    high = prune(config(tiny, tmp_path / "high", init_from=str(tmp_path / "low"), steps=4, warmup_steps=2),
+                 progress=False)
+    targets = [r["edges_target"] for r in high.history]
+    assert targets[0] == pytest.approx(s_low + (0.9 - s_low) / 2, abs=1e-3) and targets[1:] == [0.9] * 3
 
 
 def test_candidates_leave_the_other_masks_exactly_zero_throughout(tiny, tmp_path, monkeypatch):
