@@ -215,3 +215,23 @@ def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_pat
         assert main(argv) == 2, argv
         err = capsys.readouterr().err
         assert "does not support position-aware circuits yet" in err and err.count("\n") == 1, (argv, err)
+
+
+def test_two_process_torchrun_prunes_position_aware_like_one_process(run, tmp_path):
+    """The per-span masks' dL/dz is all-reduced like the shared one: two ranks = one process."""
+    import os
+    import subprocess
+    import sys
+
+    tmp, _ = run
+    out = tmp_path / "dist"
+    config = _config_of(tmp, out)
+    path = tmp_path / "config.yaml"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "edgeprune", "prune", str(path), "--no-progress"], capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ours, ref = load_masks(out), load_masks(tmp / "run")
+    assert ours.spans == ref.spans and ours.span_info == ref.span_info
+    assert (ours.edge_log_alpha - ref.edge_log_alpha).abs().max() <= 1e-5
