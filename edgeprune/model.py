@@ -201,6 +201,14 @@ class EdgeModel(nn.Module):
     def n_spans(self) -> int | None:
         return None if self.spans is None else len(self.spans)
 
+    @property
+    def edge_names(self) -> list[tuple]:
+        """The names of the edge masks in order: (writer, reader) pairs, or (writer, reader, span)
+        triples for position-aware masks (``circuit.span_edges``)."""
+        from .circuit import span_edges
+
+        return list(self.graph.edges) if self.spans is None else span_edges(self.graph, self.spans)
+
     def mask_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Current (E,) edge and (W,) node mask values (sampled in training, else deterministic)."""
         return self.edge_masks(), None if self.node_masks is None else self.node_masks()

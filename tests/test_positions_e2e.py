@@ -197,6 +197,35 @@ def test_warm_start_from_per_span_scores_and_stability_of_position_aware_runs(ru
     capsys.readouterr()
 
 
+def test_compare_and_curve_per_edge_and_span(run, tmp_path, capsys):
+    """compare/curve select score circuits per (edge, span) and count (edge, span) pairs; the run's
+    own row is its eval circuit."""
+    tmp, _ = run
+    out = tmp / "run"
+    scores_path = tmp_path / "scores.safetensors"
+    assert main(["attribute", str(tmp / "config.yaml"), "--method", "eap", "-o", str(scores_path),
+                 "--no-progress"]) == 0
+    assert main(["eval", str(out), "--split", "test", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert main(["compare", str(out), str(scores_path), "-o", str(tmp_path / "cmp"), "--split", "test",
+                 "--no-progress"]) == 0
+    result = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    n_masks = len(load_scores(scores_path).edges)
+    assert result["total_edges"] == n_masks == metrics["counts"]["total_edges"]
+    ours, eap = result["rows"]
+    assert ours["edges"] == metrics["counts"]["edges"] and 0 < eap["edges"] <= ours["edges"]
+    assert ours["kl"] == pytest.approx(metrics["metrics"]["kl"], rel=1e-4, abs=1e-6)
+    assert main(["curve", str(out), str(scores_path), "-o", str(tmp_path / "curve"), "--budgets", "1,5,20",
+                 "--split", "test", "--no-progress"]) == 0
+    curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
+    sizes = [p["edges"] for p in curve["methods"]["eap"]["points"]]
+    assert sizes == sorted(sizes) and all(s <= b * n_masks / 100 for s, b in zip(sizes, (1, 5, 20)))
+    capsys.readouterr()
+    assert main(["compare", str(out), str(scores_path), "-o", str(tmp_path / "g"), "--selection", "greedy",
+                 "--no-progress"]) == 2
+    assert "greedy is not position-aware yet" in capsys.readouterr().err
+
+
 def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_path, capsys):
     tmp, _ = run
     out = str(tmp / "run")
@@ -207,8 +236,6 @@ def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_pat
     text.write_text("Once upon a time there was a cat.\n")
     for argv in (["view", out, "-o", str(tmp_path / "v.html")],
                  ["view", str(tmp / "run" / "edges.json"), "-o", str(tmp_path / "v.html")],
-                 ["curve", out, "-o", str(tmp_path / "curve"), "--no-progress"],
-                 ["compare", out, "-o", str(tmp_path / "compare"), "--no-progress"],
                  ["convert", out, "--to", "eap-ig", "-o", str(tmp_path / "g.json")],
                  ["generate", out, "--prompt", "Once upon a time"],
                  ["eval", out, "--text", str(text), "--no-progress"]):

@@ -21,7 +21,6 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..model import EdgeModel
-from ..spans import refuse_positions
 from .curve import EDGE_PRUNING, CircuitEvaluator, label_scores, load_run_circuit
 from .scores import check_graph
 from .selection import circuit_of_size
@@ -47,7 +46,6 @@ def run_wall_time(run_dir: str | Path) -> tuple[float | None, bool]:
 def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | None = None,
             selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
     """Rows of the comparison table (see the module docstring) and the shared settings."""
-    refuse_positions(model.spans, "model.positions", "compare")
     for s in scores:
         check_graph(s, model)
     run_circuits = [load_run_circuit(r, model) for r in runs]
@@ -56,8 +54,9 @@ def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | Non
             raise ValueError("compare needs an Edge Pruning run directory (its circuit size sets the size) "
                              "or an explicit number of edges (--edges N)")
         n_edges = int(run_circuits[0].kept.sum())
-    if n_edges < 0 or n_edges > model.graph.num_edges:
-        raise ValueError(f"--edges must be in [0, {model.graph.num_edges}], got {n_edges}")
+    total = model.edge_masks.n  # position-aware: (edge, span) pairs
+    if n_edges < 0 or n_edges > total:
+        raise ValueError(f"--edges must be in [0, {total}], got {n_edges}")
     bar = tqdm(total=1 + len(run_circuits) + len(scores), desc="compare", disable=not progress, leave=False)
     ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)  # evaluates the empty circuit
     bar.update(1)
@@ -68,12 +67,12 @@ def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | Non
                      "wall_time_s": wall, "wall_time_exact": exact})
         bar.update(1)
     for label, s in zip(label_scores(list(scores)), scores):
-        kept = circuit_of_size(model.graph, s.ranking_key(), n_edges, selection)
+        kept = circuit_of_size(model.graph, s.ranking_key(), n_edges, selection, n_spans=model.n_spans)
         rows.append({"method": label, "source": s.source, **ev.point(kept), "wall_time_s": s.wall_time_s,
                      "wall_time_exact": s.wall_time_s is not None})
         bar.update(1)
     bar.close()
-    return {"n_edges": n_edges, "total_edges": model.graph.num_edges, "selection": selection,
+    return {"n_edges": n_edges, "total_edges": total, "selection": selection,
             "m_full": ev.m_full, "m_empty": ev.m_empty, "n_examples": ev.n_examples,
             "n_positions": ev.n_positions, "rows": rows}
 

@@ -40,7 +40,6 @@ from tqdm.auto import tqdm
 from ..circuit import extract_circuit
 from ..eval import evaluate, normalized_faithfulness
 from ..model import EdgeModel
-from ..spans import refuse_positions
 from .scores import Scores, check_graph
 from .selection import circuit_of_size, edge_order
 
@@ -111,7 +110,8 @@ class CircuitEvaluator:
             raise ValueError("faithfulness curves use the logit difference; this task is numerical (data.loss: mse)")
         self.model, self.batches, self.loss, self.progress = model, list(batches), loss, progress
         self._cache: dict[bytes, dict] = {}
-        empty = self.metrics(torch.zeros(model.graph.num_edges, dtype=torch.bool))
+        self.names = model.edge_names  # (writer, reader[, span]) per mask
+        empty = self.metrics(torch.zeros(len(self.names), dtype=torch.bool))
         self.m_full = empty["logit_diff_full"]
         self.m_empty = empty["logit_diff_circuit"]
         self.n_examples, self.n_positions = empty["n_examples"], empty["n_positions"]
@@ -119,8 +119,7 @@ class CircuitEvaluator:
     def metrics(self, kept: torch.Tensor) -> dict:
         key = kept.bool().cpu().numpy().tobytes()
         if key not in self._cache:
-            graph = self.model.graph
-            self.model.set_edges([e for e, k in zip(graph.edges, kept.tolist()) if k])
+            self.model.set_edges([e for e, k in zip(self.names, kept.tolist()) if k])
             try:
                 self._cache[key] = evaluate(self.model, self.batches, loss=self.loss, empty=False)
             finally:
@@ -130,7 +129,7 @@ class CircuitEvaluator:
     def point(self, kept: torch.Tensor) -> dict:
         m = self.metrics(kept)
         n = int(kept.sum())
-        return {"edges": n, "edge_fraction": n / self.model.graph.num_edges,
+        return {"edges": n, "edge_fraction": n / len(self.names),
                 "logit_diff": m["logit_diff_circuit"],
                 "faithfulness": normalized_faithfulness(m["logit_diff_circuit"], self.m_full, self.m_empty),
                 "kl": m["kl"], "logit_diff_ratio": m["logit_diff_ratio"], "exact_match": m["exact_match"]}
@@ -150,7 +149,7 @@ def load_run_circuit(run_dir: str | Path, model: EdgeModel, allow_other_model: b
     run_dir = Path(run_dir)
     masks = load_masks(run_dir)
     masks.check_model(model, allow_other_model)
-    c = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha)
+    c = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
     return RunCircuit(run_dir, c.kept, c.counts)
 
 
@@ -165,12 +164,11 @@ def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets
                        selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
     """Curve points, CPR and CMD per method (the structure written to ``curve.json``)."""
     budgets = check_budgets(budgets)
-    refuse_positions(model.spans, "model.positions", "curve")
     for s in scores:
         check_graph(s, model)
     ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)
-    graph = model.graph
-    E = graph.num_edges
+    graph, S = model.graph, model.n_spans
+    E = graph.num_edges * (S or 1)  # position-aware: every (edge, span) is one edge of the curve
     methods: dict[str, dict] = {}
     total = len(runs) + len(scores) * len(budgets)
     bar = tqdm(total=total, desc="curve", disable=not progress, leave=False)
@@ -185,10 +183,11 @@ def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets
         methods[EDGE_PRUNING] = {"sources": [str(r) for r in runs], "points": points}
     for label, s in zip(label_scores(list(scores)), scores):
         key = s.ranking_key()
-        order = edge_order(graph, key, selection)
+        order = edge_order(graph, key, selection, S)
         points = []
         for b in budgets:
-            kept = circuit_of_size(graph, key, int(math.floor(E * b / 100.0 + 1e-9)), selection, order=order)
+            kept = circuit_of_size(graph, key, int(math.floor(E * b / 100.0 + 1e-9)), selection, order=order,
+                                   n_spans=S)
             points.append({"budget_percent": b, **ev.point(kept)})
             bar.update(1)
         methods[label] = {"sources": [s.source], "method": s.method, "settings": s.settings,

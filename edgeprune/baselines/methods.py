@@ -30,8 +30,6 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     """
     from ..prune import graph_fingerprint
 
-    from ..circuit import span_edges
-
     check_method(method)
     if method == "acdc" and model.spans is not None:
         raise ValueError("ACDC on position-aware masks (model.positions) is not supported yet: use eap or eap-ig, "
@@ -54,7 +52,6 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
         info.update(tau=tau, edges_kept=int(kept.sum()), edges_kept_before_dangling=int(result.decisions.sum()),
                     edges_tested=int(result.tested.sum()), forwards=result.forwards, metric_full=result.metric_full, metric_final=result.metric_final)
     wall = time.perf_counter() - start
-    edges = list(model.graph.edges) if model.spans is None else span_edges(model.graph, model.spans)
-    return Scores(method=method, values=values.float().cpu(), edges=edges,
+    return Scores(method=method, values=values.float().cpu(), edges=model.edge_names,
                   graph=graph_fingerprint(model), model_id=model.model_id, settings={**info, **(settings or {})},
                   kept=kept, wall_time_s=wall, config=config)

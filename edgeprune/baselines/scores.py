@@ -133,10 +133,7 @@ def check_graph(scores: Scores, model) -> None:
     if scores.graph != ours:
         raise ScoresError(f"{where}: scores are for another graph ({_describe(scores.graph)}, model "
                           f"{scores.model_id!r}); this model ({model.model_id!r}) has {_describe(ours)}")
-    from ..circuit import span_edges
-
-    names = model.graph.edges if model.spans is None else span_edges(model.graph, model.spans)
-    if [tuple(e) for e in scores.edges] != names:
+    if [tuple(e) for e in scores.edges] != model.edge_names:
         raise ScoresError(f"{where}: the edge names/order differ from this model's graph ({model.graph.describe()})")
 
 

@@ -8,11 +8,14 @@ dangling-free circuit has at most the requested number of edges. That is how cir
 size" are compared: the same count of edges that really are in the circuit.
 
 Orderings (most important first), from a ranking key (E,) where larger = more important:
-- ``topn``: edges by key, ties by edge index.
+- ``topn``: edges by key, ties by edge index. Position-aware masks (``n_spans`` S): the key is
+  (S * E,), one entry per (edge, span) in mask order, and dangling removal walks the spans
+  (``circuit.remove_dangling``).
 - ``greedy``: start from the readers of ``resid_post``; repeatedly take the best-keyed edge whose
   reader is already connected to the output; taking (w, r) connects every reader that feeds w's
   node (its Q/K/V or MLP input; every K/V group reader of a GQA head). Every edge is reached
-  eventually (each writer has an edge to ``resid_post``), so this is a full ordering.
+  eventually (each writer has an edge to ``resid_post``), so this is a full ordering. Shared masks
+  only.
 """
 
 from __future__ import annotations
@@ -27,14 +30,22 @@ from ..graph import Graph
 ORDERINGS = ("topn", "greedy")
 
 
-def edge_order(graph: Graph, key: torch.Tensor, how: str = "topn") -> torch.Tensor:
-    """(E,) long permutation of edge indices, most important first."""
+def _n_masks(graph: Graph, n_spans: int | None) -> int:
+    return graph.num_edges * (n_spans or 1)
+
+
+def edge_order(graph: Graph, key: torch.Tensor, how: str = "topn", n_spans: int | None = None) -> torch.Tensor:
+    """(E,) long permutation of edge indices (S * E with ``n_spans``), most important first."""
     key = key.detach().float().cpu()
-    if key.shape != (graph.num_edges,):
-        raise ValueError(f"scores have shape {tuple(key.shape)}, the graph has ({graph.num_edges},) edges")
+    n = _n_masks(graph, n_spans)
+    if key.shape != (n,):
+        raise ValueError(f"scores have shape {tuple(key.shape)}, the graph has ({n},) edges"
+                         + ("" if n_spans is None else f" ({graph.num_edges} x {n_spans} spans)"))
     if how == "topn":
         return torch.argsort(key, descending=True, stable=True)
     if how == "greedy":
+        if n_spans is not None:
+            raise ValueError("selection greedy is not position-aware yet; use topn for position-aware circuits")
         return _greedy_order(graph, key)
     raise ValueError(f"unknown selection {how!r}; choose one of {', '.join(ORDERINGS)}")
 
@@ -77,36 +88,36 @@ def _greedy_order(graph: Graph, key: torch.Tensor) -> torch.Tensor:
 
 def prefix_mask(graph: Graph, order: torch.Tensor, n: int) -> torch.Tensor:
     """(E,) bool: the first n edges of ``order`` (before dangling-edge removal)."""
-    kept = torch.zeros(graph.num_edges, dtype=torch.bool)
+    kept = torch.zeros(order.numel(), dtype=torch.bool)
     kept[order[:n]] = True
     return kept
 
 
-def select_top(graph: Graph, key: torch.Tensor, n: int, how: str = "topn") -> torch.Tensor:
+def select_top(graph: Graph, key: torch.Tensor, n: int, how: str = "topn", n_spans: int | None = None) -> torch.Tensor:
     """(E,) bool: the first n edges of the ordering, then dangling edges removed (may leave fewer)."""
     if n < 0:
         raise ValueError(f"number of edges must be >= 0, got {n}")
-    return remove_dangling(graph, prefix_mask(graph, edge_order(graph, key, how), n))
+    return remove_dangling(graph, prefix_mask(graph, edge_order(graph, key, how, n_spans), n), n_spans)
 
 
-def select_threshold(graph: Graph, key: torch.Tensor, threshold: float) -> torch.Tensor:
+def select_threshold(graph: Graph, key: torch.Tensor, threshold: float, n_spans: int | None = None) -> torch.Tensor:
     """(E,) bool: edges with key >= threshold, then dangling edges removed."""
-    return remove_dangling(graph, key.detach().float().cpu() >= threshold)
+    return remove_dangling(graph, key.detach().float().cpu() >= threshold, n_spans)
 
 
 def circuit_of_size(graph: Graph, key: torch.Tensor, n_edges: int, how: str = "topn",
-                    order: torch.Tensor | None = None) -> torch.Tensor:
+                    order: torch.Tensor | None = None, n_spans: int | None = None) -> torch.Tensor:
     """(E,) bool: the largest dangling-free circuit from a prefix of the ordering with <= n_edges edges.
 
     ``order`` (from ``edge_order``) can be passed to reuse it across sizes.
     """
     if n_edges < 0:
         raise ValueError(f"number of edges must be >= 0, got {n_edges}")
-    order = edge_order(graph, key, how) if order is None else order
-    E = graph.num_edges
+    order = edge_order(graph, key, how, n_spans) if order is None else order
+    E = order.numel()
 
     def size(n):
-        kept = remove_dangling(graph, prefix_mask(graph, order, n))
+        kept = remove_dangling(graph, prefix_mask(graph, order, n), n_spans)
         return int(kept.sum()), kept
 
     count, kept = size(min(n_edges, E))
