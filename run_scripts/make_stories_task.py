@@ -21,6 +21,10 @@ per template): "Come here," 0.93, the others 1.00. Templates such as "... One da
 were dropped: the model says " she" there (Lily 0.00, Tim 0.00, Timmy 1.00). The script prints the
 accuracy of the file it writes, clean and corrupted, per split and per template.
 
+Spans (for ``model.positions: spans``, configs/stories_names_spans.yaml): NAME, the name where the
+character is introduced, and END, the last prompt token; the markup is stripped before
+tokenization, so shared-mask runs read exactly the plain stories.
+
 Lines: 200 train, 50 validation, 50 test (in that order in the file); each split holds every
 (template, name) pair and no clean story repeats. Extra fields: ``template`` (index into
 TEMPLATES), ``name``, ``corrupted_name``. Deterministic for a given --seed.
@@ -81,6 +85,14 @@ def single_token_names(tokenizer) -> list[tuple[str, str, str, str]]:
     return kept
 
 
+def mark_spans(template: str) -> str:
+    """The template with its spans marked (docs/positions.md): NAME, the name where the character is
+    introduced (" Lily" of "named Lily"), and END, the last prompt token (the "," before the name is
+    predicted). The markup is stripped before tokenization: shared-mask runs see the plain text."""
+    template = template.replace("named {N}", "named<span name=NAME> {N}</span>", 1)
+    return f"{template[:-1]}<span name=END>{template[-1]}</span>"
+
+
 def make_lines(names: list[tuple[str, str, str, str]], seed: int) -> list[dict]:
     """COUNTS lines in split order. Within a split the (template, name) pairs take turns, so every
     split holds every pair; the (action, object) fillers of a pair are never reused, so no clean
@@ -97,8 +109,8 @@ def make_lines(names: list[tuple[str, str, str, str]], seed: int) -> list[dict]:
         rng.shuffle(picked)
         for (t, (name, kind, pro, pos)), (act, obj) in picked:
             other = rng.choice([n[0] for n in names if n[0] != name])
-            story = TEMPLATES[t].format(kind=kind, Pro=pro, pos=pos, Pos=pos.capitalize(), act=act,
-                                        obj=obj, N="{N}")
+            story = mark_spans(TEMPLATES[t]).format(kind=kind, Pro=pro, pos=pos, Pos=pos.capitalize(),
+                                                    act=act, obj=obj, N="{N}")
             lines.append({
                 "clean": story.format(N=name) + f"<predict> {name}</predict>",
                 "corrupted": story.format(N=other) + f"<predict> {other}</predict>",

@@ -49,23 +49,13 @@ def test_attribution_per_span_sums_to_the_shared_score(method):
 
 
 # ---------------------------------------------------------------------------- stories260K, end to end
-def _mark(text: str) -> str:
-    """Spans of a stories line: the story's opening, and the token before <predict> (END)."""
-    text = text.replace("Once upon a time", "<span name=OPEN>Once upon a time</span>", 1)
-    head, tail = text.split("<predict>")
-    return f"{head[:-1]}<span name=END>{head[-1]}</span><predict>{tail}"
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
+    """The shipped names task marks NAME (where the character is named) and END (the last prompt token)."""
     require_shared(STORIES)
     tmp = tmp_path_factory.mktemp("positions")
-    task = tmp / "stories_spans.jsonl"
-    lines = [json.loads(x) for x in TASK.read_text().splitlines()]
-    task.write_text("".join(json.dumps({**r, "clean": _mark(r["clean"]), "corrupted": _mark(r["corrupted"])}) + "\n"
-                            for r in lines))
     config = {"model": {"name_or_path": str(STORIES), "device": "cpu", "positions": "spans"},
-              "data": {"path": str(task), "max_length": 64},
+              "data": {"path": str(TASK), "max_length": 64},
               "prune": {"edge_target": 0.9, "steps": 12, "warmup_steps": 8, "batch_size": 8},
               "run": {"output_dir": str(tmp / "run"), "seed": 0, "eval_every": 6, "save_every": 6,
                       "log_every": 1, "eval_batches": 2}}
@@ -79,7 +69,7 @@ def test_prune_eval_export_draw_position_aware(run, capsys):
     out = tmp / "run"
     assert result.finished
     masks = load_masks(out)
-    assert masks.spans == ["other", "OPEN", "END", "predict"]  # by first token; BOS is other
+    assert masks.spans == ["other", "NAME", "END", "predict"]  # by first token; BOS is other
     from edgeprune.experiment import load_model
     from edgeprune.config import load_config
     n_edges = load_model(load_config(out / "config.yaml").model).graph.num_edges
@@ -98,7 +88,7 @@ def test_prune_eval_export_draw_position_aware(run, capsys):
     assert [s["name"] for s in circuit["spans"]] == masks.spans
     counts = {s["name"]: s for s in circuit["spans"]}
     assert counts["END"]["min"] == counts["END"]["max"] == 1  # one token per line
-    assert counts["OPEN"]["min"] >= 1 and counts["predict"]["min"] >= 1
+    assert counts["NAME"]["min"] == counts["NAME"]["max"] == 1 and counts["predict"]["min"] >= 1
     # the predicted position's logits are all that the loss sees: the read-out elsewhere is never kept
     assert {e[2] for e in edges if e[1] == "resid_post"} <= {"END", "predict"}
 
@@ -118,7 +108,7 @@ def test_attribute_cli_on_a_position_aware_config(run, capsys):
     assert main(["attribute", str(tmp / "config.yaml"), "--method", "eap", "--batches", "1",
                  "-o", str(scores_path), "--no-progress"]) == 0
     scores = load_scores(scores_path)
-    assert all(len(e) == 3 for e in scores.edges) and {e[2] for e in scores.edges} == {"OPEN", "other", "END",
+    assert all(len(e) == 3 for e in scores.edges) and {e[2] for e in scores.edges} == {"NAME", "other", "END",
                                                                                      "predict"}
     assert main(["attribute", str(tmp / "config.yaml"), "--method", "acdc", "--batches", "1",
                  "-o", str(tmp / "acdc.safetensors"), "--no-progress"]) == 2
