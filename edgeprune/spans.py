@@ -93,7 +93,7 @@ def refuse_positions(spans, where: str, what: str) -> None:
         names = [s["name"] if isinstance(s, dict) else str(s) for s in spans]  # names or circuit.json records
         raise ValueError(f"{where}: a position-aware circuit ({len(names)} spans: {', '.join(names)}); {what} does "
                          "not support position-aware circuits yet (see docs/positions.md); prune, eval, export, "
-                         "draw, attribute, curve and compare do")
+                         "draw, view, attribute, curve and compare do")
 
 
 def describe_spans(examples: Sequence[Example], names: Sequence[str]) -> list[dict]:

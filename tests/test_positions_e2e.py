@@ -224,10 +224,12 @@ def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_pat
     capsys.readouterr()
     text = tmp_path / "text.txt"
     text.write_text("Once upon a time there was a cat.\n")
-    for argv in (["view", out, "-o", str(tmp_path / "v.html")],
-                 ["view", str(tmp / "run" / "edges.json"), "-o", str(tmp_path / "v.html")],
-                 ["convert", out, "--to", "eap-ig", "-o", str(tmp_path / "g.json")],
-                 ["generate", out, "--prompt", "Once upon a time"],
+    for view in (out, str(tmp / "run" / "edges.json")):  # the viewer draws a column per span
+        assert main(["view", view, "-o", str(tmp_path / "v.html")]) == 0
+        assert "resid_post@END" in (tmp_path / "v.html").read_text()
+    capsys.readouterr()
+    for argv in (["convert", out, "--to", "eap-ig", "-o", str(tmp_path / "g.json")],
+                 ["generate", out, "--prompt", "Once upon a time", "--no-progress"],
                  ["eval", out, "--text", str(text), "--no-progress"]):
         assert main(argv) == 2, argv
         err = capsys.readouterr().err

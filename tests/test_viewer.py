@@ -239,3 +239,51 @@ def test_serve_serves_the_page_on_localhost(small, tmp_path):
     assert urls[0].startswith("http://127.0.0.1:")
     with urllib.request.urlopen(urls[0], timeout=10) as resp:
         assert resp.read() == path.read_bytes()
+
+
+# ------------------------------------------------------------------ position-aware circuits
+def _positional_scores(path: Path, graph: Graph, spans: list[str]) -> torch.Tensor:
+    from edgeprune.circuit import span_edges
+
+    edges = span_edges(graph, spans)
+    n = len(edges)
+    values = torch.tensor([((i * 7919) % 1013 - 506.5) / 100 for i in range(n)])
+    save_scores(Scores("eap", values, edges, {**fingerprint(graph), "spans": spans, "positions": "spans"},
+                       model_id="test"), path)
+    return values
+
+
+def test_position_aware_payload_has_a_column_per_span_and_the_kv_feeding_rule(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    graph, spans = Graph(GraphSpec(n_layers=2, n_heads=4)), ["IO", "END"]
+    _positional_scores(Path("p.safetensors"), graph, spans)
+    payload = build_payload([load_source("p.safetensors")], cap=400)
+    assert payload["spans"] == spans and payload["total_edges"] == 2 * graph.num_edges
+    names = [n["name"] for n in payload["nodes"]]
+    x = {n["name"]: n["x"] for n in payload["nodes"]}
+    assert x["resid_post@IO"] < x["resid_post@END"] and [c["label"] for c in payload["columns"]] == spans
+    idx = {n: i for i, n in enumerate(names)}
+    k_input = idx["a1.h2.k@IO"]
+    assert sorted(names[i] for i in payload["feeds"][k_input]) == ["a1.h2@END", "a1.h2@IO"]  # K/V: every span
+    assert [names[i] for i in payload["guides"][k_input]] == ["a1.h2@IO"]  # drawn in its own column
+    assert [names[i] for i in payload["feeds"][idx["a1.h2.q@END"]]] == ["a1.h2@END"]
+    other = Graph(GraphSpec(n_layers=2, n_heads=4))
+    write_scores(Path("shared.safetensors"), other)
+    with pytest.raises(ValueError, match="different spans"):
+        build_payload([load_source("p.safetensors"), load_source("shared.safetensors")])
+
+
+def test_position_aware_slider_matches_python_selection(tmp_path, monkeypatch, open_page):
+    monkeypatch.chdir(tmp_path)
+    graph, spans = Graph(GraphSpec(n_layers=2, n_heads=4)), ["IO", "END", "other"]
+    values = _positional_scores(Path("p.safetensors"), graph, spans)
+    from edgeprune.circuit import span_edges
+
+    names = span_edges(graph, spans)
+    page = open_page(write_html(build_payload([load_source("p.safetensors")], initial=[30]), tmp_path / "p.html"))
+    for n in (30, 5, 90, 200):
+        page.fill("#slider-0", str(n))
+        want = {(f"{w}@{s}", f"{r}@{s}") for (w, r, s), k in
+                zip(names, select_top(graph, values.abs(), n, n_spans=len(spans)).tolist()) if k}
+        assert page_edges(page) == want, n
+    assert page.locator("#rows text", has_text="END").count() >= 1

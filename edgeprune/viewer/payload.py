@@ -9,6 +9,11 @@ Only the top ``cap`` edges of each ranking are shipped (a 13B graph has millions
 says so. The slider takes a prefix of that ranking and removes dangling edges in the page with the
 same rule as ``circuit.remove_dangling`` (``reader_nodes`` gives each reader's feeds). Values are
 rounded to 6 significant digits and keys sorted, so a given input always gives the same bytes.
+
+Position-aware inputs: one column per span, left to right in mask order; a node is drawn in each
+span an edge touches it in (``name@span``). ``feeds`` follow ``circuit.remove_dangling``'s span
+rule (a K/V input at a span feeds its head at every span), ``guides`` (the line from an input to
+its head) stay in the input's column, and ``outputs`` lists ``resid_post`` of every span.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from .sources import ViewSource
 FORMAT = "edgeprune.viewer/1"
 DEFAULT_CAP = 5000
 COL_W, ROW_H, MARGIN_L, MARGIN = 90, 56, 150, 30
+SPAN_GAP = 60  # between span columns
 
 
 def _r(v: float) -> float:
@@ -76,43 +82,74 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
     if cap < 1:
         raise ValueError(f"--max-edges must be at least 1, got {cap}")
     graph = sources[0].graph
+    spans = sources[0].spans
     for s in sources[1:]:
         if s.graph.spec != graph.spec and s.graph_known and sources[0].graph_known:
             raise ValueError(f"{s.label} and {sources[0].label} are circuits of different graphs "
                              f"({s.graph.describe()} vs {graph.describe()}): they cannot be compared")
+        if s.spans != spans:
+            raise ValueError(f"{s.label} and {sources[0].label} have different spans ({_spans(s.spans)} vs "
+                             f"{_spans(spans)}): they cannot be compared")
     if not sources[0].graph_known and len(sources) > 1 and sources[1].graph_known:
         graph = sources[1].graph
     shipped = [s.edges[:cap] for s in sources]
-    names = {n for edges in shipped for e in edges for n in e}
+    span_of = (lambda e: None) if spans is None else (lambda e: e[2])
+    columns = [None] if spans is None else list(spans)
+    keys = set()  # (node name, span or None)
     feeds_of = dict(zip(graph.readers, reader_nodes(graph)))
-    for edges in shipped:  # a head input's head, so it can be drawn and followed
-        for _, r in edges:
-            names.update(graph.writers[w] for w in feeds_of.get(r, []))
-    names.update(e for e in EMBEDDINGS if e in graph.writer_index)
-    names.add("resid_post")
-    pos, rows, width, height = _place(names, graph)
-    order = sorted(names, key=lambda n: (-pos[n][1], pos[n][0], n))
-    index = {n: i for i, n in enumerate(order)}
-    nodes = [{"name": n, "kind": parse_node(n).kind, "x": _r(pos[n][0]), "y": _r(pos[n][1])} for n in order]
-    feeds = [[index[graph.writers[w]] for w in feeds_of[n] if graph.writers[w] in index] if n in feeds_of else []
-             for n in order]
+    for edges in shipped:  # with a head input's head, so it can be drawn and followed
+        for e in edges:
+            keys.update(((e[0], span_of(e)), (e[1], span_of(e))))
+            keys.update((graph.writers[w], span_of(e)) for w in feeds_of.get(e[1], []))
+    keys.update((e, c) for e in EMBEDDINGS if e in graph.writer_index for c in columns)
+    keys.update(("resid_post", c) for c in columns)
+    pos, rows, width, height = _place({n for n, _ in keys}, graph)
+    col_w = width - MARGIN_L - MARGIN
+    shift = {c: i * (col_w + SPAN_GAP) for i, c in enumerate(columns)}
+    xy = {k: (pos[k[0]][0] + shift[k[1]], pos[k[0]][1]) for k in keys}
+    shown = (lambda k: k[0]) if spans is None else (lambda k: f"{k[0]}@{k[1]}")
+    order = sorted(keys, key=lambda k: (-xy[k][1], xy[k][0], shown(k)))
+    index = {k: i for i, k in enumerate(order)}
+    nodes = [{"name": shown(k), "kind": parse_node(k[0]).kind, "x": _r(xy[k][0]), "y": _r(xy[k][1]),
+              **({} if spans is None else {"label": k[0]})} for k in order]
+
+    def fed(k, every_span: bool) -> list[int]:
+        """The nodes reader ``k``'s input goes into (K/V at every span when ``every_span``)."""
+        name, span = k
+        if name not in feeds_of:
+            return []
+        targets = columns if every_span and name.endswith((".k", ".v")) else [span]
+        return [index[(graph.writers[w], t)] for t in targets for w in feeds_of[name] if (graph.writers[w], t) in index]
+
+    feeds = [fed(k, True) for k in order]
     out = []
     for k, (s, edges) in enumerate(zip(sources, shipped)):
         n0 = s.default_n if not initial or initial[k] is None else initial[k]
         out.append({
             "label": s.label, "kind": s.kind, "rank_by": s.rank_by, "value_name": s.value_name,
             "candidates": len(s.edges), "shipped": len(edges), "default_n": max(0, min(n0, len(edges))),
-            "w": [index[w] for w, _ in edges], "r": [index[r] for _, r in edges],
+            "w": [index[(e[0], span_of(e))] for e in edges], "r": [index[(e[1], span_of(e))] for e in edges],
             "values": None if s.values is None else [_r(v) for v in s.values[:cap]],
             "points": [{k2: (_r(v) if isinstance(v, float) else v) for k2, v in q.items()} for q in s.points],
             "node_values": None if s.node_values is None else
-            {n: _r(v) for n, v in sorted(s.node_values.items()) if n in index},
+            {n: _r(v) for n, v in sorted(s.node_values.items()) if (n, None) in index},
             "graph_known": s.graph_known,
         })
-    return {
+    payload = {
         "format": FORMAT, "title": title or " vs ".join(s.label for s in sources),
-        "graph": graph.describe(), "total_edges": graph.num_edges, "cap": cap,
-        "width": _r(width), "height": _r(height), "rows": rows, "nodes": nodes, "feeds": feeds,
-        "embeds": [index[e] for e in EMBEDDINGS if e in index], "output": index["resid_post"],
-        "colours": COLOURS, "sources": out,
+        "graph": graph.describe(), "total_edges": graph.num_edges * len(columns), "cap": cap,
+        "width": _r(width + (len(columns) - 1) * (col_w + SPAN_GAP)), "height": _r(height + (0 if spans is None else 10)),
+        "rows": rows, "nodes": nodes, "feeds": feeds,
+        "embeds": [index[(e, c)] for c in columns for e in EMBEDDINGS if (e, c) in index],
+        "output": index[("resid_post", columns[0])], "colours": COLOURS, "sources": out,
     }
+    if spans is not None:
+        payload.update(spans=list(spans), outputs=[index[("resid_post", c)] for c in columns],
+                       guides=[fed(k, False) for k in order],
+                       columns=[{"x": _r(MARGIN_L + shift[c] + col_w / 2), "label": c} for c in columns])
+        payload["graph"] += f" x {len(spans)} spans"
+    return payload
+
+
+def _spans(spans) -> str:
+    return "shared masks" if spans is None else ", ".join(spans)

@@ -4,6 +4,9 @@
 - a scores file (``edgeprune.scores/1``): every edge ranked as circuit selection ranks it
   (|score| for EAP/EAP-IG, score for ACDC), ties by edge index (``selection.edge_order``);
 - an ``edges.json`` (with the ``circuit.json`` beside it when there is one): a fixed circuit.
+
+Position-aware inputs (``model.positions``) rank (writer, reader, span) triples and carry their
+span names (``ViewSource.spans``); the page draws one column per span.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 import torch
 
 from ..graph import Graph, GraphSpec
-from ..spans import refuse_positions
 
 
 @dataclass
@@ -23,7 +25,8 @@ class ViewSource:
     label: str  # the path as given
     kind: str  # "run" | "scores" | "edges"
     graph: Graph
-    edges: list[tuple[str, str]]  # ranked, most important first (kind "edges": the circuit, graph order)
+    edges: list[tuple]  # ranked, most important first (kind "edges": the circuit, graph order);
+    # (writer, reader) pairs, or (writer, reader, span) triples for position-aware inputs
     values: list[float] | None  # per ranked edge: log_alpha or score; None for a fixed circuit
     value_name: str | None  # "log_alpha" | "score"
     rank_by: str  # how ``edges`` is ordered, in words
@@ -31,6 +34,7 @@ class ViewSource:
     graph_known: bool = True  # False: graph inferred from the edge names
     points: list[dict] = field(default_factory=list)  # evaluated sizes: {"edges", "faithfulness", "kl", ...}
     node_values: dict[str, float] | None = None  # writer -> node log_alpha
+    spans: list[str] | None = None  # position-aware: the span names, in mask order
 
 
 def graph_of(fp: dict, where: str) -> Graph:
@@ -74,10 +78,11 @@ def _run_source(run_dir: Path) -> ViewSource:
     from ..prune import load_masks
 
     masks = load_masks(run_dir)
-    refuse_positions(masks.spans, str(run_dir), "edgeprune view")
     circuit, fp = run_circuit(run_dir)
     graph = graph_of(fp, str(run_dir))
-    order = edge_order(graph, masks.edge_log_alpha.float(), "topn").tolist()
+    spans = masks.spans
+    names = _names(graph, spans)
+    order = edge_order(graph, masks.edge_log_alpha.float(), "topn", None if spans is None else len(spans)).tolist()
     la = masks.edge_log_alpha.float().tolist()
     points = []
     metrics_path = run_dir / "metrics.json"
@@ -89,9 +94,9 @@ def _run_source(run_dir: Path) -> ViewSource:
     node_values = None
     if masks.node_log_alpha is not None:
         node_values = dict(zip(graph.writers, masks.node_log_alpha.float().tolist()))
-    return ViewSource(str(run_dir), "run", graph, [graph.edges[i] for i in order], [la[i] for i in order],
+    return ViewSource(str(run_dir), "run", graph, [names[i] for i in order], [la[i] for i in order],
                       "log_alpha", "mask log_alpha", circuit.counts["edges_thresholded"], points=points,
-                      node_values=node_values)
+                      node_values=node_values, spans=spans)
 
 
 def _scores_source(path: Path) -> ViewSource:
@@ -99,16 +104,18 @@ def _scores_source(path: Path) -> ViewSource:
     from ..baselines.selection import edge_order
 
     scores = load_scores(path)
-    refuse_positions(scores.graph.get("spans"), str(path), "edgeprune view")
     graph = graph_of(scores.graph, str(path))
-    if [tuple(e) for e in scores.edges] != graph.edges:
+    spans = scores.graph.get("spans")
+    names = _names(graph, spans)
+    if [tuple(e) for e in scores.edges] != names:
         raise ValueError(f"{path}: the scores' edges do not match their graph ({graph.describe()}, "
                          f"{len(scores.edges)} scores): the file is for another graph or damaged")
-    order = edge_order(graph, scores.ranking_key(), "topn").tolist()
+    order = edge_order(graph, scores.ranking_key(), "topn", None if spans is None else len(spans)).tolist()
     values = scores.values.float().tolist()
-    default = int(scores.kept.sum()) if scores.kept is not None else min(100, graph.num_edges)
-    return ViewSource(str(path), "scores", graph, [graph.edges[i] for i in order], [values[i] for i in order],
-                      f"score ({scores.method})", "|score|" if scores.rank_by == "abs" else "score", default)
+    default = int(scores.kept.sum()) if scores.kept is not None else min(100, len(names))
+    return ViewSource(str(path), "scores", graph, [names[i] for i in order], [values[i] for i in order],
+                      f"score ({scores.method})", "|score|" if scores.rank_by == "abs" else "score", default,
+                      spans=spans)
 
 
 def _edges_source(path: Path) -> ViewSource:
@@ -128,22 +135,34 @@ def _edges_source(path: Path) -> ViewSource:
         summary_path = circuit_json_path(path)
         summary = _read_json(summary_path) if summary_path.is_file() else None
     edges = load_edges(path)
-    refuse_positions(getattr(edges, "spans", None) or sorted({e[2] for e in edges if len(e) == 3}), str(path),
-                     "edgeprune view")
+    spans = None
+    if any(len(e) == 3 for e in edges):  # position-aware: span names from circuit.json, else as they occur
+        records = getattr(edges, "spans", None)
+        if not records and isinstance(summary, dict):
+            records = summary.get("spans")
+        spans = ([r["name"] if isinstance(r, dict) else str(r) for r in records] if records
+                 else list(dict.fromkeys(e[2] for e in edges if len(e) == 3)))
     if isinstance(summary, dict) and isinstance(summary.get("graph"), dict):
         graph, known = graph_of(summary["graph"], str(summary_path)), True
     else:
-        graph, known = _infer_graph(edges), False
+        graph, known = _infer_graph([e[:2] for e in edges]), False
     try:
-        kept = edges_to_mask(graph, edges)
+        kept = edges_to_mask(graph, edges, spans)
     except ValueError as err:
         raise ValueError(f"{path}: {err} (the circuit does not match the graph of {summary_path})") from None
-    ranked = [e for e, k in zip(graph.edges, kept.tolist()) if k]
+    ranked = [e for e, k in zip(_names(graph, spans), kept.tolist()) if k]
     points = []
     if isinstance(summary, dict) and isinstance(summary.get("metrics"), dict):
         points.append({"edges": len(ranked), "source": summary_path.name, **summary["metrics"]})
     return ViewSource(str(path), "edges", graph, ranked, None, None, "file", len(ranked), graph_known=known,
-                      points=points)
+                      points=points, spans=spans)
+
+
+def _names(graph: Graph, spans) -> list[tuple]:
+    """The mask order's edge names: pairs, or (writer, reader, span) triples."""
+    from ..circuit import span_edges
+
+    return list(graph.edges) if spans is None else span_edges(graph, spans)
 
 
 def _infer_graph(edges: list[tuple[str, str]]) -> Graph:

@@ -4,6 +4,8 @@
   const NS = "http://www.w3.org/2000/svg";
   const N = D.nodes, S = D.sources, two = S.length === 2;
   const isReader = k => ["q", "k", "v", "mlp", "output"].includes(k);
+  const outs = new Set(D.outputs || [D.output]);  // position-aware: resid_post in every span
+  const guides = D.guides || D.feeds;  // the head drawn beside a Q/K/V input (feeds: every head it feeds)
   const el = (tag, attrs, parent) => {
     const e = document.createElementNS(NS, tag);
     for (const k in attrs) e.setAttribute(k, attrs[k]);
@@ -25,7 +27,7 @@
         for (const i of live) if (reached.has(ws[i])) for (const n of D.feeds[rs[i]]) if (!reached.has(n)) { reached.add(n); changed = true; }
       }
       const useful = new Set();
-      const leads = r => r === D.output || D.feeds[r].some(n => useful.has(n));
+      const leads = r => outs.has(r) || D.feeds[r].some(n => useful.has(n));
       changed = true;
       while (changed) {
         changed = false;
@@ -47,6 +49,7 @@
   const gRows = document.getElementById("rows"), gEdges = document.getElementById("edges"), gNodes = document.getElementById("nodes");
   function size() { svg.setAttribute("width", D.width * state.zoom); svg.setAttribute("height", D.height * state.zoom); svg.setAttribute("viewBox", `0 0 ${D.width} ${D.height}`); }
   for (const row of D.rows) { const t = el("text", { x: 8, y: row.y + 3, class: "rowlabel" }, gRows); t.textContent = row.label; }
+  for (const c of D.columns || []) { const t = el("text", { x: c.x, y: 12, class: "rowlabel", "text-anchor": "middle" }, gRows); t.textContent = c.label; }
 
   const edgeName = (w, r) => `${N[w].name} \u2192 ${N[r].name}`;
   function path(w, r) {
@@ -71,7 +74,7 @@
     drawn = Object.keys(membership).map(key => { const [w, r] = key.split(",").map(Number); return [w, r, membership[key], firsts[key]]; });
     drawn.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
     gEdges.textContent = "";
-    const used = new Set([D.output, ...D.embeds]);
+    const used = new Set([...outs, ...D.embeds]);
     const ranges = S.map(s => { const v = (s.values || []).slice(0, s.shipped).map(Math.abs); return [Math.min(...v, 0), Math.max(...v, 1e-12)]; });
     for (const [w, r, mask, [k, i]] of drawn) {
       used.add(w); used.add(r); for (const n of D.feeds[r]) used.add(n);
@@ -89,12 +92,12 @@
       if (!used.has(id)) return;
       const g = el("g", { class: "node", "data-name": nd.name, id: "node-" + id }, gNodes);
       if (["q", "k", "v"].includes(nd.kind)) {
-        for (const h of D.feeds[id]) el("path", { d: `M${nd.x},${nd.y - 4} L${N[h].x},${N[h].y + 8}`, class: "guide", stroke: D.colours[nd.kind] }, g);
+        for (const h of guides[id]) el("path", { d: `M${nd.x},${nd.y - 4} L${N[h].x},${N[h].y + 8}`, class: "guide", stroke: D.colours[nd.kind] }, g);
         el("circle", { cx: nd.x, cy: nd.y, r: 4, fill: D.colours[nd.kind] }, g);
       } else {
         const w = nd.kind === "head" ? 44 : 70;
         el("rect", { x: nd.x - w / 2, y: nd.y - 8, width: w, height: 16, rx: nd.kind === "head" ? 2 : 6, fill: D.colours[nd.kind] }, g);
-        const t = el("text", { x: nd.x, y: nd.y + 3, "text-anchor": "middle" }, g); t.textContent = nd.name;
+        const t = el("text", { x: nd.x, y: nd.y + 3, "text-anchor": "middle" }, g); t.textContent = nd.label || nd.name;
       }
       g.addEventListener("mouseenter", () => showNode(id));
       g.addEventListener("click", ev => { ev.stopPropagation(); choose(id); });
