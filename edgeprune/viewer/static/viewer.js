@@ -77,7 +77,7 @@
     const used = new Set([...outs, ...D.embeds]);
     const ranges = S.map(s => { const v = (s.values || []).slice(0, s.shipped).map(Math.abs); return [Math.min(...v, 0), Math.max(...v, 1e-12)]; });
     for (const [w, r, mask, [k, i]] of drawn) {
-      used.add(w); used.add(r); for (const n of D.feeds[r]) used.add(n);
+      used.add(w); used.add(r); for (const n of guides[r]) used.add(n);
       const kind = N[r].kind;
       const colour = two ? (mask === 3 ? "#222222" : mask === 1 ? "#D55E00" : "#0072B2") : D.colours[kind];
       const v = S[k].values ? Math.abs(S[k].values[i]) : 1, [lo, hi] = ranges[k];
