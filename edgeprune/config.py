@@ -134,9 +134,6 @@ class ExperimentConfig:
             bad("model.dtype", f"must be float32, bfloat16 or float16, got {self.model.dtype!r}")
         if self.model.positions not in (None, "spans", "positions"):
             bad("model.positions", f"must be spans, positions or null, got {self.model.positions!r}")
-        if self.model.positions is not None and self.prune.mode == "faithful":
-            bad("model.positions", "prune.mode: faithful does not support position-aware masks yet; use "
-                "prune.mode: target with an edge_target")
         if self.model.positions is not None and self.model.node_masks:
             bad("model.positions", "position-aware edge masks do not combine with model.node_masks (node masks "
                 "are shared by every position)")

@@ -14,7 +14,9 @@ position) or, with ``prune.faithful_per_position``, its worst position ("every o
 
 Selection. The masks give an order, not a circuit: ``select_circuit`` takes the smallest top set of
 log_alpha (bisection on the count, dangling edges removed) whose deterministic binary circuit is
-faithful on the validation split, then drops, lowest log_alpha first, every edge whose removal
+faithful on the validation split, searching below the learned circuit itself (the masks that are
+on) when that is faithful (top sets above it need not be: edges added to a faithful Tracr circuit
+can break it), then drops, lowest log_alpha first, every edge whose removal
 alone keeps it faithful, until none can go. The result is faithful and 1-minimal (every kept edge
 is needed); the rule uses only the model's outputs, never a ground truth. The binary circuit is
 written into ``masks.safetensors`` (kept edges +``KEEP_LOG_ALPHA``, others ``OFF_LOG_ALPHA``, so
@@ -38,7 +40,7 @@ import torch
 
 from .circuit import remove_dangling
 from .eval import kl_divergence, reference_and_corrupted
-from .masks import OFF_LOG_ALPHA
+from .masks import OFF_LOG_ALPHA, deterministic
 
 KEEP_LOG_ALPHA = 15.0  # deterministic value exactly 1, P(z != 0) = 1 - 1e-7
 PRUNE_BACK_MAX = 200
@@ -107,10 +109,11 @@ def select_circuit(model, batches_fn, log_alpha: torch.Tensor, *, loss: str, tol
                    per_position: bool, output_scale: float = 1.0) -> Selection:
     """The sparsest faithful circuit along the masks' order (see the module docstring).
 
-    ``batches_fn()`` yields the validation batches afresh for each evaluation; log_alpha (E,).
+    ``batches_fn()`` yields the validation batches afresh for each evaluation; log_alpha (E,), or
+    (S * E,) for position-aware masks (dangling removal then walks the spans).
     The model's masks are overridden while searching and reset to the learned ones afterwards.
     """
-    graph = model.graph
+    graph, n_spans, names = model.graph, model.n_spans, model.edge_names
     la = log_alpha.detach().float().cpu()
     order = torch.argsort(la, descending=True, stable=True)
     trace, evals = [], 0
@@ -128,16 +131,25 @@ def select_circuit(model, batches_fn, log_alpha: torch.Tensor, *, loss: str, tol
         return ok, stat
 
     def top(k: int) -> torch.Tensor:
-        kept = torch.zeros(graph.num_edges, dtype=torch.bool)
+        kept = torch.zeros(len(names), dtype=torch.bool)
         kept[order[:k]] = True
-        return remove_dangling(graph, kept)
+        return remove_dangling(graph, kept, n_spans)
 
     try:
-        lo, hi = 0, graph.num_edges  # top(lo) unfaithful or empty, top(hi) faithful (assumed: the full model)
+        lo, hi = 0, len(names)  # top(lo) unfaithful or empty, top(hi) faithful (assumed: the full model)
         best = top(hi)
         ok, best_fit = check(best, "top all")
         if not ok:  # not even the full graph: nothing to select; keep everything
             return Selection(best, best_fit, evals, trace)
+        # the learned circuit itself (deterministic masks > 0) bounds the search when it is faithful:
+        # adding edges outside a faithful circuit can break it (exact Tracr lookups under zero
+        # ablation), so top sets above it are not always faithful and would mislead the bisection
+        n_on = int((deterministic(la) > 0).sum())
+        if 0 < n_on < hi:
+            kept = top(n_on)
+            ok, stat = check(kept, f"top {n_on} (the masks that are on)")
+            if ok:
+                hi, best, best_fit = n_on, kept, stat
         while hi - lo > 1:
             mid = (lo + hi) // 2
             kept = top(mid)
@@ -155,11 +167,10 @@ def select_circuit(model, batches_fn, log_alpha: torch.Tensor, *, loss: str, tol
                         continue
                     trial = best.clone()
                     trial[e] = False
-                    trial = remove_dangling(graph, trial)
+                    trial = remove_dangling(graph, trial, n_spans)
                     if not trial.any():
                         continue
-                    w, r = graph.edges[e]
-                    ok, stat = check(trial, f"drop {w}->{r}")
+                    ok, stat = check(trial, "drop " + "->".join(names[e][:2]) + "".join(f"@{s}" for s in names[e][2:]))
                     if ok:
                         best, best_fit, changed = trial, stat, True
         return Selection(best, best_fit, evals, trace)

@@ -644,9 +644,18 @@ class RunMasks:
     def __iter__(self):  # (edge, node, graph), as older callers unpack it
         return iter((self.edge_log_alpha, self.node_log_alpha, self.graph))
 
-    def check_model(self, model: EdgeModel, allow_other: bool = False) -> None:
-        """CheckpointError unless these masks belong to ``model``'s graph and to the model itself."""
+    def check_model(self, model: EdgeModel, allow_other: bool = False, shared_into_spans: bool = False) -> None:
+        """CheckpointError unless these masks belong to ``model``'s graph and to the model itself.
+        ``shared_into_spans``: shared masks for a position-aware model of the same graph (a warm start
+        repeats them in every span)."""
         ours = graph_fingerprint(model)
+        if shared_into_spans and self.spans is None and model.spans is not None:
+            ours = {k: v for k, v in ours.items() if k not in ("spans", "positions")}
+            if self.edge_log_alpha.numel() != model.graph.num_edges or (self.graph and self.graph != ours):
+                raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
+                                      f"has {ours}")
+            check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
+            return
         if self.graph and self.graph != ours:
             raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
                                   f"has {ours}")

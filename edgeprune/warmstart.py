@@ -27,6 +27,9 @@ common shift that ``sparsity_control: project`` applies.
 ``prune.init_from: RUN_DIR`` starts from that run's final masks (``masks.safetensors``, else its
 checkpoint), checked to belong to this model: e.g. the run of a lower target in a sparsity sweep;
 the sparsity ramp goes from that run's expected sparsity to this target over ``warmup_steps``.
+A shared-mask run can start a position-aware one (``model.positions``): each edge's mask is
+repeated in every span, so the first step is the shared circuit, and training (or the faithful
+selection's prune-back) then drops the spans an edge is not needed at.
 
 ``prune.candidates: N`` keeps learning only the top N edges of that ordering (scores, or the run's
 log_alpha); every other edge is held at exactly 0 for the whole run (log_alpha -30), as the
@@ -96,8 +99,10 @@ def warm_start(source: str, model, p) -> WarmStart:
     if path.is_dir():
         from .prune import load_masks
         masks = load_masks(path)
-        masks.check_model(model)
+        masks.check_model(model, shared_into_spans=True)
         la = masks.edge_log_alpha.float().cpu().clone()
+        if model.spans is not None and masks.spans is None:  # a shared-mask run: its masks in every span
+            la = la.repeat(len(model.spans))
         node = masks.node_log_alpha.float().cpu().clone() if masks.node_log_alpha is not None else None
         if node is not None and model.node_masks is None:
             node = None

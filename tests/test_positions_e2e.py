@@ -254,3 +254,25 @@ def test_two_process_torchrun_prunes_position_aware_like_one_process(run, tmp_pa
     ours, ref = load_masks(out), load_masks(tmp / "run")
     assert ours.spans == ref.spans and ours.span_info == ref.span_info
     assert (ours.edge_log_alpha - ref.edge_log_alpha).abs().max() <= 1e-5
+
+
+def test_tracr_reverse_faithful_positions_from_a_shared_run_is_the_positional_ground_truth(tmp_path, capsys):
+    """Target-free: the shared faithful run recovers reverse's 11 edges; as the warm start of a
+    position-aware faithful run (each mask in every span), the selection keeps each edge only where
+    the program needs it. Expected from the program, not from a run: every edge at the four output
+    positions p1..p4, except the length head's value input, which reads the BOS indicator at p0 only."""
+    torch.set_num_threads(1)
+    config = str(ROOT / "configs" / "tracr_faithful.yaml")
+    shared, positional = tmp_path / "shared", tmp_path / "positional"
+    assert main(["prune", config, "--output-dir", str(shared), "--no-progress"]) == 0
+    assert main(["prune", config, "--output-dir", str(positional), "--no-progress", "--set", "model.positions=positions",
+                 "--set", f"prune.init_from={shared}", "--set", "prune.steps=20"]) == 0
+    assert main(["eval", str(positional), "--no-progress"]) == 0
+    assert json.loads((positional / "metrics.json").read_text())["metrics"]["exact_match"] == 1.0
+    assert main(["export", str(positional), "-o", str(positional / "edges.json")]) == 0
+    truth = json.loads((ROOT / "data" / "tracr_models" / "reverse" / "ground_truth.json").read_text())
+    length_value = ["tok_embeds", "a0.h0.v"]
+    want = {(w, r, f"p{t}") for w, r in truth if [w, r] != length_value for t in range(1, 5)}
+    want.add((*length_value, "p0"))
+    assert {tuple(e) for e in json.loads((positional / "edges.json").read_text())} == want
+    capsys.readouterr()
