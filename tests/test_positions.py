@@ -169,3 +169,30 @@ def test_dangling_removal_walks_spans():
     la[edges_to_mask(g, edges, SPANS)] = 5.0
     circuit = extract_circuit(g, la, spans=SPANS)
     assert sorted(circuit.edges) == sorted(edges[:4]) and circuit.counts["spans"] == 3
+
+
+def test_greedy_order_per_span_takes_only_edges_whose_reader_reaches_the_output():
+    """Greedy growth over (node, span): an edge is taken only once its reader at its span is the
+    read-out or feeds a writer node already taken (Q/MLP at the same span, K/V at any span)."""
+    from edgeprune.baselines.selection import circuit_of_size, edge_order
+    from edgeprune.circuit import reader_nodes
+
+    _, model = _model("gpt2")
+    g, S = model.graph, len(SPANS)
+    E = g.num_edges
+    key = torch.randn(S * E, generator=torch.Generator().manual_seed(3))
+    order = edge_order(g, key, "greedy", n_spans=S).tolist()
+    assert sorted(order) == list(range(S * E))
+    feeds = reader_nodes(g)
+    writer_of = [g.writer_index[w] for w, _ in g.edges]
+    reader_of = [g.reader_index[r] for _, r in g.edges]
+    kv = [name.endswith((".k", ".v")) for name in g.readers]
+    out, taken = g.reader_index["resid_post"], set()
+    for f in order:
+        s, e = divmod(f, E)
+        r = reader_of[e]
+        spans = range(S) if kv[r] else (s,)
+        assert r == out or any((w, t) in taken for w in feeds[r] for t in spans), (f, g.edges[e], SPANS[s])
+        taken.add((writer_of[e], s))
+    kept = circuit_of_size(g, key, 40, "greedy", n_spans=S)
+    assert 0 < int(kept.sum()) <= 40 and torch.equal(kept, remove_dangling(g, kept, S))

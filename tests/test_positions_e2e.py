@@ -110,9 +110,6 @@ def test_attribute_cli_on_a_position_aware_config(run, capsys):
     scores = load_scores(scores_path)
     assert all(len(e) == 3 for e in scores.edges) and {e[2] for e in scores.edges} == {"NAME", "other", "END",
                                                                                      "predict"}
-    assert main(["attribute", str(tmp / "config.yaml"), "--method", "acdc", "--batches", "1",
-                 "-o", str(tmp / "acdc.safetensors"), "--no-progress"]) == 2
-    assert "ACDC on position-aware masks" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- Tracr reverse, raw positions
@@ -210,10 +207,11 @@ def test_compare_and_curve_per_edge_and_span(run, tmp_path, capsys):
     curve = json.loads((tmp_path / "curve" / "curve.json").read_text())
     sizes = [p["edges"] for p in curve["methods"]["eap"]["points"]]
     assert sizes == sorted(sizes) and all(s <= b * n_masks / 100 for s, b in zip(sizes, (1, 5, 20)))
-    capsys.readouterr()
     assert main(["compare", str(out), str(scores_path), "-o", str(tmp_path / "g"), "--selection", "greedy",
-                 "--no-progress"]) == 2
-    assert "greedy is not position-aware yet" in capsys.readouterr().err
+                 "--split", "test", "--no-progress"]) == 0
+    greedy = json.loads((tmp_path / "g" / "compare.json").read_text())["rows"][1]
+    assert 0 < greedy["edges"] <= ours["edges"]
+    capsys.readouterr()
 
 
 def test_commands_without_position_aware_support_refuse_in_one_line(run, tmp_path, capsys):
@@ -276,3 +274,33 @@ def test_tracr_reverse_faithful_positions_from_a_shared_run_is_the_positional_gr
     want.add((*length_value, "p0"))
     assert {tuple(e) for e in json.loads((positional / "edges.json").read_text())} == want
     capsys.readouterr()
+
+
+def test_acdc_per_edge_and_span_keeps_an_edge_iff_its_effect_is_over_tau():
+    """ACDC over (edge, span): each tested pair stays iff its effect >= tau, the removals' effects add
+    up to the final KL (each measured against the circuit of the moment), an independent evaluation
+    of the decisions reproduces it, and a single-span model decides exactly as the shared one."""
+    import math
+
+    from edgeprune.baselines import acdc
+    from edgeprune.eval import evaluate
+
+    hf = build("gpt2", seed=4)
+    positional, shared = EdgeModel.from_hf(hf), EdgeModel.from_hf(hf)
+    positional.set_spans(SPANS)
+    batch = _batch(seed=7)
+    tau = 0.01
+    r = acdc(positional, [batch], tau=tau)
+    assert r.effects.numel() == len(SPANS) * positional.graph.num_edges
+    assert torch.equal(r.decisions[r.tested], r.effects[r.tested] >= tau)
+    assert 0 < int(r.decisions.sum()) < int(r.tested.sum())
+    removed = r.tested & ~r.decisions
+    assert math.isclose(float(r.effects[removed].sum()), r.metric_final, rel_tol=1e-4, abs_tol=1e-6)
+    positional.set_edges([e for e, k in zip(positional.edge_names, r.decisions.tolist()) if k])
+    assert math.isclose(evaluate(positional, [batch])["kl"], r.metric_final, rel_tol=1e-4, abs_tol=1e-6)
+
+    one = EdgeModel.from_hf(hf)
+    one.set_spans(["all"])
+    single = dataclasses.replace(batch, span_ids=torch.zeros_like(batch.span_ids))
+    a, b = acdc(one, [single], tau=tau), acdc(shared, [dataclasses.replace(batch, span_ids=None)], tau=tau)
+    assert torch.equal(a.decisions, b.decisions) and torch.equal(a.kept, b.kept)

@@ -21,6 +21,11 @@ the pruning path uses); both are returned.
 
 Cost: one forward over the data per tested edge (no backward). Reference logits and ablated
 states are computed once and kept.
+
+Position-aware masks (``model.positions``, S spans): every (edge, span) is tested, S times the
+forwards. For each reader, its spans in order, each span's edges as above; a Q/MLP reader at span
+s is live while its node at s has a kept outgoing edge, a K/V reader while its head has one at
+any span (``circuit.remove_dangling``'s rule).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ DEFAULT_TAU = 0.01
 
 @dataclass
 class AcdcResult:
-    effects: torch.Tensor  # (E,) fp32: measured effect of each tested edge (0 where not tested)
+    effects: torch.Tensor  # (E,) fp32 (S * E position-aware): measured effect of each tested edge (0 where not tested)
     kept: torch.Tensor  # (E,) bool: the final circuit (decisions, dangling edges removed)
     decisions: torch.Tensor  # (E,) bool: kept by ACDC's tests (effect >= tau), before dangling removal
     tested: torch.Tensor  # (E,) bool: edges that got a forward pass
@@ -62,22 +67,23 @@ def acdc(model: EdgeModel, batches, tau: float = DEFAULT_TAU, metric: str = "kl"
         prepared = [prepare(model, b) for b in batches]
         if not prepared or sum(p.n_positions for p in prepared) == 0:
             raise ValueError("ACDC got no loss positions (empty split?)")
-        E = graph.num_edges
-        z = torch.ones(E, dtype=torch.float32, device=model.device)
-        effects = torch.zeros(E, dtype=torch.float32)
-        tested = torch.zeros(E, dtype=torch.bool)
+        E, S = graph.num_edges, model.n_spans or 1
+        z = torch.ones(S * E, dtype=torch.float32, device=model.device)
+        effects = torch.zeros(S * E, dtype=torch.float32)
+        tested = torch.zeros(S * E, dtype=torch.bool)
         current = metric_full = metric_value(model, prepared, z, metric)
         forwards = 1
 
         feeds = reader_nodes(graph)
         writer_of = torch.tensor([graph.writer_index[w] for w, _ in graph.edges])
         out_reader = graph.reader_index["resid_post"]
-        n_tests = E
-        bar = tqdm(total=n_tests, desc="acdc", disable=not progress, leave=False)
-        for r in reversed(range(graph.num_readers)):
-            lo = graph.edge_offsets[r]
+        kv = [S > 1 and name.endswith((".k", ".v")) for name in graph.readers]
+        bar = tqdm(total=S * E, desc="acdc", disable=not progress, leave=False)
+        for r, s in ((r, s) for r in reversed(range(graph.num_readers)) for s in range(S)):
+            lo = s * E + graph.edge_offsets[r]
             hi = lo + graph.n_writers_before[r]
-            if r != out_reader and not _feeds_live_node(feeds[r], z, writer_of):
+            spans = range(S) if kv[r] else (s,)  # the spans of the nodes this reader feeds
+            if r != out_reader and not _feeds_live_node(feeds[r], z.view(S, E), writer_of, spans):
                 z[lo:hi] = 0.0
                 bar.total -= hi - lo  # skipped untested: they must not speed up the ETA
                 bar.refresh()
@@ -98,15 +104,20 @@ def acdc(model: EdgeModel, batches, tau: float = DEFAULT_TAU, metric: str = "kl"
     finally:
         model.train(was_training)
     decisions = (z > 0).cpu()
-    return AcdcResult(effects=effects, kept=remove_dangling(graph, decisions), decisions=decisions, tested=tested,
+    return AcdcResult(effects=effects, kept=remove_dangling(graph, decisions, model.n_spans), decisions=decisions,
+                      tested=tested,
                       metric_full=metric_full, metric_final=current, forwards=forwards)
 
 
-def _feeds_live_node(nodes: list[int], z: torch.Tensor, writer_of: torch.Tensor) -> bool:
-    """Does any writer node fed by this reader still have a kept outgoing edge?
+def _feeds_live_node(nodes: list[int], z: torch.Tensor, writer_of: torch.Tensor, spans) -> bool:
+    """Does any writer node fed by this reader still have a kept outgoing edge (at one of ``spans``;
+    z (S, E))?
 
     Every reader of such a writer comes later in reader order and was already decided, and dead
     readers lose all their inputs, so a kept outgoing edge means a path to the output.
     """
-    kept_writers = writer_of[(z > 0).cpu()]
-    return any(bool((kept_writers == n).any()) for n in nodes)
+    for s in spans:
+        kept_writers = writer_of[(z[s] > 0).cpu()]
+        if any(bool((kept_writers == n).any()) for n in nodes):
+            return True
+    return False

@@ -31,9 +31,6 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     from ..prune import graph_fingerprint
 
     check_method(method)
-    if method == "acdc" and model.spans is not None:
-        raise ValueError("ACDC on position-aware masks (model.positions) is not supported yet: use eap or eap-ig, "
-                         "whose scores come per (edge, span)")
     metric = check_metric(metric or DEFAULT_METRIC[method])
     batches = list(batches)
     info = {"metric": metric, "n_batches": len(batches),

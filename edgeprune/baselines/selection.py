@@ -14,8 +14,10 @@ Orderings (most important first), from a ranking key (E,) where larger = more im
 - ``greedy``: start from the readers of ``resid_post``; repeatedly take the best-keyed edge whose
   reader is already connected to the output; taking (w, r) connects every reader that feeds w's
   node (its Q/K/V or MLP input; every K/V group reader of a GQA head). Every edge is reached
-  eventually (each writer has an edge to ``resid_post``), so this is a full ordering. Shared masks
-  only.
+  eventually (each writer has an edge to ``resid_post``), so this is a full ordering.
+  Position-aware: the nodes are (node, span); ``resid_post`` at every span starts connected, and
+  taking (w, r, s) connects the Q and MLP readers of w's node at span s and its K/V readers at
+  every span (the dangling-removal rule).
 """
 
 from __future__ import annotations
@@ -44,42 +46,44 @@ def edge_order(graph: Graph, key: torch.Tensor, how: str = "topn", n_spans: int 
     if how == "topn":
         return torch.argsort(key, descending=True, stable=True)
     if how == "greedy":
-        if n_spans is not None:
-            raise ValueError("selection greedy is not position-aware yet; use topn for position-aware circuits")
-        return _greedy_order(graph, key)
+        return _greedy_order(graph, key, n_spans)
     raise ValueError(f"unknown selection {how!r}; choose one of {', '.join(ORDERINGS)}")
 
 
-def _greedy_order(graph: Graph, key: torch.Tensor) -> torch.Tensor:
+def _greedy_order(graph: Graph, key: torch.Tensor, n_spans: int | None = None) -> torch.Tensor:
     values = key.tolist()
+    E, spans = graph.num_edges, range(n_spans or 1)
     feeders: dict[int, list[int]] = {}  # writer -> readers feeding its node
     for r, nodes in enumerate(reader_nodes(graph)):
         for w in nodes:
             feeders.setdefault(w, []).append(r)
+    every_span = [n_spans is not None and name.endswith((".k", ".v")) for name in graph.readers]
     heap: list[tuple[float, int]] = []
-    connected_readers: set[int] = set()
-    connected_writers: set[int] = set()
+    connected_readers: set[tuple[int, int]] = set()  # (reader, span)
+    connected_writers: set[tuple[int, int]] = set()
 
-    def connect(r: int) -> None:
-        if r in connected_readers:
+    def connect(r: int, s: int) -> None:
+        if (r, s) in connected_readers:
             return
-        connected_readers.add(r)
-        start = graph.edge_offsets[r]
+        connected_readers.add((r, s))
+        start = s * E + graph.edge_offsets[r]
         for e in range(start, start + graph.n_writers_before[r]):
             heapq.heappush(heap, (-values[e], e))
 
-    connect(graph.reader_index["resid_post"])
+    for s in spans:
+        connect(graph.reader_index["resid_post"], s)
     order: list[int] = []
     writer_of = [graph.writer_index[w] for w, _ in graph.edges]
     while heap:
         _, e = heapq.heappop(heap)
         order.append(e)
-        w = writer_of[e]
-        if w not in connected_writers:
-            connected_writers.add(w)
+        s, w = e // E, writer_of[e % E]
+        if (w, s) not in connected_writers:
+            connected_writers.add((w, s))
             for r in feeders.get(w, []):
-                connect(r)
-    if len(order) < graph.num_edges:  # unreachable edges (cannot happen for a full graph): last, by key
+                for t in (spans if every_span[r] else (s,)):
+                    connect(r, t)
+    if len(order) < len(values):  # unreachable edges (cannot happen for a full graph): last, by key
         taken = set(order)
         rest = [e for e in torch.argsort(key, descending=True, stable=True).tolist() if e not in taken]
         order.extend(rest)
