@@ -147,8 +147,11 @@ def _live(edges: list[tuple[int, int]], kept: torch.Tensor, feeds: list[list[int
         kept = new
 
 
-def span_edges(graph: Graph, spans) -> list[tuple[str, str, str]]:
-    """The (writer, reader, span) edges of position-aware masks, in their flat (span-major) order."""
+def span_edges(graph: Graph, spans) -> list[tuple[str, ...]]:
+    """The names of the edge masks in their flat order: (writer, reader, span) triples of
+    position-aware masks (span-major), or the graph's (writer, reader) pairs when ``spans`` is None."""
+    if spans is None:
+        return list(graph.edges)
     return [(w, r, s) for s in spans for w, r in graph.edges]
 
 
@@ -190,7 +193,7 @@ def extract_circuit(graph: Graph, edge_log_alpha: torch.Tensor, node_log_alpha: 
         kept &= nt.kept[writer_of]
     before = int(kept.sum())
     kept = remove_dangling(graph, kept, n_spans)
-    names = graph.edges if spans is None else span_edges(graph, spans)
+    names = span_edges(graph, spans)
     edges = [e for e, k in zip(names, kept.tolist()) if k]
     nodes = {e[0] for e in edges} | {e[1] for e in edges}
     counts = {

@@ -207,7 +207,7 @@ class EdgeModel(nn.Module):
         triples for position-aware masks (``circuit.span_edges``)."""
         from .circuit import span_edges
 
-        return list(self.graph.edges) if self.spans is None else span_edges(self.graph, self.spans)
+        return span_edges(self.graph, self.spans)
 
     def mask_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Current (E,) edge and (W,) node mask values (sampled in training, else deterministic)."""

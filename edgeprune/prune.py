@@ -648,21 +648,17 @@ class RunMasks:
         """CheckpointError unless these masks belong to ``model``'s graph and to the model itself.
         ``shared_into_spans``: shared masks for a position-aware model of the same graph (a warm start
         repeats them in every span)."""
-        ours = graph_fingerprint(model)
-        if shared_into_spans and self.spans is None and model.spans is not None:
+        ours, spans, n = graph_fingerprint(model), model.spans, model.edge_masks.n
+        if shared_into_spans and self.spans is None and spans is not None:  # compared as the shared graph
             ours = {k: v for k, v in ours.items() if k not in ("spans", "positions")}
-            if self.edge_log_alpha.numel() != model.graph.num_edges or (self.graph and self.graph != ours):
-                raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
-                                      f"has {ours}")
-            check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
-            return
+            spans, n = None, model.graph.num_edges
         if self.graph and self.graph != ours:
             raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
                                   f"has {ours}")
-        if self.edge_log_alpha.numel() != model.edge_masks.n:
+        if self.edge_log_alpha.numel() != n:
             raise CheckpointError(f"{self.source}: masks have {self.edge_log_alpha.numel()} edges but the model's "
-                                  f"graph has {model.edge_masks.n} ({model.graph.describe()}"
-                                  f"{'' if model.spans is None else f' x {len(model.spans)} spans'})")
+                                  f"graph has {n} ({model.graph.describe()}"
+                                  f"{'' if spans is None else f' x {len(spans)} spans'})")
         check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
 
 

@@ -65,7 +65,7 @@ def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
             raise ValueError(f"{d}: masks are for another graph than {run_dirs[0]} ({r.graph} vs {first.graph})")
     graph = _graph_of(first.graph, str(run_dirs[0]))
     spans = first.spans  # position-aware runs: every (edge, span) is one edge here
-    names = list(graph.edges) if spans is None else span_edges(graph, spans)
+    names = span_edges(graph, spans)
     circuits = [extract_circuit(graph, r.edge_log_alpha, r.node_log_alpha, spans=spans) for r in runs]
     sizes = [int(c.kept.sum()) for c in circuits]
     k = min(sizes)

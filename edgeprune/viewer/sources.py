@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..circuit import span_edges
 from ..graph import Graph, GraphSpec
 
 
@@ -81,7 +82,7 @@ def _run_source(run_dir: Path) -> ViewSource:
     circuit, fp = run_circuit(run_dir)
     graph = graph_of(fp, str(run_dir))
     spans = masks.spans
-    names = _names(graph, spans)
+    names = span_edges(graph, spans)
     order = edge_order(graph, masks.edge_log_alpha.float(), "topn", None if spans is None else len(spans)).tolist()
     la = masks.edge_log_alpha.float().tolist()
     points = []
@@ -106,7 +107,7 @@ def _scores_source(path: Path) -> ViewSource:
     scores = load_scores(path)
     graph = graph_of(scores.graph, str(path))
     spans = scores.graph.get("spans")
-    names = _names(graph, spans)
+    names = span_edges(graph, spans)
     if [tuple(e) for e in scores.edges] != names:
         raise ValueError(f"{path}: the scores' edges do not match their graph ({graph.describe()}, "
                          f"{len(scores.edges)} scores): the file is for another graph or damaged")
@@ -150,19 +151,13 @@ def _edges_source(path: Path) -> ViewSource:
         kept = edges_to_mask(graph, edges, spans)
     except ValueError as err:
         raise ValueError(f"{path}: {err} (the circuit does not match the graph of {summary_path})") from None
-    ranked = [e for e, k in zip(_names(graph, spans), kept.tolist()) if k]
+    ranked = [e for e, k in zip(span_edges(graph, spans), kept.tolist()) if k]
     points = []
     if isinstance(summary, dict) and isinstance(summary.get("metrics"), dict):
         points.append({"edges": len(ranked), "source": summary_path.name, **summary["metrics"]})
     return ViewSource(str(path), "edges", graph, ranked, None, None, "file", len(ranked), graph_known=known,
                       points=points, spans=spans)
 
-
-def _names(graph: Graph, spans) -> list[tuple]:
-    """The mask order's edge names: pairs, or (writer, reader, span) triples."""
-    from ..circuit import span_edges
-
-    return list(graph.edges) if spans is None else span_edges(graph, spans)
 
 
 def _infer_graph(edges: list[tuple[str, str]]) -> Graph:
