@@ -42,7 +42,7 @@ def threshold_to_sparsity(log_alpha: torch.Tensor, sparsity: float | None = None
     la = log_alpha.detach().float().cpu().reshape(-1)
     n = la.numel()
     if sparsity is None:
-        sparsity = 1.0 - float(prob_nonzero(la).sum()) / n
+        sparsity = 1.0 - float(prob_nonzero(la).double().sum()) / n
     target = int(round(n * (1.0 - min(max(sparsity, 0.0), 1.0))))
     if n == 0:
         return Threshold(kept=torch.zeros(0, dtype=torch.bool), log_alpha=0.0,

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import identity
 from .checkpointing import LayerRunner
 from .graph import Graph
 from .masks import HardConcreteMasks
@@ -146,37 +147,15 @@ class EdgeModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ identity
-    # config keys that say how a model was loaded or run, not what it is
-    _UNIDENTIFYING = {"transformers_version", "torch_dtype", "dtype", "use_cache", "architectures", "name_or_path",
-                      "output_attentions", "output_hidden_states", "return_dict", "attn_implementation"}
-
-    def fingerprint(self) -> dict:
-        """What the model *is*, independent of the path it was loaded from: {"config": sha256 of its
-        config (loading options left out), "weights": sha256 of 1024 evenly spaced values of every
-        parameter, rounded to bf16 so the same weights loaded in fp32 or bf16 agree}. Computed once
-        (before any FSDP sharding: ``edgeprune.prune`` asks for it first)."""
-        if getattr(self, "_fingerprint", None) is None:
-            import hashlib
-            import json
-
-            cfg = self.hf.config.to_dict() if hasattr(self.hf.config, "to_dict") else dict(vars(self.hf.config))
-            cfg = {k: v for k, v in cfg.items() if not k.startswith("_") and k not in self._UNIDENTIFYING}
-            def canon(o):  # string keys everywhere, so mixed-key dicts (Tracr encodings) sort
-                if isinstance(o, dict):
-                    return {str(k): canon(v) for k, v in o.items()}
-                return [canon(v) for v in o] if isinstance(o, (list, tuple)) else o
-
-            config_hash = hashlib.sha256(json.dumps(canon(cfg), sort_keys=True, default=str).encode()).hexdigest()
-            h = hashlib.sha256()
-            for name, p in sorted(self.hf.named_parameters()):
-                h.update(f"{name}:{tuple(p.shape)};".encode())
-                if p.device.type == "meta":
-                    continue
-                flat = p.detach().reshape(-1)
-                idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), 1024), device=flat.device).long()
-                h.update(flat[idx].to(torch.bfloat16).float().cpu().numpy().tobytes())
-            self._fingerprint = {"config": config_hash, "weights": h.hexdigest()}
-        return dict(self._fingerprint)
+    def fingerprint(self, version: int = identity.VERSION) -> dict:
+        """What the model *is*, independent of the path it was loaded from
+        (``edgeprune.identity.model_fingerprint``). Computed once per version, before any FSDP
+        sharding (``edgeprune.prune`` asks for it first). Older versions are computed only to
+        recognise runs written before the current one."""
+        cache = self.__dict__.setdefault("_fingerprints", {})
+        if version not in cache:
+            cache[version] = identity.model_fingerprint(self.hf, version)
+        return dict(cache[version])
 
     # ------------------------------------------------------------------ masks
     def set_spans(self, names, mode: str = "spans", info: list[dict] | None = None) -> None:

@@ -16,6 +16,7 @@ on its slice of the global batch (``edgeprune.distributed``); rank 0 writes the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from .cache import ReferenceCache
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
+from .identity import FingerprintError, fingerprint_version
 from .control import project
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, use_spans
@@ -225,7 +227,9 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     say = tqdm.write if d.is_main else (lambda *_: None)
 
     model = load_model(cfg.model, device)
-    model.fingerprint()  # before FSDP shards the weights
+    model.fingerprint()  # before FSDP shards the weights; version 1 too, to resume runs written before version 2
+    with contextlib.suppress(FingerprintError):
+        model.fingerprint(1)
     p = cfg.prune
     model.activation_checkpointing = p.activation_checkpointing
     train = None
@@ -518,8 +522,13 @@ def check_same_model(saved_fp: dict | None, saved_id: str | None, model: EdgeMod
     ``allow_other`` turns a mismatch into a warning (to transfer masks on purpose, e.g. to another
     training checkpoint of the same model).
     """
-    ours = model.fingerprint()
     if saved_fp is not None:
+        try:  # a run written by an older edgeprune is compared with its own fingerprint version
+            ours = model.fingerprint(fingerprint_version(saved_fp))
+        except FingerprintError as err:
+            raise CheckpointError(f"{where}: {err}; this run's fingerprint (version "
+                                  f"{fingerprint_version(saved_fp)}) cannot be checked by this edgeprune: rerun "
+                                  "`edgeprune prune` to write a current run") from None
         same = saved_fp == ours
         theirs = f"{saved_id!r} (fingerprint {saved_fp.get('weights', '?')[:12]})"
         mine = f"{model.model_id!r} (fingerprint {ours.get('weights', '?')[:12]})"
