@@ -106,7 +106,14 @@ def test_attribute_compare_curve(world):
     _cli("compare", run, run / "scores_eap-ig.safetensors", "-o", world / "compare", "--batches", 1, "--no-progress")
     _cli("curve", run, run / "scores_eap.safetensors", "-o", world / "curve", "--budgets", "0.05,0.5",
          "--batches", 1, "--no-progress")
-    assert (world / "compare" / "compare.json").is_file() and (world / "compare" / "compare.md").is_file()
+    assert (world / "compare" / "compare.md").is_file()
+    # the task's own faithfulness (IOI: logit(IO) - logit(S)) in compare is eval's for the same circuit
+    _cli("eval", run, "--split", "test", "-o", world / "metrics_test.json", "--no-progress")
+    evaluated = json.loads((world / "metrics_test.json").read_text())["metrics"]
+    row = json.loads((world / "compare" / "compare.json").read_text())["rows"][0]
+    assert row["method"] == "edge-pruning"
+    for key in ("ioi/faithfulness", "faithfulness", "kl"):
+        assert row[key] == pytest.approx(evaluated[key], rel=1e-4, abs=1e-6), key
     assert (world / "curve" / "curve.json").is_file() and (world / "curve" / "curve.png").is_file()
 
 

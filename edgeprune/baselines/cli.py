@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..experiment import task_metric
 from .acdc import DEFAULT_TAU
 from .attribution import IG_RULES, METRICS
 from .curve import DEFAULT_BUDGETS, parse_budgets
@@ -165,16 +166,20 @@ def _curve(args) -> int:
     cfg = _config_for(args, runs, scores)
     model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
     result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=budgets,
-                                selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress)
+                                selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress,
+                     task_metric=task_metric(cfg.data, model))
     result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(result, indent=2))
     plot_curve(result, out / "curve.png", title=args.title)
+    task = f"; edges:generic/{result['task_metric'].split('/')[0]} faithfulness" if "task_metric" in result else ""
     print(f"faithfulness on {result['n_examples']} examples of {args.split} "
-          f"(m(full) = {result['m_full']:.4g}, m(empty) = {result['m_empty']:.4g}):")
+          f"(m(full) = {result['m_full']:.4g}, m(empty) = {result['m_empty']:.4g}{task}):")
     for label, entry in result["methods"].items():
-        pts = "  ".join(f"{p['edges']}:{p['faithfulness']:.3f}" for p in entry["points"])
+        tf = result.get("task_metric", "").split("/")[0] + "/faithfulness"  # the task's own, when it has one
+        pts = "  ".join(f"{p['edges']}:{p['faithfulness']:.3f}" + (f"/{p[tf]:.3f}" if tf in p else "")
+                        for p in entry["points"])
         anchors = " + anchors " + ", ".join(f"({x:g},{f:g})" for x, f in entry["anchors"]) if entry["anchors"] else ""
         flag = "  (few points: see warning)" if "warning" in entry else ""
         print(f"  {label:<14} CPR {entry['cpr']:.4f}  CMD {entry['cmd']:.4f}   edges:f  {pts}{anchors}{flag}")
@@ -207,7 +212,8 @@ def _compare(args) -> int:
     cfg = _config_for(args, runs, scores)
     model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
     result = compare(model, batches, runs=runs, scores=scores, n_edges=args.edges, selection=args.selection,
-                     loss=cfg.data.loss, progress=not args.no_progress)
+                     loss=cfg.data.loss, progress=not args.no_progress,
+                     task_metric=task_metric(cfg.data, model))
     result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
     table = format_markdown(result)
     out = Path(args.output)

@@ -8,6 +8,8 @@ edges that really are in its circuit. Columns:
 - ``edges``: edges in the circuit; ``kl``: mean KL(p_full || p_circuit) over the loss positions;
 - ``faithfulness``: (m(C) - m(empty)) / (m(full) - m(empty)), m the logit difference (as ``curve``);
 - ``logit_diff_ratio``: m(C) / m(full) (``edgeprune eval``'s ``logit_diff_ratio``);
+- with a task metric (``data.task``): the task's own metric and its normalised faithfulness, named
+  as ``edgeprune eval`` names them (IOI: ``ioi/logit_diff`` = logit(IO) - logit(S), ``ioi/faithfulness``);
 - ``wall_time_s``: time to find the circuit: the attribution run (stored in the scores file), or
   the pruning run (``RUN_DIR/timing.json`` when present, else the time between the run's
   ``config.yaml`` and ``masks.safetensors`` were written: approximate, marked ``~``).
@@ -21,7 +23,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..model import EdgeModel
-from .curve import EDGE_PRUNING, CircuitEvaluator, label_scores, load_run_circuit
+from .curve import EDGE_PRUNING, CircuitEvaluator, _task_fields, label_scores, load_run_circuit
 from .scores import check_graph
 from .selection import circuit_of_size
 
@@ -44,7 +46,7 @@ def run_wall_time(run_dir: str | Path) -> tuple[float | None, bool]:
 
 
 def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | None = None,
-            selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
+            selection: str = "topn", loss: str = "kl", progress: bool = False, task_metric=None) -> dict:
     """Rows of the comparison table (see the module docstring) and the shared settings."""
     for s in scores:
         check_graph(s, model)
@@ -58,7 +60,7 @@ def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | Non
     if n_edges < 0 or n_edges > total:
         raise ValueError(f"--edges must be in [0, {total}], got {n_edges}")
     bar = tqdm(total=1 + len(run_circuits) + len(scores), desc="compare", disable=not progress, leave=False)
-    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)  # evaluates the empty circuit
+    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress, task_metric=task_metric)  # + empty circuit
     bar.update(1)
     rows = []
     for rc in run_circuits:
@@ -73,19 +75,24 @@ def compare(model: EdgeModel, batches, *, runs=(), scores=(), n_edges: int | Non
         bar.update(1)
     bar.close()
     return {"n_edges": n_edges, "total_edges": total, "selection": selection,
-            "m_full": ev.m_full, "m_empty": ev.m_empty, "n_examples": ev.n_examples,
+            "m_full": ev.m_full, "m_empty": ev.m_empty, **_task_fields(ev), "n_examples": ev.n_examples,
             "n_positions": ev.n_positions, "rows": rows}
 
 
 def format_markdown(result: dict) -> str:
-    """The table as GitHub markdown."""
+    """The table as GitHub markdown; a task's own metric and faithfulness get two more columns."""
+    task = result.get("task_metric")  # e.g. "ioi/logit_diff"
+    tf = task and task.split("/")[0] + "/faithfulness"
+    head = f" | {task} | {tf}" if task else ""
     lines = [f"Circuits of at most {result['n_edges']} edges of {result['total_edges']} "
              f"(m(full) = {result['m_full']:.4g}, m(empty) = {result['m_empty']:.4g}, "
-             f"{result['n_examples']} examples)", "",
-             "| method | edges | KL | faithfulness | logit-diff ratio | wall time (s) |",
-             "|---|---:|---:|---:|---:|---:|"]
+             f"{result['n_examples']} examples; faithfulness: generic logit difference"
+             + (f"; {tf}: the task's own, on {task}" if task else "") + ")", "",
+             f"| method | edges | KL | faithfulness{head} | logit-diff ratio | wall time (s) |",
+             "|---|---:|---:|---:|" + ("---:|---:|" if task else "") + "---:|---:|"]
     for r in result["rows"]:
         wall = "n/a" if r["wall_time_s"] is None else f"{'' if r['wall_time_exact'] else '~'}{r['wall_time_s']:.1f}"
-        lines.append(f"| {r['method']} | {r['edges']} | {r['kl']:.4f} | {r['faithfulness']:.4f} | "
+        cells = f" {r[task]:.4f} | {r[tf]:.4f} |" if task else ""
+        lines.append(f"| {r['method']} | {r['edges']} | {r['kl']:.4f} | {r['faithfulness']:.4f} |{cells} "
                      f"{r['logit_diff_ratio']:.4f} | {wall} |")
     return "\n".join(lines) + "\n"

@@ -105,23 +105,34 @@ class CircuitEvaluator:
     KL and the plain ratio m(C) / m(full) (``edgeprune eval``'s ``logit_diff_ratio``).
     """
 
-    def __init__(self, model: EdgeModel, batches, loss: str = "kl", progress: bool = False):
+    def __init__(self, model: EdgeModel, batches, loss: str = "kl", progress: bool = False, task_metric=None):
         if loss == "mse":
             raise ValueError("faithfulness curves use the logit difference; this task is numerical (data.loss: mse)")
         self.model, self.batches, self.loss, self.progress = model, list(batches), loss, progress
+        self.task_metric = task_metric  # tasks.common.TaskMetric: its own faithfulness beside the generic one
         self._cache: dict[bytes, dict] = {}
         self.names = model.edge_names  # (writer, reader[, span]) per mask
         empty = self.metrics(torch.zeros(len(self.names), dtype=torch.bool))
         self.m_full = empty["logit_diff_full"]
         self.m_empty = empty["logit_diff_circuit"]
+        self.task_full = self.task_empty = None
+        if task_metric is not None:
+            self.task_full, self.task_empty = empty[self.task_key + "_full"], empty[self.task_key + "_circuit"]
         self.n_examples, self.n_positions = empty["n_examples"], empty["n_positions"]
+
+    @property
+    def task_key(self) -> str | None:
+        """The task's main metric as ``edgeprune eval`` names it (``ioi/logit_diff``), or None."""
+        t = self.task_metric
+        return None if t is None else f"{t.name}/{t.main}"
 
     def metrics(self, kept: torch.Tensor) -> dict:
         key = kept.bool().cpu().numpy().tobytes()
         if key not in self._cache:
             self.model.set_edges([e for e, k in zip(self.names, kept.tolist()) if k])
             try:
-                self._cache[key] = evaluate(self.model, self.batches, loss=self.loss, empty=False)
+                self._cache[key] = evaluate(self.model, self.batches, loss=self.loss, empty=False,
+                                            task_metric=self.task_metric)
             finally:
                 self.model.reset_masks()
         return self._cache[key]
@@ -132,7 +143,17 @@ class CircuitEvaluator:
         return {"edges": n, "edge_fraction": n / len(self.names),
                 "logit_diff": m["logit_diff_circuit"],
                 "faithfulness": normalized_faithfulness(m["logit_diff_circuit"], self.m_full, self.m_empty),
-                "kl": m["kl"], "logit_diff_ratio": m["logit_diff_ratio"], "exact_match": m["exact_match"]}
+                "kl": m["kl"], "logit_diff_ratio": m["logit_diff_ratio"], "exact_match": m["exact_match"],
+                **self._task_point(m)}
+
+    def _task_point(self, m: dict) -> dict:
+        """The task's own metric of the circuit and its normalised faithfulness (``ioi/logit_diff``,
+        ``ioi/faithfulness``: logit(IO) - logit(S) for IOI), when the task has one."""
+        if self.task_metric is None:
+            return {}
+        key, circ = self.task_key, m[self.task_key + "_circuit"]
+        return {key: circ, f"{self.task_metric.name}/faithfulness":
+                normalized_faithfulness(circ, self.task_full, self.task_empty)}
 
 
 @dataclass
@@ -161,12 +182,12 @@ def label_scores(scores: list[Scores]) -> list[str]:
 
 
 def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets=DEFAULT_BUDGETS,
-                       selection: str = "topn", loss: str = "kl", progress: bool = False) -> dict:
+                       selection: str = "topn", loss: str = "kl", progress: bool = False, task_metric=None) -> dict:
     """Curve points, CPR and CMD per method (the structure written to ``curve.json``)."""
     budgets = check_budgets(budgets)
     for s in scores:
         check_graph(s, model)
-    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress)
+    ev = CircuitEvaluator(model, batches, loss=loss, progress=progress, task_metric=task_metric)
     graph, S = model.graph, model.n_spans
     E = graph.num_edges * (S or 1)  # position-aware: every (edge, span) is one edge of the curve
     methods: dict[str, dict] = {}
@@ -215,10 +236,18 @@ def faithfulness_curve(model: EdgeModel, batches, *, runs=(), scores=(), budgets
         "total_edges": E,
         "m_full": ev.m_full,
         "m_empty": ev.m_empty,
+        **_task_fields(ev),
         "n_examples": ev.n_examples,
         "n_positions": ev.n_positions,
         "methods": methods,
     }
+
+
+def _task_fields(ev: CircuitEvaluator) -> dict:
+    """The task's metric name and its full / empty values (each point then carries ``TASK/faithfulness``)."""
+    if ev.task_metric is None:
+        return {}
+    return {"task_metric": ev.task_key, "task_full": ev.task_full, "task_empty": ev.task_empty}
 
 
 def plot_curve(result: dict, path: str | Path, title: str | None = None) -> Path:
