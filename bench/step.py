@@ -11,7 +11,10 @@ attention (12 layers, 12 query / 4 KV heads, d 768, MLP 2048, vocab 32000); ``py
 head); ``qwen3`` the Llama shape with Qwen3's per-head q/k norms (head_dim 64); ``phi3`` the Llama
 shape with Phi-3's fused qkv_proj / gate_up_proj, 12 KV heads (multi-head, as Phi-3-mini), vocab 32064;
 ``gemma2`` the Llama shape as Gemma-2 (head_dim 64, post-norms, attention and final-logit soft-caps,
-alternating sliding-window layers of window 4096, tied embeddings).
+alternating sliding-window layers of window 4096, tied embeddings); ``smollm2`` SmolLM2-135M's config
+(30 layers, 9 query / 3 KV heads, d 576, MLP 1536, vocab 49152, tied); ``qwen2.5-0.5b`` and
+``llama3.2-1b`` those checkpoints' shapes (for ``--shapes 4x32`` checks of ``edgeprune estimate``);
+``--config DIR`` any HF config.json (a checkpoint directory: its shape with random weights).
 
 Time: in one process, the medians over ``--repeats`` of (a) a full pruning step as ``edgeprune
 prune`` runs it (reference + corrupted pass, masked forward with sampled masks and the loss,
@@ -68,7 +71,7 @@ from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
 from edgeprune.prune import lagrangian  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODELS = ("gpt2", "llama", "pythia", "qwen3", "phi3", "gemma2")
+MODELS = ("gpt2", "llama", "pythia", "qwen3", "phi3", "gemma2", "smollm2", "qwen2.5-0.5b", "llama3.2-1b")
 
 
 def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.device, tiny: bool = False):
@@ -105,8 +108,31 @@ def build_hf(kind: str, layers: int | None, dtype: torch.dtype, device: torch.de
                                 head_dim=64, hidden_size=768, intermediate_size=2048, vocab_size=32000,
                                 max_position_embeddings=1024, query_pre_attn_scalar=64, sliding_window=4096,
                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0), Gemma2ForCausalLM
+    elif kind == "smollm2":  # SmolLM2-135M's config (30 layers, 9 query / 3 KV heads, d 576; 70,651 edges)
+        cfg, cls = LlamaConfig(num_hidden_layers=layers or 30, num_attention_heads=9, num_key_value_heads=3,
+                               hidden_size=576, intermediate_size=1536, vocab_size=49152,
+                               max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                               tie_word_embeddings=True), LlamaForCausalLM
+    elif kind == "qwen2.5-0.5b":  # Qwen2.5-0.5B's shape (24 layers, 14 query / 2 KV heads, d 896, q/k/v biases)
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        cfg, cls = Qwen2Config(num_hidden_layers=layers or 24, num_attention_heads=14, num_key_value_heads=2,
+                               hidden_size=896, intermediate_size=4864, vocab_size=151936,
+                               max_position_embeddings=32768, tie_word_embeddings=True), Qwen2ForCausalLM
+    elif kind == "llama3.2-1b":  # Llama-3.2-1B's shape (16 layers, 32 query / 8 KV heads, d 2048)
+        cfg, cls = LlamaConfig(num_hidden_layers=layers or 16, num_attention_heads=32, num_key_value_heads=8,
+                               hidden_size=2048, intermediate_size=8192, vocab_size=128256,
+                               max_position_embeddings=8192, rope_theta=500000.0, head_dim=64,
+                               tie_word_embeddings=True), LlamaForCausalLM
+    elif Path(kind).exists():  # a checkpoint directory or its config.json: its shape, random weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+        cfg = AutoConfig.from_pretrained(kind)
+        if layers:
+            cfg.num_hidden_layers = layers
+        with torch.device("meta" if device.type == "meta" else "cpu"):
+            model = AutoModelForCausalLM.from_config(shrink(cfg) if tiny else cfg)
+        return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
     else:
-        raise ValueError(f"unknown model {kind!r} ({', '.join(MODELS)})")
+        raise ValueError(f"unknown model {kind!r} ({', '.join(MODELS)}, or a directory with a config.json)")
     if tiny:
         cfg = shrink(cfg)
     with torch.device("meta" if device.type == "meta" else "cpu"):  # meta: no weights (the estimate)
@@ -389,6 +415,8 @@ def parse_shape(text: str) -> tuple[int, int]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,llama", help=f"comma-separated: {', '.join(MODELS)}")
+    parser.add_argument("--config", action="append", default=[], metavar="DIR",
+                        help="also a model of this HF config (a checkpoint directory or config.json; random weights)")
     parser.add_argument("--shapes", default="8x32,32x64", help="comma-separated BxT")
     parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement (median)")
     parser.add_argument("--warmup", type=int, default=1)
@@ -419,12 +447,13 @@ def main(argv=None) -> int:
         return 0
     if args.quick:
         args.models, args.shapes, args.repeats = "gpt2", "8x32", 3
+    kinds = [k for k in args.models.split(",") if k] + args.config
 
     print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} (after {args.warmup} warm-up)"
           + (", reference pass cached" if args.cache else "") + (", activation checkpointing" if args.checkpointing else ""))
     results = []
-    for kind in args.models.split(","):
+    for kind in kinds:
         for shape_text in args.shapes.split(","):
             shape = parse_shape(shape_text)
             r = time_one(kind, shape, args, device)

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -215,6 +216,7 @@ def run_dir_plan(out: Path, *, resume: bool, overwrite: bool, resume_or_start: b
 
 def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, overwrite: bool,
            resume_or_start: bool, progress: bool, stop_after: int | None) -> PruneResult:
+    started = time.perf_counter()
     out = Path(cfg.run.output_dir)
     ckpt_dir = out / "checkpoint"
     log_path = out / "log.jsonl"
@@ -349,6 +351,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     history: list[dict] = []
     steps_per_epoch = len(epoch_batches(train, p.batch_size, cfg.run.seed, 0))
     epoch, order = -1, []
+    timing = RunTiming.load(out / "timing.json") if existing is not None else RunTiming()
     bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress or not d.is_main, dynamic_ncols=True)
     ran = 0
     reference = ReferenceCache(enabled=p.cache_corrupted)  # full-model logits, corrupted states
@@ -428,6 +431,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         step += 1
         ran += 1
         history.append(record)
+        timing.step(step, record, ramps, p.early_stop_tolerance, time.perf_counter() - started)
 
         if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
             log(log_path, wandb_run, record)
@@ -461,6 +465,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         say(selection.describe(p.faithful_tolerance) + f"; {out / 'circuit_selection.json'}")
     if d.is_main:
         _write_masks(model, out / "masks.safetensors")
+        timing.save(out / "timing.json", step, time.perf_counter() - started)
     learned = model.edge_masks.expected_sparsity().item()
     aim = f"target {p.edge_target:.4f}" if p.mode != "faithful" else "faithful mode: the selected circuit"
     say(f"done: {step} steps, expected edge sparsity {learned:.4f} ({aim}), "
@@ -476,6 +481,35 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
 
 # ---------------------------------------------------------------------------- helpers
+@dataclass
+class RunTiming:
+    """Wall time of a run (``timing.json``): the whole run, summed over resumed invocations, and
+    when the expected sparsity first sat on its final target (within ``prune.early_stop_tolerance``)
+    -- the time a user waits for a circuit of the asked size. Seconds include model loading."""
+    previous_s: float = 0.0  # invocations before this one (a resumed run)
+    target_reached_step: int | None = None
+    target_reached_s: float | None = None
+
+    @classmethod
+    def load(cls, path: Path) -> "RunTiming":
+        try:
+            saved = json.loads(path.read_text())
+            return cls(float(saved["wall_time_s"]), saved.get("target_reached_step"), saved.get("target_reached_s"))
+        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: the time before is unknown
+            return cls()
+
+    def step(self, step: int, record: dict, ramps: dict, tolerance: float, elapsed: float) -> None:
+        ramp = ramps.get("edges")
+        if (self.target_reached_step is None and ramp is not None and record.get("edges_target") == ramp.target
+                and abs(record.get("edges_gap", math.inf)) <= tolerance):
+            self.target_reached_step, self.target_reached_s = step, self.previous_s + elapsed
+
+    def save(self, path: Path, steps: int, elapsed: float) -> None:
+        path.write_text(json.dumps({"wall_time_s": self.previous_s + elapsed, "steps": steps,
+                                    "target_reached_step": self.target_reached_step,
+                                    "target_reached_s": self.target_reached_s}, indent=2) + "\n")
+
+
 def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict:
     state = {
         "step": step,
