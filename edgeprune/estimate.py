@@ -415,3 +415,75 @@ def format_report(r: Report) -> str:
                      f"in {r.dtype}, held on every rank.")
     lines += [f"note: {n}" for n in r.notes]
     return "\n".join(lines)
+
+
+class WontFit(RuntimeError):
+    """A pruning run whose estimated memory exceeds what the device has free."""
+
+
+KNOBS = ("lower prune.batch_size (now {batch})", "model.dtype: bfloat16 (now {dtype})",
+         "prune.activation_checkpointing: true", "more GPUs (torchrun --nproc_per_node N: FSDP2 shards the weights)")
+
+
+def advice(cfg: ExperimentConfig) -> str:
+    """The knobs that lower a run's memory, with the config's current values."""
+    knobs = [k.format(batch=cfg.prune.batch_size, dtype=cfg.model.dtype) for k in KNOBS]
+    if cfg.prune.activation_checkpointing:
+        knobs.remove("prune.activation_checkpointing: true")
+    if cfg.model.dtype != "float32":
+        knobs = [k for k in knobs if not k.startswith("model.dtype")]
+    if cfg.prune.cache_corrupted:
+        knobs.insert(0, "prune.cache_corrupted: false")
+    return "; ".join(knobs)
+
+
+def free_bytes(device: torch.device) -> int | None:
+    """Memory free for new tensors: CUDA's free device memory, or the host's MemAvailable (None: unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(cfg: ExperimentConfig, model, device: torch.device, world_size: int = 1,
+               free: int | None = None) -> int | None:
+    """Refuse, before the first step, a run whose step cannot fit in the device's free memory.
+
+    ``model``: the loaded EdgeModel (its weights already take their memory, so they are not counted
+    again). On CUDA the step is traced on the meta device (``trace_step``, as ``edgeprune estimate``);
+    on CPU the check is the analytic floor of three fp32 copies of the writer states (states, their
+    gradients, one mix), since a traced estimate there costs more than the rare refusal saves.
+    Returns the bytes the step was estimated to need (None when the free memory is unknown).
+    Raises WontFit naming the knobs."""
+    free = free_bytes(device) if free is None else free
+    if free is None:
+        return None
+    B = math.ceil(cfg.prune.batch_size / world_size)
+    T = cfg.data.max_length or 64
+    g, D = model.graph, model.hf.config.hidden_size
+    n_masks = model.edge_masks.n + (g.num_writers if model.node_masks is not None else 0)
+    need = n_masks * 4 * 4  # masks, their gradients, AdamW's two moments
+    if device.type == "cuda":
+        need += trace_step(meta_copy(cfg, model), B, T, loss=cfg.data.loss)
+    else:
+        need += 3 * g.num_writers * B * T * D * 4
+    if need > free:
+        raise WontFit(f"this run needs about {need / 2**30:.2f} GiB for its step on {device} (batch {B} x {T} "
+                      f"tokens, {g.describe()}) but {free / 2**30:.2f} GiB are free: {advice(cfg)}. "
+                      f"`edgeprune estimate CONFIG` gives the figures per setting")
+    return need
+
+
+def meta_copy(cfg: ExperimentConfig, model):
+    """``model``'s architecture on the meta device (no memory), with its masks' shape and settings."""
+    arch = load_architecture(cfg)
+    arch.model.activation_checkpointing = cfg.prune.activation_checkpointing
+    if model.spans is not None:
+        arch.model.set_spans(model.spans, mode=model.span_mode)
+    return arch.model

@@ -33,6 +33,7 @@ from .cache import ReferenceCache
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
+from .estimate import WontFit, advice, check_fits
 from .identity import FingerprintError, fingerprint_version
 from .control import project
 from .masks import OFF_LOG_ALPHA
@@ -170,6 +171,11 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fals
     try:
         result = _prune(cfg, d, device, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start,
                         progress=progress, stop_after=stop_after)
+    except torch.OutOfMemoryError:  # past the up-front check (check_fits): the knobs, not a traceback
+        d.close(clean=False)
+        last = find_checkpoint(Path(cfg.run.output_dir) / "checkpoint")
+        raise PruneError(f"out of memory on {device}: {advice(cfg)}; `edgeprune estimate CONFIG` gives the "
+                         f"figures per setting. Last checkpoint: {last or 'none'} (--resume continues it)") from None
     except BaseException:
         d.close(clean=False)
         raise
@@ -261,6 +267,10 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     if p.init_from:  # read (and checked) before anything is written; a resumed run restores over it
         from .warmstart import warm_start
         start = warm_start(p.init_from, model, p)
+    try:  # a step that cannot fit is refused here, naming the knobs, not by an out-of-memory traceback
+        check_fits(cfg, model, device, d.world)
+    except WontFit as err:
+        raise PruneError(str(err)) from None
     d.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
 
     # ---- now write: remove a replaced run's outputs, then the resolved config

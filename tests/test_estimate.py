@@ -168,3 +168,30 @@ def test_cache_counts_only_the_training_split_of_a_single_jsonl(tmp_path):
     config = _config(tmp_path, data={"path": str(data)})
     assert _train_examples(load_config(config)) == 2  # no "split" field means train
     assert _train_examples(load_config(_config(tmp_path, data={"path": str(tmp_path / "missing")}))) is None
+
+
+def _stories_run(tmp_path, *extra):
+    from conftest import STORIES, require_shared
+    require_shared(STORIES)
+    return ["prune", str(ROOT / "configs" / "stories_names.yaml"), "--steps", "2", "--output-dir",
+            str(tmp_path / "run"), "--no-progress", *extra]
+
+
+def test_prune_refuses_a_step_that_will_not_fit_naming_the_knobs(tmp_path, capsys, monkeypatch):
+    import edgeprune.estimate
+    monkeypatch.setattr(edgeprune.estimate, "free_bytes", lambda device: 2**20)  # 1 MiB free
+    assert main(_stories_run(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "GiB are free" in err and "prune.batch_size (now 16)" in err and "activation_checkpointing" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_out_of_memory_during_a_step_is_one_line_with_the_knobs(tmp_path, capsys, monkeypatch):
+    import edgeprune.prune
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    monkeypatch.setattr(edgeprune.prune, "kl_divergence", oom)
+    assert main(_stories_run(tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert "out of memory" in err and "prune.batch_size" in err and "Traceback" not in err
