@@ -101,7 +101,7 @@ def test_written_file_parses_back_with_same_scores_and_in_graph_gqa(tmp_path):
 def test_round_trip_gpt2_embeddings_aggregate_as_documented(tmp_path):
     g = Graph(GPT2)
     values = torch.randn(g.num_edges, generator=torch.Generator().manual_seed(1))
-    kept = values > 0.3
+    kept = remove_dangling(g, values > 0.3)  # a circuit: the library's pruning keeps every edge of it
     path = tmp_path / "graph.json"
     path.write_text(json.dumps(to_eap_ig(g, values, kept, signed=False, d_model=32)))
     back = read_eap_ig(path, g)
@@ -450,3 +450,44 @@ def test_mib_export_one_run_per_budget_picks_largest_fitting_run(tmp_path):
         fits = [n for n in sizes if n <= budget_limit(g.num_edges, c["budget_percent"])]
         assert c["edges"] == (max(fits) if fits else 0)
         assert c["mib_edges"] <= budget_limit(mmap.num_edges, c["budget_percent"])
+
+
+# ---------------------------------------------------------------------------- the EAP-IG library's pruning
+def _library_rule(data: dict) -> dict[str, bool]:
+    """The EAP-IG library's ``Graph.prune`` as its documentation states it, written independently of
+    ``edgeprune.interop``: repeat { a node is in the graph iff it has an in-graph outgoing edge and an
+    in-graph incoming edge (the input node needs no incoming one); an edge stays iff its parent node
+    and its child node are in the graph (the logits node always is) } until nothing changes."""
+    edges = {name: e["in_graph"] for name, e in data["edges"].items()}
+    while True:
+        nodes = {}
+        for name in data["nodes"]:
+            out = any(k for n, k in edges.items() if n.split("->")[0] == name)
+            inc = name == "input" or any(k for n, k in edges.items() if n.split("->")[1].split("<")[0] == name)
+            nodes[name] = out and inc
+        nodes["logits"] = True
+        new = {n: k and nodes[n.split("->")[0]] and nodes[n.split("->")[1].split("<")[0]] for n, k in edges.items()}
+        if new == edges:
+            return edges
+        edges = new
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gqa_export_is_a_fixed_point_of_the_library_pruning(seed):
+    g = Graph(GQA)
+    values = torch.randn(g.num_edges, generator=torch.Generator().manual_seed(seed))
+    kept = remove_dangling(g, values.abs() > 1.2)
+    data = to_eap_ig(g, values, kept, signed=False, d_model=64)
+    in_graph = {n: e["in_graph"] for n, e in data["edges"].items()}
+    assert _library_rule(data) == in_graph
+    assert sum(in_graph.values()) == MibMap(g).mib_count(kept)  # budgets count what the library keeps
+
+
+def test_gqa_kv_edge_is_copied_only_to_query_heads_in_the_circuit():
+    g = Graph(GQA)  # 2 query heads per KV head
+    circuit = {("tok_embeds", "a0.g0.k"), ("tok_embeds", "a0.h0.q"), ("a0.h0", "resid_post")}
+    kept = edges_to_mask(g, circuit)
+    data = to_eap_ig(g, torch.ones(g.num_edges), kept, signed=False, d_model=64)
+    assert data["edges"]["input->a0.h0<k>"]["in_graph"] and not data["edges"]["input->a0.h1<k>"]["in_graph"]
+    assert MibMap(g).mib_count(kept) == 3 == sum(e["in_graph"] for e in data["edges"].values())
+    assert _library_rule(data) == {n: e["in_graph"] for n, e in data["edges"].items()}

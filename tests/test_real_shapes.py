@@ -137,6 +137,12 @@ def test_convert_both_ways_and_mib_export(world):
          "-o", world / "from_eap_ig")
     for name in ("masks.safetensors", "edges.json", "circuit.json", "config.yaml"):
         assert (world / "from_eap_ig" / name).is_file(), name
+    # one file round-trips: the same circuit and the same scores (the Llama here has GQA)
+    _cli("export", run, "-o", world / "exported_edges.json")
+    edges = lambda p: sorted(map(tuple, json.loads(p.read_text())))  # noqa: E731
+    assert edges(world / "from_eap_ig" / "edges.json") == edges(world / "exported_edges.json")
+    from edgeprune.prune import load_masks
+    assert torch.allclose(load_masks(world / "from_eap_ig").edge_log_alpha, load_masks(run).edge_log_alpha)
     _cli("mib-export", run, "-o", world / "mib", "--budgets", "0.1,0.5")
     assert (world / "mib" / "manifest.json").is_file() and len(list((world / "mib").glob("circuit_*.json"))) == 2
 

@@ -94,21 +94,36 @@ class MibMap:
 
     # ---------------------------------------------------------------- ours -> MIB
     def to_mib(self, values: torch.Tensor, kept: torch.Tensor, signed: bool) -> tuple[list[float], list[bool]]:
-        """Our (E,) scores and (E,) bool -> per MIB edge (score of the best-ranked member, any)."""
-        vals, keep = values.double().tolist(), kept.bool().tolist()
+        """Our (E,) scores and (E,) bool -> per MIB edge (score of the best-ranked member; ``in_graph``
+        from ``mib_in_graph``)."""
+        vals = values.double().tolist()
         score: list[float | None] = [None] * self.num_edges
-        in_graph = [False] * self.num_edges
         for m, e in self.pairs:
             v = vals[e]
             if score[m] is None or _key(v, signed) > _key(score[m], signed):
                 score[m] = v
-            in_graph[m] = in_graph[m] or keep[e]
-        return [float(v) for v in score], in_graph
+        return [float(v) for v in score], self.mib_in_graph(kept)
+
+    def mib_in_graph(self, kept: torch.Tensor) -> list[bool]:
+        """Per MIB edge: in the graph, for a circuit of ours (E,) bool.
+
+        A grouped K/V edge of ours is copied only to the query heads of its group that are in the
+        circuit (that write a kept edge): a copy into a head with no way out is one the EAP-IG
+        library's ``prune()`` removes. The set is then pruned by the library's rule
+        (``library_prune``), so the library evaluates exactly the edges counted here."""
+        keep = kept.bool().tolist()
+        writing = {self.graph.edges[e][0] for e in range(len(keep)) if keep[e]}
+        in_graph = [False] * self.num_edges
+        for m, e in self.pairs:
+            if keep[e] and not in_graph[m]:
+                reader = self.graph.edges[e][1]
+                head = self.names[m].split("->")[1].split("<")[0]
+                in_graph[m] = ".g" not in reader or head in writing
+        return library_prune(self.names, in_graph)
 
     def mib_count(self, kept: torch.Tensor) -> int:
-        """How many MIB edges a circuit of ours (E,) bool is (MIB's own edge count)."""
-        keep = kept.bool().tolist()
-        return len({m for m, e in self.pairs if keep[e]})
+        """How many MIB edges a circuit of ours (E,) bool is (MIB's own edge count, after its pruning)."""
+        return sum(self.mib_in_graph(kept))
 
     # ---------------------------------------------------------------- MIB -> ours
     def to_ours(self, scores: dict[int, float], in_graph: dict[int, bool], signed: bool):
@@ -128,6 +143,22 @@ class MibMap:
         missing = sum(b is None for b in best)
         values = torch.tensor([0.0 if b is None else b for b in best], dtype=torch.float64)
         return values.float(), torch.tensor(keep, dtype=torch.bool), missing
+
+
+def library_prune(names: list[str], in_graph: list[bool]) -> list[bool]:
+    """The EAP-IG library's ``Graph.prune`` rule on MIB edge names: repeatedly, a node stays only if
+    it has an in-graph edge out and one in (``input`` needs none in; ``logits`` always stays), and an
+    edge stays only if both its nodes do; until nothing changes."""
+    keep = list(in_graph)
+    ends = [(n.split("->")[0], n.split("->")[1].split("<")[0]) for n in names]
+    while True:
+        out_of = {src for (src, _), k in zip(ends, keep) if k}
+        into = {dst for (_, dst), k in zip(ends, keep) if k}
+        alive = lambda n: n == "logits" or (n in out_of and (n == "input" or n in into))  # noqa: E731
+        new = [k and alive(src) and alive(dst) for (src, dst), k in zip(ends, keep)]
+        if new == keep:
+            return keep
+        keep = new
 
 
 def _key(v: float, signed: bool) -> float:
