@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .circuit import Circuit, extract_circuit
 from .config import load_config
-from .graph import Graph, GraphSpec
+from .graph import Graph
 from .prune import load_masks
 
 
@@ -16,13 +16,7 @@ def run_circuit(run_dir: str | Path) -> tuple[Circuit, dict]:
     from the saved masks alone (no model weights are loaded)."""
     masks = load_masks(run_dir)
     fp = masks.graph
-    graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
-                            pos_embeds=fp["pos_embeds"], mlp=fp["mlp"],
-                            parallel_residual=fp.get("parallel_residual", False)))  # absent: sequential
-    if "num_edges" in fp and graph.num_edges != fp["num_edges"]:
-        raise ValueError(f"{run_dir}: the saved graph fingerprint {fp} does not rebuild its own graph "
-                         f"({graph.describe()}): a graph field is missing from it "
-                         "(GPT-NeoX/Pythia need 'parallel_residual')")
+    graph = Graph.from_fingerprint(fp, str(masks.source))
     circuit = extract_circuit(graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
     circuit.span_info = masks.span_info
     return circuit, fp

@@ -187,3 +187,34 @@ class Graph:
 
     def describe(self) -> str:
         return f"{self.num_writers} writers, {self.num_readers} readers, {self.num_edges} edges"
+
+    # ------------------------------------------------------------------ identity
+    def fingerprint(self, spans: list[str] | None = None, positions: str | None = None) -> dict:
+        """The graph's identity as runs, scores and graph files record it (JSON): its shape and counts,
+        and for position-aware masks the span names (mask order) and their mode."""
+        s = self.spec
+        fp = {"n_layers": s.n_layers, "n_heads": s.n_heads, "n_kv_heads": s.kv_heads, "pos_embeds": s.pos_embeds,
+              "mlp": s.mlp, "num_edges": self.num_edges, "num_writers": self.num_writers}
+        if s.parallel_residual:
+            fp["parallel_residual"] = True
+        if spans is not None:
+            fp.update(spans=list(spans), positions=positions)
+        return fp
+
+    @classmethod
+    def from_fingerprint(cls, fp: dict, where: str) -> "Graph":
+        """The graph a saved fingerprint describes (the only place one is rebuilt). ValueError naming
+        ``where`` when a field is missing or the record does not rebuild its own edge count.
+        ``n_kv_heads`` absent or null: no grouped-query attention; ``pos_embeds``/``mlp`` absent: true,
+        ``parallel_residual`` absent: false (what records written before those fields meant)."""
+        try:
+            graph = cls(GraphSpec(n_layers=int(fp["n_layers"]), n_heads=int(fp["n_heads"]),
+                                  n_kv_heads=int(fp.get("n_kv_heads") or fp["n_heads"]),
+                                  pos_embeds=bool(fp.get("pos_embeds", True)), mlp=bool(fp.get("mlp", True)),
+                                  parallel_residual=bool(fp.get("parallel_residual", False))))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: not a usable graph fingerprint ({type(err).__name__}: {err}): {fp!r}") from None
+        if "num_edges" in fp and graph.num_edges != fp["num_edges"]:
+            raise ValueError(f"{where}: the graph fingerprint says {fp['num_edges']} edges but rebuilds "
+                             f"{graph.describe()} (GPT-NeoX/Pythia records need 'parallel_residual')")
+        return graph

@@ -147,6 +147,10 @@ class EdgeModel(nn.Module):
         return self
 
     # ------------------------------------------------------------------ identity
+    def graph_fingerprint(self) -> dict:
+        """The graph identity of this model's masks: ``Graph.fingerprint`` with its spans, if position-aware."""
+        return self.graph.fingerprint(self.spans, self.span_mode if self.spans is not None else None)
+
     def fingerprint(self, version: int = identity.VERSION) -> dict:
         """What the model *is*, independent of the path it was loaded from
         (``edgeprune.identity.model_fingerprint``). Computed once per version, before any FSDP

@@ -126,16 +126,6 @@ class EarlyStop:
         self.bad, self.reason = state.get("bad", 0), state.get("reason")
 
 
-def graph_fingerprint(model: EdgeModel) -> dict:
-    spec = model.graph.spec
-    return {"n_layers": spec.n_layers, "n_heads": spec.n_heads, "n_kv_heads": spec.kv_heads,
-            "pos_embeds": spec.pos_embeds, "mlp": spec.mlp, "num_edges": model.graph.num_edges,
-            "num_writers": model.graph.num_writers,
-            **({"parallel_residual": True} if getattr(spec, "parallel_residual", False) else {}),
-            **({"spans": list(model.spans), "positions": model.span_mode}
-               if getattr(model, "spans", None) is not None else {})}
-
-
 @dataclass
 class PruneResult:
     output_dir: Path
@@ -525,7 +515,7 @@ def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict
         "step": step,
         "model_id": model.model_id,
         "model_fingerprint": model.fingerprint(),
-        "graph": graph_fingerprint(model),
+        "graph": model.graph_fingerprint(),
         "config": cfg.to_dict(),
         "edge_log_alpha": model.edge_masks.log_alpha.detach(),
         "lambdas": {k: v.detach() for k, v in lambdas.items()},
@@ -546,7 +536,7 @@ def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict
 def _check_compatible(state, where, model, cfg) -> None:
     """The checkpoint belongs to this model (by content: config + weights fingerprint, whatever the
     path it was loaded from) and this config's mask kinds; CheckpointError otherwise."""
-    theirs, ours = state.get("graph"), graph_fingerprint(model)
+    theirs, ours = state.get("graph"), model.graph_fingerprint()
     if theirs != ours:
         raise CheckpointError(f"{where}: checkpoint is for another graph ({theirs}), this model has {ours}")
     check_same_model(state.get("model_fingerprint"), state.get("model_id"), model, str(where))
@@ -619,7 +609,7 @@ def _write_masks(model: EdgeModel, path: Path) -> None:
     tensors = {"edge_log_alpha": model.edge_masks.log_alpha.detach()}
     if model.node_masks is not None:
         tensors["node_log_alpha"] = model.node_masks.log_alpha.detach()
-    meta = {"model_id": str(model.model_id), "graph": json.dumps(graph_fingerprint(model), sort_keys=True),
+    meta = {"model_id": str(model.model_id), "graph": json.dumps(model.graph_fingerprint(), sort_keys=True),
             "model_fingerprint": json.dumps(model.fingerprint(), sort_keys=True)}
     if model.span_info is not None:  # per span its token counts in the training split (circuit.json)
         meta["spans"] = json.dumps(model.span_info)
@@ -678,7 +668,7 @@ class RunMasks:
     """A run's learned masks and what they were learned on."""
     edge_log_alpha: torch.Tensor  # (E,)
     node_log_alpha: torch.Tensor | None  # (W,)
-    graph: dict  # graph_fingerprint of the model
+    graph: dict  # EdgeModel.graph_fingerprint() of the model
     model_id: str | None
     model_fingerprint: dict | None  # EdgeModel.fingerprint(); None in runs written before it existed
     source: Path
@@ -701,7 +691,7 @@ class RunMasks:
         """CheckpointError unless these masks belong to ``model``'s graph and to the model itself.
         ``shared_into_spans``: shared masks for a position-aware model of the same graph (a warm start
         repeats them in every span)."""
-        ours, spans, n = graph_fingerprint(model), model.spans, model.edge_masks.n
+        ours, spans, n = model.graph_fingerprint(), model.spans, model.edge_masks.n
         if shared_into_spans and self.spans is None and spans is not None:  # compared as the shared graph
             ours = {k: v for k, v in ours.items() if k not in ("spans", "positions")}
             spans, n = None, model.graph.num_edges

@@ -25,18 +25,7 @@ from pathlib import Path
 import torch
 
 from .circuit import extract_circuit, span_edges
-from .graph import Graph, GraphSpec
-
-
-def _graph_of(fp: dict, where: str) -> Graph:
-    keys = ("n_layers", "n_heads", "n_kv_heads", "pos_embeds", "mlp")
-    try:
-        graph = Graph(GraphSpec(**{k: fp[k] for k in keys}, parallel_residual=fp.get("parallel_residual", False)))
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{where}: masks without a usable graph record ({err}); rerun with this version") from None
-    if graph.num_edges != fp.get("num_edges"):
-        raise ValueError(f"{where}: the graph record says {fp.get('num_edges')} edges, its shape gives {graph.num_edges}")
-    return graph
+from .graph import Graph
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -63,7 +52,7 @@ def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
     for r, d in zip(runs[1:], run_dirs[1:]):
         if r.graph != first.graph:
             raise ValueError(f"{d}: masks are for another graph than {run_dirs[0]} ({r.graph} vs {first.graph})")
-    graph = _graph_of(first.graph, str(run_dirs[0]))
+    graph = Graph.from_fingerprint(first.graph, str(run_dirs[0]))
     spans = first.spans  # position-aware runs: every (edge, span) is one edge here
     names = span_edges(graph, spans)
     circuits = [extract_circuit(graph, r.edge_log_alpha, r.node_log_alpha, spans=spans) for r in runs]

@@ -14,7 +14,6 @@ from edgeprune.circuit import edges_to_mask, extract_circuit, remove_dangling
 from edgeprune.cli import main
 from edgeprune.graph import Graph, GraphSpec
 from edgeprune.interop import InteropError, MibMap, read_eap_ig, read_reference, to_eap_ig
-from edgeprune.interop.common import fingerprint_of
 from edgeprune.interop.mib import budget_limit, mib_export
 from edgeprune.prune import load_masks
 
@@ -119,7 +118,7 @@ def _write_run(run_dir: Path, graph: Graph, edge_la: torch.Tensor, model_id: str
 
     run_dir.mkdir(parents=True)
     write_safetensors({"edge_log_alpha": edge_la}, run_dir / "masks.safetensors",
-                      {"model_id": model_id, "graph": json.dumps(fingerprint_of(graph), sort_keys=True)})
+                      {"model_id": model_id, "graph": json.dumps(graph.fingerprint(), sort_keys=True)})
 
 
 def test_cli_run_to_eap_ig_and_back_same_circuit_and_log_alpha(tmp_path):
@@ -148,12 +147,12 @@ def test_cli_scores_round_trip_gives_scores_file(tmp_path):
     cfg = _config_json(tmp_path, llama_config(), "llama")
     g = Graph(GQA)
     values = torch.randn(g.num_edges, generator=torch.Generator().manual_seed(3))
-    save_scores(Scores("eap-ig", values, list(g.edges), fingerprint_of(g), model_id=cfg), tmp_path / "s.safetensors")
+    save_scores(Scores("eap-ig", values, list(g.edges), g.fingerprint(), model_id=cfg), tmp_path / "s.safetensors")
     assert main(["convert", str(tmp_path / "s.safetensors"), "--to", "eap-ig", "-o", str(tmp_path / "g.json")]) == 0
     assert main(["convert", str(tmp_path / "g.json"), "--from", "eap-ig", "--model", cfg,
                  "-o", str(tmp_path / "out")]) == 0
     back = load_scores(tmp_path / "out" / "scores_eap-ig.safetensors")
-    assert torch.equal(back.values, values) and back.graph == fingerprint_of(g)
+    assert torch.equal(back.values, values) and back.graph == g.fingerprint()
 
 
 # ---------------------------------------------------------------------------- reference runs in
@@ -211,7 +210,7 @@ def test_reference_checkpoint_imports_to_the_constructed_circuit(tmp_path):
     out = tmp_path / "ours"
     assert main(["convert", str(ref), "--from", "ep-reference", "--model", str(ref), "-o", str(out)]) == 0
     saved = load_masks(out)
-    assert torch.equal(saved.edge_log_alpha, masks.edge_log_alpha) and saved.graph == fingerprint_of(g)
+    assert torch.equal(saved.edge_log_alpha, masks.edge_log_alpha) and saved.graph == g.fingerprint()
     assert set(extract_circuit(g, saved.edge_log_alpha, saved.node_log_alpha).edges) == set(CIRCUIT)
 
 
@@ -420,7 +419,7 @@ def test_cli_edges_json_to_eap_ig(tmp_path):
     cfg = _config_json(tmp_path, gpt2_config(n_head=2, n_embd=32), "gpt2")
     g = Graph(GPT2)
     (tmp_path / "edges.json").write_text(json.dumps([list(e) for e in CIRCUIT]))
-    (tmp_path / "circuit.json").write_text(json.dumps({"model_id": cfg, "graph": fingerprint_of(g)}))
+    (tmp_path / "circuit.json").write_text(json.dumps({"model_id": cfg, "graph": g.fingerprint()}))
     assert main(["convert", str(tmp_path / "edges.json"), "--to", "eap-ig", "-o", str(tmp_path / "g.json")]) == 0
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["cfg"]["d_model"] == 32

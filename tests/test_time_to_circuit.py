@@ -14,7 +14,7 @@ from edgeprune.cli import main
 from edgeprune.config import ConfigError, from_dict
 from edgeprune.control import expected_sparsity_of, project, solve_shift
 from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, deterministic, prob_nonzero
-from edgeprune.prune import SparsityRamp, graph_fingerprint, prune
+from edgeprune.prune import SparsityRamp, prune
 from edgeprune.warmstart import rank_log_alpha, rank_order
 
 TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
@@ -106,7 +106,7 @@ def _scores_file(model_path, path, seed=0):
     from edgeprune.model import EdgeModel
     model = EdgeModel.from_pretrained(str(model_path))
     values = torch.randn(model.graph.num_edges, generator=torch.Generator().manual_seed(seed))
-    save_scores(Scores("eap-ig", values, model.graph.edges, graph_fingerprint(model), model_id=model.model_id), path)
+    save_scores(Scores("eap-ig", values, model.graph.edges, model.graph_fingerprint(), model_id=model.model_id), path)
     return values
 
 

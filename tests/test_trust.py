@@ -206,7 +206,6 @@ def test_curve_marks_anchors_and_warns_for_a_method_with_one_point(tmp_path):
     from edgeprune import EdgeModel
     from edgeprune.baselines.curve import faithfulness_curve
     from edgeprune.baselines.scores import Scores
-    from edgeprune.prune import graph_fingerprint
     from edgeprune.tasks.jsonl import Example, batches
 
     model = EdgeModel.from_hf(build("gpt2"))
@@ -216,7 +215,7 @@ def test_curve_marks_anchors_and_warns_for_a_method_with_one_point(tmp_path):
     for e in ex:
         e.corrupted_input_ids[-1] = e.input_ids[-1] = 3
     scores = Scores("eap", torch.randn(model.graph.num_edges, generator=gen), model.graph.edges,
-                    graph_fingerprint(model))
+                    model.graph_fingerprint())
     with pytest.warns(UserWarning, match="only 1 measured point"):
         result = faithfulness_curve(model, list(batches(ex, 4, 0)), scores=[scores], budgets=[5])
     entry = result["methods"]["eap"]

@@ -28,7 +28,6 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     ``settings`` (e.g. split, batch size) and ``config`` (the resolved experiment config) are
     stored with the scores.
     """
-    from ..prune import graph_fingerprint
 
     check_method(method)
     metric = check_metric(metric or DEFAULT_METRIC[method])
@@ -50,5 +49,5 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
                     edges_tested=int(result.tested.sum()), forwards=result.forwards, metric_full=result.metric_full, metric_final=result.metric_final)
     wall = time.perf_counter() - start
     return Scores(method=method, values=values.float().cpu(), edges=model.edge_names,
-                  graph=graph_fingerprint(model), model_id=model.model_id, settings={**info, **(settings or {})},
+                  graph=model.graph_fingerprint(), model_id=model.model_id, settings={**info, **(settings or {})},
                   kept=kept, wall_time_s=wall, config=config)

@@ -4,7 +4,7 @@ Layout (``edgeprune.scores/1``):
 - tensor ``scores`` (E,) float32, in the graph's edge order (reader-major, as ``model.graph.edges``);
 - tensor ``kept`` (E,) bool, only for methods that also decide a circuit themselves (ACDC);
 - metadata (strings): ``format``, ``method``, ``model_id``, ``graph`` (JSON: the graph fingerprint,
-  the same dict as ``prune.graph_fingerprint`` and a run's ``masks.safetensors``), ``edges`` (JSON
+  the same dict as ``EdgeModel.graph_fingerprint`` and a run's ``masks.safetensors``), ``edges`` (JSON
   list of ``[writer, reader]`` pairs, the names of the entries of ``scores``), ``settings`` (JSON:
   metric, split, batches, steps, tau, ...), ``config`` (JSON: the resolved experiment config, so
   ``curve``/``compare`` can rebuild model and data) and ``wall_time_s``.
@@ -35,7 +35,7 @@ class Scores:
     method: str  # one of METHODS
     values: torch.Tensor  # (E,) float32, edge order of the graph
     edges: list[tuple[str, str]]
-    graph: dict  # graph fingerprint (prune.graph_fingerprint)
+    graph: dict  # graph fingerprint (EdgeModel.graph_fingerprint)
     model_id: str | None = None
     settings: dict = field(default_factory=dict)
     kept: torch.Tensor | None = None  # (E,) bool: the method's own circuit (ACDC), else None
@@ -126,9 +126,8 @@ def load_scores(path: str | Path) -> Scores:
 
 def check_graph(scores: Scores, model) -> None:
     """Refuse scores computed on another graph than ``model``'s (a clear error naming both)."""
-    from ..prune import graph_fingerprint
 
-    ours = graph_fingerprint(model)
+    ours = model.graph_fingerprint()
     where = scores.source or "scores"
     if scores.graph != ours:
         raise ScoresError(f"{where}: scores are for another graph ({_describe(scores.graph)}, model "

@@ -6,9 +6,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from types import SimpleNamespace
 
-from ..graph import Graph, GraphSpec
+from ..graph import Graph
 
 
 class InteropError(ValueError):
@@ -16,23 +15,11 @@ class InteropError(ValueError):
 
 
 def graph_from_fingerprint(fp: dict, where: str) -> Graph:
-    """The graph a saved fingerprint (``prune.graph_fingerprint``) describes."""
+    """``Graph.from_fingerprint``, its error as an InteropError."""
     try:
-        graph = Graph(GraphSpec(n_layers=fp["n_layers"], n_heads=fp["n_heads"], n_kv_heads=fp["n_kv_heads"],
-                                pos_embeds=fp["pos_embeds"], mlp=fp["mlp"],
-                                parallel_residual=fp.get("parallel_residual", False)))
-    except (KeyError, TypeError) as err:
-        raise InteropError(f"{where}: the graph fingerprint {fp!r} lacks field {err}") from None
-    if "num_edges" in fp and graph.num_edges != fp["num_edges"]:
-        raise InteropError(f"{where}: the graph fingerprint {fp} does not rebuild its own graph ({graph.describe()})")
-    return graph
-
-
-def fingerprint_of(graph: Graph) -> dict:
-    """``prune.graph_fingerprint`` of a bare graph (it reads only ``model.graph``)."""
-    from ..prune import graph_fingerprint
-
-    return graph_fingerprint(SimpleNamespace(graph=graph))
+        return Graph.from_fingerprint(fp, where)
+    except ValueError as err:
+        raise InteropError(str(err)) from None
 
 
 def model_graph(name_or_path: str):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..graph import Graph
-from .common import InteropError, fingerprint_of, model_facts, refuse_existing, write_json
+from .common import InteropError, model_facts, refuse_existing, write_json
 from .eap_ig import read_eap_ig, to_eap_ig, write_eap_ig
 from .sources import EDGE_PRUNING, Source, load_source
 
@@ -22,7 +22,7 @@ def source_to_eap_ig(src: Source, d_model: int | None = None) -> dict:
     width = model_facts(src.model_id, d_model, str(src.path))
     values, provenance = src.values.float(), {"format": "edgeprune", "method": src.method,
                                               "source": str(src.path), "model_id": src.model_id,
-                                              "graph": fingerprint_of(src.graph)}
+                                              "graph": src.graph.fingerprint()}
     if src.method == EDGE_PRUNING:
         # MIB ranks |score|: shift log_alpha to >= 0 so |score| orders edges as log_alpha does
         offset = float(values.min())
@@ -91,7 +91,7 @@ def convert_from_eap_ig(path: str | Path, out_dir: str | Path, target: Target, *
     signed = prov_method == EDGE_PRUNING or (prov_method or method) in ("acdc", "circuit")
     f = read_eap_ig(path, g, signed=signed)
     edges = [list(e) for e, k in zip(g.edges, f.kept.tolist()) if k]
-    fp = fingerprint_of(g)
+    fp = g.fingerprint()
     config = target.config.to_dict() if target.config is not None else None
     if prov_method == EDGE_PRUNING:
         main = out / "masks.safetensors"
@@ -145,7 +145,7 @@ def convert_from_reference(path: str | Path, out_dir: str | Path, target: Target
     refuse_existing(outputs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     model_id = target.model_id if target else ref.model_id
-    meta = {"model_id": str(model_id), "graph": json.dumps(fingerprint_of(ref.graph), sort_keys=True),
+    meta = {"model_id": str(model_id), "graph": json.dumps(ref.graph.fingerprint(), sort_keys=True),
             "source": f"edge-pruning reference run {ref.source}"}
     if target is not None and target.model is not None:
         meta["model_fingerprint"] = json.dumps(target.model.fingerprint(), sort_keys=True)

@@ -38,21 +38,6 @@ class ViewSource:
     spans: list[str] | None = None  # position-aware: the span names, in mask order
 
 
-def graph_of(fp: dict, where: str) -> Graph:
-    """The graph of a fingerprint (as ``prune.graph_fingerprint`` writes it); error names ``where``."""
-    try:
-        graph = Graph(GraphSpec(n_layers=int(fp["n_layers"]), n_heads=int(fp["n_heads"]),
-                                n_kv_heads=int(fp.get("n_kv_heads") or fp["n_heads"]),
-                                pos_embeds=bool(fp.get("pos_embeds", True)), mlp=bool(fp.get("mlp", True)),
-                                parallel_residual=bool(fp.get("parallel_residual", False))))
-    except (KeyError, TypeError, ValueError) as err:
-        raise ValueError(f"{where}: not a usable graph fingerprint ({err!r}): {fp!r}") from None
-    if "num_edges" in fp and graph.num_edges != fp["num_edges"]:
-        raise ValueError(f"{where}: the graph fingerprint says {fp['num_edges']} edges but rebuilds "
-                         f"{graph.describe()}")
-    return graph
-
-
 def load_source(path: str | Path, curve: dict | None = None) -> ViewSource:
     """Read one input of ``edgeprune view``; a clear ValueError for anything that is not a circuit."""
     p = Path(path)
@@ -80,7 +65,7 @@ def _run_source(run_dir: Path) -> ViewSource:
 
     masks = load_masks(run_dir)
     circuit, fp = run_circuit(run_dir)
-    graph = graph_of(fp, str(run_dir))
+    graph = Graph.from_fingerprint(fp, str(run_dir))
     spans = masks.spans
     names = span_edges(graph, spans)
     order = edge_order(graph, masks.edge_log_alpha.float(), "topn", None if spans is None else len(spans)).tolist()
@@ -105,7 +90,7 @@ def _scores_source(path: Path) -> ViewSource:
     from ..baselines.selection import edge_order
 
     scores = load_scores(path)
-    graph = graph_of(scores.graph, str(path))
+    graph = Graph.from_fingerprint(scores.graph, str(path))
     spans = scores.graph.get("spans")
     names = span_edges(graph, spans)
     if [tuple(e) for e in scores.edges] != names:
@@ -144,7 +129,7 @@ def _edges_source(path: Path) -> ViewSource:
         spans = ([r["name"] if isinstance(r, dict) else str(r) for r in records] if records
                  else list(dict.fromkeys(e[2] for e in edges if len(e) == 3)))
     if isinstance(summary, dict) and isinstance(summary.get("graph"), dict):
-        graph, known = graph_of(summary["graph"], str(summary_path)), True
+        graph, known = Graph.from_fingerprint(summary["graph"], str(summary_path)), True
     else:
         graph, known = _infer_graph([e[:2] for e in edges]), False
     try:
