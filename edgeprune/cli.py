@@ -56,7 +56,7 @@ def _prune(args) -> int:
     cfg.validate(args.config)
     if args.check:
         from .hub import check_exists
-        from .prune import run_dir_plan
+        from .rundir import run_dir_plan
         check_exists(cfg.model.name_or_path, "model")
         if cfg.data.path != "tracr" and not Path(cfg.data.path).exists():
             raise FileNotFoundError(f"data.path {cfg.data.path}: no such file or directory")
@@ -78,7 +78,7 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_m
     """The circuit to evaluate: a given edges.json, else the run's masks binarised."""
     from .circuit import edges_to_mask, extract_circuit, remove_dangling
     from .draw import load_edges
-    from .prune import load_masks
+    from .rundir import load_masks
 
     masks = load_masks(run_dir)
     masks.apply_spans(model)  # a position-aware run: masks (and edges) per span
@@ -97,17 +97,6 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_m
     return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
 
 
-def _load_run(run_dir: Path, overrides: list[str]):
-    from .config import apply_overrides, load_config
-
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (is this a run directory written by `edgeprune prune`?)")
-    cfg = load_config(cfg_path)
-    apply_overrides(cfg, overrides)
-    return cfg.validate(str(cfg_path))
-
-
 def _eval(args) -> int:
     from .eval import evaluate, format_table
     from .experiment import load_model, load_split, task_metric
@@ -121,7 +110,8 @@ def _eval(args) -> int:
         args.set = (args.set or []) + [f"model.ablation={args.ablation}"]
     _quiet_hf(not args.no_progress)
     run_dir = Path(args.run_dir)
-    cfg = _load_run(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
+    from .rundir import load_run_config
+    cfg = load_run_config(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
     model = load_model(cfg.model)
     edges, info = _circuit_for_run(run_dir, model, args.edges, args.allow_other_model)
     model.set_edges(edges)
@@ -306,11 +296,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .checkpoint import CheckpointError
     from .config import ConfigError
-    from .prune import PruneError
+    from .rundir import RunDirError
 
     try:
         return args.func(args)
-    except (ConfigError, CheckpointError, PruneError, FileNotFoundError, ValueError, OSError) as err:
+    except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, OSError) as err:
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone says it
             print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
         return 2

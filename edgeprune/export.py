@@ -8,7 +8,7 @@ from pathlib import Path
 from .circuit import Circuit, extract_circuit
 from .config import load_config
 from .graph import Graph
-from .prune import load_masks
+from .rundir import load_masks
 
 
 def run_circuit(run_dir: str | Path) -> tuple[Circuit, dict]:

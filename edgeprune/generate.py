@@ -173,7 +173,8 @@ def load_run_circuit(args):
 
     ``--ablation`` overrides the run's; under ``mean`` the states are the mean over the run's train split,
     as in pruning."""
-    from .cli import _circuit_for_run, _load_run, _quiet_hf
+    from .cli import _circuit_for_run, _quiet_hf
+    from .rundir import load_run_config
     from .experiment import load_model, load_split, load_tokenizer
     from .tasks.jsonl import batches
 
@@ -182,7 +183,7 @@ def load_run_circuit(args):
     overrides = list(args.set or []) + ([f"model.device={args.device}"] if args.device else [])
     if args.ablation:
         overrides.append(f"model.ablation={args.ablation}")
-    cfg = _load_run(run_dir, overrides)
+    cfg = load_run_config(run_dir, overrides)
     model = load_model(cfg.model)
     edges, info = _circuit_for_run(run_dir, model, args.edges, getattr(args, "allow_other_model", False))
     from .spans import refuse_positions

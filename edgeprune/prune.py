@@ -34,15 +34,17 @@ from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
 from .estimate import WontFit, advice, check_fits
-from .identity import FingerprintError, fingerprint_version
+from .identity import FingerprintError
 from .control import project
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
+from .rundir import (RUN_OUTPUTS, RunDirError, RunMasks, RunTiming, check_same_model, load_masks,  # noqa: F401
+                     run_dir_plan)
 
 
-class PruneError(RuntimeError):
+class PruneError(RunDirError):
     """The run cannot go on (non-finite loss, incompatible checkpoint, ...)."""
 
 
@@ -173,43 +175,6 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fals
     return result
 
 
-# What ``prune``, ``eval``, ``export``, ``draw``, ``attribute``, ``curve`` and ``compare`` write into a
-# run directory: what ``--overwrite`` removes. Anything else there makes ``--overwrite`` refuse, except
-# attribution scores (``scores_*.safetensors``), which neither block a run nor are removed.
-RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "masks.safetensors",
-               "masks.safetensors.tmp", "metrics*.json", "edges*.json", "circuit*", "timing.json",
-               "wandb", "restarts.json", "curve*", "compare*", "estimate.json", "seed*")
-
-
-def run_dir_plan(out: Path, *, resume: bool, overwrite: bool, resume_or_start: bool) -> tuple[Path | None, list[Path]]:
-    """(checkpoint to resume or None, old outputs to remove before starting) for a run directory;
-    PruneError when the combination is refused. Reads only."""
-    existing = find_checkpoint(out / "checkpoint")
-    if resume and overwrite:
-        raise PruneError("--resume and --overwrite contradict each other: choose one")
-    if (resume or resume_or_start) and existing is not None:
-        return existing, []
-    if resume and not resume_or_start:
-        raise PruneError(f"--resume: {out} has no checkpoint to continue ({out / 'checkpoint'} is missing); "
-                         "start the run without --resume, or pass --resume-or-start")
-    import fnmatch
-    # attribution scores (``edgeprune attribute`` writes them here by default) are not a run: kept
-    present = [p for p in sorted(out.iterdir()) if not fnmatch.fnmatch(p.name, "scores_*.safetensors")] \
-        if out.is_dir() else []
-    if not present:
-        return None, []
-    if not (overwrite or resume_or_start):
-        what = f"a run (checkpoint at {existing})" if existing is not None else \
-            f"{len(present)} file(s): {', '.join(p.name for p in present[:5])}{' ...' if len(present) > 5 else ''}"
-        raise PruneError(f"{out} already holds {what}; pass --resume to continue it, --overwrite to replace it, "
-                         "or choose another run.output_dir")
-    foreign = [p.name for p in present if not any(fnmatch.fnmatch(p.name, pat) for pat in RUN_OUTPUTS)]
-    if foreign:
-        raise PruneError(f"{out}: refusing to overwrite: {', '.join(foreign)} is not an edgeprune output; "
-                         "move it away or choose another run.output_dir")
-    return None, present
-
-
 def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, overwrite: bool,
            resume_or_start: bool, progress: bool, stop_after: int | None) -> PruneResult:
     started = time.perf_counter()
@@ -217,7 +182,10 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     ckpt_dir = out / "checkpoint"
     log_path = out / "log.jsonl"
     # ---- every check first (all ranks), so that a refused run leaves the directory untouched
-    existing, stale = run_dir_plan(out, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start)
+    try:
+        existing, stale = run_dir_plan(out, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start)
+    except RunDirError as err:
+        raise PruneError(str(err)) from None
     if cfg.run.wandb and d.is_main:
         import importlib.util
         if importlib.util.find_spec("wandb") is None:
@@ -481,35 +449,6 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
 
 # ---------------------------------------------------------------------------- helpers
-@dataclass
-class RunTiming:
-    """Wall time of a run (``timing.json``): the whole run, summed over resumed invocations, and
-    when the expected sparsity first sat on its final target (within ``prune.early_stop_tolerance``)
-    -- the time a user waits for a circuit of the asked size. Seconds include model loading."""
-    previous_s: float = 0.0  # invocations before this one (a resumed run)
-    target_reached_step: int | None = None
-    target_reached_s: float | None = None
-
-    @classmethod
-    def load(cls, path: Path) -> "RunTiming":
-        try:
-            saved = json.loads(path.read_text())
-            return cls(float(saved["wall_time_s"]), saved.get("target_reached_step"), saved.get("target_reached_s"))
-        except (OSError, ValueError, KeyError, TypeError):  # absent or unreadable: the time before is unknown
-            return cls()
-
-    def step(self, step: int, record: dict, ramps: dict, tolerance: float, elapsed: float) -> None:
-        ramp = ramps.get("edges")
-        if (self.target_reached_step is None and ramp is not None and record.get("edges_target") == ramp.target
-                and abs(record.get("edges_gap", math.inf)) <= tolerance):
-            self.target_reached_step, self.target_reached_s = step, self.previous_s + elapsed
-
-    def save(self, path: Path, steps: int, elapsed: float) -> None:
-        path.write_text(json.dumps({"wall_time_s": self.previous_s + elapsed, "steps": steps,
-                                    "target_reached_step": self.target_reached_step,
-                                    "target_reached_s": self.target_reached_s}, indent=2) + "\n")
-
-
 def _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, step) -> dict:
     state = {
         "step": step,
@@ -546,38 +485,6 @@ def _check_compatible(state, where, model, cfg) -> None:
     if set(state.get("lambdas", {})) != kinds:
         raise CheckpointError(f"{where}: checkpoint has sparsity terms {sorted(state.get('lambdas', {}))}, the "
                               f"config {sorted(kinds)} (prune.node_target)")
-
-
-def check_same_model(saved_fp: dict | None, saved_id: str | None, model: EdgeModel, where: str,
-                     allow_other: bool = False) -> None:
-    """Masks saved for one model must not be applied to another: compare content fingerprints.
-
-    Runs written before fingerprints existed carry only the model id: then the id is compared.
-    ``allow_other`` turns a mismatch into a warning (to transfer masks on purpose, e.g. to another
-    training checkpoint of the same model).
-    """
-    if saved_fp is not None:
-        try:  # a run written by an older edgeprune is compared with its own fingerprint version
-            ours = model.fingerprint(fingerprint_version(saved_fp))
-        except FingerprintError as err:
-            raise CheckpointError(f"{where}: {err}; this run's fingerprint (version "
-                                  f"{fingerprint_version(saved_fp)}) cannot be checked by this edgeprune: rerun "
-                                  "`edgeprune prune` to write a current run") from None
-        same = saved_fp == ours
-        theirs = f"{saved_id!r} (fingerprint {saved_fp.get('weights', '?')[:12]})"
-        mine = f"{model.model_id!r} (fingerprint {ours.get('weights', '?')[:12]})"
-    else:
-        same = saved_id == model.model_id
-        theirs, mine = repr(saved_id), repr(model.model_id)
-    if same:
-        return
-    message = (f"{where}: these masks were learned on model {theirs}, but the config loads {mine}, "
-               "another model (its config or weights differ)")
-    if allow_other:
-        import warnings
-        warnings.warn(message + "; applying them anyway (--allow-other-model)", stacklevel=2)
-        return
-    raise CheckpointError(message + "; pass --allow-other-model to apply them anyway")
 
 
 def _restore(state, where, model, opt, lambda_opt, lambdas, ramps, generator) -> int:
@@ -661,79 +568,3 @@ def _start_wandb(cfg: ExperimentConfig, out: Path):
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return wandb.init(project=cfg.run.wandb_project, config=cfg.to_dict(), dir=str(out), mode=mode,
                       name=out.name)
-
-
-@dataclass
-class RunMasks:
-    """A run's learned masks and what they were learned on."""
-    edge_log_alpha: torch.Tensor  # (E,)
-    node_log_alpha: torch.Tensor | None  # (W,)
-    graph: dict  # EdgeModel.graph_fingerprint() of the model
-    model_id: str | None
-    model_fingerprint: dict | None  # EdgeModel.fingerprint(); None in runs written before it existed
-    source: Path
-    span_info: list[dict] | None = None  # position-aware runs: per span its token counts
-
-    @property
-    def spans(self) -> list[str] | None:
-        """The span names of position-aware masks (their order), or None."""
-        return (self.graph or {}).get("spans")
-
-    def apply_spans(self, model: EdgeModel) -> None:
-        """Make ``model``'s masks position-aware like these (a shared-mask run: nothing to do)."""
-        if self.spans is not None:
-            model.set_spans(self.spans, mode=self.graph.get("positions", "spans"), info=self.span_info)
-
-    def __iter__(self):  # (edge, node, graph), as older callers unpack it
-        return iter((self.edge_log_alpha, self.node_log_alpha, self.graph))
-
-    def check_model(self, model: EdgeModel, allow_other: bool = False, shared_into_spans: bool = False) -> None:
-        """CheckpointError unless these masks belong to ``model``'s graph and to the model itself.
-        ``shared_into_spans``: shared masks for a position-aware model of the same graph (a warm start
-        repeats them in every span)."""
-        ours, spans, n = model.graph_fingerprint(), model.spans, model.edge_masks.n
-        if shared_into_spans and self.spans is None and spans is not None:  # compared as the shared graph
-            ours = {k: v for k, v in ours.items() if k not in ("spans", "positions")}
-            spans, n = None, model.graph.num_edges
-        if self.graph and self.graph != ours:
-            raise CheckpointError(f"{self.source}: the masks are for another graph ({self.graph}); this model "
-                                  f"has {ours}")
-        if self.edge_log_alpha.numel() != n:
-            raise CheckpointError(f"{self.source}: masks have {self.edge_log_alpha.numel()} edges but the model's "
-                                  f"graph has {n} ({model.graph.describe()}"
-                                  f"{'' if spans is None else f' x {len(spans)} spans'})")
-        check_same_model(self.model_fingerprint, self.model_id, model, str(self.source), allow_other)
-
-
-def load_masks(run_dir: str | Path) -> RunMasks:
-    """A run's masks: its final ``masks.safetensors``, else its latest checkpoint (a run that was
-    stopped early). A damaged file is a CheckpointError naming it."""
-    from safetensors import SafetensorError, safe_open
-
-    run_dir = Path(run_dir)
-    path = run_dir / "masks.safetensors"
-    if path.is_file():
-        try:
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                keys = set(f.keys())
-                if "edge_log_alpha" not in keys:
-                    raise CheckpointError(f"{path}: no 'edge_log_alpha' tensor (found {sorted(keys)}): not an "
-                                          "edgeprune masks file")
-                edge = f.get_tensor("edge_log_alpha")
-                node = f.get_tensor("node_log_alpha") if "node_log_alpha" in keys else None
-            graph = json.loads(meta.get("graph", "{}"))
-            fp = json.loads(meta["model_fingerprint"]) if "model_fingerprint" in meta else None
-            span_info = json.loads(meta["spans"]) if "spans" in meta else None
-        except (SafetensorError, OSError, json.JSONDecodeError) as err:
-            raise CheckpointError(f"{path}: damaged masks file ({type(err).__name__}: {err}); re-export it "
-                                  "from the run's checkpoint or rerun") from None
-        model_id = meta.get("model_id")
-        return RunMasks(edge, node, graph, None if model_id in (None, "None") else model_id, fp, path, span_info)
-    ckpt = find_checkpoint(run_dir / "checkpoint")
-    if ckpt is None:
-        raise FileNotFoundError(f"{run_dir}: no masks.safetensors and no checkpoint/ (is this a run directory "
-                                "written by `edgeprune prune`?)")
-    state = load_checkpoint(ckpt)
-    return RunMasks(state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"], state.get("model_id"),
-                    state.get("model_fingerprint"), ckpt, state.get("span_info"))

@@ -26,6 +26,7 @@ import torch
 
 from .circuit import extract_circuit, span_edges
 from .graph import Graph
+from .rundir import load_run_config
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,7 +44,7 @@ def top_k(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
 
 def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
     """The report of the module docstring for runs on one graph (ValueError when they differ)."""
-    from .prune import load_masks
+    from .rundir import load_masks
 
     if len(run_dirs) < 2:
         raise ValueError("stability needs at least 2 run directories (runs of one config with different seeds)")
@@ -88,11 +89,10 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
     """KL and faithfulness of each run's circuit on ``n`` resamples (with replacement) of ``split``."""
     from .eval import evaluate
     from .experiment import load_model, load_split, task_metric
-    from .prune import load_masks
+    from .rundir import load_masks
     from .tasks.jsonl import batches
 
-    from .cli import _load_run
-    cfg = _load_run(Path(run_dirs[0]), [])
+    cfg = load_run_config(run_dirs[0])
     model = load_model(cfg.model)
     load_masks(run_dirs[0]).apply_spans(model)  # position-aware runs: the split gets the run's span ids
     data = load_split(cfg.data, model, split)

@@ -97,7 +97,7 @@ def warm_start(source: str, model, p) -> WarmStart:
         raise ValueError(f"prune.candidates: {p.candidates} is more than the graph's {n} edges"
                          f"{'' if model.spans is None else ' (x spans)'}")
     if path.is_dir():
-        from .prune import load_masks
+        from .rundir import load_masks
         masks = load_masks(path)
         masks.check_model(model, shared_into_spans=True)
         la = masks.edge_log_alpha.float().cpu().clone()

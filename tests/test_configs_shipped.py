@@ -56,7 +56,7 @@ def test_gpt2_task_config_prunes_evaluates_with_task_metric(task, local_gpt2, tm
 @pytest.mark.parametrize("task,named", [("ioi", {"IO", "S1", "S2", "END"}), ("gt", {"YY", "END"}),
                                         ("gp", {"NAME", "END"})])
 def test_gpt2_spans_config_prunes_position_aware_out_of_the_box(task, named, local_gpt2, tmp_path, monkeypatch):
-    from edgeprune.prune import load_masks
+    from edgeprune.rundir import load_masks
 
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "run"

@@ -15,7 +15,7 @@ from edgeprune.cli import main
 from edgeprune.graph import Graph, GraphSpec
 from edgeprune.interop import InteropError, MibMap, read_eap_ig, read_reference, to_eap_ig
 from edgeprune.interop.mib import budget_limit, mib_export
-from edgeprune.prune import load_masks
+from edgeprune.rundir import load_masks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "interop"
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,8 @@ from edgeprune import EdgeModel
 from edgeprune.baselines import eap_ig_scores, eap_scores, load_scores
 from edgeprune.cli import main
 from edgeprune.config import from_dict
-from edgeprune.prune import load_masks, prune
+from edgeprune.prune import prune
+from edgeprune.rundir import load_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = ROOT / "data" / "tasks" / "stories_names.jsonl"

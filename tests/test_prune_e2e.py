@@ -11,7 +11,8 @@ from conftest import STORIES, require_shared
 from edgeprune.checkpoint import CheckpointError
 from edgeprune.cli import main
 from edgeprune.config import ExperimentConfig, from_dict
-from edgeprune.prune import PruneError, load_masks, prune
+from edgeprune.prune import PruneError, prune
+from edgeprune.rundir import load_masks
 
 TASK = Path(__file__).resolve().parents[1] / "data" / "tasks" / "stories_names.jsonl"
 STEPS = 24

@@ -141,7 +141,7 @@ def test_convert_both_ways_and_mib_export(world):
     _cli("export", run, "-o", world / "exported_edges.json")
     edges = lambda p: sorted(map(tuple, json.loads(p.read_text())))  # noqa: E731
     assert edges(world / "from_eap_ig" / "edges.json") == edges(world / "exported_edges.json")
-    from edgeprune.prune import load_masks
+    from edgeprune.rundir import load_masks
     assert torch.allclose(load_masks(world / "from_eap_ig").edge_log_alpha, load_masks(run).edge_log_alpha)
     _cli("mib-export", run, "-o", world / "mib", "--budgets", "0.1,0.5")
     assert (world / "mib" / "manifest.json").is_file() and len(list((world / "mib").glob("circuit_*.json"))) == 2

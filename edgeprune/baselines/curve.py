@@ -165,7 +165,7 @@ class RunCircuit:
 
 def load_run_circuit(run_dir: str | Path, model: EdgeModel, allow_other_model: bool = False) -> RunCircuit:
     """An Edge Pruning run's circuit, extracted as ``edgeprune eval`` does (threshold + dangling removal)."""
-    from ..prune import load_masks
+    from ..rundir import load_masks
 
     run_dir = Path(run_dir)
     masks = load_masks(run_dir)

@@ -71,7 +71,7 @@ def _refuse(spans, where) -> None:
 
 def _run(run_dir: Path) -> Source:
     from ..circuit import extract_circuit
-    from ..prune import load_masks
+    from ..rundir import load_masks
 
     masks = load_masks(run_dir)
     _refuse(masks.spans, run_dir)

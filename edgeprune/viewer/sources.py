@@ -61,7 +61,7 @@ def load_source(path: str | Path, curve: dict | None = None) -> ViewSource:
 def _run_source(run_dir: Path) -> ViewSource:
     from ..baselines.selection import edge_order
     from ..export import run_circuit
-    from ..prune import load_masks
+    from ..rundir import load_masks
 
     masks = load_masks(run_dir)
     circuit, fp = run_circuit(run_dir)
