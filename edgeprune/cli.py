@@ -98,6 +98,7 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_m
 
 
 def _eval(args) -> int:
+    from . import ablation
     from .eval import evaluate, format_table
     from .experiment import load_model, load_split, task_metric
     from .tasks.jsonl import batches
@@ -115,6 +116,7 @@ def _eval(args) -> int:
     model = load_model(cfg.model)
     edges, info = _circuit_for_run(run_dir, model, args.edges, args.allow_other_model)
     model.set_edges(edges)
+    info["ablation"] = ablation.prepare(model, cfg, run_dir, progress=not args.no_progress)
     data = load_split(cfg.data, model, args.split)
     bs = args.batch_size or cfg.prune.batch_size
     metrics = evaluate(model, batches(data.examples, bs, data.pad_token_id), loss=cfg.data.loss,
@@ -130,7 +132,8 @@ def _eval(args) -> int:
         run_dir / "metrics.json" if not args.edges else run_dir / f"metrics_{Path(args.edges).stem}.json")
     out.write_text(json.dumps(result, indent=2))
     print(format_table({**{k: v for k, v in info["counts"].items()}, **metrics},
-                       f"circuit ({info['source']}) vs full model on {args.split}"))
+                       f"circuit ({info['source']}) vs full model on {args.split}; {info['ablation']['ablation']} "
+                       f"ablation ({info['ablation']['source']})"))
     if missed:
         print(f"warning: {missed}")
     print(f"written: {out}")

@@ -171,12 +171,12 @@ def _ablated(model, B, needed, corrupted_ids, corrupted_mask):
 def load_run_circuit(args):
     """The run's model with its circuit set, and its config and tokenizer (``generate``, ``eval --text``).
 
-    ``--ablation`` overrides the run's; under ``mean`` the states are the mean over the run's train split,
-    as in pruning."""
+    ``--ablation`` overrides the run's; under ``mean`` the states are the run's own
+    (``ablation.prepare``: the ones pruning stored, or the same definition for older runs)."""
+    from . import ablation
     from .cli import _circuit_for_run, _quiet_hf
+    from .experiment import load_model, load_tokenizer
     from .rundir import load_run_config
-    from .experiment import load_model, load_split, load_tokenizer
-    from .tasks.jsonl import batches
 
     _quiet_hf(not getattr(args, "no_progress", False))
     run_dir = Path(args.run_dir)
@@ -189,11 +189,8 @@ def load_run_circuit(args):
     from .spans import refuse_positions
     refuse_positions(model.spans, str(run_dir), "generate / eval --text (free text and new tokens have no spans)")
     model.set_edges(edges)
-    if model.ablation == "mean" and not getattr(args, "text", None):
-        train = load_split(cfg.data, model, "train")
-        model.set_mean_states(model.compute_mean_states(
-            (b.input_ids, b.attention_mask) for b in batches(train.examples, cfg.prune.batch_size,
-                                                             train.pad_token_id)))
+    if not getattr(args, "text", None):  # eval --text: means over the evaluated text (docs/generate.md)
+        info["ablation"] = ablation.prepare(model, cfg, run_dir)
     return model, info, load_tokenizer(model)
 
 

@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
+from . import ablation, distributed
 from .cache import ReferenceCache
+from .circuit import extract_circuit
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
@@ -242,9 +243,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         if existing is not None:
             log_path.write_text("".join(ln + "\n" for ln in log_lines))
     distributed.shard_model(model, d)
-    if model.ablation == "mean":
-        model.set_mean_states(model.compute_mean_states(
-            (b.input_ids, b.attention_mask) for b in epoch_batches(train, p.batch_size, cfg.run.seed, 0)))
+    ablation_record = ablation.prepare(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
 
     # ---- trainable state: masks (descend) and lambdas (ascend)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
@@ -305,16 +304,32 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
     empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
 
-    def validate(at_step: int) -> dict:
+    def validate(at_step: int, prefix: str = "val_", whole: bool = False) -> dict:
+        """The current masks on the validation split (``run.eval_batches`` of it unless ``whole``)."""
         from .tasks.jsonl import batches
         vb = batches(val.examples, p.batch_size, val.pad_token_id)
-        if cfg.run.eval_batches is not None:
+        if cfg.run.eval_batches is not None and not whole:
             vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
         metrics = evaluate(model, (d.shard(b) for b in vb), loss=cfg.data.loss, task_metric=task_metric,
-                           output_scale=cfg.data.output_scale, reduce=d.sum_floats, empty=empty)
-        record = {"step": at_step, **{f"val_{k}": v for k, v in metrics.items()}}
+                           output_scale=cfg.data.output_scale, reduce=d.sum_floats, empty=True if whole else empty)
+        record = {"step": at_step, **{f"{prefix}{k}": v for k, v in metrics.items()}}
         log(log_path, wandb_run, record)
         return metrics
+
+    def validate_circuit(at_step: int) -> tuple[dict, dict]:
+        """The binary circuit (threshold + dangling removal, as ``edgeprune eval``) on the whole
+        validation split: the figures ``edgeprune eval RUN --split VALIDATION`` prints. Logged as
+        ``circuit_val_*``; the learned masks are left as they were."""
+        circuit = extract_circuit(model.graph, model.edge_masks.log_alpha.detach().cpu(),
+                                  None if model.node_masks is None else model.node_masks.log_alpha.detach().cpu(),
+                                  spans=model.spans)
+        model.set_edges(circuit.edges)
+        try:
+            return validate(at_step, prefix="circuit_val_", whole=True), circuit.counts
+        finally:
+            for masks in (model.edge_masks, model.node_masks):
+                if masks is not None:
+                    masks.override = None
 
     history: list[dict] = []
     steps_per_epoch = len(epoch_batches(train, p.batch_size, cfg.run.seed, 0))
@@ -435,9 +450,19 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         _write_masks(model, out / "masks.safetensors")
         timing.save(out / "timing.json", step, time.perf_counter() - started)
     learned = model.edge_masks.expected_sparsity().item()
-    aim = f"target {p.edge_target:.4f}" if p.mode != "faithful" else "faithful mode: the selected circuit"
-    say(f"done: {step} steps, expected edge sparsity {learned:.4f} ({aim}), "
-               f"validation {cfg.data.loss} {final.get('kl', final.get('mse')):.4g}; masks in {out / 'masks.safetensors'}")
+    fit = cfg.data.loss
+    if p.mode == "faithful":
+        say(f"done: {step} steps (faithful mode: the selected circuit); validation {fit} "
+            f"{final.get(fit):.4g}; masks in {out / 'masks.safetensors'}")
+    else:
+        binary, counts = validate_circuit(step)
+        say(f"done: {step} steps, expected edge sparsity {learned:.4f} (target {p.edge_target:.4f}); soft masks "
+            f"(training's deterministic masks, {'first ' + str(cfg.run.eval_batches) + ' batches of ' if cfg.run.eval_batches else ''}"
+            f"validation): {fit} {final.get(fit):.4g}")
+        faith = f", faithfulness {binary['faithfulness']:.4g}" if "faithfulness" in binary else ""
+        say(f"circuit: {counts['edges']} of {counts['total_edges']} edges after dangling-edge removal; validation "
+            f"{fit} {binary.get(fit):.4g}{faith} (what `edgeprune eval {out} --split {cfg.data.eval_split}` gives); "
+            f"masks in {out / 'masks.safetensors'}")
     warning = target_warning(learned, p.edge_target, p.early_stop_tolerance) if p.mode != "faithful" else None
     if warning:
         say(f"warning: {warning}")

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from . import ablation
 from .circuit import extract_circuit, span_edges
 from .graph import Graph
 from .rundir import load_run_config
@@ -104,6 +105,9 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
     for d in run_dirs:
         masks = load_masks(d)
         masks.check_model(model)
+        run_cfg = load_run_config(d)  # each run is measured under its own ablation and states
+        model.ablation = ablation.kind_of(run_cfg, model)
+        record = ablation.prepare(model, run_cfg, d)
         circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
         model.set_edges(circuit.edges)
         per = {"kl": [], "faithfulness": []} if cfg.data.loss == "kl" else {"mse": []}
@@ -113,7 +117,7 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
                          output_scale=cfg.data.output_scale, progress=progress)
             for key in per:
                 per[key].append(float(m.get(key, float("nan"))))
-        out[str(d)] = {key: _summary(v) for key, v in per.items()}
+        out[str(d)] = {**{key: _summary(v) for key, v in per.items()}, "ablation": record}
         model.reset_masks()
     return {"split": split, "resamples": n, "seed": seed, "per_run": out}
 
@@ -142,8 +146,8 @@ def format_report(report: dict) -> str:
         lines.append(f"bootstrap ({boot['resamples']} resamples of {boot['split']}, seed {boot['seed']}):")
         for run, metrics in boot["per_run"].items():
             text = "; ".join(f"{k} {v['mean']:.4g} +- {v['std']:.2g} [{v['p2.5']:.4g}, {v['p97.5']:.4g}]"
-                             for k, v in metrics.items())
-            lines.append(f"  {run}: {text}")
+                             for k, v in metrics.items() if k != "ablation")
+            lines.append(f"  {run}: {text} ({metrics['ablation']['ablation']} ablation)")
     return "\n".join(lines)
 
 

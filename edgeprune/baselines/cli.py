@@ -25,10 +25,11 @@ def _device_overrides(args) -> list[str]:
     return (args.set or []) + ([f"model.device={args.device}"] if args.device else [])
 
 
-def _task(cfg, split: str, batch_size: int | None, n_batches: int | None):
-    """The model of ``cfg`` and a list of batches of ``split`` (mean states set for mean ablation)."""
+def _task(cfg, split: str, batch_size: int | None, n_batches: int | None, run_dir=None):
+    """The model of ``cfg`` and a list of batches of ``split``, with its ablation states (``run_dir``:
+    the run whose stored mean states to use)."""
+    from .. import ablation
     from ..experiment import load_model, load_split
-    from ..prune import epoch_batches
     from ..tasks.jsonl import batches
 
     model = load_model(cfg.model)
@@ -37,10 +38,7 @@ def _task(cfg, split: str, batch_size: int | None, n_batches: int | None):
         from ..experiment import use_spans
         train = load_split(cfg.data, model, cfg.data.train_split)
         use_spans(cfg.model.positions, model, train)
-    if model.ablation == "mean":  # the same means as the pruning run: its training split, epoch 0
-        train = train or load_split(cfg.data, model, cfg.data.train_split)
-        model.set_mean_states(model.compute_mean_states(
-            (b.input_ids, b.attention_mask) for b in epoch_batches(train, cfg.prune.batch_size, cfg.run.seed, 0)))
+    record = ablation.prepare(model, cfg, run_dir, train)  # a run's stored mean states, as pruning used them
     data = train if train is not None and split == cfg.data.train_split else load_split(cfg.data, model, split)
     bs = batch_size or cfg.prune.batch_size
     out = []
@@ -48,7 +46,7 @@ def _task(cfg, split: str, batch_size: int | None, n_batches: int | None):
         if n_batches is not None and i >= n_batches:
             break
         out.append(b)
-    return model, out, data.source
+    return model, out, data.source, record
 
 
 def _positive(text: str) -> int:
@@ -119,7 +117,7 @@ def _attribute(args) -> int:
     from .scores import save_scores
 
     cfg = load_config(args.config, _device_overrides(args))
-    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    model, batches, source, _ = _task(cfg, args.split, args.batch_size, args.batches, Path(cfg.run.output_dir))
     scores = attribute(model, batches, args.method, metric=args.metric, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
                        tau=args.tau, progress=not args.no_progress,
                        settings={"split": args.split, "data": source,
@@ -164,11 +162,11 @@ def _curve(args) -> int:
     budgets = args.budgets or list(DEFAULT_BUDGETS)
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
-    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    model, batches, source, record = _task(cfg, args.split, args.batch_size, args.batches, runs[0] if runs else None)
     result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=budgets,
                                 selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress,
                      task_metric=task_metric(cfg.data, model))
-    result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
+    result = {"model_id": model.model_id, "data": source, "split": args.split, "ablation": record, **result}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(result, indent=2))
@@ -210,11 +208,11 @@ def _compare(args) -> int:
 
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
-    model, batches, source = _task(cfg, args.split, args.batch_size, args.batches)
+    model, batches, source, record = _task(cfg, args.split, args.batch_size, args.batches, runs[0] if runs else None)
     result = compare(model, batches, runs=runs, scores=scores, n_edges=args.edges, selection=args.selection,
                      loss=cfg.data.loss, progress=not args.no_progress,
                      task_metric=task_metric(cfg.data, model))
-    result = {"model_id": model.model_id, "data": source, "split": args.split, **result}
+    result = {"model_id": model.model_id, "data": source, "split": args.split, "ablation": record, **result}
     table = format_markdown(result)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
