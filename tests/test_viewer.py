@@ -287,3 +287,36 @@ def test_position_aware_slider_matches_python_selection(tmp_path, monkeypatch, o
                 zip(names, select_top(graph, values.abs(), n, n_spans=len(spans)).tolist()) if k}
         assert page_edges(page) == want, n
     assert page.locator("#rows text", has_text="END").count() >= 1
+
+
+def test_edge_width_follows_rank_within_what_is_shown(small, open_page, tmp_path):
+    """Rank 1 is the widest edge, widths never grow with rank, and negative signed scores are dashed."""
+    graph, values = small
+    page = open_page(write_html(build_payload([load_source("a.safetensors")], cap=60, initial=[40]), tmp_path / "w.html"))
+    drawn = page.eval_on_selector_all("#edges path.edge", "els => els.map(e => [Number(e.dataset.rank), "
+                                      "Number(e.getAttribute('stroke-width')), e.getAttribute('stroke-dasharray'), "
+                                      "e.dataset.w, e.dataset.r])")
+    by_rank = sorted(drawn)
+    widths = [w for _, w, *_ in by_rank]
+    assert widths[0] == max(widths) and all(a >= b for a, b in zip(widths, widths[1:]))
+    score = {e: float(v) for e, v in zip(graph.edges, values.tolist())}
+    for _, _, dash, w, r in drawn:
+        assert (dash is not None) == (score[(w, r)] < 0), (w, r)
+
+
+def test_a_200k_edge_page_renders_and_its_slider_moves(tmp_path, monkeypatch, open_page):
+    """A position-aware GPT-2-small-sized graph (32,936 edges x 6 spans = 197,616 (edge, span) pairs),
+    every pair shipped: no array spread or recursion that depends on the graph size."""
+    monkeypatch.chdir(tmp_path)
+    graph = Graph(GraphSpec(n_layers=12, n_heads=12))
+    spans = ["IO", "S1", "S2", "END", "other", "predict"]
+    n = graph.num_edges * len(spans)
+    values = torch.randn(n, generator=torch.Generator().manual_seed(0))
+    edges = [(w, r, s) for s in spans for (w, r) in graph.edges]
+    fp = graph.fingerprint(spans, "spans")
+    save_scores(Scores("eap", values, edges, fp, model_id="gpt2 (random)"), Path("big.safetensors"))
+    page = open_page(write_html(build_payload([load_source("big.safetensors")], cap=n, initial=[20_000]),
+                                tmp_path / "big.html"))
+    assert page.locator("#edges path.edge").count() > 0
+    page.fill("#slider-0", "60000")
+    assert page.locator("#edges path.edge").count() > 0

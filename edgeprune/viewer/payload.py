@@ -127,6 +127,7 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
         n0 = s.default_n if not initial or initial[k] is None else initial[k]
         out.append({
             "label": s.label, "kind": s.kind, "rank_by": s.rank_by, "value_name": s.value_name,
+            "signed": s.kind == "scores",  # attribution scores carry a sign (negative: drawn dashed)
             "candidates": len(s.edges), "shipped": len(edges), "default_n": max(0, min(n0, len(edges))),
             "w": [index[(e[0], span_of(e))] for e in edges], "r": [index[(e[1], span_of(e))] for e in edges],
             "values": None if s.values is None else [_r(v) for v in s.values[:cap]],

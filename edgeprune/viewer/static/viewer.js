@@ -75,15 +75,20 @@
     drawn.sort((a, b) => a[0] - b[0] || a[1] - b[1]);
     gEdges.textContent = "";
     const used = new Set([...outs, ...D.embeds]);
-    const ranges = S.map(s => { const v = (s.values || []).slice(0, s.shipped).map(Math.abs); return [Math.min(...v, 0), Math.max(...v, 1e-12)]; });
+    // width by importance rank within what is shown (rank 1 widest), never by raw value: a run's
+    // largest |log_alpha| is its most pruned edge, and no spread over the values (size-dependent stack)
+    const rankOf = S.map((_, k) => { const m = new Map(); current[k].forEach((i, p) => m.set(i, p)); return m; });
     for (const [w, r, mask, [k, i]] of drawn) {
       used.add(w); used.add(r); for (const n of guides[r]) used.add(n);
       const kind = N[r].kind;
       const colour = two ? (mask === 3 ? "#222222" : mask === 1 ? "#D55E00" : "#0072B2") : D.colours[kind];
-      const v = S[k].values ? Math.abs(S[k].values[i]) : 1, [lo, hi] = ranges[k];
-      const width = S[k].values ? 0.6 + 2.4 * Math.sqrt((v - lo) / (hi - lo || 1)) : 1.2;
-      const p = el("path", { d: path(w, r), class: "edge " + (two ? ["", "only-a", "only-b", "both"][mask] : kind), stroke: colour,
-        "stroke-width": width.toFixed(2), "data-w": N[w].name, "data-r": N[r].name }, gEdges);
+      const shown = current[k].length, rank = rankOf[k].get(i);
+      const width = S[k].values ? 0.6 + 2.4 * (shown > 1 ? 1 - rank / (shown - 1) : 1) : 1.2;
+      const negative = S[k].signed && S[k].values && S[k].values[i] < 0;  // a signed score below zero: dashed
+      const attrs = { d: path(w, r), class: "edge " + (two ? ["", "only-a", "only-b", "both"][mask] : kind), stroke: colour,
+        "stroke-width": width.toFixed(2), "data-w": N[w].name, "data-r": N[r].name, "data-rank": rank + 1 };
+      if (negative) attrs["stroke-dasharray"] = "5 3";
+      const p = el("path", attrs, gEdges);
       p.addEventListener("mouseenter", () => showEdge(w, r, mask, k, i));
     }
     gNodes.textContent = "";
