@@ -1,4 +1,6 @@
-"""Reference logits and corrupted writer states per example, kept across epochs (``prune.cache_corrupted``).
+"""Reference logits and corrupted writer states per example, kept across epochs (``prune.cache_corrupted``:
+``auto``, the default, turns it on when the run has more than one epoch and the cache fits in a
+quarter of the free memory; ``decide``).
 
 Every pruning step needs, for its batch, the full model's logits at the loss positions and (under
 interchange ablation) the writer states of the corrupted inputs: a no-grad pass over twice the
@@ -23,6 +25,33 @@ import torch
 from .eval import reference_and_corrupted
 
 
+CACHE_SHARE = 0.25  # ``auto``: the cache may take this share of the free memory
+
+
+def cache_nbytes(model, examples) -> int:
+    """Bytes the cache takes for ``examples``: per example its corrupted writer states (interchange
+    ablation; writers x its length x d_model in the model's dtype) and its reference logits (fp32)."""
+    g = model.graph
+    tokens = sum(len(ex.input_ids) for ex in examples)
+    positions = sum(len(ex.loss_positions) for ex in examples)
+    vocab = getattr(model.hf.config, "vocab_size", None) or 0
+    states = g.num_writers * tokens * model.hf.config.hidden_size * model.dtype.itemsize
+    return (states if model.ablation == "interchange" else 0) + positions * vocab * 4
+
+
+def decide(setting, epochs: float, nbytes: int, free: int | None) -> tuple[bool, str]:
+    """(use the cache?, why) for ``prune.cache_corrupted`` = true / false / auto."""
+    size = f"{nbytes / 2**30:.2f} GiB"
+    if setting is True or setting is False:
+        return setting, f"prune.cache_corrupted: {str(setting).lower()} ({size})"
+    if epochs <= 1:
+        return False, "off (auto: the run sees each example once)"
+    if free is None or nbytes > CACHE_SHARE * free:
+        room = "unknown free memory" if free is None else f"{free / 2**30:.2f} GiB free"
+        return False, f"off (auto: {size} would not fit in a quarter of the {room})"
+    return True, f"on (auto: {size} for {epochs:.1f} epochs; prune.cache_corrupted: false turns it off)"
+
+
 class ReferenceCache:
     """``cache(model, batch, select)`` = ``eval.reference_and_corrupted(model, batch, select)``,
     computed once per example (keyed by its clean and corrupted token ids). ``select`` must be the
@@ -35,12 +64,24 @@ class ReferenceCache:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def warm(self, model, batches) -> None:
+        """Fill the cache from these batches (a resumed run replays the batches that filled it before
+        the kill, so its entries are the very values an uninterrupted run reuses: exact resume)."""
+        for batch in batches:
+            if any(k not in self.entries for k in self._keys(batch)):
+                self(model, batch, batch.loss_mask)
+
+    @staticmethod
+    def _keys(batch) -> list[tuple]:
+        lengths = batch.attention_mask.sum(1).tolist()
+        return [(tuple(ids[:n]), tuple(cor[:n])) for ids, cor, n in
+                zip(batch.input_ids.tolist(), batch.corrupted_input_ids.tolist(), lengths)]
+
     def __call__(self, model, batch, select: torch.Tensor):
         if not self.enabled:
             return reference_and_corrupted(model, batch, select=select)
         lengths = batch.attention_mask.sum(1).tolist()
-        keys = [(tuple(ids[:n]), tuple(cor[:n])) for ids, cor, n in
-                zip(batch.input_ids.tolist(), batch.corrupted_input_ids.tolist(), lengths)]
+        keys = self._keys(batch)
         if any(k not in self.entries for k in keys):
             ref, states = reference_and_corrupted(model, batch, select=select)
             start = 0

@@ -85,7 +85,8 @@ class PruneConfig:
     early_stop: int = 0  # stop once the target is reached and validation KL has not improved for this
     # many evaluations (run.eval_every) in a row; 0: off
     early_stop_tolerance: float = 0.005  # "reached": |expected sparsity - target| <= this
-    cache_corrupted: bool = False  # compute reference logits/corrupted states once per example (edgeprune.cache)
+    cache_corrupted: bool | str = "auto"  # reference logits/corrupted states once per example (edgeprune.cache);
+    # auto: when the run has more than one epoch and the cache fits in a quarter of the free memory
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
     mode: str = "target"  # target: reach edge_target | faithful: no target, the sparsest circuit whose
     # fit (KL or MSE) stays <= faithful_tolerance (edgeprune/faithful.py)
@@ -175,6 +176,8 @@ class ExperimentConfig:
         for key in ("lr_masks", "lr_lambdas"):
             if getattr(p, key) <= 0:
                 bad(f"prune.{key}", f"must be > 0, got {getattr(p, key)}")
+        if p.cache_corrupted not in (True, False, "auto"):
+            bad("prune.cache_corrupted", f"must be true, false or auto, got {p.cache_corrupted!r}")
         if p.sparsity_control not in ("auto", "project", "lagrangian"):
             bad("prune.sparsity_control", f"must be auto, project or lagrangian, got {p.sparsity_control!r}")
         if p.sparsity_control == "project" and max(p.edge_target, p.node_target or 0.0) >= 1.0:

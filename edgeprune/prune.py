@@ -29,12 +29,12 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ablation, distributed
-from .cache import ReferenceCache
+from .cache import ReferenceCache, cache_nbytes, decide
 from .circuit import extract_circuit
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
 from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
-from .estimate import WontFit, advice, check_fits
+from .estimate import WontFit, advice, check_fits, free_bytes
 from .identity import FingerprintError
 from .control import project
 from .masks import OFF_LOG_ALPHA
@@ -337,7 +337,13 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     timing = RunTiming.load(out / "timing.json") if existing is not None else RunTiming()
     bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress or not d.is_main, dynamic_ncols=True)
     ran = 0
-    reference = ReferenceCache(enabled=p.cache_corrupted)  # full-model logits, corrupted states
+    use_cache, why = decide(p.cache_corrupted, p.steps / steps_per_epoch, cache_nbytes(model, train.examples),
+                            free_bytes(device))
+    say(f"reference cache: {why}")
+    reference = ReferenceCache(enabled=use_cache)  # full-model logits, corrupted states
+    if use_cache and step > 0:  # resumed: refill from the batches that filled it, so it holds the same values
+        first = epoch_batches(train, p.batch_size, cfg.run.seed, 0)[:min(step, steps_per_epoch)]
+        reference.warm(model, (d.shard(b).to(device) for b in first))
     model.train()
 
     def masks_of(kind: str):

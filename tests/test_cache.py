@@ -60,3 +60,26 @@ def test_prune_with_cache_follows_the_uncached_run(tmp_path):
     plain, cached = run("plain", False), run("cached", True)
     for a, b in zip(plain.history, cached.history):
         assert abs(a["loss"] - b["loss"]) <= 1e-4 * max(1.0, abs(a["loss"])), (a, b)
+
+
+def test_a_resumed_cached_run_equals_the_uninterrupted_one(tmp_path):
+    """The resumed run refills its cache from the batches that filled it before the kill, so every
+    later step reuses the very values the uninterrupted run reuses: masks equal bit for bit."""
+    require_shared(STORIES)
+    task = _small_task(tmp_path)
+
+    def cfg(name, cache="auto"):
+        return from_dict({
+            "model": {"name_or_path": str(STORIES), "device": "cpu"},
+            "data": {"path": str(task), "eval_split": "train"},
+            "prune": {"edge_target": 0.8, "steps": 9, "warmup_steps": 4, "batch_size": 3, "lr_masks": 1.0,
+                      "cache_corrupted": cache},
+            "run": {"output_dir": str(tmp_path / name), "eval_every": 0, "save_every": 1, "log_every": 1, "seed": 3},
+        }).validate()  # 8 examples, 3 a batch: 2 batches an epoch (drop-last), 4.5 epochs
+
+    full = prune(cfg("full"), progress=False)
+    for kill_at in (1, 5):  # inside the first epoch, and after it
+        name = f"killed{kill_at}"
+        first = prune(cfg(name), progress=False, stop_after=kill_at)
+        second = prune(cfg(name), resume=True, progress=False)
+        assert [r["loss"] for r in first.history + second.history] == [r["loss"] for r in full.history], kill_at
