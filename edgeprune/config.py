@@ -80,7 +80,8 @@ class PruneConfig:
     sparsity_control: str = "auto"  # lagrangian | project | auto (project for targets < 1, else lagrangian):
     # project: after every step a common shift of all log_alpha puts the expected sparsity exactly on
     # the ramp's target (the Lagrangian's lambdas then stay ~0); lagrangian: the paper's dual ascent only
-    init_from: str | None = None  # warm start: a scores file (edgeprune attribute) or a run directory
+    init_from: str | None = None  # warm start: a scores file (edgeprune attribute), a run directory, or
+    # auto / eap / eap-ig: prune computes that attribution on the training split first (edgeprune.warmstart)
     candidates: int | None = None  # learn only the top N edges of prune.init_from; the rest stay exactly 0
     early_stop: int = 0  # stop once the target is reached and validation KL has not improved for this
     # many evaluations (run.eval_every) in a row; 0: off
@@ -189,7 +190,7 @@ class ExperimentConfig:
             if not p.init_from:
                 bad("prune.candidates", "needs prune.init_from (the scores or run whose top edges are the candidates)")
         if p.init_from is not None and not p.init_from:
-            bad("prune.init_from", "must be a scores file or a run directory, or null")
+            bad("prune.init_from", "must be a scores file, a run directory, auto, eap, eap-ig, or null")
         if p.early_stop < 0:
             bad("prune.early_stop", f"must be >= 0 (evaluations without improvement; 0: off), got {p.early_stop}")
         if p.early_stop and not self.run.eval_every:

@@ -29,6 +29,8 @@ import torch
 from tqdm.auto import tqdm
 
 from . import ablation, distributed
+from .baselines.scores import save_scores
+from .tasks.jsonl import TaskFormatError, batches
 from .cache import ReferenceCache, cache_nbytes, decide
 from .circuit import extract_circuit
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint, write_safetensors
@@ -41,6 +43,7 @@ from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
+from .warmstart import attribution_method, attribution_start, warm_start
 from .rundir import (RUN_OUTPUTS, RunDirError, RunMasks, RunTiming, check_same_model, load_masks,  # noqa: F401
                      run_dir_plan)
 
@@ -141,8 +144,7 @@ class PruneResult:
 
 
 def epoch_batches(data, batch_size: int, seed: int, epoch: int) -> list:
-    from .tasks.jsonl import batches
-
+    """The training batches of one epoch: shuffled by (seed, epoch), the last partial batch dropped."""
     drop_last = len(data.examples) >= batch_size
     return list(batches(data.examples, batch_size, data.pad_token_id, shuffle=True, seed=seed, epoch=epoch,
                         drop_last=drop_last))
@@ -216,15 +218,20 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     try:
         val = load_split(cfg.data, model, cfg.data.eval_split)
     except (FileNotFoundError, ValueError) as err:
-        from .tasks.jsonl import TaskFormatError
         if isinstance(err, TaskFormatError):  # a bad line is an error, not a missing split
             raise
         say(f"no validation data ({err}); validating on the training split")
         val = train
     task_metric = get_task_metric(cfg.data, model)
     start = None
-    if p.init_from:  # read (and checked) before anything is written; a resumed run restores over it
-        from .warmstart import warm_start
+    method = attribution_method(p.init_from)  # eap / eap-ig / auto: prune computes its own scores
+    own_scores = out / f"scores_{method}.safetensors" if method else None
+    if method and d.world > 1:
+        raise PruneError(f"prune.init_from: {p.init_from} computes attribution in one process; under torchrun "
+                         f"compute it first (`edgeprune attribute CONFIG --method {method}`) and pass the file")
+    if method and existing is not None and own_scores.is_file():  # resumed: the scores it started from
+        start = warm_start(str(own_scores), model, p)
+    elif p.init_from and not method:  # read (and checked) before anything is written; a resumed run restores over it
         start = warm_start(p.init_from, model, p)
     try:  # a step that cannot fit is refused here, naming the knobs, not by an out-of-memory traceback
         check_fits(cfg, model, device, d.world)
@@ -244,6 +251,12 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             log_path.write_text("".join(ln + "\n" for ln in log_lines))
     distributed.shard_model(model, d)
     ablation_record = ablation.prepare(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
+    if method and start is None:  # after the ablation states: attribution ablates as pruning will
+        say(f"prune.init_from: {p.init_from}: computing {method} scores on the training split")
+        start, scores = attribution_start(method, model, p, list(batches(train.examples, p.batch_size,
+                                                                          train.pad_token_id)), progress)
+        save_scores(scores, own_scores)
+        say(f"{method}: {scores.wall_time_s:.0f} s; written to {own_scores}")
 
     # ---- trainable state: masks (descend) and lambdas (ascend)
     generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
@@ -306,7 +319,6 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
 
     def validate(at_step: int, prefix: str = "val_", whole: bool = False) -> dict:
         """The current masks on the validation split (``run.eval_batches`` of it unless ``whole``)."""
-        from .tasks.jsonl import batches
         vb = batches(val.examples, p.batch_size, val.pad_token_id)
         if cfg.run.eval_batches is not None and not whole:
             vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)

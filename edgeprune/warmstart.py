@@ -31,6 +31,12 @@ A shared-mask run can start a position-aware one (``model.positions``): each edg
 repeated in every span, so the first step is the shared circuit, and training (or the faithful
 selection's prune-back) then drops the spans an edge is not needed at.
 
+``prune.init_from: eap`` / ``eap-ig`` / ``auto`` makes ``prune`` compute that attribution itself on the
+training split first (as ``edgeprune attribute CONFIG --method ...``; written to
+``RUN_DIR/scores_<method>.safetensors``, and read back on ``--resume``), then start from it as from a
+scores file. ``auto`` is the attribution measured to give the most faithful circuit per minute on
+a real checkpoint (``AUTO_METHOD``; docs/scale.md has the table).
+
 ``prune.candidates: N`` keeps learning only the top N edges of that ordering (scores, or the run's
 log_alpha); every other edge is held at exactly 0 for the whole run (log_alpha -30), as the
 hybrid attribution-then-pruning methods of the MIB shared task did.
@@ -108,17 +114,47 @@ def warm_start(source: str, model, p) -> WarmStart:
             node = None
         return WarmStart(la, node, rank_order(la), str(path), "run")
     if not path.exists():
-        raise FileNotFoundError(f"prune.init_from: {path}: no such scores file or run directory")
-    from .baselines.scores import check_graph, load_scores
-    scores = load_scores(path)
+        raise FileNotFoundError(f"prune.init_from: {path}: no such scores file or run directory (or one of "
+                                f"{', '.join(ATTRIBUTION_STARTS)}: attribution computed by prune itself)")
+    from .baselines.scores import load_scores
+    return from_scores(load_scores(path), model, p, str(path))
+
+
+def from_scores(scores, model, p, source: str) -> WarmStart:
+    """The warm start of a ``Scores`` (a file or scores computed in memory) for ``model``."""
+    from .baselines.scores import check_graph
+
+    n = model.edge_masks.n
     check_graph(scores, model)
     order = rank_order(scores.ranking_key())
     target = min(max(p.edge_target, 0.0), 1.0)
     n_keep = int(round((1.0 - target) * n))
     if p.candidates is not None:
         n_keep = min(n_keep, p.candidates)
-    return WarmStart(rank_log_alpha(order, n_keep, p.init_log_alpha, target), None, order, str(path),
+    return WarmStart(rank_log_alpha(order, n_keep, p.init_log_alpha, target), None, order, source,
                      f"scores ({scores.method})")
+
+
+# ``prune.init_from`` values that make prune compute its own attribution on the training split first;
+# ``auto`` is the one measured to give the most faithful circuit per minute (docs/scale.md)
+AUTO_METHOD = "eap"
+ATTRIBUTION_STARTS = ("auto", "eap", "eap-ig")
+
+
+def attribution_method(init_from: str | None) -> str | None:
+    """The attribution method ``prune.init_from`` asks prune to compute, or None (a file, a run, none)."""
+    if init_from not in ATTRIBUTION_STARTS:
+        return None
+    return AUTO_METHOD if init_from == "auto" else init_from
+
+
+def attribution_start(method: str, model, p, batches, progress: bool = False):
+    """(WarmStart, Scores): ``method``'s scores on ``batches`` (the training split) and the warm start
+    they give. The scores are what ``edgeprune attribute CONFIG --method METHOD`` computes."""
+    from .baselines.methods import attribute
+
+    scores = attribute(model, batches, method, progress=progress, settings={"split": "train", "by": "prune.init_from"})
+    return from_scores(scores, model, p, f"{method} computed on the training split"), scores
 
 
 def fixed_edges(start: WarmStart, p) -> torch.Tensor:

@@ -11,7 +11,7 @@ from conftest import STORIES, build, require_shared
 from edgeprune.baselines.scores import Scores, save_scores
 from edgeprune.circuit import threshold_to_sparsity
 from edgeprune.cli import main
-from edgeprune.config import ConfigError, from_dict
+from edgeprune.config import ConfigError, from_dict, load_config
 from edgeprune.control import expected_sparsity_of, project, solve_shift
 from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, deterministic, prob_nonzero
 from edgeprune.prune import SparsityRamp, prune
@@ -244,3 +244,27 @@ def test_stability_cli_reports_iou_shared_edges_and_frequency(tiny, tmp_path, ca
     assert sum(report["histogram"].values()) == len(report["keep_frequency"])
     assert set(report["bootstrap"]["per_run"]) == set(runs)
     assert main(["stability", runs[0]]) == 2  # one run: a one-line error
+
+
+def test_init_from_eap_equals_a_warm_start_from_edgeprune_attribute(tmp_path):
+    """``prune.init_from: eap`` computes the very scores ``edgeprune attribute --method eap`` writes
+    (training split, file order, prune.batch_size), stores them in the run, and starts from them;
+    a killed run resumes from the stored file to the same masks."""
+    require_shared(STORIES)
+    config = TASK.parents[2] / "configs" / "stories_names.yaml"
+    common = ["--steps", "8", "--no-progress", "--set", "run.eval_every=0"]
+    assert main(["prune", str(config), "--output-dir", str(tmp_path / "own"), "--set", "prune.init_from=eap",
+                 *common]) == 0
+    assert (tmp_path / "own" / "scores_eap.safetensors").is_file()
+    scores = tmp_path / "attr" / "scores_eap.safetensors"
+    assert main(["attribute", str(config), "--method", "eap", "-o", str(scores), "--no-progress"]) == 0
+    assert main(["prune", str(config), "--output-dir", str(tmp_path / "file"), "--set",
+                 f"prune.init_from={scores}", *common]) == 0
+    own = load_file(str(tmp_path / "own" / "masks.safetensors"))["edge_log_alpha"]
+    assert torch.equal(own, load_file(str(tmp_path / "file" / "masks.safetensors"))["edge_log_alpha"])
+    cfg = load_config(config)
+    cfg.run.output_dir, cfg.prune.steps, cfg.prune.warmup_steps = str(tmp_path / "killed"), 8, 8
+    cfg.prune.init_from, cfg.run.eval_every = "eap", 0
+    prune(cfg, progress=False, stop_after=3)
+    prune(cfg, resume=True, progress=False)
+    assert torch.equal(own, load_file(str(tmp_path / "killed" / "masks.safetensors"))["edge_log_alpha"])
