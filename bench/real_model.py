@@ -13,11 +13,14 @@ Printed, in order:
    does not depend on the values), and its FLOP ratio;
 3. peak memory above the loaded model of the step and of HF (fresh subprocesses, as ``bench/step.py``)
    beside ``edgeprune estimate``'s traced figure for the same step;
-4. the runs, each through the CLI as a user types it: EAP-IG scores (``attribute``); a cold start
-   (``prune``, ``--steps``); a warm start from the EAP-IG scores (``prune.init_from``, ``--warm-steps``);
-   for each run the wall time, the step and second at which the expected sparsity reached the
-   target (``timing.json``), and ``compare`` on the test split against EAP-IG's own circuit at the
-   run's edge count: KL, the generic faithfulness and the task's own (IOI: logit(IO) - logit(S)).
+4. the runs, each through the CLI as a user types it: EAP-IG scores (``attribute``); the config as
+   shipped (``prune``, ``--warm-steps``: its ``prune.init_from: auto`` computes its own attribution
+   first, inside the run's wall time); a warm start from the EAP-IG scores (``--warm-steps``); a
+   cold start (``prune.init_from: null``, ``--steps``, ``--cold-warmup``); for each run the wall time
+   (EAP-IG's added where the run used it), the step and second at which the expected sparsity
+   reached the target (``timing.json``), and ``compare`` on the test split against EAP-IG's own
+   circuit at the run's edge count: KL, the generic faithfulness and the task's own (IOI:
+   logit(IO) - logit(S)).
 
 Nothing here is asserted; the figures go to docs/scale.md. On 2 CPU cores the runs take ~20 minutes.
 """
@@ -84,8 +87,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=SMOLLM2, help=f"HF checkpoint directory (default {SMOLLM2})")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2_ioi.yaml")
-    ap.add_argument("--steps", type=int, default=150, help="cold-start steps (the config's warm-up is capped)")
-    ap.add_argument("--warm-steps", type=int, default=100, help="warm-start steps")
+    ap.add_argument("--steps", type=int, default=150, help="cold-start steps")
+    ap.add_argument("--cold-warmup", type=int, default=100, help="cold-start warm-up steps")
+    ap.add_argument("--warm-steps", type=int, default=100, help="steps of the default path and the EAP-IG warm start")
+    ap.add_argument("--paths", default="default,warm_eap_ig,cold", help="which runs: default, warm_eap_ig, cold")
     ap.add_argument("--ig-steps", type=int, default=5)
     ap.add_argument("--shape", default="8x32", help="B x T of the step timing")
     ap.add_argument("--repeats", type=int, default=5)
@@ -124,14 +129,21 @@ def main() -> int:
                         "--no-progress", *model_set])
         print(f"EAP-IG ({args.ig_steps} steps) on the training split: {t_attr:.0f} s")
         rows = []
-        for label, steps, more in (("cold start", args.steps, []),
-                                   ("warm start (EAP-IG)", args.warm_steps, ["--set", f"prune.init_from={scores}"])):
-            run = out / label.split()[0]
+        paths = {  # label -> (run dir, steps, extra arguments, attribution seconds outside the run)
+            "default (prune.init_from: auto)": ("default", args.warm_steps, []),
+            "warm start from EAP-IG": ("warm_eap_ig", args.warm_steps, ["--set", f"prune.init_from={scores}"]),
+            "cold start": ("cold", args.steps, ["--set", "prune.init_from=null",
+                                                "--set", f"prune.warmup_steps={args.cold_warmup}"]),
+        }
+        for label, (name, steps, more) in paths.items():
+            if name not in args.paths.split(","):
+                continue
+            run = out / name
             wall = timed(["prune", args.config, "--steps", steps, "--output-dir", run, "--overwrite", "--no-progress",
                           *model_set, *more])
             timing = json.loads((run / "timing.json").read_text())
             result = compare_row(run, scores, run / "compare", args.model, args.split)
-            rows.append({"label": label, "steps": steps, "wall_s": wall, "attr_s": t_attr if "warm" in label else 0,
+            rows.append({"label": label, "steps": steps, "wall_s": wall, "attr_s": t_attr if "EAP-IG" in label else 0,
                          "timing": timing, "compare": result})
         report["runs"] = rows
         print(f"\n| path | steps | target reached (step, s) | wall s | edges | {args.split} KL | faithfulness | "
