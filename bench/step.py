@@ -68,7 +68,7 @@ from edgeprune import EdgeModel  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
 from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
-from edgeprune.prune import lagrangian  # noqa: E402
+from edgeprune.control import lagrangian  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MODELS = ("gpt2", "llama", "pythia", "qwen3", "phi3", "gemma2", "smollm2", "qwen2.5-0.5b", "llama3.2-1b")

@@ -24,7 +24,6 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CheckpointError, write_safetensors
-from .experiment import load_split
 from .model import EdgeModel
 from .tasks.jsonl import batches
 
@@ -77,12 +76,14 @@ def load_mean_states(path: Path, model: EdgeModel) -> torch.Tensor:
     return states
 
 
-def prepare(model: EdgeModel, cfg, run_dir: str | Path | None = None, train=None, *, write: bool = False,
+def prepare(model: EdgeModel, cfg, train, run_dir: str | Path | None = None, *, write: bool = False,
             progress: bool = False) -> dict:
     """Give ``model`` the states its ablation (``model.ablation``) needs; returns their record.
 
-    ``run_dir``: the run whose stored mean states to use (and, with ``write``, where to store newly
-    computed ones: ``edgeprune prune``). ``train``: the training split when the caller has it loaded."""
+    ``train``: the training split (a ``TaskData``), or a function returning it (called only when the
+    means must be computed); ``experiment.prepare_ablation`` passes the loader. ``run_dir``: the run
+    whose stored mean states to use (and, with ``write``, where to store newly computed ones:
+    ``edgeprune prune``)."""
     kind = model.ablation
     if kind == "interchange":
         return {"ablation": kind, "source": "the corrupted input of each example"}
@@ -92,7 +93,7 @@ def prepare(model: EdgeModel, cfg, run_dir: str | Path | None = None, train=None
     if path is not None and path.is_file():
         model.set_mean_states(load_mean_states(path, model))
         return {"ablation": kind, "source": str(path)}
-    train = train if train is not None else load_split(cfg.data, model, cfg.data.train_split)
+    train = train() if callable(train) else train
     states = mean_states(model, train, progress)
     model.set_mean_states(states)
     source = f"{train.source} ({len(train.examples)} examples, every real token)"

@@ -98,9 +98,8 @@ def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_m
 
 
 def _eval(args) -> int:
-    from . import ablation
     from .eval import evaluate, format_table
-    from .experiment import load_model, load_split, task_metric
+    from .experiment import load_model, load_split, prepare_ablation, task_metric
     from .tasks.jsonl import batches
 
     _positive("--batch-size", args.batch_size)
@@ -116,7 +115,7 @@ def _eval(args) -> int:
     model = load_model(cfg.model)
     edges, info = _circuit_for_run(run_dir, model, args.edges, args.allow_other_model)
     model.set_edges(edges)
-    info["ablation"] = ablation.prepare(model, cfg, run_dir, progress=not args.no_progress)
+    info["ablation"] = prepare_ablation(model, cfg, run_dir, progress=not args.no_progress)
     data = load_split(cfg.data, model, args.split)
     bs = args.batch_size or cfg.prune.batch_size
     metrics = evaluate(model, batches(data.examples, bs, data.pad_token_id), loss=cfg.data.loss,

@@ -77,3 +77,10 @@ def project(log_alpha: torch.Tensor, target: float, free: torch.Tensor | None = 
         else:
             log_alpha[free] += c
     return c
+
+
+def lagrangian(expected: torch.Tensor, target: float, lambdas: torch.Tensor) -> torch.Tensor:
+    """lambda1 * (s - t) + lambda2 * (s - t)^2; lambdas (2,) trained by gradient ascent
+    (``sparsity_control: lagrangian``, the Edge Pruning paper's)."""
+    gap = expected - target
+    return lambdas[0] * gap + lambdas[1] * gap * gap

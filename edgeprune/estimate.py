@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from .config import ExperimentConfig
+from .control import lagrangian
 from .experiment import DTYPES, split_path
 from .memtrace import LiveTensors
 
@@ -211,7 +212,6 @@ def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "k
     traces for free; real tensors run the step for real (used to check the meta trace). The model is
     left in eval mode with no mask gradients."""
     from .eval import kl_divergence, reference_and_corrupted
-    from .prune import lagrangian
 
     if not 1 <= loss_positions <= T:
         raise ValueError(f"loss positions per example must be in 1..{T}, got {loss_positions}")

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from . import ablation
 from .config import DataConfig, ModelConfig
 from .model import EdgeModel
+from .tasks.jsonl import batches
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -151,3 +153,34 @@ def _tokenizer(name_or_path: str):
 
     with loading(name_or_path, "tokenizer"):
         return AutoTokenizer.from_pretrained(name_or_path)
+
+
+def prepare_ablation(model: EdgeModel, cfg, run_dir=None, train: TaskData | None = None, *, write: bool = False,
+                     progress: bool = False) -> dict:
+    """``ablation.prepare`` with this config's training split (loaded only if the states need it)."""
+    return ablation.prepare(model, cfg, train if train is not None else
+                            (lambda: load_split(cfg.data, model, cfg.data.train_split)), run_dir,
+                            write=write, progress=progress)
+
+
+def prepare(cfg, split: str, *, batch_size: int | None = None, n_batches: int | None = None, run_dir=None,
+            progress: bool = False):
+    """What every command that evaluates or attributes starts from: (model, batches of ``split``,
+    their source, the ablation record). The model is ``cfg.model``'s, made position-aware when
+    ``model.positions`` is set (the training split names the spans, as in pruning), with the
+    ablation states of ``run_dir`` (a run's stored mean states) or computed by their one
+    definition; batches of ``batch_size`` (default ``prune.batch_size``) in file order, the first
+    ``n_batches`` if given."""
+    model = load_model(cfg.model)
+    train = None
+    if cfg.model.positions is not None:
+        train = load_split(cfg.data, model, cfg.data.train_split)
+        use_spans(cfg.model.positions, model, train)
+    record = prepare_ablation(model, cfg, run_dir, train, progress=progress)
+    data = train if train is not None and split == cfg.data.train_split else load_split(cfg.data, model, split)
+    out = []
+    for i, b in enumerate(batches(data.examples, batch_size or cfg.prune.batch_size, data.pad_token_id)):
+        if n_batches is not None and i >= n_batches:
+            break
+        out.append(b)
+    return model, out, data.source, record

@@ -173,9 +173,8 @@ def load_run_circuit(args):
 
     ``--ablation`` overrides the run's; under ``mean`` the states are the run's own
     (``ablation.prepare``: the ones pruning stored, or the same definition for older runs)."""
-    from . import ablation
     from .cli import _circuit_for_run, _quiet_hf
-    from .experiment import load_model, load_tokenizer
+    from .experiment import load_model, load_tokenizer, prepare_ablation
     from .rundir import load_run_config
 
     _quiet_hf(not getattr(args, "no_progress", False))
@@ -190,7 +189,7 @@ def load_run_circuit(args):
     refuse_positions(model.spans, str(run_dir), "generate / eval --text (free text and new tokens have no spans)")
     model.set_edges(edges)
     if not getattr(args, "text", None):  # eval --text: means over the evaluated text (docs/generate.md)
-        info["ablation"] = ablation.prepare(model, cfg, run_dir)
+        info["ablation"] = prepare_ablation(model, cfg, run_dir)
     return model, info, load_tokenizer(model)
 
 

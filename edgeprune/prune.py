@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import ablation, distributed
+from . import distributed
 from .baselines.scores import save_scores
 from .tasks.jsonl import TaskFormatError, batches
 from .cache import ReferenceCache, cache_nbytes, decide
@@ -38,9 +38,9 @@ from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
 from .estimate import WontFit, advice, check_fits, free_bytes
 from .identity import FingerprintError
-from .control import project
+from .control import lagrangian, project
 from .masks import OFF_LOG_ALPHA
-from .experiment import load_model, load_split, use_spans
+from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
 from .warmstart import attribution_method, attribution_start, warm_start
@@ -75,12 +75,6 @@ class SparsityRamp:
     def load_state_dict(self, state: dict) -> None:
         self.target, self.warmup, self.step = state["target"], state["warmup"], state["step"]
         self.start = state.get("start", 0.0)  # checkpoints written before warm starts ramped from 0
-
-
-def lagrangian(expected: torch.Tensor, target: float, lambdas: torch.Tensor) -> torch.Tensor:
-    """lambda1 * (s - t) + lambda2 * (s - t)^2; lambdas (2,) trained by gradient ascent."""
-    gap = expected - target
-    return lambdas[0] * gap + lambdas[1] * gap * gap
 
 
 def sparsity_control(p) -> str:
@@ -250,7 +244,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         if existing is not None:
             log_path.write_text("".join(ln + "\n" for ln in log_lines))
     distributed.shard_model(model, d)
-    ablation_record = ablation.prepare(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
+    ablation_record = prepare_ablation(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
     if method and start is None:  # after the ablation states: attribution ablates as pruning will
         say(f"prune.init_from: {p.init_from}: computing {method} scores on the training split")
         start, scores = attribution_start(method, model, p, list(batches(train.examples, p.batch_size,

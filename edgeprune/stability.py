@@ -24,8 +24,9 @@ from pathlib import Path
 
 import torch
 
-from . import ablation
+from .ablation import kind_of
 from .circuit import extract_circuit, span_edges
+from .experiment import prepare_ablation
 from .graph import Graph
 from .rundir import load_run_config
 
@@ -106,8 +107,8 @@ def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", bat
         masks = load_masks(d)
         masks.check_model(model)
         run_cfg = load_run_config(d)  # each run is measured under its own ablation and states
-        model.ablation = ablation.kind_of(run_cfg, model)
-        record = ablation.prepare(model, run_cfg, d)
+        model.ablation = kind_of(run_cfg, model)
+        record = prepare_ablation(model, run_cfg, d)
         circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
         model.set_edges(circuit.edges)
         per = {"kl": [], "faithfulness": []} if cfg.data.loss == "kl" else {"mse": []}

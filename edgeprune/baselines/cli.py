@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..experiment import task_metric
+from ..experiment import prepare, task_metric
 from .acdc import DEFAULT_TAU
 from .attribution import IG_RULES, METRICS
 from .curve import DEFAULT_BUDGETS, parse_budgets
@@ -23,30 +23,6 @@ from .selection import ORDERINGS
 # ---------------------------------------------------------------------------- shared
 def _device_overrides(args) -> list[str]:
     return (args.set or []) + ([f"model.device={args.device}"] if args.device else [])
-
-
-def _task(cfg, split: str, batch_size: int | None, n_batches: int | None, run_dir=None):
-    """The model of ``cfg`` and a list of batches of ``split``, with its ablation states (``run_dir``:
-    the run whose stored mean states to use)."""
-    from .. import ablation
-    from ..experiment import load_model, load_split
-    from ..tasks.jsonl import batches
-
-    model = load_model(cfg.model)
-    train = None
-    if cfg.model.positions is not None:  # position-aware: the training split names the spans, as in prune
-        from ..experiment import use_spans
-        train = load_split(cfg.data, model, cfg.data.train_split)
-        use_spans(cfg.model.positions, model, train)
-    record = ablation.prepare(model, cfg, run_dir, train)  # a run's stored mean states, as pruning used them
-    data = train if train is not None and split == cfg.data.train_split else load_split(cfg.data, model, split)
-    bs = batch_size or cfg.prune.batch_size
-    out = []
-    for i, b in enumerate(batches(data.examples, bs, data.pad_token_id)):
-        if n_batches is not None and i >= n_batches:
-            break
-        out.append(b)
-    return model, out, data.source, record
 
 
 def _positive(text: str) -> int:
@@ -117,7 +93,8 @@ def _attribute(args) -> int:
     from .scores import save_scores
 
     cfg = load_config(args.config, _device_overrides(args))
-    model, batches, source, _ = _task(cfg, args.split, args.batch_size, args.batches, Path(cfg.run.output_dir))
+    model, batches, source, _ = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
+                                       run_dir=Path(cfg.run.output_dir))
     scores = attribute(model, batches, args.method, metric=args.metric, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
                        tau=args.tau, progress=not args.no_progress,
                        settings={"split": args.split, "data": source,
@@ -162,7 +139,8 @@ def _curve(args) -> int:
     budgets = args.budgets or list(DEFAULT_BUDGETS)
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
-    model, batches, source, record = _task(cfg, args.split, args.batch_size, args.batches, runs[0] if runs else None)
+    model, batches, source, record = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
+                                            run_dir=runs[0] if runs else None)
     result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=budgets,
                                 selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress,
                      task_metric=task_metric(cfg.data, model))
@@ -208,7 +186,8 @@ def _compare(args) -> int:
 
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
-    model, batches, source, record = _task(cfg, args.split, args.batch_size, args.batches, runs[0] if runs else None)
+    model, batches, source, record = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
+                                            run_dir=runs[0] if runs else None)
     result = compare(model, batches, runs=runs, scores=scores, n_edges=args.edges, selection=args.selection,
                      loss=cfg.data.loss, progress=not args.no_progress,
                      task_metric=task_metric(cfg.data, model))
