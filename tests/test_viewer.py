@@ -320,3 +320,63 @@ def test_a_200k_edge_page_renders_and_its_slider_moves(tmp_path, monkeypatch, op
     assert page.locator("#edges path.edge").count() > 0
     page.fill("#slider-0", "60000")
     assert page.locator("#edges path.edge").count() > 0
+
+
+def _table(page, k: int = 0) -> tuple[str, str]:
+    t = page.locator(f"#src-{k} table.m")
+    return t.get_attribute("data-kind"), t.inner_text()
+
+
+def test_panel_shows_only_figures_measured_for_the_circuit_on_screen(small, open_page, tmp_path):
+    graph, values = small
+    src = load_source("a.safetensors")
+    key = values.abs()
+    count = lambda n: int(select_top(graph, key, n).sum())  # noqa: E731
+    src.points = [{"prefix": n, "edges": count(n), "faithfulness": f, "kl": 1 - f, "split": "validation",
+                   "source": "view"} for n, f in ((40, 0.25), (90, 0.75))]
+    page = open_page(write_html(build_payload([src], cap=graph.num_edges, initial=[40]), tmp_path / "p.html"))
+    kind, text = _table(page)
+    assert kind == "measured" and "0.25" in text and f"{count(40)} edges" in text
+    page.fill("#slider-0", "60")  # between the two measured sizes: neither figure as if it were this one's
+    kind, text = _table(page)
+    assert kind == "between" and "not measured" in text and "0.25" in text and "0.75" in text
+    page.fill("#slider-0", "0")
+    kind, text = _table(page)
+    assert kind == "empty" and "0 (by definition)" in text
+    page.fill("#slider-0", str(graph.num_edges))
+    kind, text = _table(page)
+    assert kind == "full" and "1 (by definition)" in text
+    assert page.locator("#src-0 svg.plot").count() == 1  # faithfulness vs edges, a marker at the slider
+
+
+def test_find_node_by_prefix_and_a_removed_node_drops_the_selection(small, open_page, tmp_path):
+    page = open_page(write_html(build_payload([load_source("a.safetensors")], cap=60, initial=[60]), tmp_path / "s.html"))
+    page.fill("#search", "a1")
+    page.dispatch_event("#search", "change")
+    selected = page.locator("#nodes g.sel")
+    assert selected.count() == 1 and selected.get_attribute("data-name").startswith("a1")
+    assert "start with a1" in page.inner_text("#info")
+    page.fill("#slider-0", "0")  # the node leaves the circuit: no stale selection, no faded graph
+    assert page.locator("#nodes g.sel").count() == 0 and page.locator(".faded").count() == 0
+    assert "not in the circuit" in page.inner_text("#info")
+
+
+def test_view_measures_the_slider_at_log_spaced_sizes(tmp_path):
+    from conftest import build, prune_tiny
+    from edgeprune.rundir import load_run_config
+    from edgeprune.viewer.measure import measure
+
+    result = prune_tiny(build("gpt2", vocab_size=512), tmp_path, "gpt2")
+    run = result.output_dir
+    src = load_source(run)
+    points = measure(src, load_run_config(run), cap=len(src.edges), run_dir=run)
+    graph = src.graph
+    order = torch.tensor([graph.edges.index(tuple(e)) for e in src.edges])
+    for p in points:
+        kept = torch.zeros(graph.num_edges, dtype=torch.bool)
+        kept[order[:p["prefix"]]] = True
+        from edgeprune.circuit import remove_dangling
+        assert p["edges"] == int(remove_dangling(graph, kept).sum())  # the slider's circuit at that prefix
+    assert len(points) >= 12 and src.default_n in [p["prefix"] for p in points]
+    full = [p for p in points if p["prefix"] == len(src.edges)][0]
+    assert full["faithfulness"] == pytest.approx(1.0, abs=1e-5) and full["kl"] == pytest.approx(0.0, abs=1e-5)

@@ -109,6 +109,10 @@
       const o = document.createElement("option"); o.value = nd.name; names.appendChild(o);
     });
     document.getElementById("empty").hidden = drawn.length > 0;
+    if (state.sel !== null && !used.has(state.sel)) {  // the slider removed the selected node: drop the selection
+      const gone = N[state.sel].name; clear();
+      document.getElementById("info").textContent = `${gone} is not in the circuit at this size`;
+    }
     controls(); if (state.sel !== null) highlight(state.sel);
   }
 
@@ -165,16 +169,44 @@
   document.getElementById("canvas").addEventListener("click", clear);
   document.getElementById("mode").addEventListener("change", () => state.sel !== null && highlight(state.sel));
   document.getElementById("search").addEventListener("change", ev => {
-    const id = N.findIndex(nd => nd.name === ev.target.value.trim());
-    const g = document.getElementById("node-" + id);
-    if (id < 0 || !g) { document.getElementById("info").textContent = `no node ${ev.target.value} in this circuit`; return; }
-    choose(id); g.scrollIntoView({ block: "center", inline: "center" });
+    const text = ev.target.value.trim();
+    const shown = id => document.getElementById("node-" + id) !== null;
+    let id = N.findIndex((nd, i) => nd.name === text && shown(i));
+    const matches = [];  // by prefix: "a1" finds a1.h0, a1.g0.k, ...
+    if (id < 0) N.forEach((nd, i) => { if (text && nd.name.startsWith(text) && shown(i)) matches.push(i); });
+    if (id < 0 && matches.length) id = matches[0];
+    if (id < 0) { document.getElementById("info").textContent = `no node ${text} in this circuit`; return; }
+    choose(id); document.getElementById("node-" + id).scrollIntoView({ block: "center", inline: "center" });
+    if (matches.length > 1) document.getElementById("info").textContent += `\n${matches.length} nodes start with ${text}: ` + matches.slice(0, 12).map(i => N[i].name).join(", ") + (matches.length > 12 ? ", ..." : "");
   });
 
-  function nearest(points, count) {
-    let best = null;
-    for (const p of points) if (best === null || Math.abs(p.edges - count) < Math.abs(best.edges - count)) best = p;
-    return best;
+  // The figures of the circuit on screen, never another size's: measured at this prefix (or, for
+  // points without one, this edge count), or by definition (0 edges: the empty circuit; every edge:
+  // the full model); otherwise the two measured neighbours, labelled as such.
+  function figuresAt(s, k, count) {
+    const exact = s.points.find(p => (p.prefix !== undefined ? p.prefix === state.n[k] : p.edges === count));
+    if (exact) return { kind: "measured", rows: [exact] };
+    if (count === 0) return { kind: "empty" };
+    if (s.values && s.shipped === s.candidates && state.n[k] === s.shipped && count === s.candidates) return { kind: "full" };
+    let below = null, above = null;
+    for (const p of s.points) {
+      if (p.edges < count && (below === null || p.edges > below.edges)) below = p;
+      if (p.edges > count && (above === null || p.edges < above.edges)) above = p;
+    }
+    return { kind: "between", rows: [below, above].filter(p => p !== null) };
+  }
+  function plot(s, count) {  // faithfulness vs edges (log x) of the measured points, a marker at the slider
+    const pts = s.points.filter(p => typeof p.faithfulness === "number" && p.edges > 0 && p.prefix !== undefined);
+    if (pts.length < 2) return null;
+    const W = 300, H = 70, x0 = Math.log(pts[0].edges), x1 = Math.log(pts[pts.length - 1].edges) || x0 + 1;
+    let lo = 0, hi = 1;
+    for (const p of pts) { lo = Math.min(lo, p.faithfulness); hi = Math.max(hi, p.faithfulness); }
+    const X = e => 4 + (W - 8) * (Math.log(Math.max(e, 1)) - x0) / (x1 - x0 || 1), Y = f => H - 4 - (H - 8) * (f - lo) / (hi - lo || 1);
+    const g = el("svg", { width: W, height: H, class: "plot" });
+    el("path", { d: pts.map((p, i) => `${i ? "L" : "M"}${X(p.edges).toFixed(1)},${Y(p.faithfulness).toFixed(1)}`).join(" "), class: "curve" }, g);
+    for (const p of pts) el("circle", { cx: X(p.edges), cy: Y(p.faithfulness), r: 2 }, g);
+    if (count > 0) el("line", { x1: X(count), x2: X(count), y1: 0, y2: H, class: "marker" }, g);
+    return g;
   }
   const SHOW = ["faithfulness", "kl", "logit_diff_ratio", "exact_match", "accuracy_circuit"];
   function controls() {
@@ -196,15 +228,22 @@
       const count = current[k].length;
       document.getElementById("count-" + k).textContent = fmt(count);
       div.querySelector(".prefix").textContent = s.values ? `top ${fmt(state.n[k])} ranked edges, dangling edges removed` : "";
-      const p = nearest(s.points, count), m = div.querySelector(".metrics");
+      const m = div.querySelector(".metrics"), fig = figuresAt(s, k, count);
       m.textContent = "";
-      if (p) {
-        const t = document.createElement("table"); t.className = "m";
-        const rows = [[`at ${fmt(p.edges)} edges (nearest evaluated${p.split ? ", " + p.split : ""}, ${p.source})`, ""]]
-          .concat(SHOW.filter(key => key in p).map(key => [key, fmt(p[key])]));
-        for (const [a, b] of rows) { const tr = t.insertRow(); tr.insertCell().textContent = a; tr.insertCell().textContent = b; }
-        m.appendChild(t);
+      const t = document.createElement("table"); t.className = "m";
+      const add = (a, b) => { const tr = t.insertRow(); tr.insertCell().textContent = a; tr.insertCell().textContent = b; };
+      const where = p => `${p.split ? p.split + ", " : ""}${p.source}`;
+      if (fig.kind === "empty") { add("empty circuit (every edge ablated)", ""); add("faithfulness", "0 (by definition)"); }
+      else if (fig.kind === "full") { add("every edge: the full model", ""); add("faithfulness", "1 (by definition)"); add("kl", "0 (by definition)"); }
+      else if (fig.kind === "measured") { const p = fig.rows[0]; add(`measured at these ${fmt(p.edges)} edges (${where(p)})`, ""); SHOW.concat(Object.keys(p).filter(key => key.endsWith("/faithfulness"))).filter(key => key in p).forEach(key => add(key, fmt(p[key]))); }
+      else {
+        add(s.points.length ? `not measured at ${fmt(count)} edges` : "not evaluated (edgeprune view --no-eval, or no config)", "");
+        for (const p of fig.rows) add(`measured at ${fmt(p.edges)} edges (${p.edges < count ? "fewer" : "more"}; ${where(p)})`, `faithfulness ${"faithfulness" in p ? fmt(p.faithfulness) : "-"}`);
       }
+      t.dataset.kind = fig.kind;
+      m.appendChild(t);
+      const chart = plot(s, count);
+      if (chart) m.appendChild(chart);
     });
     const cmp = document.getElementById("compare");
     if (two) {
@@ -219,6 +258,10 @@
   const items = two ? [["#222222", "in both"], ["#D55E00", "A only"], ["#0072B2", "B only"]]
     : [["q", "query input"], ["k", "key input"], ["v", "value input"], ["mlp", "MLP input"], ["output", "resid_post"]].map(([k, t]) => [D.colours[k], "edge into a " + t]);
   for (const [c, t] of items) { const d = document.createElement("div"); d.innerHTML = `<span class="sw" style="background:${c}"></span>`; d.append(t); legend.appendChild(d); }
+  const notes = ["width: rank within the circuit shown (rank 1 widest)"];
+  if (S.some(s => s.signed)) notes.push("dashed: a negative score (ablating the edge raises the metric)");
+  notes.push("dotted: a Q/K/V input to its head");
+  for (const t of notes) { const d = document.createElement("div"); d.className = "note"; d.textContent = t; legend.appendChild(d); }
   document.getElementById("title").textContent = D.title;
   document.getElementById("graphinfo").textContent = `graph: ${D.graph}`;
   document.getElementById("zin").onclick = () => { state.zoom *= 1.25; size(); };
