@@ -380,3 +380,20 @@ def test_view_measures_the_slider_at_log_spaced_sizes(tmp_path):
     assert len(points) >= 12 and src.default_n in [p["prefix"] for p in points]
     full = [p for p in points if p["prefix"] == len(src.edges)][0]
     assert full["faithfulness"] == pytest.approx(1.0, abs=1e-5) and full["kl"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_edges_within_one_column_are_bowed_apart(tmp_path, monkeypatch, open_page):
+    """MLP -> MLP and MLP -> resid_post edges share a column: each is bowed, the longer further, so
+    none runs straight through the boxes between and m0 -> m3 is told from m0 -> m1."""
+    monkeypatch.chdir(tmp_path)
+    graph = Graph(GraphSpec(n_layers=4, n_heads=2))
+    circuit = [("m0", "m1"), ("m0", "m3"), ("m1", "m3"), ("m3", "resid_post"), ("m0", "resid_post"),
+               ("tok_embeds", "m0")]
+    Path("edges.json").write_text(json.dumps(circuit))
+    Path("circuit.json").write_text(json.dumps({"graph": graph.fingerprint()}))
+    page = open_page(write_html(build_payload([load_source("edges.json")]), tmp_path / "c.html"))
+    width = {tuple(e): w for *e, w in page.eval_on_selector_all(
+        "#edges path.edge", "els => els.map(e => [e.dataset.w, e.dataset.r, e.getBBox().width])")}
+    aligned = [("m0", "m1"), ("m0", "m3"), ("m1", "m3"), ("m3", "resid_post"), ("m0", "resid_post")]
+    assert all(width[e] > 5 for e in aligned), width
+    assert width[("m0", "m3")] > width[("m0", "m1")] and width[("m0", "resid_post")] > width[("m3", "resid_post")]

@@ -57,7 +57,10 @@
     const y1 = a.y - (a.kind === "head" || a.kind === "mlp" || a.kind === "embed" ? 8 : 4);
     const y2 = b.y + (b.kind === "mlp" || b.kind === "output" ? 8 : 4);
     const ym = (y1 + y2) / 2;
-    return `M${a.x},${y1} C${a.x},${ym} ${b.x},${ym} ${b.x},${y2}`;
+    // writer and reader in one column (MLP -> MLP, MLP -> resid_post): bow sideways, further for longer
+    // edges, so m0 -> m4 is not drawn over m0 -> m1 -> ... and no edge runs through the boxes between
+    const bow = Math.abs(a.x - b.x) < 1 ? Math.min(240, 14 + 0.18 * Math.abs(y1 - y2)) : 0;
+    return `M${a.x},${y1} C${a.x + bow},${ym} ${b.x + bow},${ym} ${b.x},${y2}`;
   }
   const membership = {};  // "w,r" -> bit mask of the sources holding the edge
   let drawn = [];  // [w, r, mask, [k, i] of the first source holding it]
