@@ -130,14 +130,14 @@ def open_page(browser):
     """Open an HTML file; after the test, assert no console errors and no request but the file itself."""
     pages = []
 
-    def open_(path: Path):
+    def open_(path: Path, fragment: str = ""):
         page = browser.new_page()
         page.errors, page.requests = [], []
         page.on("console", lambda m: m.type == "error" and page.errors.append(m.text))
         page.on("pageerror", lambda e: page.errors.append(str(e)))
-        page.on("request", lambda r: page.requests.append(r.url))
+        page.on("request", lambda r: page.requests.append(r.url.split("#")[0]))
         url = Path(path).resolve().as_uri()
-        page.goto(url)
+        page.goto(url + (f"#{fragment}" if fragment else ""))
         page.wait_for_selector("body[data-ready='1']", timeout=10_000)
         pages.append((page, url))
         return page
@@ -397,3 +397,69 @@ def test_edges_within_one_column_are_bowed_apart(tmp_path, monkeypatch, open_pag
     aligned = [("m0", "m1"), ("m0", "m3"), ("m1", "m3"), ("m3", "resid_post"), ("m0", "resid_post")]
     assert all(width[e] > 5 for e in aligned), width
     assert width[("m0", "m3")] > width[("m0", "m1")] and width[("m0", "resid_post")] > width[("m3", "resid_post")]
+
+
+def test_export_from_the_page_equals_edgeprune_export(tmp_path, open_page):
+    from conftest import build, prune_tiny
+
+    result = prune_tiny(build("llama", vocab_size=512), tmp_path, "llama")  # GQA: grouped K/V readers
+    run = result.output_dir
+    assert main(["export", str(run), "-o", str(run / "edges.json")]) == 0
+    assert main(["view", str(run), "--no-eval"]) == 0
+    page = open_page(run / "circuit.html")  # opens at the run's own circuit
+    assert json.loads(page.evaluate("window.edgeprune.exportEdges(0)")) == json.loads((run / "edges.json").read_text())
+    with page.expect_download() as info:
+        page.click("#export-0")
+    assert json.loads(Path(info.value.path()).read_text()) == json.loads((run / "edges.json").read_text())
+
+
+def test_view_state_in_the_url_reopens_the_same_view(small, open_page, tmp_path):
+    path = write_html(build_payload([load_source("a.safetensors")], cap=80, initial=[40]), tmp_path / "u.html")
+    page = open_page(path)
+    page.fill("#slider-0", "55")
+    names = page.eval_on_selector_all("#nodes g", "els => els.map(e => e.dataset.name)")
+    heads = [n for n in names if n.startswith("a") and n.count(".") == 1][:2]  # heads: drawn as boxes
+    page.click(f"#nodes g[data-name='{heads[0]}'] rect")
+    page.click(f"#nodes g[data-name='{heads[1]}'] rect", modifiers=["Shift"])  # pin a second node
+    page.select_option("#mode", "up")
+    state, edges = page.evaluate("window.edgeprune.state()"), page_edges(page)
+    assert state["n"] == [55] and sorted(state["pins"]) == sorted(heads) and page.locator("#nodes g.sel").count() == 2
+    fragment = page.evaluate("location.hash").lstrip("#")
+    again = open_page(path, fragment)
+    assert again.evaluate("window.edgeprune.state()")["n"] == [55] and page_edges(again) == edges
+    assert sorted(again.evaluate("window.edgeprune.state()")["pins"]) == sorted(heads)
+    assert again.input_value("#mode") == "up" and again.locator("#nodes g.sel").count() == 2
+
+
+def test_wheel_zooms_drag_pans_and_the_page_opens_fitted(small, open_page, tmp_path):
+    page = open_page(write_html(build_payload([load_source("a.safetensors")], cap=80, initial=[60]), tmp_path / "z.html"))
+    box = page.locator("#canvas").bounding_box()
+    nodes = page.locator("#nodes").bounding_box()  # fitted: the drawn nodes are inside the visible canvas
+    assert nodes["x"] >= box["x"] - 1 and nodes["y"] >= box["y"] - 1
+    assert nodes["x"] + nodes["width"] <= box["x"] + box["width"] + 1 and nodes["y"] + nodes["height"] <= box["y"] + box["height"] + 1
+    z0 = page.evaluate("window.edgeprune.state().zoom")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.wheel(0, -300)
+    z1 = page.evaluate("window.edgeprune.state().zoom")
+    assert z1 > z0
+    before = page.evaluate("[canvas.scrollLeft, canvas.scrollTop]")
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] / 2 - 80, box["y"] + box["height"] / 2 - 60, steps=4)
+    page.mouse.up()
+    assert page.evaluate("[canvas.scrollLeft, canvas.scrollTop]") != before
+
+
+def test_compare_lock_keeps_both_circuits_at_equal_size(small, open_page, tmp_path):
+    graph, _ = small
+    write_scores(Path("b.safetensors"), graph, seed=5, method="eap-ig")
+    page = open_page(write_html(build_payload([load_source("a.safetensors"), load_source("b.safetensors")], cap=137),
+                                tmp_path / "ab.html"))
+    page.check("#lock")
+    for n in (30, 90):
+        page.fill("#slider-0", str(n))
+        a, b = (int(page.inner_text(f"#count-{k}").replace(",", "")) for k in (0, 1))
+        assert abs(a - b) <= max(2, a // 10), (n, a, b)
+    name = page.eval_on_selector_all("#nodes g", "els => els.map(e => e.dataset.name)")[0]
+    page.hover(f"#nodes g[data-name='{name}']")
+    info = page.inner_text("#info")
+    assert "A: in-degree" in info and "B: in-degree" in info  # degrees per circuit

@@ -18,7 +18,7 @@ its head) stay in the input's column, and ``outputs`` lists ``resid_post`` of ev
 
 from __future__ import annotations
 
-from ..circuit import EMBEDDINGS, reader_nodes
+from ..circuit import EMBEDDINGS, reader_nodes, span_edges
 from ..draw import COLOURS, parse_node
 from .sources import ViewSource
 
@@ -122,6 +122,7 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
         return [index[(graph.writers[w], t)] for t in targets for w in feeds_of[name] if (graph.writers[w], t) in index]
 
     feeds = [fed(k, True) for k in order]
+    mask_order = {tuple(e): i for i, e in enumerate(span_edges(graph, spans))}  # the order export writes
     out = []
     for k, (s, edges) in enumerate(zip(sources, shipped)):
         n0 = s.default_n if not initial or initial[k] is None else initial[k]
@@ -130,6 +131,7 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
             "signed": s.kind == "scores",  # attribution scores carry a sign (negative: drawn dashed)
             "candidates": len(s.edges), "shipped": len(edges), "default_n": max(0, min(n0, len(edges))),
             "w": [index[(e[0], span_of(e))] for e in edges], "r": [index[(e[1], span_of(e))] for e in edges],
+            "gi": [mask_order.get(tuple(e), -1) for e in edges],
             "values": None if s.values is None else [_r(v) for v in s.values[:cap]],
             "points": [{k2: (_r(v) if isinstance(v, float) else v) for k2, v in q.items()} for q in s.points],
             "node_values": None if s.node_values is None else

@@ -13,7 +13,7 @@
     return e;
   };
   const fmt = v => (typeof v === "number" ? (Number.isInteger(v) ? v.toLocaleString("en") : v.toPrecision(4)) : String(v));
-  const state = { n: S.map(s => s.default_n), sel: null, zoom: 1 };
+  const state = { n: S.map(s => s.default_n), sel: null, pins: new Set(), zoom: 1, lock: false };
   const current = S.map(() => []);  // per source: indices (into its ranking) of the edges kept
 
   // The same rule as circuit.remove_dangling: keep an edge only on a path embedding -> resid_post.
@@ -108,27 +108,33 @@
         const t = el("text", { x: nd.x, y: nd.y + 3, "text-anchor": "middle" }, g); t.textContent = nd.label || nd.name;
       }
       g.addEventListener("mouseenter", () => showNode(id));
-      g.addEventListener("click", ev => { ev.stopPropagation(); choose(id); });
+      g.addEventListener("click", ev => { ev.stopPropagation(); choose(id, ev.shiftKey); });
       const o = document.createElement("option"); o.value = nd.name; names.appendChild(o);
     });
     document.getElementById("empty").hidden = drawn.length > 0;
-    if (state.sel !== null && !used.has(state.sel)) {  // the slider removed the selected node: drop the selection
-      const gone = N[state.sel].name; clear();
-      document.getElementById("info").textContent = `${gone} is not in the circuit at this size`;
+    const gone = [...state.pins].filter(id => !used.has(id));
+    if (gone.length) {  // the slider removed pinned nodes: drop them from the selection
+      gone.forEach(id => state.pins.delete(id));
+      if (!state.pins.has(state.sel)) state.sel = state.pins.size ? [...state.pins][0] : null;
+      if (!state.pins.size) clear();
+      document.getElementById("info").textContent = `${gone.map(id => N[id].name).join(", ")}: not in the circuit at this size`;
     }
-    controls(); if (state.sel !== null) highlight(state.sel);
+    controls(); if (state.pins.size) highlight(); saveState();
   }
 
-  function degree(id) {
+  function degree(id, k) {  // in the drawn union, or (k) in source k's circuit
     let into = 0, out = 0;
     const head = N[id].kind === "head";
     const feedsIt = r => r === id || (head && D.feeds[r].includes(id));
-    for (const [w, r] of drawn) { if (w === id) out++; if (feedsIt(r)) into++; }
+    const pairs = k === undefined ? drawn : current[k].map(i => [S[k].w[i], S[k].r[i]]);
+    for (const [w, r] of pairs) { if (w === id) out++; if (feedsIt(r)) into++; }
     return [into, out];
   }
   function showNode(id) {
     const nd = N[id], [into, out] = degree(id);
     let text = `${nd.name}\nkind: ${nd.kind}\nin-degree: ${into}  out-degree: ${out}`;
+    if (two) S.forEach((s, k) => { const [i, o] = degree(id, k); text += `\n${"AB"[k]}: in-degree ${i}  out-degree ${o}`; });
+    if (state.pins.size > 1) text += `\npinned: ${[...state.pins].map(p => N[p].name).join(", ")}`;
     S.forEach(s => { if (s.node_values && nd.name in s.node_values) text += `\nnode log_alpha (${s.label}): ${fmt(s.node_values[nd.name])}`; });
     document.getElementById("info").textContent = text;
   }
@@ -157,29 +163,36 @@
     }
     return [new Set([...nodesUp, ...nodesDown]), edgesOn];
   }
-  function highlight(id) {
-    const [nodes, edges] = related(id, document.getElementById("mode").value);
+  function highlight() {  // the union of the pinned nodes' ancestors / descendants
+    const nodes = new Set(), edges = new Set();
+    for (const id of state.pins) { const [ns, es] = related(id, document.getElementById("mode").value); ns.forEach(n => nodes.add(n)); es.forEach(e => edges.add(e)); }
     const paths = gEdges.children;
     for (let e = 0; e < paths.length; e++) paths[e].classList.toggle("faded", !edges.has(e));
     for (const g of gNodes.children) {
       const nid = Number(g.id.slice(5));
       const near = nodes.has(nid) || D.feeds[nid].some(h => nodes.has(h));
-      g.classList.toggle("faded", !near); g.classList.toggle("sel", nid === id);
+      g.classList.toggle("faded", !near); g.classList.toggle("sel", state.pins.has(nid));
     }
   }
-  function clear() { state.sel = null; for (const c of [...gEdges.children, ...gNodes.children]) c.classList.remove("faded", "sel"); }
-  function choose(id) { state.sel = id; highlight(id); showNode(id); }
-  document.getElementById("canvas").addEventListener("click", clear);
-  document.getElementById("mode").addEventListener("change", () => state.sel !== null && highlight(state.sel));
+  function clear() { state.sel = null; state.pins.clear(); for (const c of [...gEdges.children, ...gNodes.children]) c.classList.remove("faded", "sel"); saveState(); }
+  function choose(id, add) {  // click: select this node; shift+click: pin it beside the others (again: unpin)
+    if (!add) state.pins.clear();
+    if (add && state.pins.has(id)) state.pins.delete(id); else state.pins.add(id);
+    state.sel = id;
+    if (!state.pins.size) { clear(); return; }
+    highlight(); showNode(id); saveState();
+  }
+  document.getElementById("canvas").addEventListener("click", () => { if (!dragged) clear(); });
+  document.getElementById("mode").addEventListener("change", () => { if (state.pins.size) highlight(); saveState(); });
   document.getElementById("search").addEventListener("change", ev => {
-    const text = ev.target.value.trim();
+    const text = ev.target.value.trim(); state.q = text;
     const shown = id => document.getElementById("node-" + id) !== null;
     let id = N.findIndex((nd, i) => nd.name === text && shown(i));
     const matches = [];  // by prefix: "a1" finds a1.h0, a1.g0.k, ...
     if (id < 0) N.forEach((nd, i) => { if (text && nd.name.startsWith(text) && shown(i)) matches.push(i); });
     if (id < 0 && matches.length) id = matches[0];
     if (id < 0) { document.getElementById("info").textContent = `no node ${text} in this circuit`; return; }
-    choose(id); document.getElementById("node-" + id).scrollIntoView({ block: "center", inline: "center" });
+    choose(id, false); document.getElementById("node-" + id).scrollIntoView({ block: "center", inline: "center" });
     if (matches.length > 1) document.getElementById("info").textContent += `\n${matches.length} nodes start with ${text}: ` + matches.slice(0, 12).map(i => N[i].name).join(", ") + (matches.length > 12 ? ", ..." : "");
   });
 
@@ -223,7 +236,7 @@
           `<div>edges in circuit: <span class="count" id="count-${k}"></span></div><div class="prefix"></div><div class="metrics"></div>` +
           `<div class="note"></div>`;
         div.querySelector(".lab").textContent = s.label;
-        if (s.values) div.querySelector("input").addEventListener("input", ev => { state.n[k] = Number(ev.target.value); render(); });
+        if (s.values) div.querySelector("input").addEventListener("input", ev => { state.n[k] = Number(ev.target.value); if (state.lock) match(k); render(); });
         div.querySelector(".note").textContent = s.values
           ? `ranked by ${s.rank_by}; the page holds the top ${fmt(s.shipped)} of ${fmt(s.candidates)} edges (cap ${fmt(D.cap)}, --max-edges)`
           : `a fixed circuit from its file${s.graph_known ? "" : " (graph inferred from the names)"}`;
@@ -249,12 +262,91 @@
       if (chart) m.appendChild(chart);
     });
     const cmp = document.getElementById("compare");
+    if (two && !document.getElementById("lock")) {
+      const l = document.createElement("label"); l.innerHTML = `<input type="checkbox" id="lock"> equal size (moving one slider sets the other to the same edge count)`;
+      cmp.before(l);
+      l.querySelector("input").addEventListener("change", ev => { state.lock = ev.target.checked; if (state.lock) { match(0); render(); } });
+    }
     if (two) {
       const a = new Set(current[0].map(i => S[0].w[i] + "," + S[0].r[i])), b = new Set(current[1].map(i => S[1].w[i] + "," + S[1].r[i]));
       const both = [...a].filter(x => b.has(x)).length, union = a.size + b.size - both;
       cmp.innerHTML = `both: <span class="count" id="count-both">${both}</span> &nbsp; A only: <span class="count" id="count-a-only">${a.size - both}</span>` +
         ` &nbsp; B only: <span class="count" id="count-b-only">${b.size - both}</span><br>IoU: <span class="count" id="iou">${union ? (both / union).toFixed(4) : "n/a"}</span>`;
     }
+  }
+
+  // equal size: the other source's prefix whose circuit's edge count is nearest this one's
+  function match(k) {
+    const j = 1 - k, s = S[j];
+    if (!s.values) return;
+    select(k);
+    const want = current[k].length, countAt = n => { state.n[j] = n; select(j); return current[j].length; };
+    let lo = 0, hi = s.shipped;
+    while (lo < hi) { const mid = (lo + hi) >> 1; if (countAt(mid) < want) lo = mid + 1; else hi = mid; }
+    const below = Math.max(0, lo - 1), pick = Math.abs(countAt(lo) - want) <= Math.abs(countAt(below) - want) ? lo : below;
+    state.n[j] = pick;
+    const el2 = document.getElementById("slider-" + j); if (el2) el2.value = pick;
+  }
+
+  // the view in the URL (#n=120&pin=a1.h0,m2&mode=up&q=a1): a link reopens the same view
+  function saveState() {
+    const parts = [`n=${state.n.join(",")}`];
+    if (state.pins.size) parts.push("pin=" + [...state.pins].map(id => encodeURIComponent(N[id].name)).join(","));
+    const mode = document.getElementById("mode").value; if (mode !== "both") parts.push(`mode=${mode}`);
+    if (state.q) parts.push("q=" + encodeURIComponent(state.q));
+    if (state.lock) parts.push("lock=1");
+    history.replaceState(null, "", "#" + parts.join("&"));
+  }
+  function loadState() {
+    const h = new URLSearchParams(location.hash.slice(1));
+    if (h.has("n")) h.get("n").split(",").forEach((v, k) => { const n = Number(v); if (k < S.length && Number.isInteger(n) && n >= 0) state.n[k] = Math.min(n, S[k].shipped || n); });
+    if (h.has("mode")) document.getElementById("mode").value = h.get("mode");
+    if (h.has("q")) { state.q = h.get("q"); document.getElementById("search").value = state.q; }
+    state.lock = h.get("lock") === "1";
+    const byName = new Map(N.map((nd, i) => [nd.name, i]));
+    return (h.get("pin") || "").split(",").filter(Boolean).map(x => byName.get(decodeURIComponent(x))).filter(x => x !== undefined);
+  }
+
+  // the slider's circuit as edges.json: [writer, reader] pairs (position-aware: [writer, reader, span]
+  // triples) in the masks' order, as `edgeprune export` writes them
+  function exportEdges(k) {
+    const s = S[k], plain = nd => (nd.label !== undefined ? nd.label : nd.name);
+    const spanOf = nd => nd.name.slice(nd.name.lastIndexOf("@") + 1);
+    const rows = current[k].slice().sort((a, b) => s.gi[a] - s.gi[b]).map(i => {
+      const w = N[s.w[i]], r = N[s.r[i]];
+      return D.spans ? [plain(w), plain(r), spanOf(r)] : [plain(w), plain(r)];
+    });
+    return JSON.stringify(rows);
+  }
+  function download(k) {
+    const a = document.createElement("a");
+    a.href = URL.createObjectURL(new Blob([exportEdges(k)], { type: "application/json" }));
+    a.download = "edges.json"; a.click(); setTimeout(() => URL.revokeObjectURL(a.href), 1000);
+  }
+
+  // zoom on the wheel (about the cursor), pan by dragging the background, open fitted to the circuit
+  const canvas = document.getElementById("canvas");
+  let drag = null, dragged = false;
+  function zoomAt(factor, cx, cy) {
+    const r = canvas.getBoundingClientRect(), x = canvas.scrollLeft + cx - r.left, y = canvas.scrollTop + cy - r.top;
+    const z0 = state.zoom; state.zoom = Math.min(8, Math.max(0.05, z0 * factor)); size();
+    canvas.scrollLeft = x * state.zoom / z0 - (cx - r.left); canvas.scrollTop = y * state.zoom / z0 - (cy - r.top);
+  }
+  canvas.addEventListener("wheel", ev => { ev.preventDefault(); zoomAt(ev.deltaY < 0 ? 1.15 : 1 / 1.15, ev.clientX, ev.clientY); }, { passive: false });
+  canvas.addEventListener("mousedown", ev => { drag = { x: ev.clientX, y: ev.clientY, l: canvas.scrollLeft, t: canvas.scrollTop }; dragged = false; });
+  window.addEventListener("mousemove", ev => {
+    if (!drag) return;
+    const dx = ev.clientX - drag.x, dy = ev.clientY - drag.y;
+    if (Math.abs(dx) + Math.abs(dy) > 3) dragged = true;
+    canvas.scrollLeft = drag.l - dx; canvas.scrollTop = drag.t - dy;
+  });
+  window.addEventListener("mouseup", () => { drag = null; });
+  function fit() {
+    const b = gNodes.childElementCount ? gNodes.getBBox() : { x: 0, y: 0, width: D.width, height: D.height };
+    const pad = 30, w = b.width + 2 * pad, h = b.height + 2 * pad;
+    state.zoom = Math.min(2, canvas.clientWidth / w, canvas.clientHeight / h); size();
+    canvas.scrollLeft = (b.x - pad) * state.zoom - Math.max(0, (canvas.clientWidth - w * state.zoom) / 2);
+    canvas.scrollTop = (b.y - pad) * state.zoom - Math.max(0, (canvas.clientHeight - h * state.zoom) / 2);
   }
 
   const legend = document.getElementById("legend");
@@ -269,8 +361,17 @@
   document.getElementById("graphinfo").textContent = `graph: ${D.graph}`;
   document.getElementById("zin").onclick = () => { state.zoom *= 1.25; size(); };
   document.getElementById("zout").onclick = () => { state.zoom /= 1.25; size(); };
-  document.getElementById("zfit").onclick = () => { const c = document.getElementById("canvas"); state.zoom = Math.min(c.clientWidth / D.width, c.clientHeight / D.height); size(); };
+  document.getElementById("zfit").onclick = fit;
+  const pinned = loadState();
   size(); render();
-  window.edgeprune = { ready: true, sources: S.length, setSize(k, n) { state.n[k] = n; const s = document.getElementById("slider-" + k); if (s) s.value = n; render(); } };
+  S.forEach((s, k) => {  // an export button per circuit
+    const b = document.createElement("button"); b.id = "export-" + k; b.textContent = "download edges.json";
+    b.addEventListener("click", () => download(k)); document.getElementById("src-" + k).appendChild(b);
+  });
+  if (two && state.lock) { document.getElementById("lock").checked = true; match(0); render(); }
+  if (pinned.length) { pinned.forEach(id => state.pins.add(id)); state.sel = pinned[0]; highlight(); showNode(pinned[0]); }
+  fit(); saveState();
+  window.edgeprune = { ready: true, sources: S.length, exportEdges, state: () => ({ n: [...state.n], pins: [...state.pins].map(id => N[id].name), zoom: state.zoom }),
+    setSize(k, n) { state.n[k] = n; const s = document.getElementById("slider-" + k); if (s) s.value = n; if (state.lock) match(k); render(); } };
   document.body.setAttribute("data-ready", "1");
 })();
