@@ -463,3 +463,25 @@ def test_compare_lock_keeps_both_circuits_at_equal_size(small, open_page, tmp_pa
     page.hover(f"#nodes g[data-name='{name}']")
     info = page.inner_text("#info")
     assert "A: in-degree" in info and "B: in-degree" in info  # degrees per circuit
+
+
+def test_position_aware_page_shows_an_example_prompts_tokens_under_the_span_columns(tmp_path, monkeypatch,
+                                                                                   open_page):
+    from conftest import STORIES, require_shared
+    from edgeprune.config import load_config
+    from edgeprune.viewer.measure import span_tokens
+
+    require_shared(STORIES)
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / "stories_names_spans.yaml")
+    tokens = span_tokens(cfg, ["NAME", "END", "other", "predict"])
+    assert tokens["NAME"].strip() and tokens["NAME"].strip()[0].isupper()  # a character's name
+    monkeypatch.chdir(tmp_path)
+    graph = Graph(GraphSpec(n_layers=2, n_heads=2))
+    spans = ["NAME", "END", "other", "predict"]
+    edges = [(w, r, s) for s in spans for (w, r) in graph.edges]
+    values = torch.randn(len(edges), generator=torch.Generator().manual_seed(0))
+    save_scores(Scores("eap", values, edges, graph.fingerprint(spans, "spans"), model_id="t"), Path("s.safetensors"))
+    page = open_page(write_html(build_payload([load_source("s.safetensors")], initial=[200], span_tokens=tokens),
+                                tmp_path / "s.html"))
+    shown = page.eval_on_selector_all("text.tokens", "els => els.map(e => e.textContent)")
+    assert json.dumps(tokens["NAME"]) in shown and len(shown) == len(tokens)

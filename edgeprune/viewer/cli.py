@@ -44,7 +44,7 @@ def _config_of(path: Path, src):
 
 def run_view(args) -> int:
     from . import DEFAULT_CAP, build_payload, load_source, serve, write_html
-    from .measure import measure
+    from .measure import measure, span_tokens
     from .sources import _read_json
 
     if len(args.inputs) > 2:
@@ -71,7 +71,11 @@ def run_view(args) -> int:
     if len(edges) > len(sources):
         raise ValueError(f"--edges: given {len(edges)} times for {len(sources)} inputs")
     initial = edges + [None] * (len(sources) - len(edges))
-    payload = build_payload(sources, cap=cap, title=args.title, initial=initial)
+    tokens = None
+    if sources[0].spans is not None:  # an example prompt's tokens under the span columns
+        cfg, _ = _config_of(Path(args.inputs[0]), sources[0])
+        tokens = span_tokens(cfg, sources[0].spans, args.split) if cfg is not None else None
+    payload = build_payload(sources, cap=cap, title=args.title, initial=initial, span_tokens=tokens)
     path = write_html(payload, out)
     counts = ", ".join(f"{s['label']}: top {s['shipped']} of {s['candidates']} edges" for s in payload["sources"])
     print(f"written: {path} ({path.stat().st_size / 1024:.0f} KiB; {counts})")

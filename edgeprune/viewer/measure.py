@@ -54,3 +54,23 @@ def measure(source: ViewSource, cfg, cap: int, *, run_dir: Path | None = None, s
         kept = remove_dangling(model.graph, kept, model.n_spans)
         points.append({"prefix": n, "split": split, "source": "view", **ev.point(kept)})
     return points
+
+
+def span_tokens(cfg, spans: list[str], split: str | None = None) -> dict[str, str]:
+    """An example prompt's tokens under each span column: the first line of ``split`` (default the
+    config's validation split), decoded per span (the tokenizer alone is loaded, not the model)."""
+    from ..experiment import _tokenizer, split_path
+    from ..tasks.jsonl import read_jsonl_task
+
+    split = split or cfg.data.eval_split
+    path = split_path(cfg.data, split)
+    tokenizer = _tokenizer(cfg.model.name_or_path)
+    examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.data.path).is_dir() else split,
+                               max_length=cfg.data.max_length)
+    if not examples or examples[0].span_names is None:
+        return {}
+    ex = examples[0]
+    by_span: dict[str, list[int]] = {}
+    for token, name in zip(ex.input_ids, ex.span_names):
+        by_span.setdefault(name, []).append(token)
+    return {name: tokenizer.decode(by_span[name]) for name in spans if name in by_span}

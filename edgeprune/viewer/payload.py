@@ -75,8 +75,9 @@ def _place(names: set[str], graph) -> tuple[dict[str, tuple[float, float]], list
 
 
 def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str | None = None,
-                  initial: list[int | None] | None = None) -> dict:
-    """The JSON-able data of the page for one or two sources (two: the comparison view)."""
+                  initial: list[int | None] | None = None, span_tokens: dict[str, str] | None = None) -> dict:
+    """The JSON-able data of the page for one or two sources (two: the comparison view).
+    ``span_tokens``: position-aware pages write an example prompt's tokens under each span column."""
     if not 1 <= len(sources) <= 2:
         raise ValueError(f"view takes one or two circuits, got {len(sources)}")
     if cap < 1:
@@ -149,7 +150,9 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
     if spans is not None:
         payload.update(spans=list(spans), outputs=[index[("resid_post", c)] for c in columns],
                        guides=[fed(k, False) for k in order],
-                       columns=[{"x": _r(MARGIN_L + shift[c] + col_w / 2), "label": c} for c in columns])
+                       columns=[{"x": _r(MARGIN_L + shift[c] + col_w / 2), "label": c,
+                                 **({"tokens": span_tokens[c]} if span_tokens and c in span_tokens else {})}
+                                for c in columns])
         payload["graph"] += f" x {len(spans)} spans"
     return payload
 

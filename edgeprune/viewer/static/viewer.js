@@ -49,7 +49,10 @@
   const gRows = document.getElementById("rows"), gEdges = document.getElementById("edges"), gNodes = document.getElementById("nodes");
   function size() { svg.setAttribute("width", D.width * state.zoom); svg.setAttribute("height", D.height * state.zoom); svg.setAttribute("viewBox", `0 0 ${D.width} ${D.height}`); }
   for (const row of D.rows) { const t = el("text", { x: 8, y: row.y + 3, class: "rowlabel" }, gRows); t.textContent = row.label; }
-  for (const c of D.columns || []) { const t = el("text", { x: c.x, y: 12, class: "rowlabel", "text-anchor": "middle" }, gRows); t.textContent = c.label; }
+  for (const c of D.columns || []) {
+    const t = el("text", { x: c.x, y: 12, class: "rowlabel", "text-anchor": "middle" }, gRows); t.textContent = c.label;
+    if (c.tokens !== undefined) { const u = el("text", { x: c.x, y: D.height - 2, class: "tokens", "text-anchor": "middle" }, gRows); u.textContent = JSON.stringify(c.tokens); }
+  }
 
   const edgeName = (w, r) => `${N[w].name} \u2192 ${N[r].name}`;
   function path(w, r) {
