@@ -115,9 +115,10 @@ def project(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None, 
         return y.view(B, T, n_out, d_head).transpose(1, 2)
     assert R == n_out, f"expected {n_out} reader inputs, got {R}"
     w = weight_t.view(D, n_out, d_head).transpose(0, 1)  # (n_out, D, d_head)
-    y = torch.bmm(x.reshape(R, B * T, D), w)  # (R, B*T, d_head)
-    if bias is not None:
-        y = y + bias.view(n_out, 1, d_head)
+    if bias is None:
+        y = torch.bmm(x.reshape(R, B * T, D), w)  # (R, B*T, d_head)
+    else:  # one rounding, as HF's addmm
+        y = torch.baddbmm(bias.view(n_out, 1, d_head).expand(n_out, B * T, d_head), x.reshape(R, B * T, D), w)
     return y.view(R, B, T, d_head).permute(1, 0, 2, 3)
 
 
@@ -150,9 +151,11 @@ class _GroupProjection(torch.autograd.Function):
         outs, start = [], 0
         for n, w_t, b in zip(sizes, weights, weights_and_biases[1::2]):
             d_head = w_t.shape[1] // n
-            y = torch.bmm(rows[start:start + n], w_t.view(D, n, d_head).transpose(0, 1))  # (n, B*T, d_head)
-            if b is not None:
-                y = y + b.view(n, 1, d_head)
+            w = w_t.view(D, n, d_head).transpose(0, 1)
+            if b is None:
+                y = torch.bmm(rows[start:start + n], w)  # (n, B*T, d_head)
+            else:  # bias added before the one rounding to the model dtype, as HF's addmm (not bmm, then +)
+                y = torch.baddbmm(b.view(n, 1, d_head).expand(n, B * T, d_head), rows[start:start + n], w)
             outs.append(y.view(n, B, T, d_head).permute(1, 0, 2, 3))
             start += n
         ctx.save_for_backward(*weights)
