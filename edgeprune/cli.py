@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from pathlib import Path
 
 
@@ -156,8 +157,12 @@ def _draw(args) -> int:
 
     _positive("--heads-per-group", args.heads_per_group)
     group = args.heads_per_group or heads_per_group_of(args.edges)
-    path = draw_circuit(load_edges(args.edges), args.output, title=args.title, heads_per_group=group)
-    print(f"written: {path}")
+    edges = load_edges(args.edges)
+    if len(edges) > 500:  # graphviz lays out a large circuit for seconds to minutes: say what is running
+        print(f"drawing {len(edges)} edges with graphviz dot ...", flush=True)
+    t0 = time.perf_counter()
+    path = draw_circuit(edges, args.output, title=args.title, heads_per_group=group)
+    print(f"written: {path} ({Path(path).stat().st_size / 1024:.0f} KiB, {time.perf_counter() - t0:.1f} s)")
     return 0
 
 

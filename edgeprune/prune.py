@@ -43,7 +43,7 @@ from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
-from .warmstart import attribution_method, attribution_start, warm_start
+from .warmstart import AUTO_IG_STEPS, attribution_method, attribution_start, warm_start
 from .rundir import (RUN_OUTPUTS, RunDirError, RunMasks, RunTiming, check_same_model, load_masks,  # noqa: F401
                      run_dir_plan)
 
@@ -247,8 +247,9 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
     ablation_record = prepare_ablation(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
     if method and start is None:  # after the ablation states: attribution ablates as pruning will
         say(f"prune.init_from: {p.init_from}: computing {method} scores on the training split")
+        ig_steps = AUTO_IG_STEPS if p.init_from == "auto" else 5
         start, scores = attribution_start(method, model, p, list(batches(train.examples, p.batch_size,
-                                                                          train.pad_token_id)), progress)
+                                                                          train.pad_token_id)), progress, ig_steps)
         save_scores(scores, own_scores)
         say(f"{method}: {scores.wall_time_s:.0f} s; written to {own_scores}")
 
