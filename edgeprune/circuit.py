@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .graph import Graph
+from .names import parse_edge
 from .masks import deterministic, prob_nonzero
 
 EMBEDDINGS = ("tok_embeds", "pos_embeds")
@@ -278,3 +279,76 @@ def _json_type(value) -> str:
 
 def shorten(text: str, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# ---------------------------------------------------------------------------- edges files
+class Edges(list):
+    """What ``load_edges`` returns: a list of ``(writer, reader)`` tuples, or of ``(writer, reader,
+    span)`` tuples for a position-aware circuit, carrying ``spans``: the span columns for a drawing
+    (the ``circuit.json`` span records, ``{"name", "tokens", "min", "max"}``, or the span names in
+    order of first appearance), None for a plain circuit. ``circuit_to_dot`` reads ``spans`` from it,
+    so ``draw_circuit(load_edges(path), out)`` keeps the ``circuit.json`` column order."""
+
+    spans: list | None = None
+
+
+def load_edges(path: str | Path) -> Edges:
+    """Read an ``edges.json`` file: a JSON list of [writer, reader] pairs of node names, or of
+    [writer, reader, span] triples (position-aware; all entries one shape).
+
+    Checks the names and their roles, not that the edges exist in a particular model; for triples,
+    that each span is one of the ``spans`` of the ``circuit.json`` beside the file when it lists them.
+    """
+    entries = read_edge_pairs(path, spans=True)
+    positional = bool(entries) and len(entries[0][1]) == 3
+    info = span_info_of(path) if positional else None
+    known = None if info is None else [d["name"] for d in info]
+    edges = Edges()
+    for i, entry in entries:
+        shown = shorten(json.dumps(entry))
+        try:
+            parse_edge(entry[0], entry[1])
+        except ValueError as e:
+            raise ValueError(f"{path}: entry {i} {shown}: {e}") from None
+        if known is not None and entry[2] not in known:
+            raise ValueError(f"{path}: entry {i} {shown}: unknown span {entry[2]!r}; "
+                             f"{summary_path(path)} lists the spans {', '.join(known)}")
+        edges.append(tuple(entry))
+    if positional:
+        edges.spans = info if info is not None else list(dict.fromkeys(e[2] for e in edges))
+    return edges
+
+
+def span_info_of(edges_path: str | Path) -> list[dict] | None:
+    """The ``spans`` records (``{"name", "tokens", "min", "max"}``, in column order) of the
+    ``circuit.json`` beside an edges file, or None when there is no such file or it lists no spans.
+    A ``spans`` field of the wrong shape is an error naming the file and the record."""
+    summary = summary_path(edges_path)
+    if not summary.is_file():
+        return None
+    try:
+        data = json.loads(summary.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None  # not ours to validate here; the spans only order the columns
+    spans = data.get("spans") if isinstance(data, dict) else None
+    if spans is None:
+        return None
+    if not isinstance(spans, list):
+        raise ValueError(f"{summary}: spans: expected a list of span records, got {shorten(json.dumps(spans))}")
+    records = []
+    for i, record in enumerate(spans):
+        if isinstance(record, str):
+            record = {"name": record}
+        if not (isinstance(record, dict) and isinstance(record.get("name"), str)):
+            raise ValueError(f"{summary}: spans[{i}] is {shorten(json.dumps(record))}; expected a record "
+                             'with a string "name", e.g. {"name": "IO", "tokens": 1.0, "min": 1, "max": 1}')
+        records.append(record)
+    return records
+
+
+def summary_path(edges_path: str | Path) -> Path:
+    """The ``circuit.json`` that ``edgeprune export`` writes beside an edges file (as
+    ``export.circuit_json_path``; not imported from there, which would load the training stack)."""
+    edges_path = Path(edges_path)
+    return edges_path.with_name("circuit.json" if edges_path.name == "edges.json"
+                                else f"{edges_path.stem}.circuit.json")

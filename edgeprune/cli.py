@@ -78,7 +78,7 @@ def _prune(args) -> int:
 def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_model: bool = False):
     """The circuit to evaluate: a given edges.json, else the run's masks binarised."""
     from .circuit import edges_to_mask, extract_circuit, remove_dangling
-    from .draw import load_edges
+    from .circuit import load_edges
     from .rundir import load_masks
 
     masks = load_masks(run_dir)
@@ -153,7 +153,8 @@ def _export(args) -> int:
 
 
 def _draw(args) -> int:
-    from .draw import draw_circuit, heads_per_group_of, load_edges
+    from .circuit import load_edges
+    from .draw import draw_circuit, heads_per_group_of
 
     _positive("--heads-per-group", args.heads_per_group)
     group = args.heads_per_group or heads_per_group_of(args.edges)

@@ -40,22 +40,17 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import warnings
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 import graphviz
 from graphviz.quoting import attr_list, quote
 
-from .circuit import read_edge_pairs, shorten
+from .circuit import shorten, summary_path
+from .names import NodeName, parse_edge, parse_node
 
-ACCEPTED_NAMES = ("'tok_embeds', 'pos_embeds', 'a{l}.h{h}', 'a{l}.h{h}.q|k|v', 'a{l}.g{g}.k|v', "
-                  "'m{l}', 'resid_post'")
-WRITER_KINDS = ("embed", "head", "mlp")
-READER_KINDS = ("q", "k", "v", "mlp", "output")
 SUFFIXES = (".pdf", ".png", ".svg", ".dot")
 
 # Okabe-Ito colours: distinguishable under the common forms of colour blindness.
@@ -78,124 +73,6 @@ LEGEND = (
     ("output", "output resid_post"),
 )
 EDGE_ALPHA = "b0"  # partly transparent, so bundles of crossing edges stay readable
-
-NUMBER = r"(?:0|[1-9][0-9]*)"  # no leading zeros: 'a01.h1' would be a second name for 'a1.h1'
-PATTERNS = (  # (pattern, kind); kind None: the name's last letter is the kind
-    (re.compile(r"(?:tok|pos)_embeds"), "embed"),
-    (re.compile(r"resid_post"), "output"),
-    (re.compile(rf"m(?P<layer>{NUMBER})"), "mlp"),
-    (re.compile(rf"a(?P<layer>{NUMBER})\.h(?P<head>{NUMBER})"), "head"),
-    (re.compile(rf"a(?P<layer>{NUMBER})\.h(?P<head>{NUMBER})\.(?P<kind>[qkv])"), None),
-    (re.compile(rf"a(?P<layer>{NUMBER})\.g(?P<group>{NUMBER})\.(?P<kind>[kv])"), None),
-)
-
-
-@dataclass(frozen=True)
-class NodeName:
-    """A parsed node name: what kind of node it is and where it sits in the model."""
-
-    kind: str  # "embed" | "head" | "mlp" | "q" | "k" | "v" | "output"
-    layer: int | None  # None for the embeddings and the output
-    head: int | None  # set for a{l}.h{h} and a{l}.h{h}.q|k|v
-    group: int | None  # set for a{l}.g{g}.k|v
-    name: str
-
-    @property
-    def is_writer(self) -> bool:
-        return self.kind in WRITER_KINDS
-
-    @property
-    def is_reader(self) -> bool:
-        return self.kind in READER_KINDS
-
-
-def parse_node(name: str) -> NodeName:
-    """Parse a node name as written in ``edges.json``; ValueError for anything else."""
-    if isinstance(name, str):
-        for pattern, kind in PATTERNS:
-            if match := pattern.fullmatch(name):
-                parts = match.groupdict()
-                layer, head, group = (None if parts.get(key) is None else int(parts[key])
-                                      for key in ("layer", "head", "group"))
-                return NodeName(kind or parts["kind"], layer, head, group, name)
-    raise ValueError(f"unknown node name {name!r}: expected one of {ACCEPTED_NAMES}")
-
-
-def parse_edge(writer: str, reader: str) -> tuple[NodeName, NodeName]:
-    """Parse both ends of an edge and check that each name can play its role."""
-    w, r = parse_node(writer), parse_node(reader)
-    if not w.is_writer:
-        raise ValueError(f"{writer!r} is a reader and cannot be the writer (first element) of an "
-                         "edge; writers are 'tok_embeds', 'pos_embeds', 'a{l}.h{h}', 'm{l}'")
-    if not r.is_reader:
-        raise ValueError(f"{reader!r} only writes and cannot be the reader (second element) of an "
-                         "edge; readers are 'a{l}.h{h}.q|k|v', 'a{l}.g{g}.k|v', 'm{l}', 'resid_post'")
-    return w, r
-
-
-class Edges(list):
-    """What ``load_edges`` returns: a list of ``(writer, reader)`` tuples, or of ``(writer, reader,
-    span)`` tuples for a position-aware circuit, carrying ``spans``: the span columns for a drawing
-    (the ``circuit.json`` span records, ``{"name", "tokens", "min", "max"}``, or the span names in
-    order of first appearance), None for a plain circuit. ``circuit_to_dot`` reads ``spans`` from it,
-    so ``draw_circuit(load_edges(path), out)`` keeps the ``circuit.json`` column order."""
-
-    spans: list | None = None
-
-
-def load_edges(path: str | Path) -> Edges:
-    """Read an ``edges.json`` file: a JSON list of [writer, reader] pairs of node names, or of
-    [writer, reader, span] triples (position-aware; all entries one shape).
-
-    Checks the names and their roles, not that the edges exist in a particular model; for triples,
-    that each span is one of the ``spans`` of the ``circuit.json`` beside the file when it lists them.
-    """
-    entries = read_edge_pairs(path, spans=True)
-    positional = bool(entries) and len(entries[0][1]) == 3
-    info = span_info_of(path) if positional else None
-    known = None if info is None else [d["name"] for d in info]
-    edges = Edges()
-    for i, entry in entries:
-        shown = shorten(json.dumps(entry))
-        try:
-            parse_edge(entry[0], entry[1])
-        except ValueError as e:
-            raise ValueError(f"{path}: entry {i} {shown}: {e}") from None
-        if known is not None and entry[2] not in known:
-            raise ValueError(f"{path}: entry {i} {shown}: unknown span {entry[2]!r}; "
-                             f"{_summary_path(path)} lists the spans {', '.join(known)}")
-        edges.append(tuple(entry))
-    if positional:
-        edges.spans = info if info is not None else list(dict.fromkeys(e[2] for e in edges))
-    return edges
-
-
-def span_info_of(edges_path: str | Path) -> list[dict] | None:
-    """The ``spans`` records (``{"name", "tokens", "min", "max"}``, in column order) of the
-    ``circuit.json`` beside an edges file, or None when there is no such file or it lists no spans.
-    A ``spans`` field of the wrong shape is an error naming the file and the record."""
-    summary = _summary_path(edges_path)
-    if not summary.is_file():
-        return None
-    try:
-        data = json.loads(summary.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # not ours to validate here; the spans only order the columns
-    spans = data.get("spans") if isinstance(data, dict) else None
-    if spans is None:
-        return None
-    if not isinstance(spans, list):
-        raise ValueError(f"{summary}: spans: expected a list of span records, got {shorten(json.dumps(spans))}")
-    records = []
-    for i, record in enumerate(spans):
-        if isinstance(record, str):
-            record = {"name": record}
-        if not (isinstance(record, dict) and isinstance(record.get("name"), str)):
-            raise ValueError(f"{summary}: spans[{i}] is {shorten(json.dumps(record))}; expected a record "
-                             'with a string "name", e.g. {"name": "IO", "tokens": 1.0, "min": 1, "max": 1}')
-        records.append(record)
-    return records
-
 
 def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
                    heads_per_group: int | None = None, spans: Iterable | None = None) -> graphviz.Digraph:
@@ -314,7 +191,7 @@ def draw_circuit(edges: Iterable[tuple[str, ...]], out_path: str | Path,
 def heads_per_group_of(edges_path: str | Path) -> int | None:
     """Query heads per KV head from the ``circuit.json`` that ``edgeprune export`` wrote beside an
     edges file (its graph fingerprint), or None when there is none."""
-    summary = _summary_path(edges_path)
+    summary = summary_path(edges_path)
     if not summary.is_file():
         return None
     try:
@@ -322,14 +199,6 @@ def heads_per_group_of(edges_path: str | Path) -> int | None:
         return int(graph["n_heads"]) // int(graph["n_kv_heads"])
     except (ValueError, KeyError, TypeError, ZeroDivisionError, AttributeError):
         return None
-
-
-def _summary_path(edges_path: str | Path) -> Path:
-    """The ``circuit.json`` that ``edgeprune export`` writes beside an edges file (as
-    ``export.circuit_json_path``; not imported from there, which would load the training stack)."""
-    edges_path = Path(edges_path)
-    return edges_path.with_name("circuit.json" if edges_path.name == "edges.json"
-                                else f"{edges_path.stem}.circuit.json")
 
 
 def _check_shapes(edges: list[tuple]) -> bool:

@@ -21,6 +21,8 @@ from functools import cached_property
 
 import torch
 
+from .names import parse_node
+
 
 @dataclass(frozen=True)
 class GraphSpec:
@@ -164,12 +166,14 @@ class Graph:
 
     def _reader_hint(self, reader: str) -> str:
         """What to write instead of an unknown reader name: its grouped/ungrouped K/V spelling."""
-        import re
-
         s = self.spec
-        m = re.fullmatch(r"a(\d+)\.([hg])(\d+)\.([qkv])", reader)
-        if m and int(m.group(1)) < s.n_layers:
-            layer, kind, index, part = int(m.group(1)), m.group(2), int(m.group(3)), m.group(4)
+        try:
+            node = parse_node(reader)
+        except ValueError:
+            node = None
+        if node is not None and node.kind in "qkv" and node.layer < s.n_layers:
+            layer, part = node.layer, node.kind
+            kind, index = ("h", node.head) if node.head is not None else ("g", node.group)
             if s.grouped and kind == "h" and part in "kv" and index < s.n_heads:
                 g = index // (s.n_heads // s.kv_heads)
                 return (f"this model has grouped-query attention ({s.n_heads} query heads, {s.kv_heads} KV "

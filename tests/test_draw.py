@@ -8,7 +8,9 @@ import shutil
 import pytest
 
 from edgeprune import Graph
-from edgeprune.draw import NodeName, circuit_to_dot, draw_circuit, load_edges, parse_node
+from edgeprune.circuit import load_edges
+from edgeprune.draw import circuit_to_dot, draw_circuit
+from edgeprune.names import NodeName, parse_node
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="graphviz's dot program is not installed (apt-get install graphviz)")

@@ -7,7 +7,8 @@ import shutil
 import pytest
 
 from edgeprune.cli import main
-from edgeprune.draw import circuit_to_dot, draw_circuit, load_edges, span_info_of
+from edgeprune.circuit import load_edges, span_info_of
+from edgeprune.draw import circuit_to_dot, draw_circuit
 
 needs_dot = pytest.mark.skipif(shutil.which("dot") is None,
                                reason="graphviz's dot program is not installed (apt-get install graphviz)")

@@ -216,6 +216,7 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
 def convert_reference_edges(path: str | Path, graph: Graph) -> list[list[str]]:
     """A reference ``edges.json`` in our names (checked against ``graph``); errors name the entry."""
     from ..circuit import edges_to_mask, read_edge_pairs
+    from ..names import parse_node
 
     try:
         pairs = read_edge_pairs(path)
@@ -224,9 +225,12 @@ def convert_reference_edges(path: str | Path, graph: Graph) -> list[list[str]]:
     out = []
     for _, (w, r) in pairs:
         w = "tok_embeds" if w == "embeds" else w
-        m = re.fullmatch(r"a(\d+)\.h(\d+)\.([kv])", r)
-        if graph.spec.grouped and m:
-            r = f"a{m[1]}.g{m[2]}.{m[3]}"
+        try:
+            node = parse_node(r)
+        except ValueError:  # edges_to_mask below names it
+            node = None
+        if graph.spec.grouped and node is not None and node.kind in ("k", "v") and node.head is not None:
+            r = f"a{node.layer}.g{node.head}.{node.kind}"  # the reference names KV head g 'a{l}.h{g}.k
         out.append([w, r])
     try:
         edges_to_mask(graph, out)

@@ -106,7 +106,7 @@ def _scores_source(path: Path) -> ViewSource:
 
 def _edges_source(path: Path) -> ViewSource:
     from ..circuit import edges_to_mask
-    from ..draw import load_edges
+    from ..circuit import load_edges
     from ..export import circuit_json_path
 
     data = _read_json(path)
@@ -147,7 +147,7 @@ def _edges_source(path: Path) -> ViewSource:
 
 def _infer_graph(edges: list[tuple[str, str]]) -> Graph:
     """The smallest sequential graph holding every named node (no circuit.json to say the real one)."""
-    from ..draw import parse_node
+    from ..names import parse_node
 
     nodes = [parse_node(n) for e in edges for n in e]
     layers = max([n.layer for n in nodes if n.layer is not None] or [0]) + 1
