@@ -53,3 +53,13 @@ def loading(name: str, what: str = "model"):
             hint = ("not a local path, and the hub did not answer (offline? set HF_HUB_OFFLINE=1 to fail fast); "
                     "pass a local directory saved with save_pretrained")
         raise LoadError(f"cannot load {what} {str(name)!r}: {first[:300]} -- {hint}") from None
+
+
+def quiet_progress(progress: bool) -> None:
+    """Without progress bars (``--no-progress``), HF's own ('Loading weights', downloads) go too."""
+    if not progress:
+        import huggingface_hub.utils as hub_utils
+        from transformers.utils import logging as hf_logging  # heavy: imported only when asked
+
+        hf_logging.disable_progress_bar()
+        hub_utils.disable_progress_bars()

@@ -245,6 +245,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             log_path.write_text("".join(ln + "\n" for ln in log_lines))
     distributed.shard_model(model, d)
     ablation_record = prepare_ablation(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
+    say(f"ablation: {ablation_record['ablation']} ({ablation_record['source']})")
     if method and start is None:  # after the ablation states: attribution ablates as pruning will
         say(f"prune.init_from: {p.init_from}: computing {method} scores on the training split")
         ig_steps = AUTO_IG_STEPS if p.init_from == "auto" else 5
@@ -473,7 +474,7 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
             f"(training's deterministic masks, {'first ' + str(cfg.run.eval_batches) + ' batches of ' if cfg.run.eval_batches else ''}"
             f"validation): {fit} {final.get(fit):.4g}")
         faith = f", faithfulness {binary['faithfulness']:.4g}" if "faithfulness" in binary else ""
-        say(f"circuit: {counts['edges']} of {counts['total_edges']} edges after dangling-edge removal; validation "
+        say(f"the circuit, {counts['edges']} of {counts['total_edges']} edges after dangling-edge removal: validation "
             f"{fit} {binary.get(fit):.4g}{faith} (what `edgeprune eval {out} --split {cfg.data.eval_split}` gives); "
             f"masks in {out / 'masks.safetensors'}")
     warning = target_warning(learned, p.edge_target, p.early_stop_tolerance) if p.mode != "faithful" else None

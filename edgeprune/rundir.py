@@ -22,8 +22,11 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
+from .circuit import edges_to_mask, extract_circuit, load_edges, remove_dangling
 from .config import ExperimentConfig, apply_overrides, load_config
+from .experiment import load_model, prepare_ablation
 from .identity import FingerprintError, fingerprint_version
+from .spans import refuse_positions
 
 if TYPE_CHECKING:
     from .model import EdgeModel
@@ -211,3 +214,41 @@ def load_masks(run_dir: str | Path) -> RunMasks:
     state = load_checkpoint(ckpt)
     return RunMasks(state["edge_log_alpha"], state.get("node_log_alpha"), state["graph"], state.get("model_id"),
                     state.get("model_fingerprint"), ckpt, state.get("span_info"))
+
+
+def circuit_to_evaluate(run_dir: Path, model, edges_file: str | None = None, allow_other_model: bool = False):
+    """(edges, info) of the circuit a command evaluates on ``model``: a given edges.json, else the
+    run's masks binarised (threshold + dangling removal, as ``export``); ``info`` has its source and
+    counts (and thresholds). Position-aware runs make ``model``'s masks position-aware first."""
+    masks = load_masks(run_dir)
+    masks.apply_spans(model)  # a position-aware run: masks (and edges) per span
+    if edges_file:
+        edges = load_edges(edges_file)
+        try:
+            kept = edges_to_mask(model.graph, edges, model.spans)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{edges_file}: {err.args[0] if err.args else err}") from None
+        counts = {"total_edges": kept.numel(), "edges": int(kept.sum()),
+                  "edges_after_dangling": int(remove_dangling(model.graph, kept, model.n_spans).sum()),
+                  "edge_sparsity": 1.0 - int(kept.sum()) / kept.numel()}
+        return edges, {"source": str(edges_file), "counts": counts}
+    masks.check_model(model, allow_other_model)
+    circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
+    return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
+
+
+def load_circuit_model(run_dir: str | Path, overrides: list[str] | None = None, edges_file: str | None = None,
+                       allow_other_model: bool = False, ablation_states: bool = True):
+    """(model, info, cfg): the run's model with its circuit set (``circuit_to_evaluate``), for
+    ``generate`` and ``eval --text``; ``overrides`` are ``--set``-style (an ``--ablation`` too). With
+    ``ablation_states`` the model gets the run's own ablation states (``experiment.prepare_ablation``:
+    the mean states pruning stored, or the same definition for older runs)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir, overrides)
+    model = load_model(cfg.model)
+    edges, info = circuit_to_evaluate(run_dir, model, edges_file, allow_other_model)
+    refuse_positions(model.spans, str(run_dir), "generate / eval --text (free text and new tokens have no spans)")
+    model.set_edges(edges)
+    if ablation_states:
+        info["ablation"] = prepare_ablation(model, cfg, run_dir)
+    return model, info, cfg

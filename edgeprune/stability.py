@@ -18,7 +18,6 @@ differences between seeds exceed the noise of the evaluation data.
 
 from __future__ import annotations
 
-import json
 from itertools import combinations
 from pathlib import Path
 
@@ -150,31 +149,3 @@ def format_report(report: dict) -> str:
                              for k, v in metrics.items() if k != "ablation")
             lines.append(f"  {run}: {text} ({metrics['ablation']['ablation']} ablation)")
     return "\n".join(lines)
-
-
-def _run(args) -> int:
-    report = stability(args.run_dirs, top=args.top)
-    if args.bootstrap:
-        if args.bootstrap < 2:
-            raise ValueError(f"--bootstrap: needs at least 2 resamples, got {args.bootstrap}")
-        report["bootstrap"] = bootstrap(args.run_dirs, args.bootstrap, args.split, args.batch_size, args.seed,
-                                        progress=not args.no_progress)
-    print(format_report(report))
-    if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
-        print(f"written: {args.output}")
-    return 0
-
-
-def add_stability_parser(sub) -> None:
-    p = sub.add_parser("stability", help="edge IoU, shared edges and keep frequency across runs of several seeds")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--bootstrap", type=int, default=0, metavar="N",
-                   help="re-evaluate each run's circuit on N resamples of the evaluation split")
-    p.add_argument("--split", default="validation", help="evaluation split for --bootstrap (default validation)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--seed", type=int, default=0, help="seed of the --bootstrap resamples")
-    p.add_argument("--top", type=int, default=20, help="most frequent edges to print (default 20)")
-    p.add_argument("-o", "--output", help="also write the report as JSON")
-    p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_run)

@@ -122,28 +122,3 @@ def evaluate_text(model, tokenizer, source, max_length: int = 512, stride: int |
     docs = read_documents(source)
     toks = [tokenizer(d)["input_ids"] for d in docs]
     return {**text_metrics(model, windows(toks, max_length, stride), batch_size), "documents": len(docs)}
-
-
-def run_text_eval(args) -> int:
-    """``edgeprune eval RUN_DIR --text ...``: print the metrics and write them to RUN_DIR/metrics_text.json."""
-    import json
-
-    from .eval import format_table
-    from .generate import load_run_circuit
-
-    if args.max_length < 2:
-        raise ValueError(f"--max-length: must be at least 2, got {args.max_length}")
-    docs = read_documents(args.text)  # a bad --text fails before any model is loaded
-    model, info, tok = load_run_circuit(args)
-    if model.ablation == "interchange":
-        raise ValueError("--text: interchange ablation has no corrupted text; pass --ablation zero or --ablation mean")
-    toks = [tok(d)["input_ids"] for d in docs]
-    metrics = {**text_metrics(model, windows(toks, args.max_length, args.stride), args.batch_size or 8),
-               "documents": len(docs)}
-    result = {"text": str(args.text), "model_id": model.model_id, "ablation": model.ablation, **info,
-              "max_length": args.max_length, "stride": args.stride, "metrics": metrics}
-    out = Path(args.output) if args.output else Path(args.run_dir) / "metrics_text.json"
-    out.write_text(json.dumps(result, indent=2))
-    print(format_table(metrics, f"circuit ({info['source']}) vs full model on {args.text}"))
-    print(f"written: {out}")
-    return 0

@@ -3,7 +3,6 @@ generate see the same ablated states, for interchange, zero and mean ablation.""
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -67,9 +66,7 @@ def test_mean_states_are_stored_once_and_generate_uses_them(run):
     # the definition: every real token of the whole training split, whatever the seed or batch size
     train = load_split(cfg.data, model, cfg.data.train_split)
     assert torch.allclose(stored, mean_states(model, train), atol=1e-6)
-    from edgeprune.generate import load_run_circuit
-    args = argparse.Namespace(run_dir=str(out), set=None, device=None, ablation=None, edges=None, text=None,
-                              allow_other_model=False, no_progress=True)
-    gen_model, info, _ = load_run_circuit(args)
+    from edgeprune.rundir import load_circuit_model
+    gen_model, info, _ = load_circuit_model(out)  # what generate loads
     assert info["ablation"]["source"] == str(out / MEAN_STATES)
     assert torch.equal(gen_model.mean_states.cpu(), stored)

@@ -9,7 +9,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from edgeprune.tasks import boolean_expressions, cli_data, greater_than, ioi, read_jsonl_task
+from edgeprune.cli import data as cli_data
+from edgeprune.tasks import boolean_expressions, greater_than, ioi, read_jsonl_task
 from edgeprune.tasks.common import split_text
 from edgeprune.tasks.registry import GENERATORS, METRICS, generate, get_metric
 

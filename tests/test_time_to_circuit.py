@@ -13,7 +13,7 @@ from edgeprune.circuit import threshold_to_sparsity
 from edgeprune.cli import main
 from edgeprune.config import ConfigError, from_dict, load_config
 from edgeprune.control import expected_sparsity_of, project, solve_shift
-from edgeprune.masks import FULL_LOG_ALPHA, HardConcreteMasks, deterministic, prob_nonzero
+from edgeprune.masks import HardConcreteMasks, deterministic, prob_nonzero
 from edgeprune.prune import SparsityRamp, prune
 from edgeprune.warmstart import rank_log_alpha, rank_order
 

@@ -15,7 +15,6 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 
 from ..circuit import span_edges
 from ..graph import Graph, GraphSpec

@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .boolean_expressions import FORMATS
-from .registry import GENERATORS, generate
+from ..hub import LoadError, loading
+from ..tasks.boolean_expressions import FORMATS
+from ..tasks.registry import GENERATORS, generate
+
 
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -38,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     from transformers import AutoTokenizer
 
-    from ..hub import LoadError, loading
 
     def fail(message: str) -> int:
         print(f"edgeprune data {args.task}: error: {message}", file=sys.stderr)
@@ -78,3 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def add_parser(sub) -> None:
+    """``edgeprune data``: the task generators."""
+    p = build_parser(sub.add_parser("data", help="generate a task dataset (ioi, gt, gp, boolean)"))
+    p.set_defaults(func=run)

@@ -1,4 +1,5 @@
-"""The ``edgeprune`` command line (also ``python -m edgeprune``): a thin layer over the Python API.
+"""Sub-commands ``prune``, ``eval``, ``export``, ``draw``, ``demo`` and ``estimate`` (registered by
+``edgeprune.cli``): parse, call the library, print.
 
     edgeprune prune CONFIG [--set key=value ...] [--model M] [--steps N] [--resume] [--wandb]
     edgeprune eval RUN_DIR [--split test] [--edges edges.json]
@@ -13,12 +14,23 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
+
+from ..circuit import load_edges
+from ..config import apply_overrides, load_config
+from ..demo import run_demo
+from ..draw import draw_circuit, heads_per_group_of
+from ..estimate import estimate, format_report
+from ..eval import evaluate, format_table
+from ..experiment import load_model, load_split, load_tokenizer, prepare_ablation, task_metric
+from ..export import circuit_json_path, export_run
+from ..hub import check_exists, quiet_progress
+from ..prune import prune, target_warning
+from ..rundir import circuit_to_evaluate, load_circuit_model, load_run_config, run_dir_plan
+from ..tasks.jsonl import batches
+from ..text_eval import read_documents, text_metrics, windows
 
 
 def _positive(flag: str, value, minimum: int = 1):
@@ -28,20 +40,9 @@ def _positive(flag: str, value, minimum: int = 1):
     return value
 
 
-def _quiet_hf(progress: bool) -> None:
-    """Without progress bars, HF's own ('Loading weights', downloads) go too."""
-    if not progress:
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-        import huggingface_hub.utils as hub_utils
-        hub_utils.disable_progress_bars()
-
-
 def _prune(args) -> int:
-    from .config import apply_overrides, load_config
-    from .prune import prune
 
-    _quiet_hf(not args.no_progress)
+    quiet_progress(not args.no_progress)
     cfg = load_config(args.config)
     shortcuts = {"--model": ("model.name_or_path", args.model), "--steps": ("prune.steps", args.steps),
                  "--output-dir": ("run.output_dir", args.output_dir), "--seed": ("run.seed", args.seed),
@@ -56,8 +57,6 @@ def _prune(args) -> int:
         cfg.prune.warmup_steps = cfg.prune.steps  # a short run still reaches its target
     cfg.validate(args.config)
     if args.check:
-        from .hub import check_exists
-        from .rundir import run_dir_plan
         check_exists(cfg.model.name_or_path, "model")
         if cfg.data.path != "tracr" and not Path(cfg.data.path).exists():
             raise FileNotFoundError(f"data.path {cfg.data.path}: no such file or directory")
@@ -75,46 +74,15 @@ def _prune(args) -> int:
     return 0
 
 
-def _circuit_for_run(run_dir: Path, model, edges_file: str | None, allow_other_model: bool = False):
-    """The circuit to evaluate: a given edges.json, else the run's masks binarised."""
-    from .circuit import edges_to_mask, extract_circuit, remove_dangling
-    from .circuit import load_edges
-    from .rundir import load_masks
-
-    masks = load_masks(run_dir)
-    masks.apply_spans(model)  # a position-aware run: masks (and edges) per span
-    if edges_file:
-        edges = load_edges(edges_file)
-        try:
-            kept = edges_to_mask(model.graph, edges, model.spans)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"{edges_file}: {err.args[0] if err.args else err}") from None
-        counts = {"total_edges": kept.numel(), "edges": int(kept.sum()),
-                  "edges_after_dangling": int(remove_dangling(model.graph, kept, model.n_spans).sum()),
-                  "edge_sparsity": 1.0 - int(kept.sum()) / kept.numel()}
-        return edges, {"source": str(edges_file), "counts": counts}
-    masks.check_model(model, allow_other_model)
-    circuit = extract_circuit(model.graph, masks.edge_log_alpha, masks.node_log_alpha, spans=masks.spans)
-    return circuit.edges, {"source": "masks", "counts": circuit.counts, "thresholds": circuit.thresholds()}
-
-
 def _eval(args) -> int:
-    from .eval import evaluate, format_table
-    from .experiment import load_model, load_split, prepare_ablation, task_metric
-    from .tasks.jsonl import batches
-
     _positive("--batch-size", args.batch_size)
     if args.text:
-        from .text_eval import run_text_eval
-        return run_text_eval(args)
-    if args.ablation:
-        args.set = (args.set or []) + [f"model.ablation={args.ablation}"]
-    _quiet_hf(not args.no_progress)
+        return _eval_text(args)
+    quiet_progress(not args.no_progress)
     run_dir = Path(args.run_dir)
-    from .rundir import load_run_config
-    cfg = load_run_config(run_dir, (args.set or []) + ([f"model.device={args.device}"] if args.device else []))
+    cfg = load_run_config(run_dir, _overrides(args))
     model = load_model(cfg.model)
-    edges, info = _circuit_for_run(run_dir, model, args.edges, args.allow_other_model)
+    edges, info = circuit_to_evaluate(run_dir, model, args.edges, args.allow_other_model)
     model.set_edges(edges)
     info["ablation"] = prepare_ablation(model, cfg, run_dir, progress=not args.no_progress)
     data = load_split(cfg.data, model, args.split)
@@ -123,7 +91,6 @@ def _eval(args) -> int:
                        task_metric=task_metric(cfg.data, model), progress=not args.no_progress,
                        output_scale=cfg.data.output_scale, total=-(-len(data.examples) // bs))
     result = {"split": args.split, "data": data.source, "model_id": model.model_id, **info, "metrics": metrics}
-    from .prune import target_warning
     missed = None if args.edges or cfg.prune.mode == "faithful" else target_warning(
         info["counts"]["expected_edge_sparsity"], cfg.prune.edge_target, cfg.prune.early_stop_tolerance)
     if missed:
@@ -140,8 +107,36 @@ def _eval(args) -> int:
     return 0
 
 
+def _eval_text(args) -> int:
+    """``edgeprune eval RUN_DIR --text ...``: print the metrics and write them to RUN_DIR/metrics_text.json."""
+    if args.max_length < 2:
+        raise ValueError(f"--max-length: must be at least 2, got {args.max_length}")
+    docs = read_documents(args.text)  # a bad --text fails before any model is loaded
+    quiet_progress(not args.no_progress)
+    model, info, _ = load_circuit_model(args.run_dir, _overrides(args), args.edges, args.allow_other_model,
+                                        ablation_states=False)  # mean: over the evaluated text (docs/generate.md)
+    tok = load_tokenizer(model)
+    if model.ablation == "interchange":
+        raise ValueError("--text: interchange ablation has no corrupted text; pass --ablation zero or --ablation mean")
+    toks = [tok(d)["input_ids"] for d in docs]
+    metrics = {**text_metrics(model, windows(toks, args.max_length, args.stride), args.batch_size or 8),
+               "documents": len(docs)}
+    result = {"text": str(args.text), "model_id": model.model_id, "ablation": model.ablation, **info,
+              "max_length": args.max_length, "stride": args.stride, "metrics": metrics}
+    out = Path(args.output) if args.output else Path(args.run_dir) / "metrics_text.json"
+    out.write_text(json.dumps(result, indent=2))
+    print(format_table(metrics, f"circuit ({info['source']}) vs full model on {args.text}"))
+    print(f"written: {out}")
+    return 0
+
+
+def _overrides(args) -> list[str]:
+    """``--set``, ``--device`` and ``--ablation`` of a command on a run, as config overrides."""
+    out = list(args.set or []) + ([f"model.device={args.device}"] if args.device else [])
+    return out + ([f"model.ablation={args.ablation}"] if getattr(args, "ablation", None) else [])
+
+
 def _export(args) -> int:
-    from .export import circuit_json_path, export_run
 
     out = Path(args.output)
     circuit, _ = export_run(args.run_dir, out)
@@ -153,8 +148,6 @@ def _export(args) -> int:
 
 
 def _draw(args) -> int:
-    from .circuit import load_edges
-    from .draw import draw_circuit, heads_per_group_of
 
     _positive("--heads-per-group", args.heads_per_group)
     group = args.heads_per_group or heads_per_group_of(args.edges)
@@ -168,15 +161,12 @@ def _draw(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
 
     return run_demo(args.output_dir, program=args.program, steps=args.steps, seed=args.seed,
                     restarts=args.restarts, progress=not args.no_progress)
 
 
 def _estimate(args) -> int:
-    from .config import apply_overrides, load_config
-    from .estimate import estimate, format_report
 
     for flag, value in (("--seq-len", args.seq_len), ("--loss-positions", args.loss_positions),
                         ("--examples", args.examples)):
@@ -201,10 +191,8 @@ def _estimate(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edgeprune", description="Edge Pruning: find circuits in transformer LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_parsers(sub) -> None:
+    """prune, eval, export, draw, demo, estimate."""
     p = sub.add_parser("prune", help="learn edge masks for a config")
     p.add_argument("config", help="YAML experiment config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. prune.steps=100")
@@ -258,10 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "default: from the circuit.json beside the edges file")
     p.set_defaults(func=_draw)
 
-    from .tasks import cli_data
-    p = cli_data.build_parser(sub.add_parser("data", help="generate a task dataset (ioi, gt, gp, boolean)"))
-    p.set_defaults(func=cli_data.run)
-
     p = sub.add_parser("demo", help="offline demo: prune a compiled Tracr model and draw its circuit")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--program", default="reverse",
@@ -283,36 +267,3 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="also write the estimate to this JSON file")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_estimate)
-
-    from .baselines import cli as baselines_cli
-    baselines_cli.add_attribute_parser(sub)
-    baselines_cli.add_curve_parser(sub)
-    baselines_cli.add_compare_parser(sub)
-    from .generate import add_generate_parser
-    add_generate_parser(sub)
-    from .viewer.cli import add_view_parser
-    add_view_parser(sub)
-    from .interop import cli as interop_cli
-    interop_cli.add_convert_parser(sub)
-    interop_cli.add_mib_export_parser(sub)
-    from .stability import add_stability_parser
-    add_stability_parser(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .rundir import RunDirError
-
-    try:
-        return args.func(args)
-    except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, OSError) as err:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun rank 0 alone says it
-            print(f"edgeprune {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

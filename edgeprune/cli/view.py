@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..baselines.scores import load_scores
+from ..config import from_dict
+from ..rundir import load_run_config
+from ..viewer import DEFAULT_CAP, build_payload, load_source, serve, write_html
+from ..viewer.measure import measure, span_tokens
+from ..viewer.sources import _read_json
+
 
 def add_view_parser(sub) -> None:
     p = sub.add_parser("view", help="write a circuit as one self-contained HTML page (open it from disk)")
@@ -29,13 +36,10 @@ def add_view_parser(sub) -> None:
 def _config_of(path: Path, src):
     """(config, run directory) to measure a view source with: a run's own config, a scores file's
     stored config; (None, None) for an edges file or scores without a config."""
-    from ..config import from_dict
-    from ..rundir import load_run_config
 
     if src.kind == "run":
         return load_run_config(path), path
     if src.kind == "scores":
-        from ..baselines.scores import load_scores
         stored = load_scores(path).config
         if stored:
             return from_dict(stored, str(path)).validate(str(path)), None
@@ -43,9 +47,6 @@ def _config_of(path: Path, src):
 
 
 def run_view(args) -> int:
-    from . import DEFAULT_CAP, build_payload, load_source, serve, write_html
-    from .measure import measure, span_tokens
-    from .sources import _read_json
 
     if len(args.inputs) > 2:
         raise ValueError(f"view takes one or two inputs, got {len(args.inputs)}")

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..baselines.curve import DEFAULT_BUDGETS, parse_budgets
+from ..baselines.selection import ORDERINGS
+from ..interop.common import InteropError
+from ..interop.convert import convert_from_eap_ig, convert_from_reference, convert_to_eap_ig, target_for
+from ..interop.mib import COUNTS, mib_export
+
 FORMATS = ("eap-ig", "ep-reference")
 
 
 def _convert(args) -> int:
-    from .common import InteropError
-    from .convert import convert_from_eap_ig, convert_from_reference, convert_to_eap_ig, target_for
 
     if bool(args.to) == bool(args.from_):
         raise InteropError("give exactly one of --to eap-ig (ours -> foreign) or --from {eap-ig,ep-reference}")
@@ -65,7 +69,6 @@ def add_convert_parser(sub) -> None:
 def _budgets(text: str):
     import argparse
 
-    from ..baselines.curve import parse_budgets
     try:
         return parse_budgets(text)
     except ValueError as err:
@@ -73,7 +76,6 @@ def _budgets(text: str):
 
 
 def _mib_export(args) -> int:
-    from .mib import mib_export
 
     m = mib_export(args.inputs, args.output, budgets=args.budgets, selection=args.selection, count=args.count,
                    d_model=args.d_model, overwrite=args.overwrite)
@@ -85,9 +87,6 @@ def _mib_export(args) -> int:
 
 
 def add_mib_export_parser(sub) -> None:
-    from ..baselines.curve import DEFAULT_BUDGETS
-    from ..baselines.selection import ORDERINGS
-    from .mib import COUNTS
 
     p = sub.add_parser("mib-export", help="a MIB submission: one circuit per edge budget (+ manifest)")
     p.add_argument("inputs", nargs="+", metavar="RUN_DIR|SCORES",

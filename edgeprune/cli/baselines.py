@@ -12,12 +12,17 @@ import json
 import sys
 from pathlib import Path
 
+from ..baselines.acdc import DEFAULT_TAU
+from ..baselines.attribution import IG_RULES, METRICS
+from ..baselines.compare import compare, format_markdown
+from ..baselines.curve import DEFAULT_BUDGETS, faithfulness_curve, parse_budgets, plot_curve
+from ..baselines.methods import attribute
+from ..baselines.scores import METHODS, load_scores, save_scores
+from ..baselines.selection import ORDERINGS
+from ..config import apply_overrides, from_dict, load_config
 from ..experiment import prepare, task_metric
-from .acdc import DEFAULT_TAU
-from .attribution import IG_RULES, METRICS
-from .curve import DEFAULT_BUDGETS, parse_budgets
-from .scores import METHODS
-from .selection import ORDERINGS
+from ..hub import quiet_progress
+
 
 
 # ---------------------------------------------------------------------------- shared
@@ -43,7 +48,6 @@ def _budgets(text: str) -> list[float]:
 
 def _split_inputs(paths: list[str]):
     """Run directories and scores files, each loaded; the config to rebuild model and data from."""
-    from .scores import load_scores
 
     runs, scores = [], []
     for p in map(Path, paths):
@@ -57,7 +61,6 @@ def _split_inputs(paths: list[str]):
 
 
 def _config_for(args, runs, scores):
-    from ..config import apply_overrides, from_dict, load_config
 
     if args.config:
         return load_config(args.config, _device_overrides(args))
@@ -86,11 +89,7 @@ def _add_common(p, split: str) -> None:
 
 # ---------------------------------------------------------------------------- attribute
 def _attribute(args) -> int:
-    from ..cli import _quiet_hf
-    _quiet_hf(not args.no_progress)
-    from ..config import load_config
-    from .methods import attribute
-    from .scores import save_scores
+    quiet_progress(not args.no_progress)
 
     cfg = load_config(args.config, _device_overrides(args))
     model, batches, source, _ = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
@@ -132,9 +131,7 @@ def add_attribute_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------- curve
 def _curve(args) -> int:
-    from ..cli import _quiet_hf
-    _quiet_hf(not args.no_progress)
-    from .curve import faithfulness_curve, plot_curve
+    quiet_progress(not args.no_progress)
 
     budgets = args.budgets or list(DEFAULT_BUDGETS)
     runs, scores = _split_inputs(args.inputs)
@@ -180,9 +177,7 @@ def add_curve_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------- compare
 def _compare(args) -> int:
-    from ..cli import _quiet_hf
-    _quiet_hf(not args.no_progress)
-    from .compare import compare, format_markdown
+    quiet_progress(not args.no_progress)
 
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
