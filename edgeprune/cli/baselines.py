@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from ..artifacts import expect
 from ..baselines.acdc import DEFAULT_TAU
 from ..baselines.attribution import IG_RULES, METRICS
 from ..baselines.compare import compare, format_markdown
@@ -51,12 +52,10 @@ def _split_inputs(paths: list[str]):
 
     runs, scores = [], []
     for p in map(Path, paths):
-        if p.is_dir():
+        if expect(p, ("run", "scores", "masks"), "curve and compare take run directories and scores files") == "run":
             runs.append(p)
-        elif p.is_file():
-            scores.append(load_scores(p))
         else:
-            raise FileNotFoundError(f"{p}: neither a run directory nor a scores file")
+            scores.append(load_scores(p))  # a masks file: load_scores says to pass its run directory
     return runs, scores
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from ..graph import Graph
+from ..artifacts import ArtifactError, expect
 from .common import InteropError, graph_from_fingerprint
 
 EDGE_PRUNING = "edge-pruning"
@@ -50,15 +51,12 @@ def _run_config(run_dir: Path) -> dict | None:
 def load_source(path: str | Path) -> Source:
     """A run directory, a scores file or a circuit file, recognised by what it is."""
     path = Path(path)
-    if path.is_dir():
-        return _run(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: neither a run directory, a scores file nor a circuit file")
-    if path.suffix == ".safetensors":
-        return _scores(path)
-    if path.suffix == ".json":
-        return _circuit(path)
-    raise InteropError(f"{path}: not a run directory, a scores file (.safetensors) or a circuit (.json)")
+    try:
+        kind = expect(path, ("run", "scores", "edges", "circuit"),
+                      "convert --to eap-ig takes a run directory, a scores file or an edges.json / circuit.json")
+    except ArtifactError as err:
+        raise InteropError(str(err)) from None
+    return _run(path) if kind == "run" else _scores(path) if kind == "scores" else _circuit(path)
 
 
 def _refuse(spans, where) -> None:

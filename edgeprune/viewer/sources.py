@@ -17,6 +17,7 @@ from pathlib import Path
 
 
 from ..circuit import span_edges
+from ..artifacts import expect
 from ..graph import Graph, GraphSpec
 
 
@@ -40,17 +41,9 @@ class ViewSource:
 def load_source(path: str | Path, curve: dict | None = None) -> ViewSource:
     """Read one input of ``edgeprune view``; a clear ValueError for anything that is not a circuit."""
     p = Path(path)
-    if p.is_dir():
-        src = _run_source(p)
-    elif not p.is_file():
-        raise FileNotFoundError(f"{p}: no such run directory or file")
-    elif p.suffix == ".safetensors":
-        src = _scores_source(p)
-    elif p.suffix == ".json":
-        src = _edges_source(p)
-    else:
-        raise ValueError(f"{p}: not a circuit: expected a run directory, an edges.json/circuit.json or a "
-                         "scores .safetensors file")
+    kind = expect(p, ("run", "scores", "edges", "circuit"),
+                  "view takes a run directory, an edges.json / circuit.json or a scores .safetensors file")
+    src = _run_source(p) if kind == "run" else _scores_source(p) if kind == "scores" else _edges_source(p)
     if curve is not None:
         src.points.extend(_curve_points(curve, p, src.kind))
     src.points.sort(key=lambda q: q["edges"])
