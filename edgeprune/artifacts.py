@@ -20,10 +20,11 @@ file, a circuit, an EAP-IG graph?" is decided in one place.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+
+from .jsonfile import read_json
 
 SCORES_FORMAT = "edgeprune.scores/1"
 KINDS = ("run", "reference-run", "scores", "masks", "edges", "circuit", "eap-ig-graph", "curve")
@@ -94,11 +95,9 @@ def _has_log_alphas(path: Path) -> bool:
 
 def _json(path: Path) -> str:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ArtifactError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ArtifactError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        data = read_json(path)
+    except ValueError as err:
+        raise ArtifactError(str(err)) from None
     if isinstance(data, list):
         return "edges"
     if isinstance(data, dict):

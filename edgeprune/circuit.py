@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .graph import Graph
+from .jsonfile import read_json
 from .names import parse_edge
 from .masks import deterministic, prob_nonzero
 
@@ -248,12 +249,7 @@ def read_edge_pairs(path: str | Path, spans: bool = False) -> list[tuple[int, li
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, got a JSON {_json_type(data)}")
     width = len(data[0]) if spans and data and isinstance(data[0], list) and len(data[0]) in (2, 3) else 2

@@ -138,10 +138,16 @@ def test_convert_both_ways_and_mib_export(world):
         assert (world / "from_eap_ig" / name).is_file(), name
     # one file round-trips: the same circuit and the same scores (the Llama here has GQA)
     _cli("export", run, "-o", world / "exported_edges.json")
-    edges = lambda p: sorted(map(tuple, json.loads(p.read_text())))  # noqa: E731
+    # MIB has one `input` node for both embeddings: GPT-2's two embedding edges into a reader come back
+    # together (docs/interop.md); every other edge, and every edge of the rotary Llama, exactly
+    merged = lambda w: "input" if w in ("tok_embeds", "pos_embeds") else w  # noqa: E731
+    edges = lambda p: sorted({(merged(w), r) for w, r in json.loads(p.read_text())})  # noqa: E731
     assert edges(world / "from_eap_ig" / "edges.json") == edges(world / "exported_edges.json")
-    from edgeprune.rundir import load_masks
-    assert torch.allclose(load_masks(world / "from_eap_ig").edge_log_alpha, load_masks(run).edge_log_alpha)
+    if "gpt2" not in world.name:
+        exact = lambda p: sorted(map(tuple, json.loads(p.read_text())))  # noqa: E731
+        assert exact(world / "from_eap_ig" / "edges.json") == exact(world / "exported_edges.json")
+        from edgeprune.rundir import load_masks
+        assert torch.allclose(load_masks(world / "from_eap_ig").edge_log_alpha, load_masks(run).edge_log_alpha)
     _cli("mib-export", run, "-o", world / "mib", "--budgets", "0.1,0.5")
     assert (world / "mib" / "manifest.json").is_file() and len(list((world / "mib").glob("circuit_*.json"))) == 2
 

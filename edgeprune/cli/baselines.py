@@ -77,6 +77,14 @@ def _config_for(args, runs, scores):
     raise ValueError("no config: the scores files carry none; pass --config CONFIG")
 
 
+def _add_inputs(p, inputs_help: str, output_help: str) -> None:
+    """The inputs, output, selection and config of ``curve`` and ``compare``."""
+    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SCORES", help=inputs_help)
+    p.add_argument("-o", "--output", required=True, help=output_help)
+    p.add_argument("--selection", choices=ORDERINGS, default="topn", help="circuits from scores (default topn)")
+    p.add_argument("--config", help="experiment config (default: the first run's, else the scores file's)")
+
+
 def _add_common(p, split: str) -> None:
     p.add_argument("--split", default=split, help=f"data split to use (default {split})")
     p.add_argument("--batches", type=_positive, help="use only the first N batches of the split")
@@ -129,18 +137,24 @@ def add_attribute_parser(sub) -> None:
 
 
 # ---------------------------------------------------------------------------- curve
-def _curve(args) -> int:
+def _evaluation_inputs(args):
+    """What ``curve`` and ``compare`` both start from: (runs, scores, cfg, model, batches, header), the
+    model and batches prepared as every command prepares them (the first run's ablation states)."""
     quiet_progress(not args.no_progress)
-
-    budgets = args.budgets or list(DEFAULT_BUDGETS)
     runs, scores = _split_inputs(args.inputs)
     cfg = _config_for(args, runs, scores)
     model, batches, source, record = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
                                             run_dir=runs[0] if runs else None)
-    result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=budgets,
+    header = {"model_id": model.model_id, "data": source, "split": args.split, "ablation": record}
+    return runs, scores, cfg, model, batches, header
+
+
+def _curve(args) -> int:
+    runs, scores, cfg, model, batches, header = _evaluation_inputs(args)
+    result = faithfulness_curve(model, batches, runs=runs, scores=scores, budgets=args.budgets or list(DEFAULT_BUDGETS),
                                 selection=args.selection, loss=cfg.data.loss, progress=not args.no_progress,
-                     task_metric=task_metric(cfg.data, model))
-    result = {"model_id": model.model_id, "data": source, "split": args.split, "ablation": record, **result}
+                                task_metric=task_metric(cfg.data, model))
+    result = {**header, **result}
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "curve.json").write_text(json.dumps(result, indent=2))
@@ -161,14 +175,11 @@ def _curve(args) -> int:
 
 def add_curve_parser(sub) -> None:
     p = sub.add_parser("curve", help="faithfulness vs circuit size for runs and score files; CPR and CMD")
-    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SCORES",
-                   help="Edge Pruning run directories (one point each) and scores files (one line each)")
-    p.add_argument("-o", "--output", required=True, help="output directory (curve.json, curve.png)")
+    _add_inputs(p, "Edge Pruning run directories (one point each) and scores files (one line each)",
+                "output directory (curve.json, curve.png)")
     p.add_argument("--budgets", type=_budgets,
                    help="edge budgets in percent of all edges, each in (0, 100] (default "
                         f"{','.join(f'{b:g}' for b in DEFAULT_BUDGETS)})")
-    p.add_argument("--selection", choices=ORDERINGS, default="topn", help="circuits from scores (default topn)")
-    p.add_argument("--config", help="experiment config (default: the first run's, else the scores file's)")
     p.add_argument("--title")
     _add_common(p, "test")
     p.set_defaults(func=_curve)
@@ -176,16 +187,10 @@ def add_curve_parser(sub) -> None:
 
 # ---------------------------------------------------------------------------- compare
 def _compare(args) -> int:
-    quiet_progress(not args.no_progress)
-
-    runs, scores = _split_inputs(args.inputs)
-    cfg = _config_for(args, runs, scores)
-    model, batches, source, record = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
-                                            run_dir=runs[0] if runs else None)
+    runs, scores, cfg, model, batches, header = _evaluation_inputs(args)
     result = compare(model, batches, runs=runs, scores=scores, n_edges=args.edges, selection=args.selection,
-                     loss=cfg.data.loss, progress=not args.no_progress,
-                     task_metric=task_metric(cfg.data, model))
-    result = {"model_id": model.model_id, "data": source, "split": args.split, "ablation": record, **result}
+                     loss=cfg.data.loss, progress=not args.no_progress, task_metric=task_metric(cfg.data, model))
+    result = {**header, **result}
     table = format_markdown(result)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
@@ -198,11 +203,8 @@ def _compare(args) -> int:
 
 def add_compare_parser(sub) -> None:
     p = sub.add_parser("compare", help="one table of circuits of equal size: runs vs score files")
-    p.add_argument("inputs", nargs="+", metavar="RUN_OR_SCORES",
-                   help="Edge Pruning run directories and scores files; the first run sets the size")
-    p.add_argument("-o", "--output", required=True, help="output directory (compare.json, compare.md)")
+    _add_inputs(p, "Edge Pruning run directories and scores files; the first run sets the size",
+                "output directory (compare.json, compare.md)")
     p.add_argument("--edges", type=int, help="circuit size (default: the first run's edge count)")
-    p.add_argument("--selection", choices=ORDERINGS, default="topn", help="circuits from scores (default topn)")
-    p.add_argument("--config", help="experiment config (default: the first run's, else the scores file's)")
     _add_common(p, "test")
     p.set_defaults(func=_compare)

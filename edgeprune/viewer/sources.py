@@ -11,13 +11,13 @@ span names (``ViewSource.spans``); the page draws one column per span.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 
 from ..circuit import span_edges
 from ..artifacts import expect
+from ..jsonfile import read_json
 from ..graph import Graph, GraphSpec
 
 
@@ -164,9 +164,4 @@ def _curve_points(curve: dict, path: Path, kind: str) -> list[dict]:
 
 
 def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a circuit: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not a circuit: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    return read_json(path, "not a circuit: ")
