@@ -38,12 +38,14 @@ from .config import ExperimentConfig, save_config
 from .eval import EmptyBaseline, evaluate, kl_divergence
 from .estimate import WontFit, advice, check_fits, free_bytes
 from .identity import FingerprintError
-from .control import lagrangian, project
+from .control import expected_sparsity_of, lagrangian, project
+from .faithful import apply_selection, select_faithful
+from .faithful import objective as faithful_objective
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
-from .warmstart import AUTO_IG_STEPS, attribution_method, attribution_start, warm_start
+from .warmstart import AUTO_IG_STEPS, attribution_method, attribution_start, fixed_edges, warm_start
 from .rundir import (RUN_OUTPUTS, RunDirError, RunMasks, RunTiming, check_same_model, load_masks,  # noqa: F401
                      run_dir_plan)
 
@@ -158,8 +160,9 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fals
     """
     d, device = distributed.setup(cfg.model.device)
     try:
-        result = _prune(cfg, d, device, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start,
-                        progress=progress, stop_after=stop_after)
+        recipe = PruneRecipe(cfg, d, device, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start,
+                             progress=progress)
+        result = recipe.setup().run(stop_after)
     except torch.OutOfMemoryError:  # past the up-front check (check_fits): the knobs, not a traceback
         d.close(clean=False)
         last = find_checkpoint(Path(cfg.run.output_dir) / "checkpoint")
@@ -172,213 +175,277 @@ def prune(cfg: ExperimentConfig, *, resume: bool = False, overwrite: bool = Fals
     return result
 
 
-def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool, overwrite: bool,
-           resume_or_start: bool, progress: bool, stop_after: int | None) -> PruneResult:
-    started = time.perf_counter()
-    out = Path(cfg.run.output_dir)
-    ckpt_dir = out / "checkpoint"
-    log_path = out / "log.jsonl"
-    # ---- every check first (all ranks), so that a refused run leaves the directory untouched
-    try:
-        existing, stale = run_dir_plan(out, resume=resume, overwrite=overwrite, resume_or_start=resume_or_start)
-    except RunDirError as err:
-        raise PruneError(str(err)) from None
-    if cfg.run.wandb and d.is_main:
-        import importlib.util
-        if importlib.util.find_spec("wandb") is None:
-            raise PruneError('run.wandb / --wandb needs the wandb package: pip install "edgeprune[wandb]"')
-    say = tqdm.write if d.is_main else (lambda *_: None)
+class TargetObjective:
+    """``prune.mode: target``: the fit, held to the ramp's sparsity target by the Lagrangian terms
+    (``sparsity_control: lagrangian``) or by one common shift of the log_alphas after each step
+    (``project``, ``edgeprune/control.py``)."""
 
-    model = load_model(cfg.model, device)
-    model.fingerprint()  # before FSDP shards the weights; version 1 too, to resume runs written before version 2
-    with contextlib.suppress(FingerprintError):
-        model.fingerprint(1)
-    p = cfg.prune
-    model.activation_checkpointing = p.activation_checkpointing
-    train = None
-    if cfg.model.positions:  # position-aware masks: the training split names the spans (before the graph check)
-        train = load_split(cfg.data, model, cfg.data.train_split)
-        use_spans(cfg.model.positions, model, train)
-    saved, log_lines = None, []
-    if existing is not None:
-        saved = load_checkpoint(existing)
-        _check_compatible(saved, existing, model, cfg)
-        log_lines = _log_lines(log_path, int(saved["step"]), say)
-    if p.batch_size < d.world:
-        raise PruneError(f"prune.batch_size ({p.batch_size}) is the global batch: it must be at least the "
-                         f"number of processes ({d.world})")
-    if train is None:
-        train = load_split(cfg.data, model, cfg.data.train_split)
-    try:
-        val = load_split(cfg.data, model, cfg.data.eval_split)
-    except (FileNotFoundError, ValueError) as err:
-        if isinstance(err, TaskFormatError):  # a bad line is an error, not a missing split
-            raise
-        say(f"no validation data ({err}); validating on the training split")
-        val = train
-    task_metric = get_task_metric(cfg.data, model)
-    start = None
-    method = attribution_method(p.init_from)  # eap / eap-ig / auto: prune computes its own scores
-    own_scores = out / f"scores_{method}.safetensors" if method else None
-    if method and d.world > 1:
-        raise PruneError(f"prune.init_from: {p.init_from} computes attribution in one process; under torchrun "
-                         f"compute it first (`edgeprune attribute CONFIG --method {method}`) and pass the file")
-    if method and existing is not None and own_scores.is_file():  # resumed: the scores it started from
-        start = warm_start(str(own_scores), model, p)
-    elif p.init_from and not method:  # read (and checked) before anything is written; a resumed run restores over it
-        start = warm_start(p.init_from, model, p)
-    try:  # a step that cannot fit is refused here, naming the knobs, not by an out-of-memory traceback
-        check_fits(cfg, model, device, d.world)
-    except WontFit as err:
-        raise PruneError(str(err)) from None
-    d.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
+    def __init__(self, run: "PruneRecipe"):
+        self.run = run
 
-    # ---- now write: remove a replaced run's outputs, then the resolved config
-    if d.is_main:
-        for old in stale:
+    def start(self) -> None:
+        """A new run under ``project``: the first forward already sits on the ramp."""
+        if self.run.control == "project" and self.run.existing is None:
+            for kind, ramp in self.run.ramps.items():
+                self.run.project_onto(kind, ramp.value())
+
+    def loss(self, per_position: torch.Tensor, fit: torch.Tensor, record: dict) -> tuple[torch.Tensor, float]:
+        """(loss to minimise, its sparsity terms as a float); fills ``record``'s sparsity fields."""
+        r = self.run
+        loss, terms = fit, 0.0
+        for kind, lam in r.lambdas.items():
+            expected = r.masks_of(kind).expected_sparsity()
+            target = r.ramps[kind].value()
+            if r.control == "lagrangian":  # project: a shift after the step enforces the target, lambdas stay 0
+                term = lagrangian(expected, target, lam)
+                loss = loss + term
+                terms += term.item()
+            record.update({f"{kind}_sparsity": expected.item(), f"{kind}_target": target,
+                           f"{kind}_gap": expected.item() - target,
+                           f"{kind}_lambda1": lam[0].item(), f"{kind}_lambda2": lam[1].item()})
+        return loss, terms
+
+    def after_step(self, record: dict) -> None:
+        if self.run.control == "project":  # the step took the fit alone; one common shift lands it on the next target
+            for kind, ramp in self.run.ramps.items():
+                record[f"{kind}_shift"] = self.run.project_onto(kind, ramp.value())
+
+
+class FaithfulObjective(TargetObjective):
+    """``prune.mode: faithful``: no target; E[L0] under a constraint on the fit (``edgeprune/faithful.py``)."""
+
+    def start(self) -> None:
+        pass
+
+    def loss(self, per_position, fit, record):
+        r = self.run
+        return faithful_objective(per_position, fit, r.model, r.lambdas, r.p, record)
+
+    def after_step(self, record: dict) -> None:
+        pass
+
+
+class PruneRecipe:
+    """The pruning loop as a recipe (torchtune's manner): ``setup`` (checks, then the run directory,
+    model, data, ablation states, warm start, masks and optimisers, or a checkpoint's), then ``step``
+    per batch, ``evaluate`` and ``save`` at their intervals, and ``finish`` (the final masks, the
+    binary circuit's figures, the timing). ``run`` is the loop that calls them."""
+
+    def __init__(self, cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, resume: bool,
+                 overwrite: bool, resume_or_start: bool, progress: bool):
+        self.started = time.perf_counter()
+        self.cfg, self.p, self.d, self.device, self.progress = cfg, cfg.prune, d, device, progress
+        self.out = Path(cfg.run.output_dir)
+        self.ckpt_dir, self.log_path = self.out / "checkpoint", self.out / "log.jsonl"
+        self.flags = dict(resume=resume, overwrite=overwrite, resume_or_start=resume_or_start)
+        self.say = tqdm.write if d.is_main else (lambda *_: None)
+        self.log = _log if d.is_main else (lambda *_: None)
+        self.history: list[dict] = []
+        self.step_count = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> "PruneRecipe":
+        self._check()  # every check first (all ranks), so that a refused run leaves the directory untouched
+        self.d.barrier()  # every rank has checked and read the run directory before rank 0 writes to it
+        self._write_run_dir()
+        distributed.shard_model(self.model, self.d)
+        record = prepare_ablation(self.model, self.cfg, self.out, self.train, write=self.d.is_main,
+                                  progress=self.progress and self.d.is_main)
+        self.say(f"ablation: {record['ablation']} ({record['source']})")
+        if self.method and self.start is None:  # after the ablation states: attribution ablates as pruning will
+            self._attribute()
+        self._init_masks()
+        self._init_optimisers()
+        if self.existing is not None:
+            self.step_count = _restore(self.saved, self.existing, self.model, self.opt, self.lambda_opt,
+                                       self.lambdas, self.ramps, self.generator)
+            self.early.load_state_dict(self.saved.get("early_stop", {}))
+            why = f" (it had stopped: {self.early.reason})" if self.early.reason else ""
+            self.say(f"resumed from {self.existing} at step {self.step_count}{why}")
+        self.wandb_run = _start_wandb(self.cfg, self.out) if self.cfg.run.wandb and self.d.is_main else None
+        self._init_data_loop()
+        self.objective = FaithfulObjective(self) if self.p.mode == "faithful" else TargetObjective(self)
+        self.hold_fixed()
+        self.objective.start()
+        return self
+
+    def _check(self) -> None:
+        cfg, p, d = self.cfg, self.p, self.d
+        try:
+            self.existing, self.stale = run_dir_plan(self.out, **self.flags)
+        except RunDirError as err:
+            raise PruneError(str(err)) from None
+        if cfg.run.wandb and d.is_main:
+            import importlib.util
+            if importlib.util.find_spec("wandb") is None:
+                raise PruneError('run.wandb / --wandb needs the wandb package: pip install "edgeprune[wandb]"')
+        self.model = model = load_model(cfg.model, self.device)
+        model.fingerprint()  # before FSDP shards the weights; version 1 too, to resume runs written before version 2
+        with contextlib.suppress(FingerprintError):
+            model.fingerprint(1)
+        model.activation_checkpointing = p.activation_checkpointing
+        self.train = None
+        if cfg.model.positions:  # position-aware masks: the training split names the spans (before the graph check)
+            self.train = load_split(cfg.data, model, cfg.data.train_split)
+            use_spans(cfg.model.positions, model, self.train)
+        self.saved, self.log_lines = None, []
+        if self.existing is not None:
+            self.saved = load_checkpoint(self.existing)
+            _check_compatible(self.saved, self.existing, model, cfg)
+            self.log_lines = _log_lines(self.log_path, int(self.saved["step"]), self.say)
+        if p.batch_size < d.world:
+            raise PruneError(f"prune.batch_size ({p.batch_size}) is the global batch: it must be at least the "
+                             f"number of processes ({d.world})")
+        self._load_data()
+        self._check_warm_start()
+        try:  # a step that cannot fit is refused here, naming the knobs, not by an out-of-memory traceback
+            check_fits(cfg, model, self.device, d.world)
+        except WontFit as err:
+            raise PruneError(str(err)) from None
+
+    def _load_data(self) -> None:
+        cfg, model = self.cfg, self.model
+        if self.train is None:
+            self.train = load_split(cfg.data, model, cfg.data.train_split)
+        try:
+            self.val = load_split(cfg.data, model, cfg.data.eval_split)
+        except (FileNotFoundError, ValueError) as err:
+            if isinstance(err, TaskFormatError):  # a bad line is an error, not a missing split
+                raise
+            self.say(f"no validation data ({err}); validating on the training split")
+            self.val = self.train
+        self.task_metric = get_task_metric(cfg.data, model)
+
+    def _check_warm_start(self) -> None:
+        """The warm start of ``prune.init_from``, read and checked before anything is written (a
+        resumed run restores over it); attribution computed in place comes after the ablation states."""
+        p = self.p
+        self.start = None
+        self.method = attribution_method(p.init_from)  # eap / eap-ig / auto: prune computes its own scores
+        self.own_scores = self.out / f"scores_{self.method}.safetensors" if self.method else None
+        if self.method and self.d.world > 1:
+            raise PruneError(f"prune.init_from: {p.init_from} computes attribution in one process; under torchrun "
+                             f"compute it first (`edgeprune attribute CONFIG --method {self.method}`) and pass the file")
+        if self.method and self.existing is not None and self.own_scores.is_file():  # resumed: its own scores
+            self.start = warm_start(str(self.own_scores), self.model, p)
+        elif p.init_from and not self.method:
+            self.start = warm_start(p.init_from, self.model, p)
+
+    def _write_run_dir(self) -> None:
+        """Remove a replaced run's outputs, then write the resolved config (and a resumed run's log)."""
+        if not self.d.is_main:
+            return
+        for old in self.stale:
             shutil.rmtree(old) if old.is_dir() else old.unlink()
-        if stale:
-            say(f"removed the previous outputs in {out} ({len(stale)} entries)")
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        if existing is not None:
-            log_path.write_text("".join(ln + "\n" for ln in log_lines))
-    distributed.shard_model(model, d)
-    ablation_record = prepare_ablation(model, cfg, out, train, write=d.is_main, progress=progress and d.is_main)
-    say(f"ablation: {ablation_record['ablation']} ({ablation_record['source']})")
-    if method and start is None:  # after the ablation states: attribution ablates as pruning will
-        say(f"prune.init_from: {p.init_from}: computing {method} scores on the training split")
-        ig_steps = AUTO_IG_STEPS if p.init_from == "auto" else 5
-        start, scores = attribution_start(method, model, p, list(batches(train.examples, p.batch_size,
-                                                                          train.pad_token_id)), progress, ig_steps)
-        save_scores(scores, own_scores)
-        say(f"{method}: {scores.wall_time_s:.0f} s; written to {own_scores}")
+        if self.stale:
+            self.say(f"removed the previous outputs in {self.out} ({len(self.stale)} entries)")
+        self.out.mkdir(parents=True, exist_ok=True)
+        save_config(self.cfg, self.out / "config.yaml")
+        if self.existing is not None:
+            self.log_path.write_text("".join(ln + "\n" for ln in self.log_lines))
 
-    # ---- trainable state: masks (descend) and lambdas (ascend)
-    generator = torch.Generator(device=device).manual_seed(cfg.run.seed)
-    model.edge_masks.generator = generator
-    for masks in (model.edge_masks, model.node_masks):
-        if masks is not None:
-            with torch.no_grad():
-                # jitter (seeded) spreads the moments at which masks leave 'exactly 1'
-                jitter = torch.rand(masks.n, generator=generator, device=device) * p.init_jitter
-                masks.log_alpha.copy_(p.init_log_alpha + jitter)
-    fixed = None  # (E,) bool: edges held at exactly 0 outside the candidates
-    if start is not None:
-        from .warmstart import fixed_edges
-        fixed = fixed_edges(start, p).to(device) if p.candidates is not None else None
+    def _attribute(self) -> None:
+        p, train = self.p, self.train
+        self.say(f"prune.init_from: {p.init_from}: computing {self.method} scores on the training split")
+        ig_steps = AUTO_IG_STEPS if p.init_from == "auto" else 5
+        self.start, scores = attribution_start(self.method, self.model, p,
+                                               list(batches(train.examples, p.batch_size, train.pad_token_id)),
+                                               self.progress, ig_steps)
+        save_scores(scores, self.own_scores)
+        self.say(f"{self.method}: {scores.wall_time_s:.0f} s; written to {self.own_scores}")
+
+    def _init_masks(self) -> None:
+        """Masks start at init_log_alpha (+ seeded jitter), or at the warm start's log_alpha."""
+        model, p, device, start = self.model, self.p, self.device, self.start
+        self.generator = generator = torch.Generator(device=device).manual_seed(self.cfg.run.seed)
+        model.edge_masks.generator = generator
+        for masks in (model.edge_masks, model.node_masks):
+            if masks is not None:
+                with torch.no_grad():
+                    # jitter (seeded) spreads the moments at which masks leave 'exactly 1'
+                    jitter = torch.rand(masks.n, generator=generator, device=device) * p.init_jitter
+                    masks.log_alpha.copy_(p.init_log_alpha + jitter)
+        self.fixed = None  # (E,) bool: edges held at exactly 0 outside the candidates
+        if start is None:
+            return
+        self.fixed = fixed_edges(start, p).to(device) if p.candidates is not None else None
         with torch.no_grad():
             model.edge_masks.log_alpha.copy_(start.edge_log_alpha.to(device))
             if model.node_masks is not None and start.node_log_alpha is not None:
                 model.node_masks.log_alpha.copy_(start.node_log_alpha.to(device))
-        if existing is None:
-            say(start.describe() + (f"; learning only its top {p.candidates} edges" if fixed is not None else ""))
-    control = "lagrangian" if p.mode == "faithful" else sparsity_control(p)  # faithful: lambdas hold its multiplier
-    early = EarlyStop(p.early_stop, p.early_stop_tolerance)
-    mask_params = [model.edge_masks.log_alpha]
-    lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
-    ramp_start = 0.0
-    if start is not None and start.kind != "run":  # a scores map is built at the target: no warm-up
-        ramp_start = p.edge_target
-    elif start is not None:  # another run's masks: ramp from their expected sparsity to this target
-        from .control import expected_sparsity_of
-        la = start.edge_log_alpha.clone()
-        if fixed is not None:
-            la[fixed.cpu()] = OFF_LOG_ALPHA
-        ramp_start = min(expected_sparsity_of(la), p.edge_target)
-    ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps, ramp_start)}
-    if model.node_masks is not None:
-        model.node_masks.generator = generator
-        mask_params.append(model.node_masks.log_alpha)
-        if p.node_target is not None:
-            lambdas["nodes"] = torch.nn.Parameter(torch.zeros(2, device=device))
-            ramps["nodes"] = SparsityRamp(p.node_target, p.warmup_steps)
-    opt = torch.optim.AdamW(mask_params, lr=p.lr_masks, weight_decay=p.weight_decay)
-    lambda_opt = torch.optim.AdamW(list(lambdas.values()), lr=p.lr_lambdas, weight_decay=0.0, maximize=True)
+        if self.existing is None:
+            only = f"; learning only its top {p.candidates} edges" if self.fixed is not None else ""
+            self.say(start.describe() + only)
 
-    step = 0
-    if existing is not None:
-        step = _restore(saved, existing, model, opt, lambda_opt, lambdas, ramps, generator)
-        early.load_state_dict(saved.get("early_stop", {}))
-        say(f"resumed from {existing} at step {step}" + (f" (it had stopped: {early.reason})" if early.reason else ""))
+    def _init_optimisers(self) -> None:
+        """Masks descend (AdamW), lambdas ascend; the sparsity ramps start where the warm start is."""
+        model, p, device, start = self.model, self.p, self.device, self.start
+        self.control = "lagrangian" if p.mode == "faithful" else sparsity_control(p)  # faithful: lambdas hold its multiplier
+        self.early = EarlyStop(p.early_stop, p.early_stop_tolerance)
+        self.mask_params = [model.edge_masks.log_alpha]
+        self.lambdas = {"edges": torch.nn.Parameter(torch.zeros(2, device=device))}
+        ramp_start = 0.0
+        if start is not None and start.kind != "run":  # a scores map is built at the target: no warm-up
+            ramp_start = p.edge_target
+        elif start is not None:  # another run's masks: ramp from their expected sparsity to this target
+            la = start.edge_log_alpha.clone()
+            if self.fixed is not None:
+                la[self.fixed.cpu()] = OFF_LOG_ALPHA
+            ramp_start = min(expected_sparsity_of(la), p.edge_target)
+        self.ramps = {"edges": SparsityRamp(p.edge_target, p.warmup_steps, ramp_start)}
+        if model.node_masks is not None:
+            model.node_masks.generator = self.generator
+            self.mask_params.append(model.node_masks.log_alpha)
+            if p.node_target is not None:
+                self.lambdas["nodes"] = torch.nn.Parameter(torch.zeros(2, device=device))
+                self.ramps["nodes"] = SparsityRamp(p.node_target, p.warmup_steps)
+        self.opt = torch.optim.AdamW(self.mask_params, lr=p.lr_masks, weight_decay=p.weight_decay)
+        self.lambda_opt = torch.optim.AdamW(list(self.lambdas.values()), lr=p.lr_lambdas, weight_decay=0.0,
+                                            maximize=True)
 
-    wandb_run = _start_wandb(cfg, out) if cfg.run.wandb and d.is_main else None
-    log = _log if d.is_main else (lambda *_: None)
+    def _init_data_loop(self) -> None:
+        """Epoch order, the empty circuit's baseline, timing, and the reference cache (refilled on resume)."""
+        p, train, model, d = self.p, self.train, self.model, self.d
+        self.empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
+        self.steps_per_epoch = len(epoch_batches(train, p.batch_size, self.cfg.run.seed, 0))
+        self.epoch, self.order = -1, []
+        self.timing = RunTiming.load(self.out / "timing.json") if self.existing is not None else RunTiming()
+        use_cache, why = decide(p.cache_corrupted, p.steps / self.steps_per_epoch, cache_nbytes(model, train.examples),
+                                free_bytes(self.device))
+        self.say(f"reference cache: {why}")
+        self.reference = ReferenceCache(enabled=use_cache)  # full-model logits, corrupted states
+        if use_cache and self.step_count > 0:  # resumed: refill from the batches that filled it (same values)
+            first = epoch_batches(train, p.batch_size, self.cfg.run.seed, 0)[:min(self.step_count, self.steps_per_epoch)]
+            self.reference.warm(model, (d.shard(b).to(self.device) for b in first))
+        model.train()
 
-    def save(at_step: int):
-        if d.is_main:
-            state = _state(model, cfg, opt, lambda_opt, lambdas, ramps, generator, at_step)
-            state["early_stop"] = early.state_dict()
-            save_checkpoint(state, ckpt_dir)
+    # ------------------------------------------------------------------ masks
+    def masks_of(self, kind: str):
+        return self.model.edge_masks if kind == "edges" else self.model.node_masks
 
-    empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
-
-    def validate(at_step: int, prefix: str = "val_", whole: bool = False) -> dict:
-        """The current masks on the validation split (``run.eval_batches`` of it unless ``whole``)."""
-        vb = batches(val.examples, p.batch_size, val.pad_token_id)
-        if cfg.run.eval_batches is not None and not whole:
-            vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
-        metrics = evaluate(model, (d.shard(b) for b in vb), loss=cfg.data.loss, task_metric=task_metric,
-                           output_scale=cfg.data.output_scale, reduce=d.sum_floats, empty=True if whole else empty)
-        record = {"step": at_step, **{f"{prefix}{k}": v for k, v in metrics.items()}}
-        log(log_path, wandb_run, record)
-        return metrics
-
-    def validate_circuit(at_step: int) -> tuple[dict, dict]:
-        """The binary circuit (threshold + dangling removal, as ``edgeprune eval``) on the whole
-        validation split: the figures ``edgeprune eval RUN --split VALIDATION`` prints. Logged as
-        ``circuit_val_*``; the learned masks are left as they were."""
-        circuit = extract_circuit(model.graph, model.edge_masks.log_alpha.detach().cpu(),
-                                  None if model.node_masks is None else model.node_masks.log_alpha.detach().cpu(),
-                                  spans=model.spans)
-        model.set_edges(circuit.edges)
-        try:
-            return validate(at_step, prefix="circuit_val_", whole=True), circuit.counts
-        finally:
-            for masks in (model.edge_masks, model.node_masks):
-                if masks is not None:
-                    masks.override = None
-
-    history: list[dict] = []
-    steps_per_epoch = len(epoch_batches(train, p.batch_size, cfg.run.seed, 0))
-    epoch, order = -1, []
-    timing = RunTiming.load(out / "timing.json") if existing is not None else RunTiming()
-    bar = tqdm(total=p.steps, initial=step, desc="prune", disable=not progress or not d.is_main, dynamic_ncols=True)
-    ran = 0
-    use_cache, why = decide(p.cache_corrupted, p.steps / steps_per_epoch, cache_nbytes(model, train.examples),
-                            free_bytes(device))
-    say(f"reference cache: {why}")
-    reference = ReferenceCache(enabled=use_cache)  # full-model logits, corrupted states
-    if use_cache and step > 0:  # resumed: refill from the batches that filled it, so it holds the same values
-        first = epoch_batches(train, p.batch_size, cfg.run.seed, 0)[:min(step, steps_per_epoch)]
-        reference.warm(model, (d.shard(b).to(device) for b in first))
-    model.train()
-
-    def masks_of(kind: str):
-        return model.edge_masks if kind == "edges" else model.node_masks
-
-    def hold_fixed() -> None:
-        if fixed is not None:
+    def hold_fixed(self) -> None:
+        if self.fixed is not None:
             with torch.no_grad():
-                model.edge_masks.log_alpha[fixed] = OFF_LOG_ALPHA
+                self.model.edge_masks.log_alpha[self.fixed] = OFF_LOG_ALPHA
 
-    def project_onto(kind: str, target: float) -> float:
-        free = ~fixed if kind == "edges" and fixed is not None else None
-        return project(masks_of(kind).log_alpha, target, free)
+    def project_onto(self, kind: str, target: float) -> float:
+        free = ~self.fixed if kind == "edges" and self.fixed is not None else None
+        return project(self.masks_of(kind).log_alpha, target, free)
 
-    hold_fixed()
-    if control == "project" and existing is None:  # the first forward already sits on the ramp
-        for kind, ramp in ramps.items():
-            project_onto(kind, ramp.value())
-    while step < p.steps and early.reason is None:
-        e, i = divmod(step, steps_per_epoch)
-        if e != epoch:
-            epoch, order = e, epoch_batches(train, p.batch_size, cfg.run.seed, e)
-        batch = d.shard(order[i]).to(device)  # this rank's rows of the global batch
+    # ------------------------------------------------------------------ the step
+    def next_batch(self):
+        """This rank's rows of the global batch of the current step (epochs shuffled by seed and epoch)."""
+        e, i = divmod(self.step_count, self.steps_per_epoch)
+        if e != self.epoch:
+            self.epoch, self.order = e, epoch_batches(self.train, self.p.batch_size, self.cfg.run.seed, e)
+        return self.d.shard(self.order[i]).to(self.device)
 
+    def step(self, batch) -> dict:
+        """One optimisation step on ``batch``; returns its log record."""
+        cfg, p, model, d = self.cfg, self.p, self.model, self.d
         # logits only at the loss positions: the read-out over the vocabulary is costly
         sel, scale = batch.loss_mask, cfg.data.output_scale
-        ref_logits, corrupted = reference(model, batch, sel)  # (N, V), corrupted states (W, B, T, D)
+        ref_logits, corrupted = self.reference(model, batch, sel)  # (N, V), corrupted states (W, B, T, D)
         logits = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
                        span_ids=batch.span_ids).logits
         del corrupted  # the backward does not need them
@@ -389,102 +456,144 @@ def _prune(cfg: ExperimentConfig, d: distributed.Dist, device: torch.device, *, 
         # the mean over the global batch's positions; the backward sums dL/dz over ranks (distributed.py)
         n_positions, fit_sum = d.sum(torch.stack([sel.sum().double(), per_position.detach().double().sum()])).tolist()
         fit = per_position.sum() / n_positions
-        record = {"step": step + 1, "kl" if cfg.data.loss == "kl" else "mse": fit_sum / n_positions}
-        loss, sparsity_terms = fit, 0.0
-        if p.mode == "faithful":  # no target: E[L0] under a constraint on the fit (edgeprune/faithful.py)
-            from .faithful import objective
-            loss, sparsity_terms = objective(per_position, fit, model, lambdas, p, record)
-        for kind, lam in (lambdas.items() if p.mode != "faithful" else ()):
-            expected = masks_of(kind).expected_sparsity()
-            target = ramps[kind].value()
-            if control == "lagrangian":  # project: a shift after the step enforces the target, lambdas stay 0
-                term = lagrangian(expected, target, lam)
-                loss = loss + term
-                sparsity_terms += term.item()
-            record.update({f"{kind}_sparsity": expected.item(), f"{kind}_target": target,
-                           f"{kind}_gap": expected.item() - target,
-                           f"{kind}_lambda1": lam[0].item(), f"{kind}_lambda2": lam[1].item()})
+        record = {"step": self.step_count + 1, "kl" if cfg.data.loss == "kl" else "mse": fit_sum / n_positions}
+        loss, sparsity_terms = self.objective.loss(per_position, fit, record)
         record["loss"] = fit_sum / n_positions + sparsity_terms
         if not math.isfinite(record["loss"]):
-            bar.close()
-            last = find_checkpoint(ckpt_dir)
-            raise PruneError(f"non-finite loss at step {step + 1} ({record}); stopping. The last good "
+            last = find_checkpoint(self.ckpt_dir)
+            raise PruneError(f"non-finite loss at step {self.step_count + 1} ({record}); stopping. The last good "
                              f"checkpoint is {last or 'none (no checkpoint written yet)'}")
-
-        opt.zero_grad(set_to_none=True)
-        lambda_opt.zero_grad(set_to_none=True)
+        self.opt.zero_grad(set_to_none=True)
+        self.lambda_opt.zero_grad(set_to_none=True)
         loss.backward()
         if p.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(mask_params, p.max_grad_norm)
-        opt.step()
-        if control == "lagrangian":
-            lambda_opt.step()
-        hold_fixed()
-        for ramp in ramps.values():
+            torch.nn.utils.clip_grad_norm_(self.mask_params, p.max_grad_norm)
+        self.opt.step()
+        if self.control == "lagrangian":
+            self.lambda_opt.step()
+        self.hold_fixed()
+        for ramp in self.ramps.values():
             ramp.step += 1
-        if control == "project":  # the step took the fit alone; one common shift lands it on the next target
-            for kind, ramp in ramps.items():
-                record[f"{kind}_shift"] = project_onto(kind, ramp.value())
-        step += 1
-        ran += 1
-        history.append(record)
-        timing.step(step, record, ramps, p.early_stop_tolerance, time.perf_counter() - started)
+        self.objective.after_step(record)
+        self.step_count += 1
+        self.history.append(record)
+        self.timing.step(self.step_count, record, self.ramps, p.early_stop_tolerance, time.perf_counter() - self.started)
+        return record
 
+    # ------------------------------------------------------------------ evaluation and saving
+    def evaluate(self, at_step: int, prefix: str = "val_", whole: bool = False) -> dict:
+        """The current masks on the validation split (``run.eval_batches`` of it unless ``whole``); logged."""
+        cfg, p, val = self.cfg, self.p, self.val
+        vb = batches(val.examples, p.batch_size, val.pad_token_id)
+        if cfg.run.eval_batches is not None and not whole:
+            vb = (b for i, b in enumerate(vb) if i < cfg.run.eval_batches)
+        metrics = evaluate(self.model, (self.d.shard(b) for b in vb), loss=cfg.data.loss, task_metric=self.task_metric,
+                           output_scale=cfg.data.output_scale, reduce=self.d.sum_floats,
+                           empty=True if whole else self.empty)
+        self.log(self.log_path, self.wandb_run, {"step": at_step, **{f"{prefix}{k}": v for k, v in metrics.items()}})
+        return metrics
+
+    def evaluate_circuit(self, at_step: int) -> tuple[dict, dict]:
+        """The binary circuit (threshold + dangling removal, as ``edgeprune eval``) on the whole
+        validation split: the figures ``edgeprune eval RUN --split VALIDATION`` prints. Logged as
+        ``circuit_val_*``; the learned masks are left as they were."""
+        model = self.model
+        circuit = extract_circuit(model.graph, model.edge_masks.log_alpha.detach().cpu(),
+                                  None if model.node_masks is None else model.node_masks.log_alpha.detach().cpu(),
+                                  spans=model.spans)
+        model.set_edges(circuit.edges)
+        try:
+            return self.evaluate(at_step, prefix="circuit_val_", whole=True), circuit.counts
+        finally:
+            for masks in (model.edge_masks, model.node_masks):
+                if masks is not None:
+                    masks.override = None
+
+    def save(self, at_step: int) -> None:
+        if self.d.is_main:
+            state = _state(self.model, self.cfg, self.opt, self.lambda_opt, self.lambdas, self.ramps, self.generator,
+                           at_step)
+            state["early_stop"] = self.early.state_dict()
+            save_checkpoint(state, self.ckpt_dir)
+
+    def after_step(self, record: dict, bar) -> None:
+        """Log, progress, validation (and early stopping), checkpoints, at their intervals."""
+        cfg, p, step = self.cfg, self.p, self.step_count
         if cfg.run.log_every and (step % cfg.run.log_every == 0 or step == p.steps):
-            log(log_path, wandb_run, record)
+            self.log(self.log_path, self.wandb_run, record)
         bar.set_postfix(kl=f"{record.get('kl', record.get('mse')):.4f}", target=f"{record['edges_target']:.3f}",
                         sparsity=f"{record['edges_sparsity']:.3f}", gap=f"{record['edges_gap']:+.3f}",
                         lam=f"{record['edges_lambda1']:.2f}")
         bar.update(1)
         if cfg.run.eval_every and step % cfg.run.eval_every == 0 and step < p.steps:
-            metrics = validate(step)
-            model.train()
+            metrics = self.evaluate(step)
+            self.model.train()
             if p.early_stop:
-                gaps = {k: masks_of(k).expected_sparsity().item() - ramps[k].target for k in ramps}
-                if early.update(step, metrics.get("kl", metrics.get("mse")), gaps, step >= p.warmup_steps):
-                    say(early.reason)
-                    log(log_path, wandb_run, {"step": step, "early_stop": early.reason})
-                    save(step)
+                gaps = {k: self.masks_of(k).expected_sparsity().item() - self.ramps[k].target for k in self.ramps}
+                if self.early.update(step, metrics.get("kl", metrics.get("mse")), gaps, step >= p.warmup_steps):
+                    self.say(self.early.reason)
+                    self.log(self.log_path, self.wandb_run, {"step": step, "early_stop": self.early.reason})
+                    self.save(step)
         if (cfg.run.save_every and step % cfg.run.save_every == 0) or step == p.steps:
-            save(step)
-        if stop_after is not None and ran >= stop_after and step < p.steps:
-            save(step)
-            bar.close()
-            return PruneResult(out, step, history, finished=False, main_process=d.is_main)
-    bar.close()
+            self.save(step)
 
-    model.eval()
-    final = validate(step)
-    if p.mode == "faithful":  # the masks give an order; the circuit is the sparsest faithful set along it
-        from .faithful import apply_selection, select_faithful
-        selection = select_faithful(model, val, cfg)
-        apply_selection(model, selection, out if d.is_main else None)
-        say(selection.describe(p.faithful_tolerance) + f"; {out / 'circuit_selection.json'}")
-    if d.is_main:
-        _write_masks(model, out / "masks.safetensors")
-        timing.save(out / "timing.json", step, time.perf_counter() - started)
-    learned = model.edge_masks.expected_sparsity().item()
-    fit = cfg.data.loss
-    if p.mode == "faithful":
-        say(f"done: {step} steps (faithful mode: the selected circuit); validation {fit} "
-            f"{final.get(fit):.4g}; masks in {out / 'masks.safetensors'}")
-    else:
-        binary, counts = validate_circuit(step)
-        say(f"done: {step} steps, expected edge sparsity {learned:.4f} (target {p.edge_target:.4f}); soft masks "
-            f"(training's deterministic masks, {'first ' + str(cfg.run.eval_batches) + ' batches of ' if cfg.run.eval_batches else ''}"
-            f"validation): {fit} {final.get(fit):.4g}")
+    # ------------------------------------------------------------------ the loop and the end
+    def run(self, stop_after: int | None = None) -> PruneResult:
+        p = self.p
+        bar = tqdm(total=p.steps, initial=self.step_count, desc="prune", disable=not self.progress or not self.d.is_main,
+                   dynamic_ncols=True)
+        ran = 0
+        try:
+            while self.step_count < p.steps and self.early.reason is None:
+                record = self.step(self.next_batch())
+                ran += 1
+                self.after_step(record, bar)
+                if stop_after is not None and ran >= stop_after and self.step_count < p.steps:
+                    self.save(self.step_count)
+                    return PruneResult(self.out, self.step_count, self.history, finished=False,
+                                       main_process=self.d.is_main)
+        finally:
+            bar.close()
+        return self.finish()
+
+    def finish(self) -> PruneResult:
+        """Validate, select (faithful mode), write the masks and the timing, report the circuit."""
+        cfg, p, model, d, out, step = self.cfg, self.p, self.model, self.d, self.out, self.step_count
+        model.eval()
+        final = self.evaluate(step)
+        if p.mode == "faithful":  # the masks give an order; the circuit is the sparsest faithful set along it
+            selection = select_faithful(model, self.val, cfg)
+            apply_selection(model, selection, out if d.is_main else None)
+            self.say(selection.describe(p.faithful_tolerance) + f"; {out / 'circuit_selection.json'}")
+        if d.is_main:
+            _write_masks(model, out / "masks.safetensors")
+            self.timing.save(out / "timing.json", step, time.perf_counter() - self.started)
+        learned = model.edge_masks.expected_sparsity().item()
+        warning = target_warning(learned, p.edge_target, p.early_stop_tolerance) if p.mode != "faithful" else None
+        self._report(final, learned)
+        if warning:
+            self.say(f"warning: {warning}")
+            self.log(self.log_path, self.wandb_run, {"step": step, "warning": warning})
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        return PruneResult(out, step, self.history, finished=True, main_process=d.is_main, stopped=self.early.reason,
+                           warning=warning)
+
+    def _report(self, final: dict, learned: float) -> None:
+        """The closing lines: the soft masks' figure labelled as such, then the binary circuit's (``eval``'s)."""
+        cfg, p, out, step, fit = self.cfg, self.p, self.out, self.step_count, self.cfg.data.loss
+        if p.mode == "faithful":
+            self.say(f"done: {step} steps (faithful mode: the selected circuit); validation {fit} "
+                     f"{final.get(fit):.4g}; masks in {out / 'masks.safetensors'}")
+            return
+        binary, counts = self.evaluate_circuit(step)
+        part = f"first {cfg.run.eval_batches} batches of " if cfg.run.eval_batches else ""
+        self.say(f"done: {step} steps, expected edge sparsity {learned:.4f} (target {p.edge_target:.4f}); soft masks "
+                 f"(training's deterministic masks, {part}validation): {fit} {final.get(fit):.4g}")
         faith = f", faithfulness {binary['faithfulness']:.4g}" if "faithfulness" in binary else ""
-        say(f"the circuit, {counts['edges']} of {counts['total_edges']} edges after dangling-edge removal: validation "
-            f"{fit} {binary.get(fit):.4g}{faith} (what `edgeprune eval {out} --split {cfg.data.eval_split}` gives); "
-            f"masks in {out / 'masks.safetensors'}")
-    warning = target_warning(learned, p.edge_target, p.early_stop_tolerance) if p.mode != "faithful" else None
-    if warning:
-        say(f"warning: {warning}")
-        log(log_path, wandb_run, {"step": step, "warning": warning})
-    if wandb_run is not None:
-        wandb_run.finish()
-    return PruneResult(out, step, history, finished=True, main_process=d.is_main, stopped=early.reason,
-                       warning=warning)
+        self.say(f"the circuit, {counts['edges']} of {counts['total_edges']} edges after dangling-edge removal: "
+                 f"validation {fit} {binary.get(fit):.4g}{faith} (what `edgeprune eval {out} --split "
+                 f"{cfg.data.eval_split}` gives); masks in {out / 'masks.safetensors'}")
 
 
 # ---------------------------------------------------------------------------- helpers

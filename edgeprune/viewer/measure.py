@@ -38,7 +38,7 @@ def measure(source: ViewSource, cfg, cap: int, *, run_dir: Path | None = None, s
     """Points {"edges", "prefix", "split", "source", "faithfulness", "kl", ...} along ``source``'s slider."""
     split = split or cfg.data.eval_split
     model, batches, _, _ = prepare(cfg, split, n_batches=n_batches, run_dir=run_dir)
-    if source.spans is not None and model.spans != source.spans:
+    if source.spans is not None and list(model.spans or []) != list(source.spans):
         raise ValueError(f"{source.label}: its spans {source.spans} are not the config's ({model.spans})")
     ev = CircuitEvaluator(model, batches, loss=cfg.data.loss, task_metric=task_metric(cfg.data, model))
     index = {tuple(e): i for i, e in enumerate(model.edge_names)}
