@@ -1,12 +1,11 @@
 """The families of issue 12 (GPT-NeoX/Pythia, Phi-3, Qwen3, Llama-3.x rotary scaling, Mistral's
 sliding window) against transformers' own forward, never against our code."""
 
-import copy
 
 import pytest
 import torch
 
-from conftest import prune_tiny, build, randomize, token_batch
+from conftest import build, token_batch
 from edgeprune import EdgeModel
 from edgeprune.graph import Graph, GraphSpec
 from edgeprune.models import family_for
@@ -31,32 +30,6 @@ def make(kind, **kw):
     return build(base, **{**overrides, **kw})
 
 
-def _mask(batch, seq, side):
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if side == "right":
-        mask[0, -4:] = 0
-        mask[1, -1:] = 0
-    else:
-        mask[0, :4] = 0
-        mask[1, :1] = 0
-    return mask
-
-
-@pytest.mark.parametrize("padding", ["right", "left"])
-@pytest.mark.parametrize("kind", list(KINDS))
-def test_full_mask_matches_hf_logits_fp32(kind, padding):
-    hf = make(kind)
-    model = EdgeModel.from_hf(hf)
-    ids, corrupted = token_batch(3, 12, seed=1), token_batch(3, 12, seed=2)  # 12 > every sliding window
-    mask = _mask(3, 12, padding)
-    with torch.no_grad():
-        ref = hf(ids, attention_mask=mask).logits
-        out = model(ids, mask, corrupted, mask).logits
-    valid = mask.bool()
-    assert (out - ref)[valid].abs().max().item() <= FP32_TOL
-    assert ref[valid].abs().max() > 1.0
-
-
 @pytest.mark.parametrize("kind,without", [
     ("llama3_rope", {"rope_scaling": None}),
     ("mistral_window", {"sliding_window": None}),
@@ -70,39 +43,6 @@ def test_test_models_exercise_their_feature(kind, without):
     ids = token_batch(2, 12, seed=1)
     with torch.no_grad():
         assert (make(kind)(ids).logits - make(kind, **without)(ids).logits).abs().max() > 1e-3
-
-
-@pytest.mark.parametrize("kind", ["pythia", "phi3", "qwen3"])
-def test_bf16_full_mask_is_as_close_to_hf_fp32_as_hf_bf16(kind):
-    """The fp32 reference runs the bf16 weights (as a released bf16 checkpoint is), so the two bf16
-    forwards differ from it by their arithmetic alone; weights at scale 0.08 give HF bf16 errors of
-    ~0.02-0.08 (DESIGN: ~0.036 on GPT-2 small). At the default 0.15 the models are so sensitive that
-    the max of either forward's error comes from a few chaotic positions, and the 1.1x bar on it
-    fails on 1-2 of 5 seeds for most families, GPT-2 and Llama included (mean: ours 0.8-0.97x HF's)."""
-    hf16 = randomize(make(kind, num_hidden_layers=4), scale=0.08).to(torch.bfloat16)
-    hf32 = copy.deepcopy(hf16).float()
-    model = EdgeModel.from_hf(hf16)
-    ids, corrupted = token_batch(4, 32, seed=5), token_batch(4, 32, seed=6)
-    with torch.no_grad():
-        ref = hf32(ids).logits
-        hf_err = (hf16(ids).logits.float() - ref).abs()
-        our_err = (model(ids, corrupted_input_ids=corrupted).logits.float() - ref).abs()
-    assert our_err.mean() <= hf_err.mean()
-    assert our_err.max() <= 1.1 * hf_err.max()
-
-
-@pytest.mark.parametrize("kind", ["pythia", "neox_sequential", "phi3", "qwen3"])
-def test_all_masks_zero_is_hf_on_corrupted_input(kind):
-    hf = make(kind)
-    model = EdgeModel.from_hf(hf)
-    ids, corrupted = token_batch(2, 10, seed=3), token_batch(2, 10, seed=4)
-    model.edge_masks.set_values(torch.zeros(model.graph.num_edges))
-    with torch.no_grad():
-        out = model(ids, corrupted_input_ids=corrupted).logits
-        ref = hf(corrupted).logits
-        clean = hf(ids).logits
-    assert (out - ref).abs().max().item() <= FP32_TOL
-    assert (clean - ref).abs().max().item() > 0.1
 
 
 # ---------------------------------------------------------------- one edge == a hook patch on HF
@@ -259,14 +199,6 @@ def test_unsupported_model_type_names_the_supported_ones_and_how_to_add_one():
     assert "edgeprune/models/" in message and "Family" in message
 
 
-@pytest.mark.parametrize("kind", ["pythia", "phi3", "qwen3"])
-def test_prune_runs_end_to_end(kind, tmp_path):
-    result = prune_tiny(make(kind, vocab_size=512), tmp_path, kind)  # the stories260K vocabulary
-    assert result.finished and result.step == 3
-    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
-    assert (tmp_path / "run" / "masks.safetensors").is_file()
-
-
 def test_export_of_a_parallel_residual_run_rebuilds_its_graph(tmp_path):
     """The graph fingerprint carries parallel_residual, so export (no weights loaded) rebuilds the
     Pythia graph, without the same-layer head -> MLP edges."""
@@ -280,33 +212,3 @@ def test_export_of_a_parallel_residual_run_rebuilds_its_graph(tmp_path):
     assert fp["parallel_residual"] is True
     assert circuit.counts["total_edges"] == model.graph.num_edges
     assert not any(w.startswith("a0.") and r == "m0" for w, r in circuit.edges)
-
-
-ALL_KINDS = ["gpt2", "llama", "qwen2", "gpt_neox", "phi3", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text",
-             "olmo2"]
-
-
-@pytest.mark.parametrize("kind", ALL_KINDS)
-def test_bf16_over_seeds_mean_and_median_worst_logit_within_hfs_own(kind):
-    """Every family in bf16 against HF fp32, over 5 seeds (weights and inputs): the mean |dlogit| no
-    larger than HF bf16's, and the median over seeds of the worst logit's ratio (ours / HF) within
-    1.1. The worst logit of one seed is chaotic for HF too: its two attention implementations differ
-    by up to 1.37x in it (bench/bf16_spread.py, docs/families.md), so one seed is not the criterion."""
-    import statistics
-
-    from conftest import build
-
-    ours_mean = hf_mean = 0.0
-    ratios = []
-    for seed in range(5):
-        hf32 = build(kind, seed=seed)
-        hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
-        ids, corrupted = token_batch(2, 20, seed=100 + seed), token_batch(2, 20, seed=200 + seed)
-        with torch.no_grad():
-            ref = hf32(ids).logits
-            hf_err = (hf16(ids).logits.float() - ref).abs()
-            our_err = (EdgeModel.from_hf(hf16)(ids, corrupted_input_ids=corrupted).logits.float() - ref).abs()
-        ours_mean, hf_mean = ours_mean + our_err.mean().item(), hf_mean + hf_err.mean().item()
-        ratios.append(our_err.max().item() / hf_err.max().item())
-    assert ours_mean <= hf_mean, (ours_mean / hf_mean, ratios)
-    assert statistics.median(ratios) <= 1.1, ratios
