@@ -10,7 +10,6 @@ from edgeprune import EdgeModel
 from edgeprune.graph import Graph, GraphSpec
 from edgeprune.models import family_for
 
-FP32_TOL = 1e-5
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8}
 

@@ -9,17 +9,6 @@ from conftest import build, token_batch
 FP32_TOL = 1e-5
 
 
-def _masks(batch, seq, side):
-    mask = torch.ones(batch, seq, dtype=torch.long)
-    if side == "right":
-        mask[0, -4:] = 0
-        mask[1, -1:] = 0
-    elif side == "left":
-        mask[0, :4] = 0
-        mask[1, :1] = 0
-    return mask
-
-
 def test_reset_masks_restores_the_full_model():
     hf = build("gpt2")
     model = EdgeModel.from_hf(hf)
