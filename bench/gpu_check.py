@@ -388,8 +388,8 @@ def dist_worker(config: str, output_dir: str, device_name: str) -> int:
     d = WorldOne(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=0, owns_group=True)
     cfg = load_config(config, [f"run.output_dir={output_dir}", f"model.device={device}"])
     try:
-        result = prune_mod._prune(cfg, d, device, resume=False, overwrite=True, resume_or_start=False,
-                                  progress=False, stop_after=None)
+        result = prune_mod.PruneRecipe(cfg, d, device, resume=False, overwrite=True, resume_or_start=False,
+                                       progress=False).setup().run()
     except BaseException:
         d.close(clean=False)
         raise
