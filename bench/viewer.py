@@ -30,7 +30,8 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 
 
 SPANS = ["IO", "S1", "S2", "END", "other", "predict"]
-GRAPHS = {"gpt2": (GraphSpec(n_layers=12, n_heads=12), 32936, None),
+GRAPHS = {"stories": (GraphSpec(n_layers=5, n_heads=8, n_kv_heads=4, pos_embeds=False), 1701, None),  # stories260K
+          "gpt2": (GraphSpec(n_layers=12, n_heads=12), 32936, None),
           "smollm2": (GraphSpec(n_layers=30, n_heads=9, n_kv_heads=3, pos_embeds=False), 70651, None),
           "gpt2-spans": (GraphSpec(n_layers=12, n_heads=12), 32936, SPANS)}  # 197,616 (edge, span) pairs
 
