@@ -66,8 +66,8 @@ def load_mean_states(path: Path, model: EdgeModel) -> torch.Tensor:
     except (SafetensorError, OSError, KeyError) as err:
         raise CheckpointError(f"{path}: damaged mean-states file ({type(err).__name__}: {err}); delete it and "
                               "rerun the command to recompute it from the training split") from None
-    saved = json.loads(meta.get("model_fingerprint", "null"))
-    if saved is not None and saved.get("version") == model.fingerprint().get("version") and saved != model.fingerprint():
+    saved = json.loads(meta.get("model_fingerprint", "null"))  # written with the current fingerprint version
+    if saved is not None and saved != model.fingerprint():
         raise CheckpointError(f"{path}: these mean states were computed on another model (its config or weights "
                               "differ); delete the file to recompute them for this model")
     expected = (model.graph.num_writers, model.hf.config.hidden_size)

@@ -45,9 +45,8 @@ from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
-from .warmstart import AUTO_IG_STEPS, attribution_method, attribution_start, fixed_edges, warm_start
-from .rundir import (RUN_OUTPUTS, RunDirError, RunMasks, RunTiming, check_same_model, load_masks,  # noqa: F401
-                     run_dir_plan)
+from .warmstart import attribution_method, attribution_start, fixed_edges, warm_start
+from .rundir import RunDirError, RunTiming, check_same_model, run_dir_plan
 
 
 class PruneError(RunDirError):
@@ -347,10 +346,9 @@ class PruneRecipe:
     def _attribute(self) -> None:
         p, train = self.p, self.train
         self.say(f"prune.init_from: {p.init_from}: computing {self.method} scores on the training split")
-        ig_steps = AUTO_IG_STEPS if p.init_from == "auto" else 5
         self.start, scores = attribution_start(self.method, self.model, p,
                                                list(batches(train.examples, p.batch_size, train.pad_token_id)),
-                                               self.progress, ig_steps)
+                                               self.progress)
         save_scores(scores, self.own_scores)
         self.say(f"{self.method}: {scores.wall_time_s:.0f} s; written to {self.own_scores}")
 

@@ -51,7 +51,7 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | None = None) -> 
 # attribution scores (``scores_*.safetensors``), which neither block a run nor are removed.
 RUN_OUTPUTS = ("config.yaml", "log.jsonl", "checkpoint", "checkpoint.tmp", "checkpoint.old", "masks.safetensors",
                "masks.safetensors.tmp", "metrics*.json", "edges*.json", "circuit*", "timing.json",
-               "wandb", "restarts.json", "curve*", "compare*", "estimate.json", "seed*")
+               "mean_states.safetensors", "wandb", "restarts.json", "curve*", "compare*", "estimate.json", "seed*")
 
 
 def run_dir_plan(out: Path, *, resume: bool, overwrite: bool, resume_or_start: bool) -> tuple[Path | None, list[Path]]:

@@ -149,13 +149,15 @@ def attribution_method(init_from: str | None) -> str | None:
     return AUTO_METHOD if init_from == "auto" else init_from
 
 
-def attribution_start(method: str, model, p, batches, progress: bool = False, ig_steps: int = 5):
+def attribution_start(method: str, model, p, batches, progress: bool = False):
     """(WarmStart, Scores): ``method``'s scores on ``batches`` (the training split) and the warm start
-    they give. The scores are what ``edgeprune attribute CONFIG --method METHOD [--ig-steps N]`` computes."""
+    they give. The scores are what ``edgeprune attribute CONFIG --method METHOD`` computes (``auto``:
+    with ``--ig-steps AUTO_IG_STEPS``)."""
     from .baselines.methods import attribute
 
-    scores = attribute(model, batches, method, ig_steps=ig_steps, progress=progress,
-                       settings={"split": "train", "by": "prune.init_from"})
+    steps = {"ig_steps": AUTO_IG_STEPS} if p.init_from == "auto" else {}  # else attribute's own default
+    scores = attribute(model, batches, method, progress=progress, settings={"split": "train", "by": "prune.init_from"},
+                       **steps)
     return from_scores(scores, model, p, f"{method} computed on the training split"), scores
 
 

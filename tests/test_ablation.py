@@ -70,3 +70,15 @@ def test_mean_states_are_stored_once_and_generate_uses_them(run):
     gen_model, info, _ = load_circuit_model(out)  # what generate loads
     assert info["ablation"]["source"] == str(out / MEAN_STATES)
     assert torch.equal(gen_model.mean_states.cpu(), stored)
+
+
+def test_overwrite_replaces_a_mean_run_and_its_stored_states(tmp_path):
+    require_shared(STORIES)
+    out = tmp_path / "run"
+    argv = ["prune", str(ROOT / "configs" / "stories_names.yaml"), "--steps", "2", "--output-dir", str(out),
+            "--set", "model.ablation=mean", "--no-progress"]
+    assert main(argv) == 0 and (out / MEAN_STATES).is_file()
+    (out / MEAN_STATES).write_bytes(b"stale")  # an --overwrite must not read the replaced run's states
+    assert main([*argv, "--overwrite"]) == 0
+    cfg = load_run_config(out)
+    load_mean_states(out / MEAN_STATES, load_model(cfg.model))  # rewritten, readable
