@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .graph import Graph
-from .jsonfile import read_json
+from .graph import Graph, span_edges
+from .jsonfile import read_edge_pairs, shorten
 from .names import parse_edge
 from .masks import deterministic, prob_nonzero
 
@@ -149,14 +149,6 @@ def _live(edges: list[tuple[int, int]], kept: torch.Tensor, feeds: list[list[int
         kept = new
 
 
-def span_edges(graph: Graph, spans) -> list[tuple[str, ...]]:
-    """The names of the edge masks in their flat order: (writer, reader, span) triples of
-    position-aware masks (span-major), or the graph's (writer, reader) pairs when ``spans`` is None."""
-    if spans is None:
-        return list(graph.edges)
-    return [(w, r, s) for s in spans for w, r in graph.edges]
-
-
 @dataclass
 class Circuit:
     edges: list[tuple[str, ...]]  # (writer, reader), or (writer, reader, span) position-aware
@@ -214,67 +206,6 @@ def extract_circuit(graph: Graph, edge_log_alpha: torch.Tensor, node_log_alpha: 
         counts["total_writers"] = graph.num_writers
     return Circuit(edges=edges, kept=kept, edge_threshold=et, node_threshold=nt, counts=counts,
                    spans=None if spans is None else tuple(spans))
-
-
-def edges_to_mask(graph: Graph, edges, spans=None) -> torch.Tensor:
-    """(E,) bool of a list of [writer, reader] pairs; position-aware (``spans``: the span names),
-    (S * E,) of [writer, reader, span] triples. Errors name the bad entry."""
-    E = graph.num_edges
-    span_index = None if spans is None else {s: i for i, s in enumerate(spans)}
-    kept = torch.zeros(E * (1 if spans is None else len(spans)), dtype=torch.bool)
-    for i, entry in enumerate(edges):
-        if spans is None and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-            hint = " (a [writer, reader, span] triple is for position-aware models)" \
-                if isinstance(entry, (list, tuple)) and len(entry) == 3 else ""
-            raise ValueError(f"edge {i}: expected a [writer, reader] pair, got {entry!r}{hint}")
-        if spans is not None and not (isinstance(entry, (list, tuple)) and len(entry) == 3):
-            raise ValueError(f"edge {i}: position-aware masks take [writer, reader, span] triples, got {entry!r}")
-        offset = 0
-        if spans is not None:
-            if entry[2] not in span_index:
-                raise ValueError(f"edge {i}: unknown span {entry[2]!r}; the spans are {', '.join(spans)}")
-            offset = span_index[entry[2]] * E
-        try:
-            kept[offset + graph.edge_index(entry[0], entry[1])] = True
-        except KeyError as err:
-            raise ValueError(f"edge {i}: {err.args[0]} ({graph.describe()})") from None
-    return kept
-
-
-def read_edge_pairs(path: str | Path, spans: bool = False) -> list[tuple[int, list]]:
-    """The entries of an ``edges.json``-format file (a JSON list of [writer, reader] name pairs) as
-    ``(index, [writer, reader])``, checked for shape only; errors (ValueError) name the file and entry.
-    With ``spans`` the entries may instead all be [writer, reader, span] triples (position-aware; the
-    span a string), as entry 0 decides: a file mixing both shapes is an error naming the first misfit."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"edges file {path} does not exist (or is not a file)")
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of [writer, reader] pairs, got a JSON {_json_type(data)}")
-    width = len(data[0]) if spans and data and isinstance(data[0], list) and len(data[0]) in (2, 3) else 2
-    for i, entry in enumerate(data):
-        shown = shorten(json.dumps(entry))
-        if width == 3 and isinstance(entry, list) and len(entry) == 3 and not isinstance(entry[2], str):
-            raise ValueError(f"{path}: entry {i} is {shown}; the span (third element) must be a string, "
-                             'a span name such as "IO" or "END"')
-        if not (isinstance(entry, list) and len(entry) == width and all(isinstance(n, str) for n in entry)):
-            mixed = (" like entry 0 (a file holds [writer, reader] pairs or [writer, reader, span] triples, "
-                     "not both)") if spans and isinstance(entry, list) and len(entry) == 5 - width else ""
-            expected = ('a [writer, reader] pair of node names' + (mixed or ', e.g. ["a0.h1", "m2"]')
-                        if width == 2 else
-                        'a [writer, reader, span] triple' + (mixed or ', e.g. ["a0.h1", "m2", "END"]'))
-            raise ValueError(f"{path}: entry {i} is {shown}; expected {expected}")
-    return list(enumerate(data))
-
-
-def _json_type(value) -> str:
-    names = {dict: "object", str: "string", int: "number", float: "number", bool: "boolean"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def shorten(text: str, limit: int = 80) -> str:
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------------------- edges files

@@ -48,7 +48,8 @@ from pathlib import Path
 import graphviz
 from graphviz.quoting import attr_list, quote
 
-from .circuit import shorten, summary_path
+from .circuit import summary_path
+from .jsonfile import shorten
 from .names import NodeName, parse_edge, parse_node
 
 SUFFIXES = (".pdf", ".png", ".svg", ".dot")

@@ -52,6 +52,7 @@ def _eos_and_pad(model, eos_token_id, pad_token_id):
 
 
 def _processors(temperature, top_k, top_p, extra):
+    # heavy: `import edgeprune` stays transformers-free
     from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     procs = LogitsProcessorList(extra or [])

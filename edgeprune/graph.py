@@ -222,3 +222,36 @@ class Graph:
             raise ValueError(f"{where}: the graph fingerprint says {fp['num_edges']} edges but rebuilds "
                              f"{graph.describe()} (GPT-NeoX/Pythia records need 'parallel_residual')")
         return graph
+
+
+def span_edges(graph: Graph, spans) -> list[tuple[str, ...]]:
+    """The names of the edge masks in their flat order: (writer, reader, span) triples of
+    position-aware masks (span-major), or the graph's (writer, reader) pairs when ``spans`` is None."""
+    if spans is None:
+        return list(graph.edges)
+    return [(w, r, s) for s in spans for w, r in graph.edges]
+
+
+def edges_to_mask(graph: Graph, edges, spans=None) -> torch.Tensor:
+    """(E,) bool of a list of [writer, reader] pairs; position-aware (``spans``: the span names),
+    (S * E,) of [writer, reader, span] triples. Errors name the bad entry."""
+    E = graph.num_edges
+    span_index = None if spans is None else {s: i for i, s in enumerate(spans)}
+    kept = torch.zeros(E * (1 if spans is None else len(spans)), dtype=torch.bool)
+    for i, entry in enumerate(edges):
+        if spans is None and not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+            hint = " (a [writer, reader, span] triple is for position-aware models)" \
+                if isinstance(entry, (list, tuple)) and len(entry) == 3 else ""
+            raise ValueError(f"edge {i}: expected a [writer, reader] pair, got {entry!r}{hint}")
+        if spans is not None and not (isinstance(entry, (list, tuple)) and len(entry) == 3):
+            raise ValueError(f"edge {i}: position-aware masks take [writer, reader, span] triples, got {entry!r}")
+        offset = 0
+        if spans is not None:
+            if entry[2] not in span_index:
+                raise ValueError(f"edge {i}: unknown span {entry[2]!r}; the spans are {', '.join(spans)}")
+            offset = span_index[entry[2]] * E
+        try:
+            kept[offset + graph.edge_index(entry[0], entry[1])] = True
+        except KeyError as err:
+            raise ValueError(f"edge {i}: {err.args[0]} ({graph.describe()})") from None
+    return kept

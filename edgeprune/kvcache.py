@@ -17,13 +17,14 @@ absolute columns, padding keys masked, a query always sees itself (as ``Context.
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
 
 
 class EdgeKVCache:
     """Per-K/V-reader keys and values of the positions seen so far, for one batch."""
 
     def __init__(self):
+        from transformers import DynamicCache  # heavy: `import edgeprune` stays transformers-free
+
         self.cache = DynamicCache()
         self.past = 0  # key columns before the current step
         self._layer = 0

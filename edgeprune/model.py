@@ -21,17 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from . import generate as generation
 from . import identity
 from .checkpointing import LayerRunner
-from .graph import Graph
+from .graph import Graph, edges_to_mask, span_edges
+from .hub import loading
 from .masks import HardConcreteMasks
 from .mixing import WriterStates, dense_masks, recompute_saved
 from .models import Family, family_for
+from .models.tracr import is_tracr_artifact, load_tracr
 
 ABLATIONS = ("interchange", "zero", "mean")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -87,20 +91,15 @@ class EdgeModel(nn.Module):
         (``config.json`` with ``"model_type": "tracr"``) loads with ``models.tracr.load_tracr``
         (kwargs: dtype, device) and defaults to ``"zero"``.
         """
-        from .models.tracr import is_tracr_artifact, load_tracr
-
         if is_tracr_artifact(name_or_path):
             return cls.from_hf(load_tracr(name_or_path, **hf_kwargs), node_masks=node_masks,
                                ablation="zero" if ablation is None else ablation, model_id=str(name_or_path))
         ablation = "interchange" if ablation is None else ablation
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from .hub import loading
+        from transformers import AutoConfig, AutoModelForCausalLM  # heavy: loaded only for HF checkpoints
 
         if "torch_dtype" in hf_kwargs:  # HF's old name for dtype: honoured, never silently overridden
             if "dtype" in hf_kwargs:
                 raise ValueError("from_pretrained: give dtype or torch_dtype (its deprecated name), not both")
-            import warnings
             warnings.warn("torch_dtype is deprecated: use dtype=", FutureWarning, stacklevel=2)
             hf_kwargs["dtype"] = hf_kwargs.pop("torch_dtype")
         cfg_kwargs = {k: v for k, v in hf_kwargs.items() if k in _CONFIG_KWARGS}
@@ -187,9 +186,7 @@ class EdgeModel(nn.Module):
     @property
     def edge_names(self) -> list[tuple]:
         """The names of the edge masks in order: (writer, reader) pairs, or (writer, reader, span)
-        triples for position-aware masks (``circuit.span_edges``)."""
-        from .circuit import span_edges
-
+        triples for position-aware masks (``graph.span_edges``)."""
         return span_edges(self.graph, self.spans)
 
     def mask_values(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -199,8 +196,6 @@ class EdgeModel(nn.Module):
     def set_edges(self, edges) -> None:
         """Keep exactly these (writer, reader) edges (mask 1), ablate every other (mask 0). Position-aware
         models take (writer, reader, span) triples."""
-        from .circuit import edges_to_mask
-
         self.edge_masks.set_values(edges_to_mask(self.graph, edges, self.spans).float())
         if self.node_masks is not None:
             self.node_masks.set_values(torch.ones(self.graph.num_writers))
@@ -267,9 +262,7 @@ class EdgeModel(nn.Module):
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Continue (B, T) prompts with the current circuit (deterministic masks): see ``edgeprune.generate``."""
-        from .generate import generate
-
-        return generate(self, input_ids, attention_mask, **kwargs)
+        return generation.generate(self, input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def compute_mean_states(self, batches) -> torch.Tensor:

@@ -22,9 +22,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint
-from .circuit import edges_to_mask, extract_circuit, load_edges, remove_dangling
+from .circuit import extract_circuit, load_edges, remove_dangling
 from .config import ExperimentConfig, apply_overrides, load_config
 from .experiment import load_model, prepare_ablation
+from .graph import edges_to_mask
 from .identity import FingerprintError, fingerprint_version
 from .spans import refuse_positions
 

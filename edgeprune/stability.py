@@ -24,10 +24,12 @@ from pathlib import Path
 import torch
 
 from .ablation import kind_of
-from .circuit import extract_circuit, span_edges
-from .experiment import prepare_ablation
-from .graph import Graph
-from .rundir import load_run_config
+from .circuit import extract_circuit
+from .eval import evaluate
+from .experiment import load_model, load_split, prepare_ablation, task_metric
+from .graph import Graph, span_edges
+from .rundir import load_masks, load_run_config
+from .tasks.jsonl import batches
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -45,8 +47,6 @@ def top_k(log_alpha: torch.Tensor, k: int) -> torch.Tensor:
 
 def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
     """The report of the module docstring for runs on one graph (ValueError when they differ)."""
-    from .rundir import load_masks
-
     if len(run_dirs) < 2:
         raise ValueError("stability needs at least 2 run directories (runs of one config with different seeds)")
     runs = [load_masks(r) for r in run_dirs]
@@ -88,11 +88,6 @@ def stability(run_dirs: list[str | Path], top: int = 20) -> dict:
 def bootstrap(run_dirs: list[str | Path], n: int, split: str = "validation", batch_size: int | None = None,
               seed: int = 0, progress: bool = False) -> dict:
     """KL and faithfulness of each run's circuit on ``n`` resamples (with replacement) of ``split``."""
-    from .eval import evaluate
-    from .experiment import load_model, load_split, task_metric
-    from .rundir import load_masks
-    from .tasks.jsonl import batches
-
     cfg = load_run_config(run_dirs[0])
     model = load_model(cfg.model)
     load_masks(run_dirs[0]).apply_spans(model)  # position-aware runs: the split gets the run's span ids

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from edgeprune.circuit import edges_to_mask, extract_circuit, remove_dangling, threshold_to_sparsity
-from edgeprune.graph import Graph, GraphSpec
+from edgeprune.circuit import extract_circuit, remove_dangling, threshold_to_sparsity
+from edgeprune.graph import Graph, GraphSpec, edges_to_mask
 from edgeprune.masks import prob_nonzero
 
 

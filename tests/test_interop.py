@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import STORIES, gpt2_config, llama_config, randomize
-from edgeprune.circuit import edges_to_mask, extract_circuit, remove_dangling
+from edgeprune.circuit import extract_circuit, remove_dangling
 from edgeprune.cli import main
-from edgeprune.graph import Graph, GraphSpec
+from edgeprune.graph import Graph, GraphSpec, edges_to_mask
 from edgeprune.interop import InteropError, MibMap, read_eap_ig, read_reference, to_eap_ig
 from edgeprune.interop.mib import budget_limit, mib_export
 from edgeprune.rundir import load_masks

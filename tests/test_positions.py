@@ -7,7 +7,8 @@ import torch
 
 from conftest import build, token_batch
 from edgeprune import EdgeModel
-from edgeprune.circuit import edges_to_mask, extract_circuit, remove_dangling, span_edges
+from edgeprune.circuit import extract_circuit, remove_dangling
+from edgeprune.graph import edges_to_mask, span_edges
 
 TOL = 1e-5
 SPANS = ("other", "IO", "END")

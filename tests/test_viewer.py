@@ -243,7 +243,7 @@ def test_serve_serves_the_page_on_localhost(small, tmp_path):
 
 # ------------------------------------------------------------------ position-aware circuits
 def _positional_scores(path: Path, graph: Graph, spans: list[str]) -> torch.Tensor:
-    from edgeprune.circuit import span_edges
+    from edgeprune.graph import span_edges
 
     edges = span_edges(graph, spans)
     n = len(edges)
@@ -277,7 +277,7 @@ def test_position_aware_slider_matches_python_selection(tmp_path, monkeypatch, o
     monkeypatch.chdir(tmp_path)
     graph, spans = Graph(GraphSpec(n_layers=2, n_heads=4)), ["IO", "END", "other"]
     values = _positional_scores(Path("p.safetensors"), graph, spans)
-    from edgeprune.circuit import span_edges
+    from edgeprune.graph import span_edges
 
     names = span_edges(graph, spans)
     page = open_page(write_html(build_payload([load_source("p.safetensors")], initial=[30]), tmp_path / "p.html"))

@@ -33,8 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from ..graph import Graph, GraphSpec
+from ..graph import Graph, GraphSpec, edges_to_mask
+from ..jsonfile import read_edge_pairs
+from ..names import parse_node
 from .common import InteropError
 
 ALWAYS_ON = 10.0  # masks.INIT_LOG_ALPHA: a deterministic mask of exactly 1
@@ -64,8 +67,6 @@ class ReferenceMasks:
 
 def _mask_tensors(run_dir: Path) -> tuple[dict[str, torch.Tensor], str]:
     """Every ``*log_alpha*`` tensor of the run's safetensors files (lazily: weights are not read)."""
-    from safetensors import SafetensorError, safe_open
-
     if run_dir.is_file():
         files = [run_dir]
     elif run_dir.is_dir():
@@ -215,9 +216,6 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
 
 def convert_reference_edges(path: str | Path, graph: Graph) -> list[list[str]]:
     """A reference ``edges.json`` in our names (checked against ``graph``); errors name the entry."""
-    from ..circuit import edges_to_mask, read_edge_pairs
-    from ..names import parse_node
-
     try:
         pairs = read_edge_pairs(path)
     except ValueError as err:

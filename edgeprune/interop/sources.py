@@ -17,8 +17,14 @@ from pathlib import Path
 
 import torch
 
-from ..graph import Graph
 from ..artifacts import ArtifactError, expect
+from ..baselines.scores import load_scores
+from ..circuit import extract_circuit
+from ..config import load_config
+from ..export import circuit_json_path
+from ..graph import Graph, edges_to_mask
+from ..rundir import load_masks
+from ..spans import refuse_positions
 from .common import InteropError, graph_from_fingerprint
 
 EDGE_PRUNING = "edge-pruning"
@@ -42,8 +48,6 @@ class Source:
 
 
 def _run_config(run_dir: Path) -> dict | None:
-    from ..config import load_config
-
     path = run_dir / "config.yaml"
     return load_config(path).to_dict() if path.is_file() else None
 
@@ -60,7 +64,6 @@ def load_source(path: str | Path) -> Source:
 
 
 def _refuse(spans, where) -> None:
-    from ..spans import refuse_positions
     try:
         refuse_positions(spans, str(where), "EAP-IG / MIB interchange (convert, mib-export)")
     except ValueError as err:
@@ -68,9 +71,6 @@ def _refuse(spans, where) -> None:
 
 
 def _run(run_dir: Path) -> Source:
-    from ..circuit import extract_circuit
-    from ..rundir import load_masks
-
     masks = load_masks(run_dir)
     _refuse(masks.spans, run_dir)
     graph = graph_from_fingerprint(masks.graph, str(masks.source))
@@ -87,8 +87,6 @@ def _run(run_dir: Path) -> Source:
 
 
 def _scores(path: Path) -> Source:
-    from ..baselines.scores import load_scores
-
     s = load_scores(path)
     _refuse(s.graph.get("spans"), path)
     graph = graph_from_fingerprint(s.graph, str(path))
@@ -100,9 +98,6 @@ def _scores(path: Path) -> Source:
 
 
 def _circuit(path: Path) -> Source:
-    from ..circuit import edges_to_mask
-    from ..export import circuit_json_path
-
     if path.name.endswith("circuit.json"):
         summary_path = path
         try:

@@ -33,9 +33,12 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from ..graph import Graph, GraphSpec
+from ..jsonfile import read_edge_pairs
 from .base import Family
 from .common import Context, head_outputs, project
 
@@ -409,9 +412,6 @@ def load_tracr(path, *, dtype: torch.dtype = torch.float32, device: str | torch.
     shape the config implies (and no unknown tensors), ``ground_truth.json`` (if present) a list of
     [writer, reader] pairs that are edges of this model's graph.
     """
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     if unsupported:
         raise TypeError(f"a Tracr artifact takes only dtype and device, got {', '.join(sorted(unsupported))}")
     root = Path(path)
@@ -449,8 +449,6 @@ def load_tracr(path, *, dtype: torch.dtype = torch.float32, device: str | torch.
 
 def load_ground_truth(path, graph: Graph) -> list[tuple[str, str]]:
     """An ``edges.json``-format file: [[writer, reader], ...], every pair an edge of ``graph``."""
-    from ..circuit import read_edge_pairs
-
     try:
         pairs = read_edge_pairs(path)
     except ValueError as err:

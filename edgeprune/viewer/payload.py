@@ -18,7 +18,8 @@ its head) stay in the input's column, and ``outputs`` lists ``resid_post`` of ev
 
 from __future__ import annotations
 
-from ..circuit import EMBEDDINGS, reader_nodes, span_edges
+from ..circuit import EMBEDDINGS, reader_nodes
+from ..graph import span_edges
 from ..draw import COLOURS
 from ..names import parse_node
 from .sources import ViewSource

@@ -14,11 +14,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
-from ..circuit import span_edges
 from ..artifacts import expect
+from ..baselines.scores import load_scores
+from ..baselines.selection import edge_order
+from ..circuit import load_edges
+from ..export import circuit_json_path, run_circuit
+from ..graph import Graph, GraphSpec, edges_to_mask, span_edges
 from ..jsonfile import read_json
-from ..graph import Graph, GraphSpec
+from ..names import parse_node
+from ..rundir import load_masks
 
 
 @dataclass
@@ -51,10 +55,6 @@ def load_source(path: str | Path, curve: dict | None = None) -> ViewSource:
 
 
 def _run_source(run_dir: Path) -> ViewSource:
-    from ..baselines.selection import edge_order
-    from ..export import run_circuit
-    from ..rundir import load_masks
-
     masks = load_masks(run_dir)
     circuit, fp = run_circuit(run_dir)
     graph = Graph.from_fingerprint(fp, str(run_dir))
@@ -78,9 +78,6 @@ def _run_source(run_dir: Path) -> ViewSource:
 
 
 def _scores_source(path: Path) -> ViewSource:
-    from ..baselines.scores import load_scores
-    from ..baselines.selection import edge_order
-
     scores = load_scores(path)
     graph = Graph.from_fingerprint(scores.graph, str(path))
     spans = scores.graph.get("spans")
@@ -97,10 +94,6 @@ def _scores_source(path: Path) -> ViewSource:
 
 
 def _edges_source(path: Path) -> ViewSource:
-    from ..circuit import edges_to_mask
-    from ..circuit import load_edges
-    from ..export import circuit_json_path
-
     data = _read_json(path)
     summary_path = path
     if isinstance(data, dict):  # a circuit.json: its edges file is beside it
@@ -136,11 +129,8 @@ def _edges_source(path: Path) -> ViewSource:
                       points=points, spans=spans)
 
 
-
 def _infer_graph(edges: list[tuple[str, str]]) -> Graph:
     """The smallest sequential graph holding every named node (no circuit.json to say the real one)."""
-    from ..names import parse_node
-
     nodes = [parse_node(n) for e in edges for n in e]
     layers = max([n.layer for n in nodes if n.layer is not None] or [0]) + 1
     heads = max([n.head for n in nodes if n.head is not None] or [0]) + 1
