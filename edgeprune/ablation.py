@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, write_safetensors
 from .model import EdgeModel
+from .models.tracr import TracrModel
 from .tasks.jsonl import batches
 
 MEAN_STATES = "mean_states.safetensors"
@@ -34,16 +36,12 @@ MEAN_BATCH = 16  # examples per forward while averaging (the mean does not depen
 def kind_of(cfg, model: EdgeModel) -> str:
     """A config's ablation (``model.ablation``), or the default for this model: zero for a compiled
     Tracr model (its task has no corrupted inputs), interchange otherwise."""
-    from .models.tracr import TracrModel
-
     return cfg.model.ablation or ("zero" if isinstance(model.hf, TracrModel) else "interchange")
 
 
 def mean_states(model: EdgeModel, data, progress: bool = False) -> torch.Tensor:
     """(W, D) fp32: every writer's mean state over the real tokens of every example of ``data``
     (a ``TaskData``), in file order."""
-    from tqdm.auto import tqdm
-
     parts = batches(data.examples, MEAN_BATCH, data.pad_token_id)
     total = -(-len(data.examples) // MEAN_BATCH)
     bar = tqdm(parts, total=total, desc="mean states", disable=not progress, leave=False)

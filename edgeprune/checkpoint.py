@@ -10,7 +10,9 @@ kill at any moment leaves the last good checkpoint readable.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import struct
 from pathlib import Path
 
 import torch
@@ -82,9 +84,6 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metada
     """A safetensors file with its header written in sorted key order, atomically (temporary file +
     rename), so that identical inputs give byte-identical files (``safetensors.save_file`` writes
     the metadata in a varying order). Readable by ``safetensors.safe_open`` / ``load_file``."""
-    import os
-    import struct
-
     path = Path(path)
     header: dict = {"__metadata__": {k: str(metadata[k]) for k in sorted(metadata)}}
     blobs, offset = [], 0

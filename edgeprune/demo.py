@@ -10,6 +10,7 @@ never from a pruning result) and check the circuit's outputs on every input of t
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,13 @@ from pathlib import Path
 import torch
 
 from .config import apply_overrides, load_config
+from .draw import draw_circuit
+from .eval import evaluate
+from .experiment import load_model, load_split
+from .export import export_run
+from .prune import prune
+from .tasks.jsonl import batches, collate
+from .viewer import build_payload, load_source, write_html
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "data" / "tracr_models"
@@ -106,8 +114,6 @@ def recover_tracr(program: str | Path, output_dir: str | Path, *, restarts: int 
     ``output_dir/seed{N}``; the chosen circuit's files are copied to ``output_dir`` and
     ``restarts.json`` lists every restart. ``best.runs`` holds every restart's Recovery.
     """
-    import shutil
-
     if restarts < 1:
         raise ValueError(f"restarts must be >= 1, got {restarts}")
     out = Path(output_dir)
@@ -130,12 +136,6 @@ def recover_tracr(program: str | Path, output_dir: str | Path, *, restarts: int 
 def prune_and_check(program: str | Path, run_dir: Path, overrides: list[str], progress: bool = False,
                     config: str | Path | None = None) -> Recovery:
     """One pruning run, its circuit (binarised, dangling edges removed) and the check of its outputs."""
-    from .eval import evaluate
-    from .experiment import load_model, load_split
-    from .export import export_run
-    from .prune import prune
-    from .tasks.jsonl import batches
-
     cfg = tracr_config(program, run_dir, overrides, config)
     start = time.perf_counter()
     result = prune(cfg, progress=progress, overwrite=True)  # replaces an earlier run there, refuses other files
@@ -160,8 +160,6 @@ def prune_and_check(program: str | Path, run_dir: Path, overrides: list[str], pr
 
 @torch.no_grad()
 def _max_numerical_error(model, data) -> float:
-    from .tasks.jsonl import collate
-
     batch = collate(data.examples, data.pad_token_id).to(model.device)
     full = model.full_forward(batch.input_ids).logits[batch.loss_mask]
     circ = model(batch.input_ids).logits[batch.loss_mask]
@@ -172,8 +170,6 @@ def run_demo(output_dir: str | Path = "runs/demo", *, program: str | Path = "rev
              seed: int = 0, restarts: int = 3, progress: bool = True) -> int:
     """``edgeprune demo``: prune a Tracr program (a shipped name or an artifact folder) in the
     target-free mode, write edges.json + circuit.json + drawings, compare with the ground truth."""
-    from .draw import draw_circuit
-
     out = Path(output_dir)
     torch.set_num_threads(1)  # the Tracr models are tiny: threads cost more than they save
     overrides = [f"run.seed={seed}"] + ([f"prune.steps={steps}", f"run.save_every={steps}"] if steps else [])
@@ -185,7 +181,6 @@ def run_demo(output_dir: str | Path = "runs/demo", *, program: str | Path = "rev
     rec = recover_tracr(artifact, out, restarts=restarts, overrides=overrides, progress=progress)
     title = f"{rec.program}: {len(rec.found)} of {rec.total_edges} edges"
     paths = [draw_circuit(sorted(rec.found), out / f"circuit.{ext}", title=title) for ext in ("pdf", "png")]
-    from .viewer import build_payload, load_source, write_html
     paths.append(write_html(build_payload([load_source(out)], title=title), out / "circuit.html"))
     print()
     for a in rec.attempts:

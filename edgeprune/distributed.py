@@ -28,11 +28,14 @@ whose methods are no-ops, so the pruning loop reads the same either way.
 from __future__ import annotations
 
 import dataclasses
+import gc
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .experiment import resolve_device
 
 
 @dataclass
@@ -99,7 +102,6 @@ class Dist:
         # free the FSDP-wrapped model's garbage cycles (and any work objects they hold) while the group
         # exists: the likely cause of a rank aborting at interpreter exit ("terminate called without an
         # active exception", once in four runs of tests/test_distributed.py on 2 CPU cores)
-        import gc
         gc.collect()
         if clean:
             dist.barrier()
@@ -112,8 +114,6 @@ def setup(device: str = "auto") -> tuple[Dist, torch.device]:
     Under torchrun (``WORLD_SIZE`` > 1) the process group starts here: nccl with one GPU per local
     rank (``cuda:LOCAL_RANK``) when the config's device is ``auto``/``cuda``, gloo on CPU.
     """
-    from .experiment import resolve_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), resolve_device(device)
@@ -140,6 +140,7 @@ def shard_model(model, d: Dist) -> None:
     """
     if not d.enabled:
         return
+    # heavy: FSDP's modules load only when a job shards across ranks
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 

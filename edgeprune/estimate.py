@@ -33,11 +33,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .config import ExperimentConfig
 from .control import lagrangian
+from .eval import kl_divergence, reference_and_corrupted
 from .experiment import DTYPES, split_path
 from .memtrace import LiveTensors
+from .model import EdgeModel
+from .models.tracr import is_tracr_artifact, load_tracr
+from .tasks.jsonl import DEFAULT_SPLIT
+from .tasks.tracr import tracr_examples
 
 # Architectures users prune most, so that `estimate` works offline for them. Values are those of the
 # models' published config.json files (only what shapes the model).
@@ -131,7 +138,7 @@ class Architecture:
 def hf_config(name_or_path: str):
     """The transformers config of a local directory, a config.json file, a known hub id, or (downloading
     config.json only) any other hub id. Returns (config, source)."""
-    from transformers import AutoConfig
+    from transformers import AutoConfig  # heavy: only commands that read a config pay for transformers
 
     path = Path(name_or_path)
     if path.is_file():
@@ -162,6 +169,7 @@ def hf_config(name_or_path: str):
 
 def meta_model(config):
     """The HF causal LM of ``config`` on the meta device (no weights, no memory), built quietly."""
+    # heavy: only commands that build a model pay for transformers
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -176,9 +184,6 @@ def meta_model(config):
 
 def load_architecture(cfg: ExperimentConfig) -> Architecture:
     """The model of ``cfg.model`` built on the meta device (no weights), wrapped as an EdgeModel."""
-    from .model import EdgeModel
-    from .models.tracr import is_tracr_artifact, load_tracr
-
     m = cfg.model
     dtype = DTYPES[m.dtype]
     kwargs = {"node_masks": m.node_masks}
@@ -219,8 +224,6 @@ def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "k
     B x T batch with ``loss_positions`` loss positions per example. Runs on the model's device: meta
     traces for free; real tensors run the step for real (used to check the meta trace). The model is
     left in eval mode with no mask gradients."""
-    from .eval import kl_divergence, reference_and_corrupted
-
     if not 1 <= loss_positions <= T:
         raise ValueError(f"loss positions per example must be in 1..{T}, got {loss_positions}")
     batch = SyntheticBatch(B, T, loss_positions, model.device, tokens)
@@ -249,8 +252,6 @@ def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "k
 def trace_hf(hf, B: int, T: int) -> int:
     """Peak bytes of HF's own forward+backward of a B x T batch (gradient to the input embeddings,
     next-token loss on every position): the yardstick of ``bench/step.py``."""
-    import torch.nn.functional as F
-
     device = next(hf.parameters()).device
     ids = torch.zeros(B, T, dtype=torch.long, device=device)
     with LiveTensors() as mem:
@@ -304,8 +305,6 @@ class Report:
 def _train_examples(cfg: ExperimentConfig) -> int | None:
     """How many training examples the config's data has (None where the data is not there): the lines
     of the split's file in a directory, or the lines of a single JSONL file that belong to the split."""
-    from .tasks.jsonl import DEFAULT_SPLIT
-
     try:
         path = split_path(cfg.data, cfg.data.train_split)
     except FileNotFoundError:
@@ -330,8 +329,6 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
     tokens = None  # a real example's tokens where the model checks its input (Tracr: BOS first)
     seq_source = "--seq-len" if seq_len else None
     if cfg.data.path == "tracr":
-        from .tasks.tracr import tracr_examples
-
         task = tracr_examples(arch.model.hf)
         seq_len = seq_len or len(task[0].input_ids)
         loss_positions = loss_positions or len(task[0].loss_positions)
@@ -361,7 +358,6 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
     if seq_source:
         report.seq_source = seq_source
     traced: dict[int, int] = {}
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=len({math.ceil(cfg.prune.batch_size / n) for n in gpus}), desc="estimate: tracing a step",
                unit="batch size", disable=not progress, leave=False)

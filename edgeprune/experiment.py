@@ -10,8 +10,13 @@ import torch
 
 from . import ablation
 from .config import DataConfig, ModelConfig
+from .hub import loading
 from .model import EdgeModel
-from .tasks.jsonl import batches
+from .models.tracr import TracrModel
+from .spans import assign_spans, describe_spans
+from .tasks.jsonl import batches, is_hf_dataset, pad_token_id_for, read_hf_dataset, read_jsonl_task
+from .tasks.registry import METRICS
+from .tasks.tracr import tracr_examples
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,11 +70,8 @@ def load_split(cfg: DataConfig, model: EdgeModel, split: str) -> TaskData:
     ``save_to_disk`` directory (``Dataset`` with a ``split`` column, or ``DatasetDict`` by split)
     or a Parquet / JSON file; every record is validated the same way.
     """
-    from .tasks.jsonl import pad_token_id_for, read_jsonl_task
-
     if cfg.path == TRACR_ALL_INPUTS:
         return _tracr_split(model)
-    from .tasks.jsonl import is_hf_dataset, read_hf_dataset
 
     tokenizer = load_tokenizer(model)
     if is_hf_dataset(cfg.path):  # a datasets save_to_disk directory, or a Parquet / JSON file
@@ -90,7 +92,6 @@ def with_spans(data: TaskData, model: EdgeModel) -> TaskData:
     split whose spans are not the run's is an error naming them. Shared-mask models: unchanged."""
     if model.spans is None:
         return data
-    from .spans import assign_spans
 
     names = assign_spans(data.examples, model.span_mode, data.source)
     if set(names) != set(model.spans) or len(names) != len(model.spans):
@@ -107,7 +108,6 @@ def use_spans(mode: str | None, model: EdgeModel, data: TaskData) -> None:
     training split decides their names and order) and give its examples their span ids."""
     if mode is None:
         return
-    from .spans import assign_spans, describe_spans
 
     names = assign_spans(data.examples, mode, data.source)
     model.set_spans(names, mode=mode, info=describe_spans(data.examples, names))
@@ -117,7 +117,6 @@ def task_metric(cfg: DataConfig, model: EdgeModel):
     """The ``tasks.common.TaskMetric`` named by ``data.task`` for the model's tokenizer, or None."""
     if not cfg.task:
         return None
-    from .tasks.registry import METRICS
 
     if cfg.task not in METRICS:
         raise ValueError(f"data.task {cfg.task!r} is not a known task ({', '.join(sorted(METRICS))})")
@@ -128,9 +127,6 @@ TRACR_ALL_INPUTS = "tracr"  # data.path for a compiled Tracr model: every input 
 
 
 def _tracr_split(model: EdgeModel) -> TaskData:
-    from .models.tracr import TracrModel
-    from .tasks.tracr import tracr_examples
-
     if not isinstance(model.hf, TracrModel):
         raise ValueError(f"data.path {TRACR_ALL_INPUTS!r} is the task of a compiled Tracr model, but "
                          f"{model.model_id} is not one")
@@ -142,14 +138,13 @@ def load_tokenizer(model: EdgeModel):
     """The model's own tokenizer; loaded once per model id (the splits and the task metric share it)."""
     if not model.model_id:
         raise ValueError("the model has no name_or_path to load its tokenizer from")
-    return _tokenizer(model.model_id)
+    return tokenizer_named(model.model_id)
 
 
 @lru_cache(maxsize=4)
-def _tokenizer(name_or_path: str):
-    from transformers import AutoTokenizer
-
-    from .hub import loading
+def tokenizer_named(name_or_path: str):
+    """The tokenizer of a model id or path alone (no model loaded); cached per name."""
+    from transformers import AutoTokenizer  # heavy: only commands that tokenize pay for transformers
 
     with loading(name_or_path, "tokenizer"):
         return AutoTokenizer.from_pretrained(name_or_path)

@@ -58,8 +58,9 @@ def loading(name: str, what: str = "model"):
 def quiet_progress(progress: bool) -> None:
     """Without progress bars (``--no-progress``), HF's own ('Loading weights', downloads) go too."""
     if not progress:
+        # heavy: transformers and huggingface_hub load only when asked
         import huggingface_hub.utils as hub_utils
-        from transformers.utils import logging as hf_logging  # heavy: imported only when asked
+        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hub_utils.disable_progress_bars()

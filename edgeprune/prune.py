@@ -17,6 +17,7 @@ on its slice of the global batch (``edgeprune.distributed``); rank 0 writes the 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -41,6 +42,7 @@ from .identity import FingerprintError
 from .control import expected_sparsity_of, lagrangian, project
 from .faithful import apply_selection, select_faithful
 from .faithful import objective as faithful_objective
+from .faithful import project_multiplier
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
@@ -221,7 +223,7 @@ class FaithfulObjective(TargetObjective):
         return faithful_objective(per_position, fit, r.model, r.lambdas, r.p, record)
 
     def after_step(self, record: dict) -> None:
-        pass
+        project_multiplier(self.run.lambdas)
 
 
 class PruneRecipe:
@@ -275,7 +277,6 @@ class PruneRecipe:
         except RunDirError as err:
             raise PruneError(str(err)) from None
         if cfg.run.wandb and d.is_main:
-            import importlib.util
             if importlib.util.find_spec("wandb") is None:
                 raise PruneError('run.wandb / --wandb needs the wandb package: pip install "edgeprune[wandb]"')
         self.model = model = load_model(cfg.model, self.device)
@@ -708,7 +709,7 @@ def _log_lines(path: Path, step: int, say) -> list[str]:
 def _start_wandb(cfg: ExperimentConfig, out: Path):
     """wandb only when asked; offline unless an API key or WANDB_MODE says otherwise."""
     try:
-        import wandb
+        import wandb  # optional dependency (edgeprune[wandb]), only with --wandb
     except ImportError as err:
         raise PruneError('--wandb needs the wandb package: pip install "edgeprune[wandb]"') from err
     mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")

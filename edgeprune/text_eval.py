@@ -35,7 +35,7 @@ def read_documents(source: str | Path) -> list[str]:
     """The documents of a text file (one per line) or a ``datasets`` directory with a ``text`` column."""
     path = Path(source)
     if path.is_dir():
-        from datasets import DatasetDict, load_from_disk
+        from datasets import DatasetDict, load_from_disk  # heavy: only a datasets directory pays for it
 
         ds = load_from_disk(str(path))
         if isinstance(ds, DatasetDict):

@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 from ..circuit import extract_circuit
 from ..eval import evaluate, normalized_faithfulness
 from ..model import EdgeModel
+from ..rundir import load_masks
 from .scores import Scores, check_graph
 from .selection import circuit_of_size, edge_order
 
@@ -165,8 +166,6 @@ class RunCircuit:
 
 def load_run_circuit(run_dir: str | Path, model: EdgeModel, allow_other_model: bool = False) -> RunCircuit:
     """An Edge Pruning run's circuit, extracted as ``edgeprune eval`` does (threshold + dangling removal)."""
-    from ..rundir import load_masks
-
     run_dir = Path(run_dir)
     masks = load_masks(run_dir)
     masks.check_model(model, allow_other_model)
@@ -252,10 +251,10 @@ def _task_fields(ev: CircuitEvaluator) -> dict:
 
 def plot_curve(result: dict, path: str | Path, title: str | None = None) -> Path:
     """Faithfulness vs edge fraction (log x), one line per method, CPR/CMD in the legend."""
-    import matplotlib
+    import matplotlib  # heavy: only plotting pays for it
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # heavy: after choosing the Agg backend above
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
+
+from ..checkpoint import write_safetensors
 
 FORMAT = "edgeprune.scores/1"
 METHODS = ("eap", "eap-ig", "acdc")
@@ -71,8 +74,6 @@ class Scores:
 
 def save_scores(scores: Scores, path: str | Path) -> Path:
     """Write ``scores`` atomically (temporary file + rename)."""
-    from ..checkpoint import write_safetensors
-
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {"scores": scores.values.detach().float().cpu().contiguous()}
@@ -93,8 +94,6 @@ def save_scores(scores: Scores, path: str | Path) -> Path:
 
 def load_scores(path: str | Path) -> Scores:
     """Read a scores file; errors name the file and what is wrong with it."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path}")

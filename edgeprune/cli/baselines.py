@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -34,13 +35,11 @@ def _device_overrides(args) -> list[str]:
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
-        import argparse
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return value
 
 
 def _budgets(text: str) -> list[float]:
-    import argparse
     try:
         return parse_budgets(text)
     except ValueError as err:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from ..hub import LoadError, loading
 from ..tasks.boolean_expressions import FORMATS
@@ -36,10 +37,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args: argparse.Namespace) -> int:
     """Exit status 0, or 2 with one line naming what is wrong (bad values, an existing dataset, a
     tokenizer that cannot be loaded or has too few usable words)."""
-    from pathlib import Path
-
-    from transformers import AutoTokenizer
-
+    from transformers import AutoTokenizer  # heavy: the CLI starts transformers-free
 
     def fail(message: str) -> int:
         print(f"edgeprune data {args.task}: error: {message}", file=sys.stderr)

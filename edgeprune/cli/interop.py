@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from ..baselines.curve import DEFAULT_BUDGETS, parse_budgets
@@ -67,8 +68,6 @@ def add_convert_parser(sub) -> None:
 
 
 def _budgets(text: str):
-    import argparse
-
     try:
         return parse_budgets(text)
     except ValueError as err:

@@ -7,7 +7,10 @@ import json
 import os
 from pathlib import Path
 
+from ..estimate import hf_config, meta_model
 from ..graph import Graph
+from ..model import EdgeModel
+from ..models.tracr import is_tracr_artifact
 
 
 class InteropError(ValueError):
@@ -24,10 +27,6 @@ def graph_from_fingerprint(fp: dict, where: str) -> Graph:
 
 def model_graph(name_or_path: str):
     """(graph, model) of a model built on the meta device from its config alone (no weights)."""
-    from ..estimate import hf_config, meta_model
-    from ..model import EdgeModel
-    from ..models.tracr import is_tracr_artifact
-
     if is_tracr_artifact(name_or_path):
         raise InteropError(tracr_refusal(name_or_path))
     config, _ = hf_config(name_or_path)
@@ -43,8 +42,6 @@ def tracr_refusal(name: str) -> str:
 
 def model_facts(model_id: str | None, d_model: int | None, where: str) -> int:
     """The residual width the EAP-IG graph file records (``cfg.d_model``), refusing Tracr models."""
-    from ..models.tracr import is_tracr_artifact
-
     if model_id and is_tracr_artifact(model_id):
         raise InteropError(tracr_refusal(model_id))
     if d_model is not None:
@@ -52,7 +49,6 @@ def model_facts(model_id: str | None, d_model: int | None, where: str) -> int:
     if not model_id:
         raise InteropError(f"{where}: the model is not recorded; pass --d-model (the residual width the "
                            "EAP-IG graph file records as cfg.d_model)")
-    from ..estimate import hf_config
     try:
         config, _ = hf_config(model_id)
     except (ValueError, OSError) as err:

@@ -10,9 +10,15 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..baselines.scores import METHODS, Scores, save_scores
+from ..checkpoint import write_safetensors
+from ..config import load_config, save_config
+from ..experiment import load_model
+from ..export import circuit_json_path
 from ..graph import Graph
-from .common import InteropError, model_facts, refuse_existing, write_json
-from .eap_ig import read_eap_ig, to_eap_ig, write_eap_ig
+from .common import InteropError, model_facts, model_graph, refuse_existing, write_json
+from .eap_ig import load_json, read_eap_ig, to_eap_ig, write_eap_ig
+from .ep_reference import convert_reference_edges, read_reference
 from .sources import EDGE_PRUNING, Source, load_source
 
 
@@ -55,13 +61,9 @@ class Target:
 
 
 def target_for(config: str | None, model: str | None, *, weights: bool = False) -> Target:
-    from .common import model_graph
-
     if config:
-        from ..config import load_config
         cfg = load_config(config)
         if weights:
-            from ..experiment import load_model
             m = load_model(cfg.model)
             return Target(m.graph, m.model_id, cfg, m)
         graph, m = model_graph(cfg.model.name_or_path)
@@ -77,14 +79,9 @@ def convert_from_eap_ig(path: str | Path, out_dir: str | Path, target: Target, *
                         overwrite: bool = False) -> dict:
     """An EAP-IG graph file -> OUT_DIR/scores_<method>.safetensors (or masks.safetensors for a file that
     edgeprune wrote from an Edge Pruning run) + edges.json + circuit.json (+ config.yaml with --config)."""
-    from ..baselines.scores import METHODS, Scores, save_scores
-    from ..config import save_config
-    from ..export import circuit_json_path
-
     out = Path(out_dir)
     g = target.graph
     prov_method = None
-    from .eap_ig import load_json
     cfg = load_json(path)["cfg"]
     if isinstance(cfg.get("edgeprune"), dict):
         prov_method = cfg["edgeprune"].get("method")
@@ -106,7 +103,6 @@ def convert_from_eap_ig(path: str | Path, out_dir: str | Path, target: Target, *
     refuse_existing(outputs, overwrite)
     out.mkdir(parents=True, exist_ok=True)
     if prov_method == EDGE_PRUNING:
-        from ..checkpoint import write_safetensors
         write_safetensors({"edge_log_alpha": f.values.float()}, main,
                           {"model_id": target.model_id, "graph": json.dumps(fp, sort_keys=True),
                            "source": str(path)})
@@ -131,10 +127,6 @@ def convert_from_reference(path: str | Path, out_dir: str | Path, target: Target
                            overwrite: bool = False) -> dict:
     """A reference run -> OUT_DIR/masks.safetensors (+ edges.json from the reference's own, renamed;
     + config.yaml with --config)."""
-    from ..checkpoint import write_safetensors
-    from ..config import save_config
-    from .ep_reference import convert_reference_edges, read_reference
-
     path, out = Path(path), Path(out_dir)
     ref = read_reference(path, target.graph if target else None)
     ref_edges = (path if path.is_dir() else path.parent) / "edges.json"

@@ -25,6 +25,7 @@ count alone: the circuits are then exactly ``edgeprune curve``'s.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -127,7 +128,6 @@ def mib_export(inputs, out_dir: str | Path, *, budgets=DEFAULT_BUDGETS, selectio
 
 
 def _with_circuit(src, kept):
-    from dataclasses import replace
     return replace(src, kept=kept)
 
 

@@ -20,6 +20,8 @@ import random
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
+import torch
+
 from .jsonl import SPLITS, TaskFormatError, parse_record, strip_spans
 
 
@@ -196,8 +198,6 @@ class TaskMetric:
 
     def check(self, examples, source: str) -> None:
         """TaskFormatError naming ``source``, the line and the field, for the first bad example."""
-        from .jsonl import TaskFormatError
-
         for ex in examples:
             problem = self._check_example(ex)
             if problem:
@@ -214,8 +214,6 @@ def answer_logit_diff(tokenizer, right_key: str, wrong_key: str, task: str = "ta
 
     Its check: both fields are strings of one token each, they differ, and the right answer's token
     is the token the line predicts (its span's first token)."""
-    import torch
-
     ids: dict[str, int] = {}
 
     def token(text: str) -> int:

@@ -387,7 +387,7 @@ def read_hf_dataset(path: str | Path, tokenizer, split: str | None = None,
     row has the JSONL fields (``clean``, ``corrupted``, optional ``split``, task fields); errors name
     ``path:row`` (1-based).
     """
-    import datasets
+    import datasets  # heavy: slow to import; only datasets-backed splits pay for it
 
     path = Path(path)
     try:
@@ -434,7 +434,7 @@ def to_hf_dataset(examples: Sequence[Example]):
     ``extra`` is stored as a JSON string (extras may differ in keys and types from line to line,
     which an Arrow column cannot hold); ``json.loads`` it back.
     """
-    import datasets  # slow to import; only users of this helper pay for it
+    import datasets  # heavy: slow to import; only users of this helper pay for it
 
     rows = {f.name: [getattr(ex, f.name) for ex in examples] for f in dataclasses.fields(Example)}
     rows["extra"] = [json.dumps(e, sort_keys=True) for e in rows["extra"]]

@@ -17,7 +17,8 @@ from tqdm.auto import tqdm
 
 from ..baselines.curve import CircuitEvaluator
 from ..circuit import remove_dangling
-from ..experiment import prepare, task_metric
+from ..experiment import prepare, split_path, task_metric, tokenizer_named
+from ..tasks.jsonl import read_jsonl_task
 from .sources import ViewSource
 
 POINTS = 16
@@ -59,12 +60,9 @@ def measure(source: ViewSource, cfg, cap: int, *, run_dir: Path | None = None, s
 def span_tokens(cfg, spans: list[str], split: str | None = None) -> dict[str, str]:
     """An example prompt's tokens under each span column: the first line of ``split`` (default the
     config's validation split), decoded per span (the tokenizer alone is loaded, not the model)."""
-    from ..experiment import _tokenizer, split_path
-    from ..tasks.jsonl import read_jsonl_task
-
     split = split or cfg.data.eval_split
     path = split_path(cfg.data, split)
-    tokenizer = _tokenizer(cfg.model.name_or_path)
+    tokenizer = tokenizer_named(cfg.model.name_or_path)
     examples = read_jsonl_task(path, tokenizer, split=None if Path(cfg.data.path).is_dir() else split,
                                max_length=cfg.data.max_length)
     if not examples or examples[0].span_names is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 from importlib import resources
 from pathlib import Path
@@ -29,8 +30,6 @@ def write_html(payload: dict, out_path: str | Path) -> Path:
 
 def serve(path: str | Path, port: int = 0, ready=None) -> None:
     """Serve the one file ``path`` on 127.0.0.1 until interrupted; ``ready(url)`` is called once listening."""
-    import http.server
-
     body = Path(path).read_bytes()
 
     class Handler(http.server.BaseHTTPRequestHandler):
