@@ -10,7 +10,7 @@ max errors is HF's own seed-to-seed spread of the worst logit, the yardstick for
 Per family and seed: max and mean |logit - HF fp32 logit| of HF bf16 (sdpa), HF bf16 (eager) and
 ours in bf16, on weights randomised by the seed (non-unit norms, non-zero biases) and a 2 x 20 batch.
 Printed: our max / HF max per seed, HF eager max / HF sdpa max per seed (the spread), and our mean /
-HF mean over the seeds. The criterion (docs/families.md, tested in tests/test_families.py): mean no
+HF mean over the seeds. The criterion (docs/families.md, tested in tests/test_conformance.py): mean no
 larger than HF's, and the median over seeds of our max / HF max within 1.1, inside HF's own spread.
 """
 

@@ -1,9 +1,10 @@
 """One conformance test for every model family, against transformers' own forward (never against
 our code): numerics with every mask 1 (fp32, padded either side), every mask 0 under interchange
-ablation, bf16 against HF's own bf16 over seeds, the model fingerprint's stability, the GQA
-grouping of K/V readers, and a short pruning run. Family-specific checks (one ablated edge equals a
-hook patch on the HF modules, the features each test model turns on, published graph counts) stay
-in test_patching.py, test_families.py and test_families_gemma_olmo.py."""
+ablation, bf16 against HF's own bf16 over seeds, one ablated edge equal to a hook patch on the HF
+modules (embedding, head and MLP writers; Q, K, V, MLP and read-out readers), the model
+fingerprint's stability, the GQA grouping of K/V readers, and a short pruning run. Family-specific
+checks (the features each test model turns on, published graph counts, refusals) stay in
+test_families.py and test_families_gemma_olmo.py."""
 
 from __future__ import annotations
 
@@ -104,6 +105,166 @@ def test_bf16_over_seeds_mean_and_median_worst_logit_within_hfs_own(name):
         ratios.append(our_err.max().item() / hf_err.max().item())
     assert ours_mean <= hf_mean, (ours_mean / hf_mean, ratios)
     assert statistics.median(ratios) <= 1.1, ratios
+
+
+# ---------------------------------------------------------------- one edge == a hook patch on HF
+POST_NORM = ("gemma2", "gemma3_text", "olmo2")  # a norm on the attention and MLP outputs, inside the residual
+
+
+def _hf_parts(hf):
+    """Where writers and readers live in the HF model: (token embedding, layers, final
+    norm, attention input norm(block) or None, MLP reader's module(block), output projection(block)
+    with its (H * dh, D) weight, qkv(block, port, index) -> (projection, its output columns))."""
+    cfg = hf.config
+    dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if cfg.model_type == "gpt2":
+        body, D = hf.transformer, cfg.hidden_size
+
+        def qkv(blk, port, i):  # [Q | K | V], D columns each
+            start = {"q": 0, "k": D, "v": 2 * D}[port] + i * dh
+            return blk.attn.c_attn, slice(start, start + dh)
+        return (body.wte, body.h, body.ln_f, lambda b: b.ln_1,
+                lambda b: b.ln_2, lambda b: (b.attn.c_proj, b.attn.c_proj.weight), qkv)
+    if cfg.model_type == "gpt_neox":
+        body, port_of = hf.gpt_neox, {"q": 0, "k": 1, "v": 2}
+
+        def qkv(blk, port, i):  # per head [q k v] blocks of dh
+            start = (3 * i + port_of[port]) * dh
+            return blk.attention.query_key_value, slice(start, start + dh)
+        return (body.embed_in, body.layers, body.final_layer_norm, lambda b: b.input_layernorm,
+                lambda b: b.post_attention_layernorm, lambda b: (b.attention.dense, b.attention.dense.weight.t()), qkv)
+    body = hf.model
+    if cfg.model_type == "phi3":
+        nq, nkv = cfg.num_attention_heads * dh, cfg.num_key_value_heads * dh
+
+        def qkv(blk, port, i):  # [Q heads | K heads | V heads]
+            start = {"q": 0, "k": nq, "v": nq + nkv}[port] + i * dh
+            return blk.self_attn.qkv_proj, slice(start, start + dh)
+    else:
+        def qkv(blk, port, i):
+            return getattr(blk.self_attn, f"{port}_proj"), slice(i * dh, (i + 1) * dh)
+    # the MLP reader's input enters its pre-norm (Gemma-2/3: pre_feedforward_layernorm), or the MLP itself (OLMo-2)
+    mlp_in = {"olmo2": lambda b: b.mlp, "gemma2": lambda b: b.pre_feedforward_layernorm,
+              "gemma3_text": lambda b: b.pre_feedforward_layernorm}.get(cfg.model_type, lambda b: b.post_attention_layernorm)
+    attn_in = (lambda b: None) if cfg.model_type == "olmo2" else (lambda b: b.input_layernorm)
+    return (body.embed_tokens, body.layers, body.norm, attn_in, mlp_in,
+            lambda b: (b.self_attn.o_proj, b.self_attn.o_proj.weight.t()), qkv)
+
+
+def _post_scale(norm, x):
+    """What a post-norm multiplies its input x by: w_eff / rms(x), in fp32 (HF's Gemma / OLMo-2 RMSNorm)."""
+    w = norm.weight.float()
+    w_eff = w if type(norm).__name__.startswith("Olmo2") else 1.0 + w
+    eps = getattr(norm, "eps", None) or norm.variance_epsilon
+    x = x.float()
+    return w_eff * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def _capture_writers(hf, ids):
+    """Per-writer states (B, T, D) of the HF model, from hooks on its modules.
+
+    Heads: o_h, head h's slice of the output projection's input times its rows of the weight. With
+    a post-attention norm a head's state is its share of the normed output, o_h * w_eff / rms(S),
+    with S the norm's actual input in HF (the sum of the layer's heads). MLPs: what the layer adds
+    to the residual stream (after ``post_feedforward_layernorm`` where there is one).
+    """
+    embed, layers, _, _, _, out_proj, _ = _hf_parts(hf)
+    post = hf.config.model_type in POST_NORM
+    n_heads = hf.config.num_attention_heads
+    states, handles, heads = {}, [], {}
+    handles.append(embed.register_forward_hook(lambda m, i, o: states.__setitem__("tok_embeds", o)))
+    for l, blk in enumerate(layers):
+        proj, weight = out_proj(blk)
+
+        def pre(m, args, l=l, weight=weight):
+            x = args[0]  # (B, T, H * dh): the heads' outputs before the projection
+            dh = x.shape[-1] // n_heads
+            heads[l] = [x[..., h * dh:(h + 1) * dh] @ weight[h * dh:(h + 1) * dh] for h in range(n_heads)]
+        handles.append(proj.register_forward_pre_hook(pre))
+        if post:
+            def normed(m, args, l=l):
+                scale = _post_scale(m, args[0])
+                for h, o in enumerate(heads[l]):
+                    states[f"a{l}.h{h}"] = o.float() * scale
+            handles.append(blk.post_attention_layernorm.register_forward_pre_hook(normed))
+            handles.append(blk.post_feedforward_layernorm.register_forward_hook(
+                lambda m, i, o, l=l: states.__setitem__(f"m{l}", o)))
+        else:
+            handles.append(blk.mlp.register_forward_hook(lambda m, i, o, l=l: states.__setitem__(f"m{l}", o)))
+    with torch.no_grad():
+        hf(ids)
+    for h in handles:
+        h.remove()
+    if not post:
+        states.update({f"a{l}.h{h}": o for l, os in heads.items() for h, o in enumerate(os)})
+    return states
+
+
+def _patched_logits(hf, ids, reader, delta):
+    """HF logits with ``delta`` added to the input of one reader only.
+
+    A Q/K/V reader's input is the residual stream entering the layer; the reader's own columns of its
+    projection's output are recomputed from that input + delta (through the attention input norm
+    where the family has one) and everything after the projection is HF's (q/k norms included). An
+    MLP reader's input is what enters the MLP's pre-norm (or the MLP, OLMo-2); the read-out's what
+    enters the final norm. The residual stream itself stays clean.
+    """
+    _, layers, final, attn_in, mlp_in, _, qkv = _hf_parts(hf)
+    handles = []
+    if reader == "resid_post":
+        handles.append(final.register_forward_pre_hook(lambda m, a: (a[0] + delta,)))
+    elif reader.startswith("m"):
+        handles.append(mlp_in(layers[int(reader[1:])]).register_forward_pre_hook(lambda m, a: (a[0] + delta,)))
+    else:
+        layer, unit, port = reader.split(".")
+        blk = layers[int(layer[1:])]
+        norm, seen = attn_in(blk), {}
+        proj, cols = qkv(blk, port, int(unit[1:]))
+        if norm is not None:
+            handles.append(norm.register_forward_pre_hook(lambda m, a: seen.__setitem__("resid", a[0])))
+
+        def fwd(m, a, out):
+            patched = proj.forward(a[0] + delta if norm is None else norm.forward(seen["resid"] + delta))
+            out = out.clone()
+            out[..., cols] = patched[..., cols]
+            return out
+        handles.append(proj.register_forward_hook(fwd))
+    with torch.no_grad():
+        logits = hf(ids).logits
+    for h in handles:
+        h.remove()
+    return logits
+
+
+def _patch_cases(graph) -> list[tuple[str, str]]:
+    """Edges that reach every kind of reader from every kind of writer: a head -> a later key (its
+    KV group under GQA), a head -> an MLP (its own layer's, or under a parallel residual the next
+    layer's), the embedding -> a query, an MLP -> a later value, the last head -> the read-out.
+    (GPT-2's position embeddings are the same on both inputs: interchange never changes them.)"""
+    key, value = (next(r for r in graph.readers if r.startswith("a1.") and r.endswith(port)) for port in (".k", ".v"))
+    same_layer = "a0.h2" if graph.spec.parallel_residual else "a1.h2"
+    return [("a0.h1", key), (same_layer, "m1"), ("tok_embeds", "a1.h0.q"), ("m0", value), ("a1.h3", "resid_post")]
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_one_ablated_edge_equals_hook_patch_on_hf(name):
+    """Ablating one edge (writer w, reader r) gives r the input clean residual - s_w + s~_w (s~_w: w's
+    state on the corrupted input); no other reader sees a change. The HF reference patches just that
+    reader's input with hooks; under a post-norm the layer's norm then scales whatever its heads
+    output, as in the edge-masked forward."""
+    hf = make(name)
+    ids, corrupted = token_batch(2, 9, seed=11), token_batch(2, 9, seed=12)
+    clean, dirty = _capture_writers(hf, ids), _capture_writers(hf, corrupted)
+    model = EdgeModel.from_hf(hf)
+    with torch.no_grad():
+        full = hf(ids).logits
+    for writer, reader in _patch_cases(model.graph):
+        expected = _patched_logits(hf, ids, reader, dirty[writer] - clean[writer])
+        model.set_edges([e for e in model.graph.edges if e != (writer, reader)])
+        with torch.no_grad():
+            out = model(ids, corrupted_input_ids=corrupted).logits
+        assert (out - expected).abs().max().item() <= FP32_TOL, (writer, reader)
+        assert (full - expected).abs().max().item() > 1e-3, (writer, reader)  # the patch really changed something
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
