@@ -103,6 +103,43 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
     """
     run_dir = Path(run_dir)
     tensors, where = _mask_tensors(run_dir)
+    ref = _group_tensors(tensors, where)
+    graph = _graph_of(ref, graph, where)
+    _check_shapes(ref, graph, where)
+    return ReferenceMasks(_edge_log_alpha(ref, graph), _node_log_alpha(ref, graph), graph, ref.family,
+                          ref.embedding_nodes, _model_id(run_dir), where)
+
+
+@dataclass
+class _Reference:
+    """The reference run's mask tensors by layer and name, ``(key, tensor)`` each, and the shape they imply."""
+    layers: dict[int, dict[str, tuple[str, torch.Tensor]]]
+    top: dict[str, tuple[str, torch.Tensor]]  # final_read / token_write / pos_write
+    family: str  # "gpt2" | "llama"
+    n_heads: int
+    kv: int | None  # K/V read matrices with a column per KV head (Llama), else None
+    n_writers: int  # rows of every read matrix
+    n_emb: int  # embedding writers among them (0: the run has no embedding nodes)
+
+    @property
+    def n_layers(self) -> int:
+        return max(self.layers) + 1
+
+    @property
+    def embedding_nodes(self) -> bool:
+        return self.n_emb > 0
+
+    @property
+    def emb_names(self) -> tuple[str, ...]:
+        return ("token_write_log_alpha", "pos_write_log_alpha") if self.family == "gpt2" else ("token_write_log_alpha",)
+
+    def spec(self) -> GraphSpec:
+        return GraphSpec(n_layers=self.n_layers, n_heads=self.n_heads,
+                         n_kv_heads=self.kv if self.family == "llama" else None, pos_embeds=self.family == "gpt2")
+
+
+def _group_tensors(tensors: dict[str, torch.Tensor], where: str) -> _Reference:
+    """Sort the mask tensors into layers and top-level ones, checking every expected one is there."""
     layers: dict[int, dict[str, tuple[str, torch.Tensor]]] = {}
     top: dict[str, tuple[str, torch.Tensor]] = {}
     stacks, prefix = set(), None
@@ -122,6 +159,24 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
     if len(stacks) > 1:
         raise InteropError(f"{where}: both GPT-2 ('h.') and Llama ('layers.') mask keys: not one reference run")
     family = "gpt2" if stacks == {"h"} else "llama"
+    _check_present(layers, top, family, prefix, where)
+    n_heads = layers[0]["attn_write_log_alphas"][1].numel()
+    k_read = layers[0]["k_read_log_alphas"][1]
+    n_writers = top["final_read_log_alphas"][1].numel()
+    ref = _Reference(layers, top, family, n_heads, k_read.shape[-1] if k_read.dim() == 2 else None, n_writers,
+                     n_emb=n_writers - (max(layers) + 1) * (n_heads + 1))
+    if ref.n_emb not in (0, len(ref.emb_names)):
+        raise InteropError(f"{where}: '{top['final_read_log_alphas'][0]}' has {n_writers} writers, but "
+                           f"{ref.n_layers} layers of {n_heads} heads + MLP make {ref.n_layers * (n_heads + 1)} "
+                           f"(+{len(ref.emb_names)} embedding nodes)")
+    for name in ref.emb_names if ref.embedding_nodes else ():
+        if name not in top:
+            raise InteropError(f"{where}: missing mask tensor '{prefix}{name}' (the run has embedding nodes)")
+    return ref
+
+
+def _check_present(layers, top, family: str, prefix: str, where: str) -> None:
+    """Every layer's six mask tensors and the read-out's are there (errors name the first missing key)."""
     stack = "h" if family == "gpt2" else "layers"
     n_layers = max(layers) + 1
     for l in range(n_layers):
@@ -131,87 +186,92 @@ def read_reference(run_dir: str | Path, graph: Graph | None = None) -> Reference
                                    f"(the run has layers 0..{n_layers - 1})")
     if "final_read_log_alphas" not in top:
         raise InteropError(f"{where}: missing mask tensor '{prefix}final_read_log_alphas'")
-    key0, attn_w = layers[0]["attn_write_log_alphas"]
-    n_heads = attn_w.numel()
-    kv = layers[0]["k_read_log_alphas"][1].shape[-1] if layers[0]["k_read_log_alphas"][1].dim() == 2 else None
-    n_writers = top["final_read_log_alphas"][1].numel()
-    n_emb = n_writers - n_layers * (n_heads + 1)
-    emb_names = {"gpt2": ("token_write_log_alpha", "pos_write_log_alpha"), "llama": ("token_write_log_alpha",)}[family]
-    if n_emb not in (0, len(emb_names)):
-        raise InteropError(f"{where}: '{top['final_read_log_alphas'][0]}' has {n_writers} writers, but "
-                           f"{n_layers} layers of {n_heads} heads + MLP make {n_layers * (n_heads + 1)} "
-                           f"(+{len(emb_names)} embedding nodes)")
-    embedding_nodes = n_emb > 0
-    if embedding_nodes:
-        for name in emb_names:
-            if name not in top:
-                raise InteropError(f"{where}: missing mask tensor '{prefix}{name}' (the run has embedding nodes)")
-    spec = GraphSpec(n_layers=n_layers, n_heads=n_heads, n_kv_heads=kv if family == "llama" else None,
-                     pos_embeds=family == "gpt2")
+
+
+def _graph_of(ref: _Reference, graph: Graph | None, where: str) -> Graph:
+    """The run's graph, or ``graph`` when its shape is the run's (else an error naming both)."""
+    spec = ref.spec()
     if graph is None:
-        graph = Graph(spec)
-    elif graph.spec.n_layers != n_layers or graph.spec.n_heads != n_heads or graph.spec.kv_heads != spec.kv_heads \
-            or graph.spec.pos_embeds != spec.pos_embeds:
-        raise InteropError(f"{where}: the reference run is a {family} graph of {n_layers} layers x {n_heads} heads "
-                           f"({spec.kv_heads} KV heads), the model has {graph.spec.n_layers} x "
-                           f"{graph.spec.n_heads} ({graph.spec.kv_heads} KV heads, "
-                           f"{'with' if graph.spec.pos_embeds else 'without'} position embeddings)")
-    n_ours_emb = 2 if graph.spec.pos_embeds else 1
-    # shapes: every read matrix has a row per reference writer
-    for l in range(n_layers):
+        return Graph(spec)
+    s = graph.spec
+    if (s.n_layers, s.n_heads, s.kv_heads, s.pos_embeds) != (spec.n_layers, spec.n_heads, spec.kv_heads,
+                                                             spec.pos_embeds):
+        raise InteropError(f"{where}: the reference run is a {ref.family} graph of {spec.n_layers} layers x "
+                           f"{spec.n_heads} heads ({spec.kv_heads} KV heads), the model has {s.n_layers} x "
+                           f"{s.n_heads} ({s.kv_heads} KV heads, "
+                           f"{'with' if s.pos_embeds else 'without'} position embeddings)")
+    return graph
+
+
+def _check_shapes(ref: _Reference, graph: Graph, where: str) -> None:
+    """Every read matrix has a row per reference writer (and a column per head / KV head)."""
+    kv = graph.spec.kv_heads
+    for l in range(ref.n_layers):
         for name in LAYER_TENSORS:
-            key, t = layers[l][name]
-            cols = {"q_read_log_alphas": n_heads, "k_read_log_alphas": graph.spec.kv_heads,
-                    "v_read_log_alphas": graph.spec.kv_heads}.get(name)
-            want = {"mlp_read_log_alphas": (n_writers,), "attn_write_log_alphas": (n_heads,),
-                    "mlp_write_log_alphas": (1,)}.get(name, (n_writers, cols))
+            key, t = ref.layers[l][name]
+            cols = {"q_read_log_alphas": ref.n_heads, "k_read_log_alphas": kv, "v_read_log_alphas": kv}.get(name)
+            want = {"mlp_read_log_alphas": (ref.n_writers,), "attn_write_log_alphas": (ref.n_heads,),
+                    "mlp_write_log_alphas": (1,)}.get(name, (ref.n_writers, cols))
             if tuple(t.shape) != want:
                 raise InteropError(f"{where}: '{key}' has shape {tuple(t.shape)}, expected {want}")
-    for name, (key, t) in top.items():
-        want = (n_writers,) if name == "final_read_log_alphas" else (1,)
+    for name, (key, t) in ref.top.items():
+        want = (ref.n_writers,) if name == "final_read_log_alphas" else (1,)
         if tuple(t.shape) != want:
             raise InteropError(f"{where}: '{key}' has shape {tuple(t.shape)}, expected {want}")
 
-    def ref_row(writer: str) -> int | None:
-        """Row of our writer in the reference matrices (None: an embedding the reference never masks)."""
-        w = graph.writer_index[writer]
-        if w < n_ours_emb:
-            return w if embedding_nodes else None
-        return w - n_ours_emb + n_emb
 
-    rows = [ref_row(w) for w in graph.writers]
+def _edge_log_alpha(ref: _Reference, graph: Graph) -> torch.Tensor:
+    """(E,) in our edge order: each reader's column of its reference read matrix, row by writer."""
+    n_ours_emb = 2 if graph.spec.pos_embeds else 1
+
+    def ref_row(w: int) -> int | None:
+        """Row of our writer w in the reference matrices (None: an embedding the reference never masks)."""
+        if w < n_ours_emb:
+            return w if ref.embedding_nodes else None
+        return w - n_ours_emb + ref.n_emb
+
+    rows = [ref_row(w) for w in range(graph.num_writers)]
     edge = torch.empty(graph.num_edges)
     for r, reader in enumerate(graph.readers):
         start, n = graph.edge_offsets[r], graph.n_writers_before[r]
         if reader == "resid_post":
-            col = top["final_read_log_alphas"][1]
+            col = ref.top["final_read_log_alphas"][1]
         else:
             layer = int(reader.split(".")[0][1:]) if reader.startswith("a") else int(reader[1:])
             if reader.startswith("m"):
-                col = layers[layer]["mlp_read_log_alphas"][1]
+                col = ref.layers[layer]["mlp_read_log_alphas"][1]
             else:
                 _, unit, part = reader.split(".")
-                col = layers[layer][f"{part}_read_log_alphas"][1][:, int(unit[1:])]
+                col = ref.layers[layer][f"{part}_read_log_alphas"][1][:, int(unit[1:])]
         for i in range(n):
-            row = rows[i]
-            edge[start + i] = ALWAYS_ON if row is None else col[row]
+            edge[start + i] = ALWAYS_ON if rows[i] is None else col[rows[i]]
+    return edge.float()
+
+
+def _node_log_alpha(ref: _Reference, graph: Graph) -> torch.Tensor:
+    """(W,) in our writer order: the reference's write masks (embeddings without one: always on)."""
+    n_ours_emb = 2 if graph.spec.pos_embeds else 1
     node = torch.empty(graph.num_writers)
     for w, writer in enumerate(graph.writers):
         if w < n_ours_emb:
-            node[w] = top[emb_names[w]][1][0] if embedding_nodes else ALWAYS_ON
+            node[w] = ref.top[ref.emb_names[w]][1][0] if ref.embedding_nodes else ALWAYS_ON
         elif writer.startswith("m"):
-            node[w] = layers[int(writer[1:])]["mlp_write_log_alphas"][1][0]
+            node[w] = ref.layers[int(writer[1:])]["mlp_write_log_alphas"][1][0]
         else:
             l, h = writer.split(".")
-            node[w] = layers[int(l[1:])]["attn_write_log_alphas"][1][int(h[1:])]
-    model_id = None
+            node[w] = ref.layers[int(l[1:])]["attn_write_log_alphas"][1][int(h[1:])]
+    return node.float()
+
+
+def _model_id(run_dir: Path) -> str | None:
+    """The ``_name_or_path`` of the reference run's config.json, if it has one."""
     cfg_path = (run_dir if run_dir.is_dir() else run_dir.parent) / "config.json"
-    if cfg_path.is_file():
-        try:
-            model_id = json.loads(cfg_path.read_text()).get("_name_or_path") or None
-        except (json.JSONDecodeError, AttributeError):
-            model_id = None
-    return ReferenceMasks(edge.float(), node.float(), graph, family, embedding_nodes, model_id, where)
+    if not cfg_path.is_file():
+        return None
+    try:
+        return json.loads(cfg_path.read_text()).get("_name_or_path") or None
+    except (json.JSONDecodeError, AttributeError):
+        return None
 
 
 def convert_reference_edges(path: str | Path, graph: Graph) -> list[list[str]]:
