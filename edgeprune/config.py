@@ -122,14 +122,26 @@ class ExperimentConfig:
 
     def validate(self, source: str = "config") -> "ExperimentConfig":
         """Check values (not only types); errors name the field and where its value came from."""
-        def bad(key, msg):
-            raise ConfigError(f"{self.sources.get(key, source)}: {key}: {msg}")
+        def where(key: str) -> str:
+            return self.sources.get(key, source)
 
-        for section in dataclasses.fields(self):  # no NaN or infinity in any float field
+        def bad(key, msg):
+            raise ConfigError(f"{where(key)}: {key}: {msg}")
+
+        for check in (self._check_finite, self._check_model, self._check_data, self._check_targets,
+                      self._check_schedule, self._check_prune_options, self._check_run):
+            check(bad, where)
+        return self
+
+    def _check_finite(self, bad, where) -> None:
+        """No NaN or infinity in any float field."""
+        for section in dataclasses.fields(self):
             for f in dataclasses.fields(getattr(self, section.name)):
                 value = getattr(getattr(self, section.name), f.name)
                 if isinstance(value, float) and not math.isfinite(value):
                     bad(f"{section.name}.{f.name}", f"must be a finite number, got {value}")
+
+    def _check_model(self, bad, where) -> None:
         if not self.model.name_or_path:
             bad("model.name_or_path", "required (a hub id such as 'gpt2' or a local directory)")
         if self.model.dtype not in ("float32", "bfloat16", "float16"):
@@ -141,6 +153,8 @@ class ExperimentConfig:
                 "are shared by every position)")
         if self.model.ablation not in (None, "interchange", "zero", "mean"):
             bad("model.ablation", f"must be interchange, zero or mean, got {self.model.ablation!r}")
+
+    def _check_data(self, bad, where) -> None:
         if not self.data.path:
             bad("data.path", "required (a JSONL task file or a directory of train/validation/test.jsonl)")
         if self.data.output_scale <= 0:
@@ -149,6 +163,9 @@ class ExperimentConfig:
             bad("data.loss", f"must be kl or mse, got {self.data.loss!r}")
         if self.data.max_length is not None and self.data.max_length < 2:
             bad("data.max_length", f"must be >= 2 (a prefix and a predicted token) or null, got {self.data.max_length}")
+
+    def _check_targets(self, bad, where) -> None:
+        """prune.edge_target / node_target: fractions removed, in [0, 1] (or up to 2 with allow_overshoot)."""
         p = self.prune
         for key in ("edge_target", "node_target"):
             value = getattr(p, key)
@@ -162,6 +179,10 @@ class ExperimentConfig:
                                    f"got {value}{hint}")
         if p.node_target is not None and not self.model.node_masks:
             bad("prune.node_target", "needs model.node_masks: true")
+
+    def _check_schedule(self, bad, where) -> None:
+        """Steps, batch, warm-up, learning rates and how sparsity is controlled."""
+        p = self.prune
         for key in ("steps", "batch_size"):
             if getattr(p, key) < 1:
                 bad(f"prune.{key}", f"must be >= 1, got {getattr(p, key)}")
@@ -170,9 +191,8 @@ class ExperimentConfig:
         if p.warmup_steps < 0:
             bad("prune.warmup_steps", f"must be >= 0, got {p.warmup_steps}")
         if p.warmup_steps > p.steps:
-            where = self.sources.get("prune.steps", source)
-            bad("prune.warmup_steps", f"{p.warmup_steps} is longer than prune.steps ({p.steps}, from {where}): "
-                                      f"the target would never be reached; make the warm-up at most prune.steps "
+            bad("prune.warmup_steps", f"{p.warmup_steps} is longer than prune.steps ({p.steps}, from "
+                                      f"{where('prune.steps')}): the target would never be reached; make the warm-up at most prune.steps "
                                       f"(the --steps shortcut of prune caps it)")
         for key in ("lr_masks", "lr_lambdas"):
             if getattr(p, key) <= 0:
@@ -184,6 +204,10 @@ class ExperimentConfig:
         if p.sparsity_control == "project" and max(p.edge_target, p.node_target or 0.0) >= 1.0:
             bad("prune.sparsity_control", "project puts the expected sparsity exactly on the target, and a target "
                                           ">= 1 would prune every edge; use lagrangian (or auto) to aim past 1")
+
+    def _check_prune_options(self, bad, where) -> None:
+        """Candidates, warm start, early stop, the faithful mode, weight decay and clipping."""
+        p = self.prune
         if p.candidates is not None:
             if p.candidates < 1:
                 bad("prune.candidates", f"must be >= 1 (edges to learn) or null, got {p.candidates}")
@@ -206,6 +230,8 @@ class ExperimentConfig:
             bad("prune.weight_decay", f"must be >= 0, got {p.weight_decay}")
         if p.max_grad_norm is not None and p.max_grad_norm <= 0:
             bad("prune.max_grad_norm", f"must be > 0 or null (no clipping), got {p.max_grad_norm}")
+
+    def _check_run(self, bad, where) -> None:
         for key in ("eval_every", "save_every", "log_every"):
             if getattr(self.run, key) < 0:
                 bad(f"run.{key}", f"must be >= 0, got {getattr(self.run, key)}")
@@ -213,7 +239,6 @@ class ExperimentConfig:
             bad("run.eval_batches", f"must be >= 1 or null (the whole split), got {self.run.eval_batches}")
         if not self.run.output_dir:
             bad("run.output_dir", "must not be empty")
-        return self
 
 
 # ---------------------------------------------------------------------------- loading
