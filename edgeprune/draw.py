@@ -235,7 +235,31 @@ def _columns(edges: list[tuple[str, str, str]], spans: Iterable | None) -> list[
 def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], columns: list[dict],
                  heads_per_group: int | None) -> None:
     """A position-aware circuit: a cluster per span column, nodes repeated per span (module docstring)."""
-    nodes: dict[tuple[str, str], NodeName] = {}  # (span, name) -> node
+    nodes = _span_nodes(edges)
+    order = {c["name"]: i for i, c in enumerate(columns)}
+    ranks, members = _span_clusters(dot, nodes, columns)
+    _hold_column_order(dot, columns, members)
+    _align_ranks(dot, ranks)
+    unjoined = _join_span_heads(dot, nodes, order, heads_per_group)
+    for writer, reader, span in edges:
+        _edge(dot, _span_node_id(span, writer), _span_node_id(span, reader),
+              color=COLOURS[nodes[(span, reader)].kind] + EDGE_ALPHA)
+    if unjoined:
+        unjoined = list(dict.fromkeys(unjoined))
+        warnings.warn(f"grouped K/V inputs ({', '.join(unjoined[:3])}{' ...' if len(unjoined) > 3 else ''}) are "
+                      "drawn without their heads: the group size is unknown (pass heads_per_group, or "
+                      "--heads-per-group to edgeprune draw)", stacklevel=3)
+    dot.node("legend", _legend_label(spans=True), shape="plaintext", style="", fontsize="9")
+
+
+def _span_node_id(span: str, name: str) -> str:
+    return f"{span}:{name}"
+
+
+def _span_nodes(edges: list[tuple[str, str, str]]) -> dict[tuple[str, str], NodeName]:
+    """(span, name) -> node of every edge end, plus the head of every Q input (and of K/V inputs whose
+    head is drawn nowhere else, beside them)."""
+    nodes: dict[tuple[str, str], NodeName] = {}
     for writer, reader, span in edges:
         for node in parse_edge(writer, reader):
             nodes[(span, node.name)] = node
@@ -248,15 +272,12 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
         if node.kind in ("k", "v") and node.head is not None and f"a{node.layer}.h{node.head}" not in placed:
             head = f"a{node.layer}.h{node.head}"  # fed by K/V inputs only: drawn beside them
             nodes.setdefault((span, head), parse_node(head))
-    head_spans: dict[str, list[str]] = defaultdict(list)  # head -> the columns it appears in
-    order = {c["name"]: i for i, c in enumerate(columns)}
-    for span, name in sorted(nodes, key=lambda key: order[key[0]]):
-        if nodes[(span, name)].kind == "head":
-            head_spans[name].append(span)
+    return nodes
 
-    def node_id(span: str, name: str) -> str:
-        return f"{span}:{name}"
 
+def _span_clusters(dot: graphviz.Digraph, nodes: dict[tuple[str, str], NodeName],
+                   columns: list[dict]) -> tuple[dict[tuple[float, int], list[str]], dict[str, list[str]]]:
+    """One cluster per span column with its nodes; returns the node ids per rank and per column."""
     ranks: dict[tuple[float, int], list[str]] = defaultdict(list)
     members: dict[str, list[str]] = {}  # column -> its node ids
     for i, column in enumerate(columns):
@@ -266,13 +287,17 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
             cluster.attr(label=_span_label(column), labeljust="c", style="rounded",
                          color="#AAAAAA", fontsize="11", fontcolor="#333333")
             for node in sorted((n for (s, _), n in nodes.items() if s == span), key=_order):
-                ident = node_id(span, node.name)
+                ident = _span_node_id(span, node.name)
                 cluster.node(ident, **{**_node_style(node), "tooltip": f"{node.name} at span {span}"})
                 ranks[_rank(node)].append(ident)
                 members[span].append(ident)
-    # The column order: the K/V joins across columns would let graphviz reorder the clusters, so an
-    # invisible point per column, chained left to right in the top rank (outside the clusters, where
-    # graphviz keeps the order of a same-rank chain), holds each column below its point.
+    return ranks, members
+
+
+def _hold_column_order(dot: graphviz.Digraph, columns: list[dict], members: dict[str, list[str]]) -> None:
+    """The K/V joins across columns would let graphviz reorder the clusters, so an invisible point per
+    column, chained left to right in the top rank (outside the clusters, where graphviz keeps the
+    order of a same-rank chain), holds each column below its point."""
     tops = [f"_column{i}" for i in range(len(columns))]
     with dot.subgraph() as top:
         top.attr(rank="min")
@@ -283,11 +308,15 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
     for ident, column in zip(tops, columns):
         for member in members[column["name"]]:
             _edge(dot, ident, member, style="invis")
+
+
+def _align_ranks(dot: graphviz.Digraph, ranks: dict[tuple[float, int], list[str]]) -> None:
+    """One rank across all columns (newrank allows it across clusters), labelled at the side."""
     anchors = []
     for i, rank in enumerate(sorted(ranks)):
         anchor = f"_rank{i}"
         anchors.append(anchor)
-        with dot.subgraph() as same:  # one rank across all columns (newrank allows it across clusters)
+        with dot.subgraph() as same:
             same.attr(rank="same")
             same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
                       fontcolor="#888888")
@@ -296,6 +325,15 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
     for upper, lower in zip(anchors, anchors[1:]):
         dot.edge(upper, lower, style="invis", weight="100")
 
+
+def _join_span_heads(dot: graphviz.Digraph, nodes: dict[tuple[str, str], NodeName], order: dict[str, int],
+                     heads_per_group: int | None) -> list[str]:
+    """Q inputs join their head in their own column; K/V inputs join it in every column it appears in
+    (attention reads keys and values at other positions). Returns the K/V inputs left unjoined."""
+    head_spans: dict[str, list[str]] = defaultdict(list)  # head -> the columns it appears in
+    for span, name in sorted(nodes, key=lambda key: order[key[0]]):
+        if nodes[(span, name)].kind == "head":
+            head_spans[name].append(span)
     unjoined = []
     for (span, name), node in sorted(nodes.items(), key=lambda item: (order[item[0][0]], _order(item[1]))):
         if node.kind not in ("q", "k", "v"):
@@ -305,21 +343,12 @@ def _span_layout(dot: graphviz.Digraph, edges: list[tuple[str, str, str]], colum
             heads = []
             unjoined.append(name)
         for head in heads:
-            targets = [span] if node.kind == "q" else head_spans[head]
-            for target in targets:
+            for target in [span] if node.kind == "q" else head_spans[head]:
                 style = dict(style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
                 if target != span:  # attention reads keys/values at other positions
                     style.update(style="dotted", penwidth="1.4", constraint="false")
-                _edge(dot, node_id(span, name), node_id(target, head), **style)
-    for writer, reader, span in edges:
-        _edge(dot, node_id(span, writer), node_id(span, reader), color=COLOURS[nodes[(span, reader)].kind] + EDGE_ALPHA)
-
-    if unjoined:
-        unjoined = list(dict.fromkeys(unjoined))
-        warnings.warn(f"grouped K/V inputs ({', '.join(unjoined[:3])}{' ...' if len(unjoined) > 3 else ''}) are "
-                      "drawn without their heads: the group size is unknown (pass heads_per_group, or "
-                      "--heads-per-group to edgeprune draw)", stacklevel=3)
-    dot.node("legend", _legend_label(spans=True), shape="plaintext", style="", fontsize="9")
+                _edge(dot, _span_node_id(span, name), _span_node_id(target, head), **style)
+    return unjoined
 
 
 def _edge(dot: graphviz.Digraph, tail: str, head: str, **attrs: str) -> None:
