@@ -91,6 +91,18 @@ def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
         spans = getattr(edges, "spans", None)
     edges = list(dict.fromkeys(tuple(e) for e in edges))  # drop repeats, keep the file's order
     positional = _check_shapes(edges)
+    dot = _digraph(title)
+    if not edges:
+        dot.node("empty", "empty circuit", shape="plaintext", style="", fontcolor="#666666")
+    elif positional:
+        _span_layout(dot, edges, _columns(edges, spans), heads_per_group)
+    else:
+        _plain_layout(dot, edges, heads_per_group)
+    return dot
+
+
+def _digraph(title: str | None) -> graphviz.Digraph:
+    """An empty top-to-bottom graph with our defaults (and the title above it)."""
     dot = graphviz.Digraph(
         "circuit",
         graph_attr=dict(rankdir="TB", newrank="true", splines="spline", nodesep="0.15",
@@ -101,13 +113,11 @@ def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
     # `concentrate` stays off: it merges edges whatever their colour, losing the reader kind.
     if title:
         dot.attr(label=graphviz.nohtml(title), labelloc="t", fontsize="16")
-    if not edges:
-        dot.node("empty", "empty circuit", shape="plaintext", style="", fontcolor="#666666")
-        return dot
-    if positional:
-        _span_layout(dot, edges, _columns(edges, spans), heads_per_group)
-        return dot
+    return dot
 
+
+def _plain_layout(dot: graphviz.Digraph, edges: list[tuple[str, str]], heads_per_group: int | None) -> None:
+    """A circuit with shared masks: one node per name, a rank per layer part, Q/K/V inputs joined to their heads."""
     nodes: dict[str, NodeName] = {}
     for writer, reader in edges:
         for node in parse_edge(writer, reader):
@@ -122,21 +132,7 @@ def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
         ranks[_rank(node)].append(node)
         if node.kind == "head":
             heads_by_layer[node.layer].append(node.name)
-    anchors = []
-    for i, rank in enumerate(sorted(ranks)):
-        # one labelled anchor per rank, chained below, so ranks keep forward order even where no
-        # circuit edge links them
-        anchor = f"_rank{i}"
-        anchors.append(anchor)
-        with dot.subgraph() as same:
-            same.attr(rank="same")
-            same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
-                      fontcolor="#888888")
-            for node in ranks[rank]:
-                same.node(node.name, **_node_style(node))
-    for upper, lower in zip(anchors, anchors[1:]):
-        dot.edge(upper, lower, style="invis", weight="100")
-
+    _plain_ranks(dot, ranks)
     unjoined = []
     for node in ordered:
         if node.kind not in ("q", "k", "v"):
@@ -149,13 +145,28 @@ def circuit_to_dot(edges: Iterable[tuple[str, ...]], title: str | None = None,
             dot.edge(node.name, head, style="dashed", color=COLOURS[node.kind], arrowsize="0.4")
     for writer, reader in edges:
         dot.edge(writer, reader, color=COLOURS[nodes[reader].kind] + EDGE_ALPHA)
-
     if unjoined:
         warnings.warn(f"grouped K/V inputs ({', '.join(unjoined[:3])}{' ...' if len(unjoined) > 3 else ''}) are "
                       "drawn without their heads: the group size is unknown (pass heads_per_group, or "
-                      "--heads-per-group to edgeprune draw)", stacklevel=2)
+                      "--heads-per-group to edgeprune draw)", stacklevel=3)
     dot.node("legend", _legend_label(), shape="plaintext", style="", fontsize="9")
-    return dot
+
+
+def _plain_ranks(dot: graphviz.Digraph, ranks: dict[tuple[float, int], list[NodeName]]) -> None:
+    """The nodes of each rank side by side, with one labelled anchor per rank chained below, so ranks
+    keep forward order even where no circuit edge links them."""
+    anchors = []
+    for i, rank in enumerate(sorted(ranks)):
+        anchor = f"_rank{i}"
+        anchors.append(anchor)
+        with dot.subgraph() as same:
+            same.attr(rank="same")
+            same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
+                      fontcolor="#888888")
+            for node in ranks[rank]:
+                same.node(node.name, **_node_style(node))
+    for upper, lower in zip(anchors, anchors[1:]):
+        dot.edge(upper, lower, style="invis", weight="100")
 
 
 def draw_circuit(edges: Iterable[tuple[str, ...]], out_path: str | Path,
