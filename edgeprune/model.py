@@ -250,15 +250,21 @@ class EdgeModel(nn.Module):
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
                      select: torch.Tensor | None = None, states_rows: slice | None = None,
-                     past_key_values=None) -> EdgeOutput:
+                     past_key_values=None, embeds: torch.Tensor | None = None, taps=None) -> EdgeOutput:
         """The unmasked model (every edge kept), optionally returning its writer states.
 
         ``select`` as in ``forward``; ``states_rows`` keeps the states of these batch rows only
         (the reference pass runs clean and corrupted inputs as one batch and keeps the corrupted half).
+        ``embeds`` ((E, B, T, D), the embedding writers' states) replaces the embedding of input_ids
+        (EAP-IG's inputs variant runs on interpolated embeddings); ``taps`` (``taps.ReaderTaps``) records
+        the gradient at every reader's own input in the backward (``baselines/ig_inputs.py``).
         """
         position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values, None)
+        if embeds is not None and tuple(embeds.shape[1:3]) != tuple(input_ids.shape):
+            raise ValueError(f"embeds must have shape (embedding writers, batch, seq, d_model) with (batch, seq) = "
+                             f"{tuple(input_ids.shape)}, got {tuple(embeds.shape)}")
         return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows,
-                         past=past_key_values)
+                         past=past_key_values, embeds=embeds, taps=taps)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Continue (B, T) prompts with the current circuit (deterministic masks): see ``edgeprune.generate``."""
@@ -354,22 +360,22 @@ class EdgeModel(nn.Module):
                                      return_states=True).states
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
-             states_rows=None, past=None, span_ids=None) -> EdgeOutput:
+             states_rows=None, past=None, span_ids=None, embeds=None, taps=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
         z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``. Each decoder layer
         runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows, past, span_ids)
+                                select, states_rows, past, span_ids, embeds, taps)
 
     def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
-              past=None, span_ids=None):
+              past=None, span_ids=None, embeds=None, taps=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         if past is not None:  # incremental decoding: the families' attention extends the cache
             past.begin(ctx)
-        emb = fam.embed(input_ids, ctx)  # (E, B, T, D) model dtype
+        emb = fam.embed(input_ids, ctx) if embeds is None else embeds  # (E, B, T, D) model dtype
         if z is None:  # the plain residual stream, in fp32; writer states only if asked for
             keep = slice(None) if states_rows is None else states_rows
             store = None
@@ -378,7 +384,9 @@ class EdgeModel(nn.Module):
                 store.write(emb[:, keep], 0)
             resid = emb.float().sum(0)  # (B, T, D)
             for layer in range(graph.spec.n_layers):
-                resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep)
+                resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep, taps)
+            if taps is not None:  # resid_post, the last reader
+                resid = taps.tap(resid, self.graph.reader_blocks[-1].slice)[0]
             logits = self._readout(resid, select, ctx)
             return EdgeOutput(logits=logits, states=None if store is None else store.states(None, emb.dtype))
 
@@ -416,11 +424,15 @@ class EdgeModel(nn.Module):
             return self.family.readout(final, ctx)  # (B, T, V)
         return self.family.readout(final[select], ctx)  # (N, V): the read-out is per position
 
-    def _full_layer(self, layer, ctx, resid, store, keep):
+    def _full_layer(self, layer, ctx, resid, store, keep, taps=None):
         """One layer of the unmasked model on the fp32 residual stream (B, T, D); the states of batch
-        rows ``keep`` go to ``store`` (if any)."""
-        fam, starts = self.family, self._writer_starts[layer]
-        heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
+        rows ``keep`` go to ``store`` (if any). With ``taps`` every reader gets its own (stride-0) view of
+        its input, so the backward gives each its own gradient (``edgeprune.taps``)."""
+        fam, starts, blocks = self.family, self._writer_starts[layer], self._layer_readers[layer]
+        if taps is None:
+            heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
+        else:  # the Q, K and V readers of the layer, in graph order
+            heads = fam.attention(layer, taps.tap(resid, slice(blocks[0].start, blocks[2].stop)), ctx)
         if store is not None:
             store.write(heads[:, keep], starts[0])
         layer_in = resid  # what a parallel-residual MLP reads: the stream before this layer's attention
@@ -429,7 +441,10 @@ class EdgeModel(nn.Module):
         if const is not None:
             resid = resid + const.float()
         if self.graph.spec.mlp:
-            out = fam.mlp(layer, layer_in if self.graph.spec.parallel_residual else resid, ctx)  # (B, T, D)
+            mlp_in = layer_in if self.graph.spec.parallel_residual else resid
+            if taps is not None:
+                mlp_in = taps.tap(mlp_in, blocks[3].slice)[0]
+            out = fam.mlp(layer, mlp_in, ctx)  # (B, T, D)
             if store is not None:
                 store.write(out[None, keep], starts[1])
             resid = resid + out.float()

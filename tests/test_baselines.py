@@ -58,8 +58,9 @@ def _hf_writer_states(hf, ids):
     return states, logits
 
 
-def _hf_reader_grad(hf, batch, reader, alt):
-    """d(mean logit difference)/d(reader input) (B, T, D) on the HF model, from hooks.
+def _hf_reader_grad(hf, batch, reader, alt, inputs_embeds=None):
+    """d(mean logit difference)/d(reader input) (B, T, D) on the HF model, from hooks (on the token
+    embeddings ``inputs_embeds`` (B, T, D) instead of batch.input_ids, if given).
 
     resid_post: the input of ln_f; m{l}: the input of ln_2 (the residual branch around the MLP
     keeps the original tensor, so only the MLP path sees the copy). A Q/K/V reader shares ln_1's input
@@ -93,7 +94,7 @@ def _hf_reader_grad(hf, batch, reader, alt):
             out[..., start:start + dh] = m.forward(blk.ln_1.forward(own))[..., start:start + dh]
             return out
         handles.append(blk.attn.c_attn.register_forward_hook(split_port))
-    logits = hf(batch.input_ids).logits
+    logits = (hf(batch.input_ids) if inputs_embeds is None else hf(inputs_embeds=inputs_embeds)).logits
     sel = batch.loss_mask
     cur, tgt = logits[sel], batch.target_ids[sel]
     metric = (cur.gather(1, tgt[:, None]) - cur.gather(1, alt[:, None])).mean()
@@ -135,7 +136,7 @@ def _hf_logit_diff(hf, ids, batch, alt):
     return float((cur.gather(1, tgt[:, None]) - cur.gather(1, alt[:, None])).mean())
 
 
-def test_eap_ig_scores_sum_to_full_minus_ablated_metric():
+def test_eap_ig_masks_variant_scores_sum_to_full_minus_ablated_metric():
     hf = build("gpt2", seed=3)
     batches = [random_batch(seed=5), random_batch(batch=2, seq=8, span=2, seed=6)]
     model = EdgeModel.from_hf(hf)
@@ -149,8 +150,8 @@ def test_eap_ig_scores_sum_to_full_minus_ablated_metric():
         n += k
     change = ablated_sum / n - full_sum / n
     assert abs(change) > 0.1
-    many = float(eap_ig_scores(model, batches, steps=64).sum())
-    few = float(eap_ig_scores(model, batches, steps=2).sum())
+    many = float(eap_ig_scores(model, batches, steps=64, variant="masks").sum())
+    few = float(eap_ig_scores(model, batches, steps=2, variant="masks").sum())
     eap = float(eap_scores(model, batches).sum())
     assert abs(many - change) <= 2e-3 * abs(change), (many, change)
     assert abs(many - change) < abs(few - change) < abs(eap - change)  # converges from the EAP end

@@ -9,13 +9,23 @@ writer's clean-minus-ablated contribution with the metric's gradient at the read
 
 Sign convention (both methods): ``score_e`` estimates the change of the metric when edge e alone is
 ablated, ``m(z_e = 0) - m(z = 1)``:
-- EAP (Syed et al. 2023): first order at the full model, ``score_e = -dm/dz_e (z = 1)``: one
-  forward and one backward per batch.
-- EAP-IG on the masks ("activations" variant): the same gradient averaged along the straight path
-  z = alpha * 1 for alpha from 0 to 1 (every edge moves together), ``score_e = -mean_k dm/dz_e
-  (alpha_k)`` with a Riemann sum of ``steps`` points (``midpoint``: alpha_k = (k + 1/2) / steps,
-  default; ``right``: alpha_k = (k + 1) / steps, the last point is EAP). Completeness: the scores
-  sum to ~ m(every edge ablated) - m(full), exactly in the limit of many steps.
+- EAP (Syed et al. 2023): first order at the full model, ``score_e = -dm/dz_e (z = 1)``. It runs as
+  one plain forward and backward with the gradient taken at every reader's input
+  (``ig_inputs``, the default); ``variant="masks"`` takes dm/dz through the edge-masked forward
+  instead (the same quantity, at several times the cost: the reference for the fast path).
+- EAP-IG, two variants (``VARIANTS``), each a Riemann sum of ``steps`` points (``midpoint``:
+  alpha_k = (k + 1/2) / steps, default; ``right``: alpha_k = (k + 1) / steps, the last point is
+  EAP):
+  - ``inputs`` (Hanna et al. 2024; ``ig_inputs``): the plain model runs on inputs interpolated at the
+    embeddings, alpha * clean + (1 - alpha) * corrupted, and ``score_e = -<s_w - s~_w, mean_k
+    dm/dx_r (alpha_k)>``. One plain forward and backward per step; interchange ablation only.
+    Completeness holds for the cut at the input: the scores of the edges out of the embeddings sum
+    to ~ m(corrupted input) - m(clean input) (the other edges' scores do not add up to anything).
+  - ``masks`` ("activations"): dm/dz averaged along the straight path z = alpha * 1 (every edge mask
+    moves together, so each reader sees a mixture of clean and ablated writer states), ``score_e =
+    -mean_k dm/dz_e (alpha_k)``. One edge-masked forward and backward per step (~10x the plain
+    model's on deep models); any ablation. Completeness: the scores sum to ~ m(every edge ablated) -
+    m(full), exactly in the limit of many steps.
 
 Metrics (per loss position, averaged over every loss position of the data):
 - ``logit_diff``: target logit minus the logit of the full model's top alternative (the argmax of
@@ -34,11 +44,14 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..eval import kl_divergence, reference_and_corrupted
+from ..eval import reference_and_corrupted
 from ..model import EdgeModel
+from .ig_inputs import METRICS, check_metric, input_gradient_scores, metric_at_positions
 
-METRICS = ("logit_diff", "kl", "mse")
 IG_RULES = ("midpoint", "right")
+VARIANTS = ("inputs", "masks")  # EAP-IG's path: interpolated inputs (default) or edge masks
+__all__ = ["IG_RULES", "METRICS", "VARIANTS", "Prepared", "check_metric", "eap_ig_scores", "eap_scores",
+           "ig_alphas", "masked_logits", "metric_sum", "metric_value", "path_gradient_scores", "prepare"]
 
 
 @dataclass
@@ -72,22 +85,9 @@ def prepare(model: EdgeModel, batch) -> Prepared:
     return Prepared(batch, corrupted, ref, targets, others.argmax(-1))
 
 
-def check_metric(metric: str) -> str:
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    return metric
-
-
 def metric_sum(logits: torch.Tensor, p: Prepared, metric: str) -> torch.Tensor:
     """Scalar: the metric summed over the loss positions of ``p``. logits (B, T, V) of the circuit."""
-    cur = logits[p.batch.loss_mask].float()  # (N, V)
-    if metric == "logit_diff":
-        return (cur.gather(1, p.targets[:, None]) - cur.gather(1, p.alt[:, None])).sum()
-    if metric == "kl":
-        return kl_divergence(p.ref, cur).sum()
-    if metric == "mse":
-        return ((cur - p.ref) ** 2).mean(-1).sum()
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return metric_at_positions(logits[p.batch.loss_mask], p.ref, p.targets, p.alt, metric)
 
 
 def masked_logits(model: EdgeModel, p: Prepared, z: torch.Tensor) -> torch.Tensor:
@@ -146,15 +146,36 @@ def path_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric:
     return (-grad / len(alphas)).cpu()
 
 
-def eap_scores(model: EdgeModel, batches, metric: str = "logit_diff", progress: bool = False) -> torch.Tensor:
-    """EAP: (E,) first-order estimates of m(edge ablated) - m(full); see the module docstring."""
+def check_variant(variant: str) -> str:
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EAP-IG variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    return variant
+
+
+def default_variant(model: EdgeModel, variant: str | None = None) -> str:
+    """``variant``, checked; None: ``inputs`` under interchange ablation (one plain forward and backward per
+    step), else ``masks`` (zero and mean ablation give the inputs variant no input to start from)."""
+    if variant is None:
+        return "inputs" if model.ablation == "interchange" else "masks"
+    return check_variant(variant)
+
+
+def eap_scores(model: EdgeModel, batches, metric: str = "logit_diff", progress: bool = False,
+               variant: str = "inputs") -> torch.Tensor:
+    """EAP: (E,) first-order estimates of m(edge ablated) - m(full); see the module docstring. Both
+    variants compute the same scores; ``inputs`` (one plain forward and backward) is the fast one."""
     if metric == "kl" or metric == "mse":
         warnings.warn(f"EAP with metric {metric!r}: the metric is minimal at the full model, so its gradient "
                       "there (and every EAP score) is ~0; use --metric logit_diff or eap-ig", stacklevel=2)
+    if check_variant(variant) == "inputs":
+        return input_gradient_scores(model, batches, [1.0], metric, progress, desc="eap")
     return path_gradient_scores(model, batches, [1.0], metric, progress, desc="eap")
 
 
 def eap_ig_scores(model: EdgeModel, batches, steps: int = 5, rule: str = "midpoint", metric: str = "logit_diff",
-                  progress: bool = False) -> torch.Tensor:
-    """EAP-IG on the masks: (E,) path-integrated estimates; they sum to ~ m(all ablated) - m(full)."""
+                  progress: bool = False, variant: str | None = None) -> torch.Tensor:
+    """EAP-IG: (E,) path-integrated estimates along interpolated inputs (``inputs``) or edge masks
+    (``masks``); see the module docstring for what each sums to. None: ``default_variant``."""
+    if default_variant(model, variant) == "inputs":
+        return input_gradient_scores(model, batches, ig_alphas(steps, rule), metric, progress, desc="eap-ig")
     return path_gradient_scores(model, batches, ig_alphas(steps, rule), metric, progress, desc="eap-ig")

@@ -6,7 +6,7 @@ import time
 
 from ..model import EdgeModel
 from .acdc import DEFAULT_TAU, acdc
-from .attribution import check_metric, eap_ig_scores, eap_scores
+from .attribution import check_metric, default_variant, eap_ig_scores, eap_scores
 from .scores import METHODS, Scores
 
 # EAP's gradient of KL at the full model is zero, so attribution uses the logit difference; ACDC
@@ -21,9 +21,16 @@ def check_method(method: str) -> str:
 
 
 def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = None, ig_steps: int = 5,
-              ig_rule: str = "midpoint", tau: float = DEFAULT_TAU, progress: bool = False,
-              settings: dict | None = None, config: dict | None = None) -> Scores:
+              ig_rule: str = "midpoint", ig_variant: str | None = None, tau: float = DEFAULT_TAU,
+              progress: bool = False, settings: dict | None = None, config: dict | None = None) -> Scores:
     """Per-edge scores of ``method`` on ``batches`` (Batch objects), with its settings and wall time.
+
+    ``ig_variant``: EAP-IG's path, ``inputs`` (interpolated inputs, one plain forward and backward per
+    step) or ``masks`` (every edge mask together, one edge-masked forward and backward per step);
+    ``attribution``'s docstring has the difference. None: ``inputs`` under interchange ablation (~1.5x
+    a plain forward+backward per step, against ~10x for the masks on a 30-layer model:
+    bench/attribution.py, docs/scale.md), ``masks`` under zero or mean ablation. EAP always runs the
+    plain forward and backward (both variants compute the same EAP scores).
 
     ``settings`` (e.g. split, batch size) and ``config`` (the resolved experiment config) are
     stored with the scores.
@@ -40,8 +47,10 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     if method == "eap":
         values = eap_scores(model, batches, metric=metric, progress=progress)
     elif method == "eap-ig":
-        values = eap_ig_scores(model, batches, steps=ig_steps, rule=ig_rule, metric=metric, progress=progress)
-        info.update(ig_steps=ig_steps, ig_rule=ig_rule)
+        ig_variant = default_variant(model, ig_variant)
+        values = eap_ig_scores(model, batches, steps=ig_steps, rule=ig_rule, metric=metric, progress=progress,
+                               variant=ig_variant)
+        info.update(ig_steps=ig_steps, ig_rule=ig_rule, ig_variant=ig_variant)
     else:
         result = acdc(model, batches, tau=tau, metric=metric, progress=progress)
         values, kept = result.effects, result.kept

@@ -1,6 +1,6 @@
 """Sub-commands ``attribute``, ``curve`` and ``compare`` (registered by ``edgeprune.cli``).
 
-    edgeprune attribute CONFIG --method {eap,eap-ig,acdc} [--metric M] [--ig-steps 5] [--tau 0.01]
+    edgeprune attribute CONFIG --method {eap,eap-ig,acdc} [--metric M] [--ig-steps 5] [--ig-variant inputs] [--tau 0.01]
                         [--split train] [--batches N] [-o scores.safetensors]
     edgeprune curve RUN_DIR... SCORES... -o OUT_DIR [--budgets 0.1,1,10,100] [--split test]
     edgeprune compare RUN_DIR SCORES... -o OUT_DIR [--edges N] [--split test]
@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..artifacts import expect
 from ..baselines.acdc import DEFAULT_TAU
-from ..baselines.attribution import IG_RULES, METRICS
+from ..baselines.attribution import IG_RULES, METRICS, VARIANTS
 from ..baselines.compare import compare, format_markdown
 from ..baselines.curve import DEFAULT_BUDGETS, faithfulness_curve, parse_budgets, plot_curve
 from ..baselines.methods import attribute
@@ -101,14 +101,15 @@ def _attribute(args) -> int:
     model, batches, source, _ = prepare(cfg, args.split, batch_size=args.batch_size, n_batches=args.batches,
                                        run_dir=Path(cfg.run.output_dir))
     scores = attribute(model, batches, args.method, metric=args.metric, ig_steps=args.ig_steps, ig_rule=args.ig_rule,
-                       tau=args.tau, progress=not args.no_progress,
+                       ig_variant=args.ig_variant, tau=args.tau, progress=not args.no_progress,
                        settings={"split": args.split, "data": source,
                                  "batch_size": args.batch_size or cfg.prune.batch_size},
                        config=cfg.to_dict())
     out = Path(args.output) if args.output else Path(cfg.run.output_dir) / f"scores_{args.method}.safetensors"
     save_scores(scores, out)
     s = scores.settings
-    print(f"{args.method} ({s['metric']}) on {s['n_examples']} examples of {args.split}: "
+    how = f"{s['metric']}, {s['ig_variant']} variant, {s['ig_steps']} steps" if "ig_variant" in s else s["metric"]
+    print(f"{args.method} ({how}) on {s['n_examples']} examples of {args.split}: "
           f"{len(scores.edges)} edges scored in {scores.wall_time_s:.1f} s")
     if scores.kept is not None:
         print(f"ACDC circuit (tau={args.tau}): {s['edges_kept']} edges kept, {s['edges_tested']} tested")
@@ -128,6 +129,11 @@ def add_attribute_parser(sub) -> None:
                    help="metric to attribute: logit_diff (default for eap, eap-ig) or kl (default for acdc)")
     p.add_argument("--ig-steps", type=_positive, default=5, help="EAP-IG integration steps (default 5)")
     p.add_argument("--ig-rule", choices=IG_RULES, default="midpoint", help="EAP-IG Riemann rule (default midpoint)")
+    p.add_argument("--ig-variant", choices=VARIANTS,
+                   help="EAP-IG path: inputs (interpolate clean and corrupted embeddings; one plain forward+backward "
+                        "per step; interchange ablation) or masks (every edge mask together; one edge-masked "
+                        "forward+backward per step; any ablation) (default: inputs under interchange ablation, "
+                        "else masks)")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU,
                    help=f"ACDC: remove an edge if its effect on the metric is below tau (default {DEFAULT_TAU})")
     p.add_argument("-o", "--output", help="scores file (default RUN_OUTPUT_DIR/scores_METHOD.safetensors)")

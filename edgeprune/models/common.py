@@ -56,7 +56,11 @@ def layer_norm(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype) ->
     """
     w = None if norm.weight is None else norm.weight.float()
     b = None if norm.bias is None else norm.bias.float()
-    dense, order = _dense(x.float())
+    x = x.float()
+    if shared_input(x) and dtype == torch.float32 and torch.is_grad_enabled() and x.requires_grad \
+            and w is not None and not norm.weight.requires_grad:
+        return _SharedLayerNorm.apply(x, w, b, norm.eps)
+    dense, order = _dense(x)
     out = F.layer_norm(dense, norm.normalized_shape, w, b, norm.eps).to(dtype)
     return out if order is None else out.permute(*[order.index(i) for i in range(len(order))])
 
@@ -70,6 +74,37 @@ def _dense(x: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
     return (dense, order) if dense.is_contiguous() else (x.contiguous(), None)
 
 
+def shared_input(x: torch.Tensor) -> bool:
+    """Is x (R, B, T, D) one input seen by R readers, a stride-0 reader axis (``edgeprune.taps``)? The
+    norms and projections then run their forward once, as HF does, and only their backward per reader."""
+    return x.dim() == 4 and x.shape[0] > 1 and x.stride(0) == 0
+
+
+class _SharedLayerNorm(torch.autograd.Function):
+    """fp32 LayerNorm of one input x (R, B, T, D) with a stride-0 reader axis, frozen weights: the
+    forward once (F.layer_norm on x[0], HF's op), the backward per reader,
+    dx = r (g - mean(g) - xhat mean(g xhat)), g = dy * w, xhat = (x - mean(x)) r, r = 1/std(x)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        x1 = x[:1]
+        out = F.layer_norm(x1, x.shape[-1:], weight, bias, eps)
+        mu = x1.mean(-1, keepdim=True)
+        rstd = torch.rsqrt((x1 - mu).pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward((x1 - mu) * rstd, rstd, weight)
+        return out.expand_as(x)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        xhat, rstd, weight = ctx.saved_tensors
+        g = dy * weight
+        D = xhat.shape[-1]
+        mean_g = g.sum(-1, keepdim=True) / D
+        mean_gx = torch.linalg.vecdot(g, xhat, dim=-1).unsqueeze(-1) / D
+        return g.sub_(mean_g).sub_(xhat * mean_gx).mul_(rstd), None, None, None
+
+
 class _RMSNorm(torch.autograd.Function):
     """fp32 RMSNorm with frozen weight: HF's forward, op for op, and a backward in four passes over
     x instead of autograd's eight (every Q/K/V reader normalises its own input: 15 norms a layer in
@@ -77,9 +112,12 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        rstd = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
-        ctx.save_for_backward(x, rstd, weight)
-        return weight * (x * rstd)
+        shared = shared_input(x)  # one input, R readers: normalise it once, the backward per reader
+        x1 = x[:1] if shared else x
+        rstd = torch.rsqrt(x1.pow(2).mean(-1, keepdim=True) + eps)  # (..., 1)
+        ctx.save_for_backward(x1, rstd, weight)
+        out = weight * (x1 * rstd)
+        return out.expand_as(x) if shared else out
 
     @staticmethod
     def backward(ctx, dy):
@@ -152,6 +190,11 @@ class _GroupProjection(torch.autograd.Function):
         for n, w_t, b in zip(sizes, weights, weights_and_biases[1::2]):
             d_head = w_t.shape[1] // n
             w = w_t.view(D, n, d_head).transpose(0, 1)
+            if shared_input(x):  # one input for every reader (edgeprune.taps): one GEMM, as HF
+                y = rows[0] @ w_t if b is None else torch.addmm(b, rows[0], w_t)  # (B*T, n * d_head)
+                outs.append(y.view(B, T, n, d_head).transpose(1, 2))
+                start += n
+                continue
             if b is None:
                 y = torch.bmm(rows[start:start + n], w)  # (n, B*T, d_head)
             else:  # bias added before the one rounding to the model dtype, as HF's addmm (not bmm, then +)

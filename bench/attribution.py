@@ -1,0 +1,115 @@
+"""Time of EAP and EAP-IG per IG step against plain HF forward+backward on the same batch.
+
+    python bench/attribution.py                               # smollm2 and gpt2, 8x32, both variants
+    python bench/attribution.py --models smollm2 --layers 6 --variants inputs
+    python bench/attribution.py --models gpt2 --shapes 8x32,32x64 --ig-steps 5 --repeats 5
+
+Models as ``bench/step.py`` builds them (random weights at the real configs: ``smollm2`` is
+SmolLM2-135M's, 30 layers, 9 query / 3 KV heads, d 576; ``gpt2`` GPT-2 small; ``--config DIR`` any HF
+config.json; ``--layers`` shortens them). The batch: random tokens, a random corrupted input, the
+metric (logit difference) at the last position of every example.
+
+Each figure is a median over ``--repeats`` interleaved runs in one process: one attribution of the
+batch (``eap_scores`` / ``eap_ig_scores`` with ``--ig-steps`` steps, as ``edgeprune attribute`` runs
+it, the per-batch passes for the writer states included) and one HF forward+backward of the same
+batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights frozen,
+cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
+its steps; EAP is one step) and its ratio to HF's forward+backward. The masks variant runs the
+edge-masked forward at every step; with 30 layers it takes ~10x HF per step, so give it few
+``--repeats-masks``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from edgeprune import EdgeModel  # noqa: E402
+from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
+from step import DTYPES, Batch, HFStep, build_hf, make_clock, parse_shape  # noqa: E402
+
+
+class AttributionBatch(Batch):
+    """``bench/step.py``'s batch with the targets a metric needs (random tokens) and ``to``."""
+
+    def __init__(self, B: int, T: int, vocab: int, device: torch.device):
+        super().__init__(B, T, vocab, device)
+        gen = torch.Generator().manual_seed(2)
+        self.target_ids = torch.randint(0, vocab, (B, T), generator=gen).to(device)
+
+    def to(self, device):
+        return self
+
+
+def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
+    hf = build_hf(kind, args.layers, DTYPES[args.dtype], device)
+    batch = AttributionBatch(*shape, hf.config.vocab_size, device)
+    model = EdgeModel.from_hf(hf)
+    hf_step = HFStep(hf, batch)
+    clock = make_clock(device)
+    runs = []
+    for variant in args.variants.split(","):
+        runs.append(("eap", variant, 1, lambda v=variant: eap_scores(model, [batch], variant=v)))
+        runs.append(("eap-ig", variant, args.ig_steps,
+                     lambda v=variant: eap_ig_scores(model, [batch], steps=args.ig_steps, variant=v)))
+    out = []
+    for method, variant, steps, fn in runs:
+        repeats = args.repeats_masks if variant == "masks" else args.repeats
+        times, hf_times = [], []
+        fn()  # warm-up
+        for _ in range(repeats):
+            clock()
+            hf_times.append(sum(hf_step(clock).values()))
+            clock()
+            fn()
+            times.append(clock() / steps)
+        per_step, hf_s = statistics.median(times), statistics.median(hf_times)
+        out.append({"model": kind, "shape": f"{shape[0]}x{shape[1]}", "method": method, "variant": variant,
+                    "steps": steps, "per_step_s": per_step, "hf_s": hf_s, "ratio": per_step / hf_s,
+                    "graph": model.graph.describe()})
+        r = out[-1]
+        print(f"  {kind} {r['shape']} {method:<6} {variant:<6} ({steps} step{'s' if steps > 1 else ''}): "
+              f"{per_step:.3f} s/step, HF fwd+bwd {hf_s:.3f} s, ratio {r['ratio']:.2f}x", flush=True)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="smollm2,gpt2", help="comma-separated models of bench/step.py")
+    parser.add_argument("--config", action="append", default=[], metavar="DIR", help="also this HF config (random weights)")
+    parser.add_argument("--shapes", default="8x32", help="comma-separated BxT")
+    parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
+    parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
+    parser.add_argument("--repeats-masks", type=int, default=1, help="timed runs of the masks variant")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {args.device}, {args.dtype}, {torch.get_num_threads()} threads; per IG step "
+          f"vs HF fwd+bwd, medians of {args.repeats} interleaved runs ({args.repeats_masks} for masks)")
+    results = []
+    for kind in [k for k in args.models.split(",") if k] + args.config:
+        for shape in args.shapes.split(","):
+            results += time_model(kind, parse_shape(shape), args, device)
+    print("\n| model | B x T | method | variant | IG steps | s / IG step | HF fwd+bwd (s) | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        print(f"| {r['model']} | {r['shape']} | {r['method']} | {r['variant']} | {r['steps']} | {r['per_step_s']:.3f} "
+              f"| {r['hf_s']:.3f} | {r['ratio']:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
