@@ -110,7 +110,6 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     reuse = baseline is not None and bool(baseline.sums)
     sums: dict[str, float] = {}
     n_pos = n_ex = 0
-    task = getattr(task_metric, "name", "task")
 
     def add(part: dict, prefix: str = "") -> None:
         for k, v in part.items():
@@ -119,38 +118,11 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     try:
         for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, total=total)):
             batch = batch.to(model.device)
-            full, corrupted = reference_and_corrupted(model, batch)
-            circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
-                            span_ids=batch.span_ids).logits
-            outputs = {"full": full, "circuit": circuit}
-            if baseline is not None and not reuse:
-                zeros = torch.zeros(model.edge_masks.n, device=model.device)
-                outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
-                                         edge_values=zeros, span_ids=batch.span_ids).logits
-            if output_scale != 1.0:
-                outputs = {k: v * output_scale for k, v in outputs.items()}
-            full, circuit = outputs["full"], outputs["circuit"]
-            sel = batch.loss_mask
-            empty_part: dict[str, float] = {}
-            if loss == "mse":
-                add(numerical_metrics(full[sel], circuit[sel]))
-            else:
-                add(position_metrics(full[sel], circuit[sel], batch.target_ids[sel]))
-                if "empty" in outputs:
-                    ld = position_metrics(full[sel], outputs["empty"][sel], batch.target_ids[sel])
-                    empty_part["logit_diff_empty"] = float(ld["logit_diff_circuit"])
-            n_pos += int(sel.sum())
+            outputs = _batch_outputs(model, batch, baseline is not None and not reuse, output_scale)
+            part, empty_part = _batch_sums(outputs, batch, loss, task_metric)
+            add(part)
+            n_pos += int(batch.loss_mask.sum())
             n_ex += batch.input_ids.shape[0]
-            if task_metric is not None:
-                rows = torch.arange(batch.input_ids.shape[0], device=full.device)
-                first = batch.first_loss_position
-                for which, logits in outputs.items():
-                    for k, v in task_metric(logits[rows, first].float(), batch.extras).items():
-                        key = f"{task}/{k}_{which}"
-                        if which == "empty":
-                            empty_part[key] = float(v.float().sum())
-                        else:
-                            sums[key] = sums.get(key, 0.0) + float(v.float().sum())
             if baseline is not None:
                 if reuse:
                     if i >= len(baseline.sums):
@@ -161,6 +133,54 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
                 add(empty_part, "empty:")
     finally:
         model.train(was_training)
+    return _metrics(sums, n_pos, n_ex, reduce, loss, task_metric)
+
+
+def _batch_outputs(model: EdgeModel, batch, with_empty: bool, output_scale: float) -> dict[str, torch.Tensor]:
+    """(B, T, V) logits of the full model, the circuit and (``with_empty``) the empty circuit, scaled."""
+    full, corrupted = reference_and_corrupted(model, batch)
+    circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                    span_ids=batch.span_ids).logits
+    outputs = {"full": full, "circuit": circuit}
+    if with_empty:
+        zeros = torch.zeros(model.edge_masks.n, device=model.device)
+        outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+                                 edge_values=zeros, span_ids=batch.span_ids).logits
+    if output_scale != 1.0:
+        outputs = {k: v * output_scale for k, v in outputs.items()}
+    return outputs
+
+
+def _batch_sums(outputs: dict[str, torch.Tensor], batch, loss: str, task_metric) -> tuple[dict, dict]:
+    """One batch's metric sums: (full vs circuit, and the task metric of both; the empty circuit's)."""
+    full, circuit = outputs["full"], outputs["circuit"]
+    sel = batch.loss_mask
+    part: dict[str, float] = {}
+    empty_part: dict[str, float] = {}
+    if loss == "mse":
+        part.update(numerical_metrics(full[sel], circuit[sel]))
+    else:
+        part.update(position_metrics(full[sel], circuit[sel], batch.target_ids[sel]))
+        if "empty" in outputs:
+            ld = position_metrics(full[sel], outputs["empty"][sel], batch.target_ids[sel])
+            empty_part["logit_diff_empty"] = float(ld["logit_diff_circuit"])
+    if task_metric is not None:
+        task = getattr(task_metric, "name", "task")
+        rows = torch.arange(batch.input_ids.shape[0], device=full.device)
+        first = batch.first_loss_position
+        for which, logits in outputs.items():
+            for k, v in task_metric(logits[rows, first].float(), batch.extras).items():
+                key = f"{task}/{k}_{which}"
+                if which == "empty":
+                    empty_part[key] = float(v.float().sum())
+                else:
+                    part[key] = float(v.float().sum())
+    return part, empty_part
+
+
+def _metrics(sums: dict[str, float], n_pos: int, n_ex: int, reduce, loss: str, task_metric) -> dict:
+    """Means of the sums (over positions; task metrics over examples), summed across processes by
+    ``reduce`` first, with the circuit / full ratios and the normalised faithfulness."""
     if reduce is not None:
         totals = reduce({**{f"sum:{k}": v for k, v in sums.items()}, "n_pos": n_pos, "n_ex": n_ex})
         sums = {k[4:]: v for k, v in totals.items() if k.startswith("sum:")}
@@ -174,7 +194,7 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     if loss != "mse":
         _ratios(metrics, "logit_diff")
     if task_metric is not None:
-        _ratios(metrics, f"{task}/{task_metric.main}")
+        _ratios(metrics, f"{getattr(task_metric, 'name', 'task')}/{task_metric.main}")
     return metrics
 
 
