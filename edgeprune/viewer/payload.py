@@ -80,6 +80,49 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
                   initial: list[int | None] | None = None, span_tokens: dict[str, str] | None = None) -> dict:
     """The JSON-able data of the page for one or two sources (two: the comparison view).
     ``span_tokens``: position-aware pages write an example prompt's tokens under each span column."""
+    graph = _common_graph(sources, cap)
+    spans = sources[0].spans
+    columns = [None] if spans is None else list(spans)
+    shipped = [s.edges[:cap] for s in sources]
+    span_of = (lambda e: None) if spans is None else (lambda e: e[2])
+    feeds_of = dict(zip(graph.readers, reader_nodes(graph)))
+    lay = _Layout(_node_keys(graph, shipped, span_of, columns, feeds_of), graph, spans, columns)
+
+    def fed(k, every_span: bool) -> list[int]:
+        """The nodes reader ``k``'s input goes into (K/V at every span when ``every_span``)."""
+        name, span = k
+        if name not in feeds_of:
+            return []
+        targets = columns if every_span and name.endswith((".k", ".v")) else [span]
+        return [lay.index[(graph.writers[w], t)] for t in targets for w in feeds_of[name]
+                if (graph.writers[w], t) in lay.index]
+
+    mask_order = {tuple(e): i for i, e in enumerate(span_edges(graph, spans))}  # the order export writes
+    out = [_source_payload(s, edges, lay.index, span_of, mask_order, cap,
+                           s.default_n if not initial or initial[k] is None else initial[k])
+           for k, (s, edges) in enumerate(zip(sources, shipped))]
+    payload = {
+        "format": FORMAT, "title": title or " vs ".join(s.label for s in sources),
+        "graph": graph.describe(), "total_edges": graph.num_edges * len(columns), "cap": cap,
+        "width": _r(lay.width + (len(columns) - 1) * (lay.col_w + SPAN_GAP)),
+        "height": _r(lay.height + (0 if spans is None else 10)),
+        "rows": lay.rows, "nodes": lay.nodes, "feeds": [fed(k, True) for k in lay.order],
+        "embeds": [lay.index[(e, c)] for c in columns for e in EMBEDDINGS if (e, c) in lay.index],
+        "output": lay.index[("resid_post", columns[0])], "colours": COLOURS, "sources": out,
+    }
+    if spans is not None:
+        payload.update(spans=list(spans), outputs=[lay.index[("resid_post", c)] for c in columns],
+                       guides=[fed(k, False) for k in lay.order],
+                       columns=[{"x": _r(MARGIN_L + lay.shift[c] + lay.col_w / 2), "label": c,
+                                 **({"tokens": span_tokens[c]} if span_tokens and c in span_tokens else {})}
+                                for c in columns])
+        payload["graph"] += f" x {len(spans)} spans"
+    return payload
+
+
+def _common_graph(sources: list[ViewSource], cap: int):
+    """The graph one or two sources share (errors when they cannot be compared); an inferred graph
+    gives way to a known one."""
     if not 1 <= len(sources) <= 2:
         raise ValueError(f"view takes one or two circuits, got {len(sources)}")
     if cap < 1:
@@ -94,69 +137,54 @@ def build_payload(sources: list[ViewSource], cap: int = DEFAULT_CAP, title: str 
             raise ValueError(f"{s.label} and {sources[0].label} have different spans ({_spans(s.spans)} vs "
                              f"{_spans(spans)}): they cannot be compared")
     if not sources[0].graph_known and len(sources) > 1 and sources[1].graph_known:
-        graph = sources[1].graph
-    shipped = [s.edges[:cap] for s in sources]
-    span_of = (lambda e: None) if spans is None else (lambda e: e[2])
-    columns = [None] if spans is None else list(spans)
-    keys = set()  # (node name, span or None)
-    feeds_of = dict(zip(graph.readers, reader_nodes(graph)))
-    for edges in shipped:  # with a head input's head, so it can be drawn and followed
+        return sources[1].graph
+    return graph
+
+
+def _node_keys(graph, shipped: list[list[tuple]], span_of, columns: list, feeds_of: dict) -> set[tuple]:
+    """(node name, span or None) of every node drawn: the ends of every shipped edge, a head input's
+    head (so it can be drawn and followed), the embeddings and the read-out of every column."""
+    keys = set()
+    for edges in shipped:
         for e in edges:
             keys.update(((e[0], span_of(e)), (e[1], span_of(e))))
             keys.update((graph.writers[w], span_of(e)) for w in feeds_of.get(e[1], []))
     keys.update((e, c) for e in EMBEDDINGS if e in graph.writer_index for c in columns)
     keys.update(("resid_post", c) for c in columns)
-    pos, rows, width, height = _place({n for n, _ in keys}, graph)
-    col_w = width - MARGIN_L - MARGIN
-    shift = {c: i * (col_w + SPAN_GAP) for i, c in enumerate(columns)}
-    xy = {k: (pos[k[0]][0] + shift[k[1]], pos[k[0]][1]) for k in keys}
-    shown = (lambda k: k[0]) if spans is None else (lambda k: f"{k[0]}@{k[1]}")
-    order = sorted(keys, key=lambda k: (-xy[k][1], xy[k][0], shown(k)))
-    index = {k: i for i, k in enumerate(order)}
-    nodes = [{"name": shown(k), "kind": parse_node(k[0]).kind, "x": _r(xy[k][0]), "y": _r(xy[k][1]),
-              **({} if spans is None else {"label": k[0]})} for k in order]
+    return keys
 
-    def fed(k, every_span: bool) -> list[int]:
-        """The nodes reader ``k``'s input goes into (K/V at every span when ``every_span``)."""
-        name, span = k
-        if name not in feeds_of:
-            return []
-        targets = columns if every_span and name.endswith((".k", ".v")) else [span]
-        return [index[(graph.writers[w], t)] for t in targets for w in feeds_of[name] if (graph.writers[w], t) in index]
 
-    feeds = [fed(k, True) for k in order]
-    mask_order = {tuple(e): i for i, e in enumerate(span_edges(graph, spans))}  # the order export writes
-    out = []
-    for k, (s, edges) in enumerate(zip(sources, shipped)):
-        n0 = s.default_n if not initial or initial[k] is None else initial[k]
-        out.append({
-            "label": s.label, "kind": s.kind, "rank_by": s.rank_by, "value_name": s.value_name,
-            "signed": s.kind == "scores",  # attribution scores carry a sign (negative: drawn dashed)
-            "candidates": len(s.edges), "shipped": len(edges), "default_n": max(0, min(n0, len(edges))),
-            "w": [index[(e[0], span_of(e))] for e in edges], "r": [index[(e[1], span_of(e))] for e in edges],
-            "gi": [mask_order.get(tuple(e), -1) for e in edges],
-            "values": None if s.values is None else [_r(v) for v in s.values[:cap]],
-            "points": [{k2: (_r(v) if isinstance(v, float) else v) for k2, v in q.items()} for q in s.points],
-            "node_values": None if s.node_values is None else
-            {n: _r(v) for n, v in sorted(s.node_values.items()) if (n, None) in index},
-            "graph_known": s.graph_known,
-        })
-    payload = {
-        "format": FORMAT, "title": title or " vs ".join(s.label for s in sources),
-        "graph": graph.describe(), "total_edges": graph.num_edges * len(columns), "cap": cap,
-        "width": _r(width + (len(columns) - 1) * (col_w + SPAN_GAP)), "height": _r(height + (0 if spans is None else 10)),
-        "rows": rows, "nodes": nodes, "feeds": feeds,
-        "embeds": [index[(e, c)] for c in columns for e in EMBEDDINGS if (e, c) in index],
-        "output": index[("resid_post", columns[0])], "colours": COLOURS, "sources": out,
+class _Layout:
+    """Coordinates of the drawn nodes, one copy of the layer layout per span column; ``order`` (top
+    to bottom, left to right) gives each node its index on the page."""
+
+    def __init__(self, keys: set[tuple], graph, spans, columns: list):
+        pos, self.rows, self.width, self.height = _place({n for n, _ in keys}, graph)
+        self.col_w = self.width - MARGIN_L - MARGIN
+        self.shift = {c: i * (self.col_w + SPAN_GAP) for i, c in enumerate(columns)}
+        xy = {k: (pos[k[0]][0] + self.shift[k[1]], pos[k[0]][1]) for k in keys}
+        shown = (lambda k: k[0]) if spans is None else (lambda k: f"{k[0]}@{k[1]}")
+        self.order = sorted(keys, key=lambda k: (-xy[k][1], xy[k][0], shown(k)))
+        self.index = {k: i for i, k in enumerate(self.order)}
+        self.nodes = [{"name": shown(k), "kind": parse_node(k[0]).kind, "x": _r(xy[k][0]), "y": _r(xy[k][1]),
+                       **({} if spans is None else {"label": k[0]})} for k in self.order]
+
+
+def _source_payload(s: ViewSource, edges: list[tuple], index: dict, span_of, mask_order: dict, cap: int,
+                    n0: int) -> dict:
+    """One source's ranked edges (as node indices), values, measured points and defaults."""
+    return {
+        "label": s.label, "kind": s.kind, "rank_by": s.rank_by, "value_name": s.value_name,
+        "signed": s.kind == "scores",  # attribution scores carry a sign (negative: drawn dashed)
+        "candidates": len(s.edges), "shipped": len(edges), "default_n": max(0, min(n0, len(edges))),
+        "w": [index[(e[0], span_of(e))] for e in edges], "r": [index[(e[1], span_of(e))] for e in edges],
+        "gi": [mask_order.get(tuple(e), -1) for e in edges],
+        "values": None if s.values is None else [_r(v) for v in s.values[:cap]],
+        "points": [{k2: (_r(v) if isinstance(v, float) else v) for k2, v in q.items()} for q in s.points],
+        "node_values": None if s.node_values is None else
+        {n: _r(v) for n, v in sorted(s.node_values.items()) if (n, None) in index},
+        "graph_known": s.graph_known,
     }
-    if spans is not None:
-        payload.update(spans=list(spans), outputs=[index[("resid_post", c)] for c in columns],
-                       guides=[fed(k, False) for k in order],
-                       columns=[{"x": _r(MARGIN_L + shift[c] + col_w / 2), "label": c,
-                                 **({"tokens": span_tokens[c]} if span_tokens and c in span_tokens else {})}
-                                for c in columns])
-        payload["graph"] += f" x {len(spans)} spans"
-    return payload
 
 
 def _spans(spans) -> str:
