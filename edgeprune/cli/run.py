@@ -193,6 +193,15 @@ def _estimate(args) -> int:
 
 def add_parsers(sub) -> None:
     """prune, eval, export, draw, demo, estimate."""
+    _add_prune_parser(sub)
+    _add_eval_parser(sub)
+    _add_export_parser(sub)
+    _add_draw_parser(sub)
+    _add_demo_parser(sub)
+    _add_estimate_parser(sub)
+
+
+def _add_prune_parser(sub) -> None:
     p = sub.add_parser("prune", help="learn edge masks for a config")
     p.add_argument("config", help="YAML experiment config (see configs/)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. prune.steps=100")
@@ -214,6 +223,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_prune)
 
+
+def _add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="faithfulness of a run's circuit vs the full model")
     p.add_argument("run_dir")
     p.add_argument("--split", default="test")
@@ -233,11 +244,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_eval)
 
+
+def _add_export_parser(sub) -> None:
     p = sub.add_parser("export", help="write the circuit as edges.json + circuit.json")
     p.add_argument("run_dir")
     p.add_argument("-o", "--output", required=True, help="edges file, e.g. RUN_DIR/edges.json")
     p.set_defaults(func=_export)
 
+
+def _add_draw_parser(sub) -> None:
     p = sub.add_parser("draw", help="draw an edges.json with graphviz (.pdf/.png/.svg/.dot)")
     p.add_argument("edges")
     p.add_argument("-o", "--output", required=True)
@@ -246,6 +261,8 @@ def add_parsers(sub) -> None:
                    "default: from the circuit.json beside the edges file")
     p.set_defaults(func=_draw)
 
+
+def _add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="offline demo: prune a compiled Tracr model and draw its circuit")
     p.add_argument("--output-dir", default="runs/demo")
     p.add_argument("--program", default="reverse",
@@ -256,6 +273,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_demo)
 
+
+def _add_estimate_parser(sub) -> None:
     p = sub.add_parser("estimate", help="memory per GPU of a pruning run, from its config (no weights loaded)")
     p.add_argument("config", help="YAML experiment config")
     p.add_argument("--gpus", default="1,2,4,8", help="comma-separated numbers of GPUs (processes) (default 1,2,4,8)")
