@@ -317,16 +317,11 @@ def _train_examples(cfg: ExperimentConfig) -> int | None:
     return sum(1 for line in lines if json.loads(line).get("split", DEFAULT_SPLIT) == split)
 
 
-def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int | None = None,
-             examples: int | None = None, arch: Architecture | None = None, progress: bool = False) -> Report:
-    """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``.
-
-    The batch shape: ``seq_len`` (default ``data.max_length``) tokens with ``loss_positions``
-    (default 1) loss positions per example; for a Tracr task (``data.path: tracr``) both default to
-    the task's own (every input has the same length, the loss is on every output position).
-    """
-    arch = arch or load_architecture(cfg)
-    tokens = None  # a real example's tokens where the model checks its input (Tracr: BOS first)
+def _batch_shape(cfg: ExperimentConfig, arch: Architecture, seq_len: int | None, loss_positions: int | None,
+                 examples: int | None) -> tuple[int, int, int | None, list | None, str | None]:
+    """(tokens per example, loss positions, training examples, a real example's tokens where the model
+    checks its input (Tracr: BOS first), where the length came from): given, or the Tracr task's own."""
+    tokens = None
     seq_source = "--seq-len" if seq_len else None
     if cfg.data.path == "tracr":
         task = tracr_examples(arch.model.hf)
@@ -338,7 +333,26 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
     T = seq_len or cfg.data.max_length
     if not T:
         raise ValueError("data.max_length is not set: give the sequence length with --seq-len")
-    loss_positions = loss_positions or 1
+    return T, loss_positions or 1, examples, tokens, seq_source
+
+
+def _weight_bytes(arch: Architecture, n: int, nbytes: int) -> int:
+    """Weights per GPU: all of them on one; on n, a 1/n shard plus the root and two gathered layers."""
+    if n == 1:
+        return arch.params * nbytes
+    return math.ceil(arch.params / n) * nbytes + (arch.root_params + 2 * arch.layer_params) * nbytes
+
+
+def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = None, loss_positions: int | None = None,
+             examples: int | None = None, arch: Architecture | None = None, progress: bool = False) -> Report:
+    """Per-GPU memory of ``edgeprune prune`` with ``cfg`` on each number of GPUs in ``gpus``.
+
+    The batch shape: ``seq_len`` (default ``data.max_length``) tokens with ``loss_positions``
+    (default 1) loss positions per example; for a Tracr task (``data.path: tracr``) both default to
+    the task's own (every input has the same length, the loss is on every output position).
+    """
+    arch = arch or load_architecture(cfg)
+    T, loss_positions, examples, tokens, seq_source = _batch_shape(cfg, arch, seq_len, loss_positions, examples)
     if any(n < 1 for n in gpus):
         raise ValueError(f"GPU counts must be >= 1, got {gpus}")
     model = arch.model
@@ -366,15 +380,12 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
         if b not in traced:
             traced[b] = trace_step(model, b, T, loss_positions=loss_positions, loss=cfg.data.loss, tokens=tokens)
             bar.update(1)
-        weights = arch.params * nbytes
-        if n > 1:
-            weights = math.ceil(arch.params / n) * nbytes + (arch.root_params + 2 * arch.layer_params) * nbytes
         cache = None
         if cache_examples is not None:  # per example: its corrupted states (interchange) and reference logits
             states = g.num_writers * T * D if model.ablation == "interchange" else 0
             cache = cache_examples * (states + loss_positions * vocab) * nbytes
-        report.rows.append(Row(gpus=n, batch=b, weights=weights, masks=n_masks * 4 * 3, step=traced[b],
-                               cache=cache, writer_states=g.num_writers * b * T * D * 4))
+        report.rows.append(Row(gpus=n, batch=b, weights=_weight_bytes(arch, n, nbytes), masks=n_masks * 4 * 3,
+                               step=traced[b], cache=cache, writer_states=g.num_writers * b * T * D * 4))
     bar.close()
     if cfg.prune.cache_corrupted and cache_examples is None:
         report.notes.append(f"prune.cache_corrupted: the cache needs the number of training examples "
