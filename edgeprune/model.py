@@ -378,6 +378,8 @@ class EdgeModel(nn.Module):
         emb = fam.embed(input_ids, ctx) if embeds is None else embeds  # (E, B, T, D) model dtype
         if z is None:  # the plain residual stream, in fp32; writer states only if asked for
             keep = slice(None) if states_rows is None else states_rows
+            # reader taps without states: only the sum of a layer's heads is needed (one GEMM, as HF)
+            ctx.extra["heads_summed"] = taps is not None and not return_states
             store = None
             if return_states:
                 store = WriterStates(graph.num_writers, emb[:, keep].shape[1:], emb.dtype, emb.device)

@@ -27,7 +27,23 @@ class ReaderTaps:
     """
 
     def __init__(self, n_readers: int, shape: tuple[int, int, int], device: torch.device):
-        self.grad = torch.zeros((n_readers, *shape), dtype=torch.float32, device=device)
+        self.grad = torch.empty((n_readers, *shape), dtype=torch.float32, device=device)
+        self._written = torch.zeros(n_readers, dtype=torch.bool)  # rows holding a gradient (else garbage)
+
+    def add(self, rows: slice, grad: torch.Tensor) -> None:
+        """grad[rows] += grad (R, B, T, D); the first gradient of a row is copied (no zero-filled buffer)."""
+        if self._written[rows].all():
+            self.grad[rows].add_(grad)
+        else:
+            self.grad[rows].copy_(grad)
+            self._written[rows] = True
+
+    def finish(self) -> torch.Tensor:
+        """The buffer, rows that no gradient reached set to zero."""
+        if not self._written.all():
+            self.grad[~self._written] = 0.0
+            self._written[:] = True
+        return self.grad
 
     def tap(self, x: torch.Tensor, rows: slice) -> torch.Tensor:
         if tuple(x.shape) != tuple(self.grad.shape[1:]):
@@ -44,5 +60,5 @@ class _Tap(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        ctx.taps.grad[ctx.rows].add_(grad)
+        ctx.taps.add(ctx.rows, grad)
         return grad.sum(0) if grad.shape[0] > 1 else grad[0], None, None

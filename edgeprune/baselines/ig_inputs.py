@@ -181,8 +181,12 @@ def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric:
             if model.ablation == "mean" and corrupted is None:
                 raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
                                  "model.compute_mean_states(batches)) first")
-        diffs = clean.float() if corrupted is None else clean.float() - corrupted.float()
-    return taps.grad, diffs.contiguous()
+        diffs = torch.empty(clean.shape, dtype=torch.float32, device=clean.device)  # (W, B, T, D), writer-major
+        if corrupted is None:
+            diffs.copy_(clean)
+        else:
+            torch.sub(clean.float(), corrupted.float(), out=diffs)
+    return taps.finish(), diffs
 
 
 CONTRACT_CHUNKS = 4  # reader chunks of the contraction: ~(1 + 1/k)/2 of the full (R x W) product's FLOPs

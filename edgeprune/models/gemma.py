@@ -86,7 +86,7 @@ class GemmaFamily(LlamaFamily):
             out = softcap_attention(q, k, v, ctx, attn.scaling, self.attn_softcap, window)
         else:
             out = attention(q, k, v, ctx, attn.scaling, sliding_window=window)  # (B, H, T, dh)
-        heads = head_outputs(out, attn.o_proj.weight.t())  # (H, B, T, D)
+        heads = head_outputs(out, attn.o_proj.weight.t(), ctx)  # (H, B, T, D)
         if not self.post_norms:
             return heads
         norm = block.post_attention_layernorm

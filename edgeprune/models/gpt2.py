@@ -47,7 +47,7 @@ class GPT2Family(Family):
         q, k, v = project_group(normed, [(w[:, :D], b[:D], H), (w[:, D:2 * D], b[D:2 * D], H),
                                          (w[:, 2 * D:], b[2 * D:], H)])
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
-        return head_outputs(out, attn.c_proj.weight)  # (H, B, T, D)
+        return head_outputs(out, attn.c_proj.weight, ctx)  # (H, B, T, D)
 
     def attn_constant(self, layer):
         return self.body.h[layer].attn.c_proj.bias

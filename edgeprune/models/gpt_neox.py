@@ -74,7 +74,7 @@ class GPTNeoXFamily(Family):
         cos, sin = ctx.extra["rotary"]
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
-        return head_outputs(out, attn.dense.weight.t())  # (H, B, T, D)
+        return head_outputs(out, attn.dense.weight.t(), ctx)  # (H, B, T, D)
 
     def attn_constant(self, layer):
         return self.body.layers[layer].attention.dense.bias

@@ -74,7 +74,7 @@ class LlamaFamily(Family):
         if window is None and self.hf.config.model_type in self.global_window_types:
             window = getattr(self.hf.config, "sliding_window", None)
         out = attention(q, k, v, ctx, attn.scaling, sliding_window=window)  # (B, H, T, dh)
-        return head_outputs(out, attn.o_proj.weight.t())  # (H, B, T, D)
+        return head_outputs(out, attn.o_proj.weight.t(), ctx)  # (H, B, T, D)
 
     def attn_constant(self, layer):
         return self.body.layers[layer].self_attn.o_proj.bias

@@ -56,7 +56,7 @@ class Olmo2Family(LlamaFamily):
         cos, sin = ctx.extra["rotary"]  # fp32 in HF's OLMo-2: it rotates in fp32 and casts back, as here
         q, k = rotary(q, cos, sin).to(q.dtype), rotary(k, cos, sin).to(k.dtype)
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
-        heads = head_outputs(out, attn.o_proj.weight.t())  # (H, B, T, D)
+        heads = head_outputs(out, attn.o_proj.weight.t(), ctx)  # (H, B, T, D)
         norm = block.post_attention_layernorm
         return post_norm_shares(heads, norm.weight.float(), norm.variance_epsilon)
 

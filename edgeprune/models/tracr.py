@@ -511,7 +511,7 @@ class TracrFamily(Family):
 
         q, k, v = proj(q_in, a.W_Q, a.b_Q), proj(k_in, a.W_K, a.b_K), proj(v_in, a.W_V, a.b_V)
         z = attend(q, k, v, self.cfg)  # (B, H, T, dk)
-        return head_outputs(z, a.W_O.reshape(-1, D))  # (H, B, T, D)
+        return head_outputs(z, a.W_O.reshape(-1, D), ctx)  # (H, B, T, D)
 
     def attn_constant(self, layer):
         return self.hf.blocks[layer].attn.b_O
