@@ -17,11 +17,14 @@ from pathlib import Path
 
 import torch
 
+from .circuit import remove_dangling
 from .config import apply_overrides, load_config
 from .draw import draw_circuit
 from .eval import evaluate
 from .experiment import load_model, load_split
+from .faithful import circuit_fit, reference_batches
 from .export import export_run
+from .graph import edges_to_mask
 from .prune import prune
 from .tasks.jsonl import batches, collate
 from .viewer import build_payload, load_source, write_html
@@ -62,6 +65,8 @@ class Recovery:
     outputs_correct: bool  # the circuit alone gives the compiled model's outputs on every input
     max_output_error: float  # numerical programs: max |circuit - full| over every output
     seed: int = 0
+    removable: list | None = None  # faithful mode: kept edges whose removal alone keeps the fit within the
+    # tolerance (checked on the test split, independently of the selection; [] = every kept edge is needed)
     attempts: list | None = None  # every restart: seed, edges, outputs_correct (recover_tracr)
     runs: list | None = None  # every restart's Recovery (recover_tracr)
 
@@ -154,8 +159,30 @@ def prune_and_check(program: str | Path, run_dir: Path, overrides: list[str], pr
         err, correct = float("nan"), metrics["exact_match"] == 1.0
     (Path(result.output_dir) / "metrics.json").write_text(json.dumps(
         {"split": "test", "source": "masks", "counts": circuit.counts, "metrics": metrics}, indent=2))
+    removable = removable_edges(model, circuit.edges, data, cfg) if cfg.prune.mode == "faithful" else None
     return Recovery(model.hf.program, Path(result.output_dir), model.graph.num_edges, truth, set(circuit.edges),
-                    result.step, seconds, correct, err, seed=cfg.run.seed)
+                    result.step, seconds, correct, err, seed=cfg.run.seed, removable=removable)
+
+
+def removable_edges(model, edges, data, cfg) -> list:
+    """The circuit's edges whose removal alone (then what dangles) keeps its fit on ``data`` within
+    ``prune.faithful_tolerance``, by the selection's statistic: [] when every kept edge is needed."""
+    p = cfg.prune
+    kept = set(map(tuple, edges))
+    model.reset_masks()
+    refs = reference_batches(model, batches(data.examples, len(data.examples), data.pad_token_id))
+    out = []
+    try:
+        for edge in sorted(kept):
+            trial = remove_dangling(model.graph, edges_to_mask(model.graph, sorted(kept - {edge}), model.spans),
+                                    model.n_spans)
+            model.edge_masks.set_values(trial.float())
+            mean, worst = circuit_fit(model, refs, cfg.data.loss, cfg.data.output_scale)
+            if (worst if p.faithful_per_position else mean) <= p.faithful_tolerance:
+                out.append(edge)
+    finally:
+        model.set_edges(sorted(kept))
+    return out
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from .identity import FingerprintError
 from .control import expected_sparsity_of, lagrangian, project
 from .faithful import apply_selection, select_faithful
 from .faithful import objective as faithful_objective
-from .faithful import project_multiplier
+from .faithful import project_multiplier, start_multiplier
 from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
@@ -216,7 +216,11 @@ class FaithfulObjective(TargetObjective):
     """``prune.mode: faithful``: no target; E[L0] under a constraint on the fit (``edgeprune/faithful.py``)."""
 
     def start(self) -> None:
-        pass
+        """A new run starts at the full circuit with the multiplier at its bound: the fit holds every
+        mask the outputs need from the first step, and the multiplier decays while the circuit stays
+        within the tolerance (``edgeprune/faithful.py``)."""
+        if self.run.existing is None:
+            start_multiplier(self.run.lambdas)
 
     def loss(self, per_position, fit, record):
         r = self.run

@@ -86,10 +86,23 @@ def _programs():
                              max_seq_len=5, causal=True, task_length=4,
                              description="fraction of '(' minus fraction of ')' so far "
                                          "(make_pair_balance(tokens, '(', ')'))"),
+        # deeper programs (6-8 layers, 1-2 heads, all-zero heads and sublayers), for target-free pruning
+        "shuffle_dyck": dict(program=lambda: lib.make_shuffle_dyck(["()"]), vocab=["(", ")", "x"],
+                             max_seq_len=5, causal=True, task_length=4,
+                             description="1 where the whole input is a balanced '()' sequence, else 0, at "
+                                         "every position (make_shuffle_dyck(['()']))"),
+        "sort_freq": dict(program=lambda: lib.make_sort_freq(5), vocab=["a", "b", "c"], max_seq_len=5,
+                          causal=False, task_length=4,
+                          description="the tokens sorted by decreasing frequency (make_sort_freq)"),
+        "frac_dyck": dict(program=lambda: lib.make_frac_prevs(rasp.Map(lambda t: t == 1, lib.make_shuffle_dyck(["()"]))),
+                          vocab=["(", ")", "x"], max_seq_len=5, causal=True, task_length=4,
+                          description="fraction of positions so far at which shuffle_dyck(['()']) is 1 "
+                                      "(make_frac_prevs over make_shuffle_dyck)"),
     }
 
 
-PROGRAM_NAMES = ("reverse", "xproportion", "length", "hist", "count_a", "sort_unique", "pair_balance")
+PROGRAM_NAMES = ("reverse", "xproportion", "length", "hist", "count_a", "sort_unique", "pair_balance",
+                 "shuffle_dyck", "sort_freq", "frac_dyck")
 
 
 # ---------------------------------------------------------------------------------------- compile

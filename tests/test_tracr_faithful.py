@@ -10,7 +10,8 @@ import torch
 from conftest import STORIES, require_shared
 from edgeprune import EdgeModel
 from edgeprune.config import ConfigError, from_dict
-from edgeprune.faithful import circuit_fit, select_circuit
+from edgeprune.faithful import (LAMBDA_MAX, RHO_BOUND, circuit_fit, constraint, project_multiplier, select_circuit,
+                                start_multiplier)
 from edgeprune.tasks.jsonl import batches
 from edgeprune.tasks.tracr import read_inputs_file, tracr_examples
 
@@ -27,6 +28,34 @@ def test_bad_faithful_fields_are_named(field, value, message):
     cfg = {"model": {"name_or_path": "x"}, "data": {"path": "tracr"}, "prune": {"mode": "faithful", field: value}}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         from_dict(cfg).validate("t.yaml")
+
+
+# ------------------------------------------------------------------------------ the multiplier
+def test_constraint_is_zero_at_the_tolerance_signed_and_free_of_the_fits_units():
+    for tol in (1e-3, 1e-8):  # a KL tolerance and a squared-error one
+        assert constraint(torch.tensor(tol), tol).item() == pytest.approx(0.0, abs=1e-6)
+        assert constraint(torch.tensor(0.0), tol).item() == pytest.approx(-0.6931, abs=1e-4)  # -log 2 at fit 0
+        assert constraint(torch.tensor(10 * tol), tol).item() > 0
+        assert constraint(torch.tensor(0.5 * tol), tol).item() < 0
+    f = torch.tensor([3e-3, 1.0])
+    assert torch.allclose(constraint(f, 1e-3), constraint(f * 1e-5, 1e-8))  # same constraint in other units
+    huge = torch.tensor(1e6, requires_grad=True)  # however far off, a bounded gradient
+    constraint(huge, 1e-3).backward()
+    assert 0 < huge.grad.item() <= 1e-6 * 1.01
+
+
+def test_multiplier_starts_at_its_bound_and_cannot_run_away():
+    lambdas = {"edges": torch.nn.Parameter(torch.zeros(2))}
+    start_multiplier(lambdas)
+    assert lambdas["edges"][0].exp().item() == pytest.approx(LAMBDA_MAX)
+    with torch.no_grad():
+        lambdas["edges"][0] += 50.0  # what an unbounded ascent did on a constraint no mask could meet
+    project_multiplier(lambdas)
+    assert lambdas["edges"][0].item() == pytest.approx(RHO_BOUND)
+    with torch.no_grad():
+        lambdas["edges"][0] -= 100.0
+    project_multiplier(lambdas)
+    assert lambdas["edges"][0].item() == pytest.approx(-RHO_BOUND)
 
 
 # ------------------------------------------------------------------------------ input set
@@ -109,7 +138,7 @@ def test_a_good_order_needs_few_evaluations():
 def test_faithful_mode_on_a_real_model_keeps_its_circuit_under_the_tolerance(tmp_path, monkeypatch):
     require_shared(STORIES)
     import edgeprune.faithful
-    monkeypatch.setattr(edgeprune.faithful, "PRUNE_BACK_MAX", 0)  # bisection only: the prune-back is tested on Tracr
+    monkeypatch.setattr(edgeprune.faithful, "PRUNE_BACK_BUDGET_S", 0.0)  # bisection only: the prune-back is tested on Tracr
     from edgeprune.eval import evaluate
     from edgeprune.experiment import load_split
     from edgeprune.export import export_run
