@@ -15,7 +15,7 @@ it, the per-batch passes for the writer states included) and one HF forward+back
 batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights frozen,
 cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
 its steps; EAP is one step) and its ratio to HF's forward+backward. The masks variant runs the
-edge-masked forward at every step; with 30 layers it takes ~10x HF per step, so give it few
+edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
 ``--repeats-masks``.
 """
 

@@ -23,8 +23,8 @@ ablated, ``m(z_e = 0) - m(z = 1)``:
     to ~ m(corrupted input) - m(clean input) (the other edges' scores do not add up to anything).
   - ``masks`` ("activations"): dm/dz averaged along the straight path z = alpha * 1 (every edge mask
     moves together, so each reader sees a mixture of clean and ablated writer states), ``score_e =
-    -mean_k dm/dz_e (alpha_k)``. One edge-masked forward and backward per step (~10x the plain
-    model's on deep models); any ablation. Completeness: the scores sum to ~ m(every edge ablated) -
+    -mean_k dm/dz_e (alpha_k)``. One edge-masked forward and backward per step (3.6x the plain
+    model's on SmolLM2's shape, against 1.1x for ``inputs``: docs/scale.md); any ablation. Completeness: the scores sum to ~ m(every edge ablated) -
     m(full), exactly in the limit of many steps.
 
 Metrics (per loss position, averaged over every loss position of the data):

@@ -27,8 +27,8 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
 
     ``ig_variant``: EAP-IG's path, ``inputs`` (interpolated inputs, one plain forward and backward per
     step) or ``masks`` (every edge mask together, one edge-masked forward and backward per step);
-    ``attribution``'s docstring has the difference. None: ``inputs`` under interchange ablation (~1.5x
-    a plain forward+backward per step, against ~10x for the masks on a 30-layer model:
+    ``attribution``'s docstring has the difference. None: ``inputs`` under interchange ablation (1.1x
+    a plain forward+backward per step on SmolLM2's shape, against 3.6x for the masks:
     bench/attribution.py, docs/scale.md), ``masks`` under zero or mean ablation. EAP always runs the
     plain forward and backward (both variants compute the same EAP scores).
 
