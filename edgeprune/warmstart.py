@@ -49,7 +49,11 @@ from pathlib import Path
 
 import torch
 
+from .baselines.methods import attribute
+from .baselines.scores import check_graph, load_scores
+from .control import solve_shift
 from .masks import FULL_LOG_ALPHA
+from .rundir import load_masks
 
 TOP_SPAN = 1.0  # log_alpha range of the kept top set, above max(init_log_alpha, FULL_LOG_ALPHA)
 TAIL_SPAN = 2.0  # log_alpha range of the tail, shifted to meet the target
@@ -75,8 +79,6 @@ def rank_order(key: torch.Tensor) -> torch.Tensor:
 def rank_log_alpha(order: torch.Tensor, n_keep: int, init_log_alpha: float, target: float) -> torch.Tensor:
     """(E,) fp32 log_alpha from a ranking (``order[r]`` is the edge of rank r) whose expected sparsity
     is ``target`` where the top set allows it: see the module docstring."""
-    from .control import solve_shift
-
     n = order.numel()
     n_keep = min(max(n_keep, 0), n)
     top = max(init_log_alpha, FULL_LOG_ALPHA)
@@ -103,7 +105,6 @@ def warm_start(source: str, model, p) -> WarmStart:
         raise ValueError(f"prune.candidates: {p.candidates} is more than the graph's {n} edges"
                          f"{'' if model.spans is None else ' (x spans)'}")
     if path.is_dir():
-        from .rundir import load_masks
         masks = load_masks(path)
         masks.check_model(model, shared_into_spans=True)
         la = masks.edge_log_alpha.float().cpu().clone()
@@ -116,14 +117,11 @@ def warm_start(source: str, model, p) -> WarmStart:
     if not path.exists():
         raise FileNotFoundError(f"prune.init_from: {path}: no such scores file or run directory (or one of "
                                 f"{', '.join(ATTRIBUTION_STARTS)}: attribution computed by prune itself)")
-    from .baselines.scores import load_scores
     return from_scores(load_scores(path), model, p, str(path))
 
 
 def from_scores(scores, model, p, source: str) -> WarmStart:
     """The warm start of a ``Scores`` (a file or scores computed in memory) for ``model``."""
-    from .baselines.scores import check_graph
-
     n = model.edge_masks.n
     check_graph(scores, model)
     order = rank_order(scores.ranking_key())
@@ -154,8 +152,6 @@ def attribution_start(method: str, model, p, batches, progress: bool = False):
     """(WarmStart, Scores): ``method``'s scores on ``batches`` (the training split) and the warm start
     they give. The scores are what ``edgeprune attribute CONFIG --method METHOD`` computes (``auto``:
     with ``--ig-steps AUTO_IG_STEPS``)."""
-    from .baselines.methods import attribute
-
     steps = {"ig_steps": AUTO_IG_STEPS} if p.init_from == "auto" else {}  # else attribute's own default
     scores = attribute(model, batches, method, progress=progress, settings={"split": "train", "by": "prune.init_from"},
                        ig_variant=IG_VARIANT, **steps)

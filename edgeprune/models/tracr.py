@@ -117,75 +117,12 @@ class TracrConfig:
 
     @classmethod
     def from_dict(cls, raw: dict, source: str = CONFIG_FILE) -> "TracrConfig":
-        def need(name, kind, check=None, expected=""):
-            if name not in raw:
-                raise TracrArtifactError(f"{source}: missing field {name!r}")
-            value = raw[name]
-            if not isinstance(value, kind) or isinstance(value, bool) and kind is int or (
-                    check is not None and not check(value)):
-                raise TracrArtifactError(f"{source}: field {name!r} must be {expected or kind.__name__}, "
-                                         f"got {value!r}")
-            return value
-
-        if raw.get("model_type") != "tracr":
-            raise TracrArtifactError(f"{source}: field 'model_type' must be 'tracr', got {raw.get('model_type')!r}")
-        version = need("format_version", int)
-        if version not in FORMAT_VERSIONS:
-            raise TracrArtifactError(f"{source}: field 'format_version' is {version}, but this edgeprune reads "
-                                     f"format_version {', '.join(map(str, FORMAT_VERSIONS))}; recompile with "
-                                     "run_scripts/compile_tracr.py or upgrade edgeprune")
-        positive = dict(check=lambda v: v > 0, expected="a positive integer")
-        kw: dict[str, Any] = dict(
-            program=need("program", str, lambda v: bool(v), "a non-empty string"),
-            n_layers=need("n_layers", int, **positive), n_heads=need("n_heads", int, **positive),
-            d_model=need("d_model", int, **positive), key_size=need("key_size", int, **positive),
-            mlp_hidden=need("mlp_hidden", int, **positive), max_seq_len=need("max_seq_len", int, **positive),
-            causal=need("causal", bool), vocab=need("vocab", list, lambda v: len(v) > 0, "a non-empty list"),
-            bos_token=need("bos_token", str),
-            output_kind=need("output_kind", str, lambda v: v in OUTPUT_KINDS, f"one of {OUTPUT_KINDS}"),
-            residual_labels=need("residual_labels", list), format_version=version,
-        )
-        if len(kw["residual_labels"]) != kw["d_model"]:
-            raise TracrArtifactError(f"{source}: field 'residual_labels' has {len(kw['residual_labels'])} "
-                                     f"labels, expected d_model = {kw['d_model']}")
-        pairs = need("input_encoding", list, _is_pairs, "a list of [token, id] pairs")
-        kw["input_encoding"] = {tok: i for tok, i in pairs}
-        ids = sorted(kw["input_encoding"].values())
-        if ids != list(range(len(pairs))) or len(kw["input_encoding"]) != len(pairs):
-            raise TracrArtifactError(f"{source}: field 'input_encoding' must map distinct tokens to ids "
-                                     f"0..{len(pairs) - 1}, got {pairs!r}")
-        for tok in [kw["bos_token"], *kw["vocab"]]:
-            if tok not in kw["input_encoding"]:
-                raise TracrArtifactError(f"{source}: field 'input_encoding' has no id for token {tok!r}")
-        kw["output_dims"] = need("output_dims", list, lambda v: len(v) > 0 and all(
-            isinstance(d, int) and 0 <= d < kw["d_model"] for d in v), "a non-empty list of residual dims")
-        if kw["output_kind"] == "categorical":
-            pairs = need("output_encoding", list, _is_pairs, "a list of [id, value] pairs")
-            kw["output_encoding"] = {i: v for i, v in pairs}
-            if sorted(kw["output_encoding"]) != list(range(len(kw["output_dims"]))):
-                raise TracrArtifactError(f"{source}: field 'output_encoding' must give a value for each of the "
-                                         f"{len(kw['output_dims'])} output dims (ids 0..{len(kw['output_dims']) - 1})")
-        else:
-            if len(kw["output_dims"]) != 1:
-                raise TracrArtifactError(f"{source}: field 'output_dims' must hold one dim for a numerical "
-                                         f"output, got {kw['output_dims']}")
-            kw["output_label"] = raw.get("output_label")
-        attn = need("attention", dict)
-        scale = attn.get("scale")
-        if not isinstance(scale, (int, float)) or not math.isclose(scale, 1 / math.sqrt(kw["key_size"])):
-            raise TracrArtifactError(f"{source}: field 'attention.scale' must be 1/sqrt(key_size) = "
-                                     f"{1 / math.sqrt(kw['key_size']):.6g} (tracr's scaling), got {scale!r}")
-        kw["attention_scale"] = float(scale)
-        kw["mask_value"] = float(attn.get("mask_value", -1e30))
-        if raw.get("layer_norm", False) or raw.get("activation", "relu") != "relu":
-            raise TracrArtifactError(f"{source}: only tracr's layout is supported (fields 'layer_norm': false, "
-                                     f"'activation': 'relu'), got {raw.get('layer_norm')!r}, {raw.get('activation')!r}")
-        task_length = raw.get("task_length")
-        if task_length is not None and not (isinstance(task_length, int) and 1 <= task_length <= kw["max_seq_len"]):
-            raise TracrArtifactError(f"{source}: field 'task_length' must be in 1..max_seq_len, got {task_length!r}")
-        for name in ("pad_token", "task_length", "heads_per_layer", "mlp_active", "versions"):
-            if raw.get(name) is not None:
-                kw.setdefault(name, raw[name])
+        f = _Fields(raw, source)
+        kw = f.shapes(f.header())
+        f.input_encoding(kw)
+        f.outputs(kw)
+        f.attention(kw)
+        f.extras(kw)
         return cls(**kw)
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -211,6 +148,101 @@ class TracrConfig:
                "b_out": "d_model"}
         return why.get(short, "n_heads, d_model, key_size" if short.startswith("W_") else "n_heads, key_size")
 
+
+
+class _Fields:
+    """The checks of ``TracrConfig.from_dict``, in order; every error names the file and the field."""
+
+    def __init__(self, raw: dict, source: str):
+        self.raw, self.source = raw, source
+
+    def error(self, message: str) -> TracrArtifactError:
+        return TracrArtifactError(f"{self.source}: {message}")
+
+    def need(self, name, kind, check=None, expected=""):
+        if name not in self.raw:
+            raise self.error(f"missing field {name!r}")
+        value = self.raw[name]
+        if not isinstance(value, kind) or isinstance(value, bool) and kind is int or (
+                check is not None and not check(value)):
+            raise self.error(f"field {name!r} must be {expected or kind.__name__}, got {value!r}")
+        return value
+
+    def header(self) -> int:
+        if self.raw.get("model_type") != "tracr":
+            raise self.error(f"field 'model_type' must be 'tracr', got {self.raw.get('model_type')!r}")
+        version = self.need("format_version", int)
+        if version not in FORMAT_VERSIONS:
+            raise self.error(f"field 'format_version' is {version}, but this edgeprune reads format_version "
+                             f"{', '.join(map(str, FORMAT_VERSIONS))}; recompile with "
+                             "run_scripts/compile_tracr.py or upgrade edgeprune")
+        return version
+
+    def shapes(self, version: int) -> dict[str, Any]:
+        need = self.need
+        positive = dict(check=lambda v: v > 0, expected="a positive integer")
+        kw: dict[str, Any] = dict(
+            program=need("program", str, lambda v: bool(v), "a non-empty string"),
+            n_layers=need("n_layers", int, **positive), n_heads=need("n_heads", int, **positive),
+            d_model=need("d_model", int, **positive), key_size=need("key_size", int, **positive),
+            mlp_hidden=need("mlp_hidden", int, **positive), max_seq_len=need("max_seq_len", int, **positive),
+            causal=need("causal", bool), vocab=need("vocab", list, lambda v: len(v) > 0, "a non-empty list"),
+            bos_token=need("bos_token", str),
+            output_kind=need("output_kind", str, lambda v: v in OUTPUT_KINDS, f"one of {OUTPUT_KINDS}"),
+            residual_labels=need("residual_labels", list), format_version=version,
+        )
+        if len(kw["residual_labels"]) != kw["d_model"]:
+            raise self.error(f"field 'residual_labels' has {len(kw['residual_labels'])} labels, expected "
+                             f"d_model = {kw['d_model']}")
+        return kw
+
+    def input_encoding(self, kw: dict) -> None:
+        pairs = self.need("input_encoding", list, _is_pairs, "a list of [token, id] pairs")
+        kw["input_encoding"] = {tok: i for tok, i in pairs}
+        ids = sorted(kw["input_encoding"].values())
+        if ids != list(range(len(pairs))) or len(kw["input_encoding"]) != len(pairs):
+            raise self.error(f"field 'input_encoding' must map distinct tokens to ids 0..{len(pairs) - 1}, "
+                             f"got {pairs!r}")
+        for tok in [kw["bos_token"], *kw["vocab"]]:
+            if tok not in kw["input_encoding"]:
+                raise self.error(f"field 'input_encoding' has no id for token {tok!r}")
+
+    def outputs(self, kw: dict) -> None:
+        kw["output_dims"] = self.need("output_dims", list, lambda v: len(v) > 0 and all(
+            isinstance(d, int) and 0 <= d < kw["d_model"] for d in v), "a non-empty list of residual dims")
+        n = len(kw["output_dims"])
+        if kw["output_kind"] == "categorical":
+            pairs = self.need("output_encoding", list, _is_pairs, "a list of [id, value] pairs")
+            kw["output_encoding"] = {i: v for i, v in pairs}
+            if sorted(kw["output_encoding"]) != list(range(n)):
+                raise self.error(f"field 'output_encoding' must give a value for each of the {n} output dims "
+                                 f"(ids 0..{n - 1})")
+        else:
+            if n != 1:
+                raise self.error(f"field 'output_dims' must hold one dim for a numerical output, got "
+                                 f"{kw['output_dims']}")
+            kw["output_label"] = self.raw.get("output_label")
+
+    def attention(self, kw: dict) -> None:
+        attn = self.need("attention", dict)
+        scale = attn.get("scale")
+        if not isinstance(scale, (int, float)) or not math.isclose(scale, 1 / math.sqrt(kw["key_size"])):
+            raise self.error(f"field 'attention.scale' must be 1/sqrt(key_size) = "
+                             f"{1 / math.sqrt(kw['key_size']):.6g} (tracr's scaling), got {scale!r}")
+        kw["attention_scale"] = float(scale)
+        kw["mask_value"] = float(attn.get("mask_value", -1e30))
+
+    def extras(self, kw: dict) -> None:
+        raw = self.raw
+        if raw.get("layer_norm", False) or raw.get("activation", "relu") != "relu":
+            raise self.error(f"only tracr's layout is supported (fields 'layer_norm': false, 'activation': "
+                             f"'relu'), got {raw.get('layer_norm')!r}, {raw.get('activation')!r}")
+        task_length = raw.get("task_length")
+        if task_length is not None and not (isinstance(task_length, int) and 1 <= task_length <= kw["max_seq_len"]):
+            raise self.error(f"field 'task_length' must be in 1..max_seq_len, got {task_length!r}")
+        for name in ("pad_token", "task_length", "heads_per_layer", "mlp_active", "versions"):
+            if raw.get(name) is not None:
+                kw.setdefault(name, raw[name])
 
 def _is_pairs(value) -> bool:
     return all(isinstance(p, list) and len(p) == 2 for p in value)
