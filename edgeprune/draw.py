@@ -155,6 +155,12 @@ def _plain_layout(dot: graphviz.Digraph, edges: list[tuple[str, str]], heads_per
 def _plain_ranks(dot: graphviz.Digraph, ranks: dict[tuple[float, int], list[NodeName]]) -> None:
     """The nodes of each rank side by side, with one labelled anchor per rank chained below, so ranks
     keep forward order even where no circuit edge links them."""
+    _labelled_ranks(dot, ranks, lambda same, node: same.node(node.name, **_node_style(node)))
+
+
+def _labelled_ranks(dot: graphviz.Digraph, ranks: dict, add_node) -> None:
+    """Each rank as one ``rank=same`` row (``add_node(row, item)`` per member) beside a labelled
+    anchor; the anchors chained top to bottom keep the rows in forward order."""
     anchors = []
     for i, rank in enumerate(sorted(ranks)):
         anchor = f"_rank{i}"
@@ -163,8 +169,8 @@ def _plain_ranks(dot: graphviz.Digraph, ranks: dict[tuple[float, int], list[Node
             same.attr(rank="same")
             same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
                       fontcolor="#888888")
-            for node in ranks[rank]:
-                same.node(node.name, **_node_style(node))
+            for item in ranks[rank]:
+                add_node(same, item)
     for upper, lower in zip(anchors, anchors[1:]):
         dot.edge(upper, lower, style="invis", weight="100")
 
@@ -323,18 +329,7 @@ def _hold_column_order(dot: graphviz.Digraph, columns: list[dict], members: dict
 
 def _align_ranks(dot: graphviz.Digraph, ranks: dict[tuple[float, int], list[str]]) -> None:
     """One rank across all columns (newrank allows it across clusters), labelled at the side."""
-    anchors = []
-    for i, rank in enumerate(sorted(ranks)):
-        anchor = f"_rank{i}"
-        anchors.append(anchor)
-        with dot.subgraph() as same:
-            same.attr(rank="same")
-            same.node(anchor, _rank_label(rank), shape="plaintext", style="", fontsize="9",
-                      fontcolor="#888888")
-            for ident in ranks[rank]:
-                same.node(ident)
-    for upper, lower in zip(anchors, anchors[1:]):
-        dot.edge(upper, lower, style="invis", weight="100")
+    _labelled_ranks(dot, ranks, lambda same, ident: same.node(ident))
 
 
 def _join_span_heads(dot: graphviz.Digraph, nodes: dict[tuple[str, str], NodeName], order: dict[str, int],
