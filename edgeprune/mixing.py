@@ -26,7 +26,13 @@ How it stays lean and fast (DESIGN.md section 3):
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
   gradient buffer laid out like the states, and a write's backward (which autograd runs only after
   every mix that read it) hands its writers' slice to the writer's own backward. So states are
-  stored once, never saved per mix, and their gradients accumulate in fp32.
+  stored once, never saved per mix, and their gradients accumulate in fp32. The first mix backward
+  (the read-out's, over every writer) writes that buffer rather than adding to a zeroed one.
+- At depth the mix is bound by memory traffic over the buffer, not by FLOPs (a reader group reads
+  the differences of every earlier writer, forward and backward), so readers that read the same
+  writers share one pass: a layer's MLP row rides on its Q/K/V mix (``split``: one product, one
+  dL/dz and one dL/ds pass for both) and its own layer's heads come as a *range* mix added to it
+  (``start``; ``model._masked_layer``).
 - ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
@@ -105,7 +111,8 @@ class WriterStates:
         self.grad: torch.Tensor | None = None  # (P, W, D)
         self._taken = n_writers  # rows from here on were handed to their writers' backward
         self.sealed = False
-        self._sums: dict[int, torch.Tensor | None] = {0: None}  # n -> fp32 sum of s~ over writers < n
+        # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
+        self._sums: dict = {0: None}
 
     def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
         """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
@@ -134,14 +141,24 @@ class WriterStates:
         view = self.buffer.permute(2, 0, 1, 3)
         return (view if ablated is None else view + ablated.float()).to(dtype)
 
-    def diffs(self, n: int) -> torch.Tensor:
-        """(P, n, D): the stored differences of writers 0..n-1 at every position."""
-        return self.flat[:, :n]
+    def diffs(self, n: int, start: int = 0) -> torch.Tensor:
+        """(P, n - start, D): the stored differences of writers start..n-1 at every position."""
+        return self.flat[:, start:n]
 
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D)."""
         n = z.shape[-1]
         return reader_view(mix_values(z, self.diffs(n), self.base(n, const), self.span_ids), *self.shape[:2])
+
+    def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
+        """The ablated states of writers start..stop-1 summed in fp32 (+ const): the base of a range mix.
+        Kept, like ``ablated_sum``: activation checkpointing mixes again after ``seal``."""
+        if (start, stop) not in self._sums:
+            self._sums[start, stop] = None if self.ablated is None else self.ablated[start:stop].float().sum(0)
+        part = self._sums[start, stop]
+        if const is None:
+            return part
+        return const if part is None else part + const
 
     def ablated_sum(self, n: int) -> torch.Tensor | None:
         """fp32 sum of the ablated states of writers 0..n-1 ((B, T, D), (1, 1, D) or None for zero)."""
@@ -149,24 +166,33 @@ class WriterStates:
             if self.ablated is None:
                 self._sums[n] = None
             else:
-                prev = max(k for k in self._sums if k < n)
+                prev = max(k for k in self._sums if isinstance(k, int) and k < n)
                 part = self.ablated[prev:n].float().sum(0)
                 self._sums[n] = part if self._sums[prev] is None else self._sums[prev] + part
         return self._sums[n]
 
-    def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor]) -> torch.Tensor:
-        """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over the first n = z.shape[-1] writers.
+    def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
+            split: tuple[int, ...] | None = None):
+        """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
-        z: (R, n) fp32, or (S, R, n) position-aware (each position uses its span's row); const: (D,) fp32 layer constants or None; tokens: those of the groups among
-        the n writers. Returns (R, B, T, D) fp32, a view of a position-major (B, T, R, D) tensor.
-        Gradients flow to z and to the states.
+        z: (R, k) fp32, or (S, R, k) position-aware (each position uses its span's row); const: (D,) fp32
+        layer constants or None; tokens: those of the groups among these writers. ``start`` > 0 mixes a
+        range of writers (its base: their ablated states alone, ``range_base``), to be added to an
+        earlier mix of the writers before it. Returns (R, B, T, D) fp32, a view of a position-major
+        (B, T, R, D) tensor; with ``split`` (reader counts summing to R) one such view per part, as
+        separate autograd outputs (the backward takes their gradients together: one pass over the
+        states for every part, ``model._masked_layer``). Gradients flow to z and to the states.
         """
-        base = self.base(z.shape[-1], const)
+        stop = start + z.shape[-1]
+        base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
+        split = (z.shape[-2],) if split is None else tuple(split)
         if torch.is_grad_enabled() and (z.requires_grad or tokens):
-            out = _Mix.apply(z, self, base, *tokens)
+            outs = _Mix.apply(z, self, base, start, split, *tokens)
         else:
-            out = mix_values(z, self.diffs(z.shape[-1]), base, self.span_ids)
-        return reader_view(out, *self.shape[:2])
+            out = mix_values(z, self.diffs(stop, start), base, self.span_ids)
+            outs = out.split(split, dim=1)
+        views = tuple(reader_view(o, *self.shape[:2]) for o in outs)
+        return views[0] if len(views) == 1 else views
 
     def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
         """What every reader after writer n-1 sees whatever its masks: ablated sum + constants."""
@@ -175,12 +201,13 @@ class WriterStates:
             return asum
         return const if asum is None else asum + const
 
-    def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None) -> torch.Tensor:
-        """dL/dz (R, n) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in fp64.
-        Position-aware (``n_spans``): (S, R, n), each span's positions summed in fp64."""
+    def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0) -> torch.Tensor:
+        """dL/dz (R, n - start) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in
+        fp64. Position-aware (``n_spans``): (S, R, n - start), each span's positions summed in fp64."""
         B, T, _ = self.shape
         R = grad_out.shape[1]
-        per_position = torch.bmm(grad_out, self.diffs(n).transpose(1, 2))  # (P, R, n)
+        per_position = torch.bmm(grad_out, self.diffs(n, start).transpose(1, 2))  # (P, R, n - start)
+        n = n - start
         if n_spans is None:
             total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
         else:
@@ -190,24 +217,30 @@ class WriterStates:
             self.reduce(total)
         return total.float()
 
-    def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor) -> None:
-        """grad[:, :n] += z^T @ grad_out at every position, for z (R, n), grad_out (P, R, D), in fp32."""
-        if z.shape[-1] > self._taken:
+    def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor, start: int = 0) -> None:
+        """grad[:, start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (P, R, D),
+        in fp32. The first call that covers every writer (the read-out's, the first backward) writes the
+        buffer instead of adding to a zeroed one."""
+        k, R = z.shape[-1], z.shape[-2]
+        if start + k > self._taken:
             raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
                                "not supported: run the forward again")
-        if self.grad is None:
+        fresh = self.grad is None and start == 0 and k == self.flat.shape[1]
+        if fresh:
+            self.grad = torch.empty(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
+        elif self.grad is None:
             self.grad = torch.zeros(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
-        k, R = z.shape[-1], z.shape[-2]
+        target = self.grad[:, start:start + k]
         if z.dim() == 3:  # position-aware: each position's own masks
-            zp = per_position(z, self.span_ids, grad_out.shape[0])  # (P, R, k)
-            if R > 1:
-                self.grad[:, :k].baddbmm_(zp.transpose(1, 2), grad_out)
-            else:
-                self.grad[:, :k].addcmul_(zp[:, 0, :, None], grad_out)
-        elif R > 1:  # in place, one small (n, R) x (R, D) product per position
-            self.grad[:, :k].baddbmm_(z.T.expand(grad_out.shape[0], k, R), grad_out)
-        else:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply-add
-            self.grad[:, :k].addcmul_(z[0][None, :, None], grad_out)
+            zt = per_position(z, self.span_ids, grad_out.shape[0]).transpose(1, 2)  # (P, k, R)
+        else:  # one small (k, R) x (R, D) product per position
+            zt = z.T.expand(grad_out.shape[0], k, R)
+        if R == 1:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply
+            torch.mul(zt, grad_out, out=target) if fresh else target.addcmul_(zt, grad_out)
+        elif fresh:
+            torch.bmm(zt, grad_out, out=target)
+        else:
+            target.baddbmm_(zt, grad_out)
 
     def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
         """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in ``dtype``."""
@@ -234,24 +267,33 @@ class _Write(torch.autograd.Function):
 
 
 class _Mix(torch.autograd.Function):
+    """z (R, k) over writers start..start+k-1 -> the mix (P, R, D), as one output per part of ``split``."""
+
     @staticmethod
-    def forward(ctx, z, store, base, *tokens):
+    def forward(ctx, z, store, base, start, split, *tokens):
         ctx.save_for_backward(z)
-        ctx.store = store
-        return mix_values(z, store.diffs(z.shape[-1]), base, store.span_ids)  # (P, R, D)
+        ctx.store, ctx.start, ctx.split = store, start, split
+        out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids)  # (P, R, D)
+        return out.split(split, dim=1)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, *grads):
         (z,) = ctx.saved_tensors
-        store = ctx.store
-        n = z.shape[-1]
-        go = grad_out.contiguous()  # (P, R, D)
-        grad_z = store._grad_z(go, n, z.shape[0] if z.dim() == 3 else None) if ctx.needs_input_grad[0] else None
-        n_tokens = len(ctx.needs_input_grad) - 3
+        store, start = ctx.store, ctx.start
+        if len(grads) == 1:
+            go = grads[0].contiguous()  # (P, R, D)
+        else:  # the parts' gradients side by side, a part no gradient reached as zeros
+            go = grads[0].new_empty((grads[0].shape[0], z.shape[-2], grads[0].shape[-1]))
+            for part, g in zip(go.split(ctx.split, dim=1), grads):
+                part.zero_() if g is None else part.copy_(g)
+        stop = start + z.shape[-1]
+        grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start) \
+            if ctx.needs_input_grad[0] else None
+        n_tokens = len(ctx.needs_input_grad) - 5
         if n_tokens:
-            store._add_grad(z, go)
-        return (grad_z, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
+            store._add_grad(z, go, start)
+        return (grad_z, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
 
 
 class _SavedView:

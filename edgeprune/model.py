@@ -455,30 +455,39 @@ class EdgeModel(nn.Module):
     def _masked_layer(self, layer, ctx, z, store, base, blocks, *tokens):
         """One layer of the masked model: mix its readers' inputs, write its heads' and MLP's states.
 
-        Returns the layer constants so far and the tokens of the groups it wrote.
+        The MLP reads the writers the Q/K/V readers read plus this layer's heads (none of them with a
+        parallel residual): its mix over the former is one more row of the Q/K/V mix, so the states
+        before the layer are read once for all its readers (forward, rebuild, dL/dz and dL/ds alike:
+        the mix is bound by that memory traffic at depth), and this layer's heads are added as a
+        range mix once they are written. Returns the layer constants so far and the tokens of the
+        groups it wrote.
         """
-        fam, starts = self.family, self._writer_starts[layer]
+        fam, starts, graph = self.family, self._writer_starts[layer], self.graph
         q_blk, v_blk = blocks[0], blocks[2]
         tokens = list(tokens)
-        group = slice(q_blk.start, v_blk.stop)
-        x = self._reader_input(z, group, store, base, tokens)  # (Q + K + V readers, B, T, D) fp32
+        mlp = graph.spec.mlp
+        group = slice(q_blk.start, blocks[3].stop if mlp else v_blk.stop)
+        n_w = graph.n_writers_before[group.start]
+        split = (v_blk.stop - q_blk.start, 1) if mlp else None
+        mixed = store.mix(z[..., group, :n_w], base, tokens, split=split)  # (readers, B, T, D) fp32 per part
+        x, mlp_part = mixed if mlp else (mixed, None)  # x: the Q + K + V readers
         with self._recompute(x, z, group, store, base):
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
-        del x
+        del x, mixed
         new = [store.write(heads, starts[0])]
-        layer_base = base  # the constants this layer's attention readers saw
         const = fam.attn_constant(layer)
         if const is not None:  # a new tensor, never a view of a (possibly sharded) parameter
             base = const.float().clone() if base is None else base + const.float()
-        if self.graph.spec.mlp:
-            m_blk = blocks[3]
-            if self.graph.spec.parallel_residual:  # the MLP reads what the heads read (graph: no a{l} -> m{l})
-                mlp_base, mlp_tokens = layer_base, tokens
-            else:
-                mlp_base, mlp_tokens = base, tokens + [t for t in new if t is not None]
-            x = self._reader_input(z, m_blk.slice, store, mlp_base, mlp_tokens)
-            with self._recompute(x, z, m_blk.slice, store, mlp_base):
-                out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
+        if mlp:
+            m_row = blocks[3].slice
+            n_m = graph.n_writers_before[m_row.start]
+            if n_m == n_w:  # parallel residual: the MLP reads what the heads read (graph: no a{l} -> m{l})
+                x = mlp_part.clone()  # its own storage: the norm keeps it, not the whole group's mix
+            else:  # + this layer's heads and its attention output bias
+                heads_mix = store.mix(z[..., m_row, n_w:n_m], None if const is None else const.float(),
+                                      [t for t in new if t is not None], start=n_w)
+                x = mlp_part + heads_mix
+            out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
         return (base, *[t for t in new if t is not None])
 
