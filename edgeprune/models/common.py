@@ -197,6 +197,78 @@ def project_group(x: torch.Tensor, projections: list) -> list[torch.Tensor]:
     return list(_GroupProjection.apply(x, sizes, *flat))
 
 
+def rms_project_group(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype,
+                      projections: list) -> list[torch.Tensor]:
+    """Each reader's RMSNorm (Llama style, ``rms_norm``) and then its Q/K/V projection: ``project_group(
+    rms_norm(x, weight, eps, dtype), projections)``, with the same arguments and outputs.
+
+    For fp32 per-reader inputs (a layer's Q/K/V mixes) the norm is folded into the projection
+    (``_RMSProjection``): y = rstd * (x @ (w W)) + b, where rstd = 1 / rms(x) is a scalar per reader
+    and position. The norm's elementwise passes over x (R x B x T x D, 15 readers a layer in
+    SmolLM2) then vanish from the forward, and its backward runs in d_head space but for one
+    multiply-add over x. Otherwise (bf16/fp16, which HF rounds between norm and scale; one input
+    for every reader) it is exactly the composition.
+    """
+    if dtype != torch.float32 or x.shape[0] == 1 or shared_input(x) or weight.requires_grad:
+        return project_group(rms_norm(x, weight, eps, dtype), projections)
+    sizes = tuple(n for _, _, n in projections)
+    if x.shape[0] != sum(sizes):
+        raise ValueError(f"expected {sum(sizes)} reader inputs, got {x.shape[0]}")
+    flat = [t for w, b, _ in projections for t in (w, b)]
+    return list(_RMSProjection.apply(x.float(), weight.float(), eps, sizes, *flat))
+
+
+class _RMSProjection(torch.autograd.Function):
+    """y_r = rstd_r (x_r @ W'_r) + b_r, W' = diag(w) W, rstd = (mean(x^2) + eps)^-1/2 per row of x;
+    dx = (rstd dy) @ W'^T - x rstd^3 (dy . u) / D with u = x @ W' (saved, d_head wide). x (R, B, T, D)
+    is typically a view of a position-major mix, saved as it is (``mixing.recompute_saved`` rebuilds
+    it), and its gradient is written position-major, as ``_GroupProjection``'s."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, sizes, *weights_and_biases):
+        R, B, T, D = x.shape
+        rows = x.reshape(R, B * T, D)  # a view for position-major x
+        # one pass over x (vector_norm reads it once; pow(2).mean() writes a copy first)
+        rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()  # (R, P, 1)
+        outs, folded, us, start = [], [], [], 0
+        for n, w_t, b in zip(sizes, weights_and_biases[0::2], weights_and_biases[1::2]):
+            d_head = w_t.shape[1] // n
+            w = (weight[:, None] * w_t).view(D, n, d_head).transpose(0, 1)  # (n, D, d_head): the norm's scale folded in
+            u = torch.bmm(rows[start:start + n], w)  # (n, P, d_head)
+            r = rstd[start:start + n]
+            y = u * r if b is None else torch.addcmul(b.view(n, 1, d_head), u, r)
+            outs.append(y.view(n, B, T, d_head).permute(1, 0, 2, 3))
+            folded.append(w)
+            us.append(u)
+            start += n
+        ctx.save_for_backward(x, rstd, *folded, *us)
+        ctx.sizes = sizes
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        x, rstd, *rest = ctx.saved_tensors
+        k = len(ctx.sizes)
+        R, B, T, D = x.shape
+        dense = x.new_empty((B * T, R, D))  # position-major, like the mix
+        coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D
+        start = 0
+        for n, w, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
+            target = dense[:, start:start + n].transpose(0, 1)  # (n, P, D), rows R * D apart
+            if g is None:
+                target.zero_()
+            else:
+                r = rstd[start:start + n]
+                dy = g.permute(1, 0, 2, 3).reshape(n, B * T, -1)  # (n, P, d_head)
+                coef[start:start + n] = torch.linalg.vecdot(dy, u).unsqueeze(-1) * r.pow(3) / -D
+                torch.bmm(dy * r, w.transpose(1, 2), out=target)
+            start += n
+        dx = dense.view(B, T, R, D).permute(2, 0, 1, 3)
+        dx.addcmul_(x, coef.view(R, B, T, 1))
+        return (dx, None, None, None, *[None] * (2 * k))
+
+
 class _GroupProjection(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, sizes, *weights_and_biases):

@@ -20,7 +20,7 @@ import torch
 
 from ..graph import GraphSpec
 from .base import Family
-from .common import attention, head_outputs, project_group, rms_norm, rotary
+from .common import attention, head_outputs, rms_norm, rms_project_group, rotary
 
 
 class LlamaFamily(Family):
@@ -64,8 +64,8 @@ class LlamaFamily(Family):
     def attention(self, layer, x, ctx):
         block = self.body.layers[layer]
         attn = block.self_attn
-        normed = self._norm(x, block.input_layernorm, ctx)  # every Q/K/V reader: input_layernorm
-        q, k, v = project_group(normed, self.projections(attn))  # (B, H|G, T, dh)
+        norm = block.input_layernorm  # every Q/K/V reader normalises its own input, then projects it
+        q, k, v = rms_project_group(x, norm.weight, norm.variance_epsilon, ctx.dtype, self.projections(attn))
         if getattr(attn, "q_norm", None) is not None:  # Qwen3: per-head RMSNorm before rotary
             q, k = self._norm(q, attn.q_norm, ctx), self._norm(k, attn.k_norm, ctx)
         cos, sin = ctx.extra["rotary"]
