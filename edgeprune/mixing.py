@@ -284,8 +284,13 @@ class _Mix(torch.autograd.Function):
         if len(grads) == 1:
             go = grads[0].contiguous()  # (P, R, D)
         else:  # the parts' gradients side by side, a part no gradient reached as zeros
-            go = grads[0].new_empty((grads[0].shape[0], z.shape[-2], grads[0].shape[-1]))
-            for part, g in zip(go.split(ctx.split, dim=1), grads):
+            go = _whole(grads[0], z.shape[-2])
+            first = go is not None  # the first part's gradient came laid out in a buffer of the whole's width
+            if go is None:
+                go = grads[0].new_empty((grads[0].shape[0], z.shape[-2], grads[0].shape[-1]))
+            for i, (part, g) in enumerate(zip(go.split(ctx.split, dim=1), grads)):
+                if i == 0 and first:
+                    continue
                 part.zero_() if g is None else part.copy_(g)
         stop = start + z.shape[-1]
         grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start) \
@@ -294,6 +299,17 @@ class _Mix(torch.autograd.Function):
         if n_tokens:
             store._add_grad(z, go, start)
         return (grad_z, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
+
+
+def _whole(g: torch.Tensor | None, R: int) -> torch.Tensor | None:
+    """(P, R, D) over g's storage where g (P, r, D) is the first r rows of such a layout (the norms'
+    backward lays the gradient out like its input, ``models.common._like_mix``), else None."""
+    if g is None or g.storage_offset() != 0:
+        return None
+    P, _, D = g.shape
+    if g.stride() != (R * D, D, 1) or g.untyped_storage().nbytes() < P * R * D * g.element_size():
+        return None
+    return g.as_strided((P, R, D), (R * D, D, 1))
 
 
 class _SavedView:

@@ -140,27 +140,38 @@ def test_group_projection_matches_plain_projections(sizes):
     assert torch.allclose(x.grad.permute(2, 0, 1, 3), ref_x.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("norm", ["rms", "layer"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_rms_projection_matches_norm_then_projection(bias):
-    """The RMSNorm folded into the Q/K/V projections (fp32, one input per reader) gives the outputs and
-    input gradient of the norm followed by the projection, by plain autograd."""
-    from edgeprune.models.common import project, rms_project_group
+def test_folded_norm_projection_matches_norm_then_projection(norm, bias):
+    """The norm (RMS or LayerNorm) folded into the Q/K/V projections (fp32, one input per reader) gives
+    the outputs and input gradient of the norm followed by the projection, by plain autograd."""
+    from edgeprune.models.common import ln_project_group, project, rms_project_group
 
     gen = torch.Generator().manual_seed(4)
     sizes, B, T, D, dh = (4, 2, 2), 2, 5, 16, 4
     R = sum(sizes)
-    dense = torch.randn(B, T, R, D, generator=gen) * 3
+    dense = torch.randn(B, T, R, D, generator=gen) * 3 + 0.5
     weight = torch.rand(D, generator=gen) + 0.5
+    ln = torch.nn.LayerNorm(D).requires_grad_(False)
+    with torch.no_grad():
+        ln.weight.copy_(weight)
+        ln.bias.normal_(generator=gen)
     projections = [(torch.randn(D, n * dh, generator=gen), torch.randn(n * dh, generator=gen) if bias else None, n)
                    for n in sizes]
     ups = [torch.randn(B, n, T, dh, generator=gen) for n in sizes]
 
     x = dense.clone().requires_grad_(True)
-    outs = rms_project_group(x.permute(2, 0, 1, 3), weight, 1e-5, torch.float32, projections)
+    if norm == "rms":
+        outs = rms_project_group(x.permute(2, 0, 1, 3), weight, 1e-5, torch.float32, projections)
+    else:
+        outs = ln_project_group(x.permute(2, 0, 1, 3), ln, torch.float32, projections)
     sum((o * u).sum() for o, u in zip(outs, ups)).backward()
 
     ref_x = dense.permute(2, 0, 1, 3).contiguous().requires_grad_(True)
-    normed = weight * (ref_x * torch.rsqrt(ref_x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    if norm == "rms":
+        normed = weight * (ref_x * torch.rsqrt(ref_x.pow(2).mean(-1, keepdim=True) + 1e-5))
+    else:
+        normed = torch.nn.functional.layer_norm(ref_x, (D,), ln.weight, ln.bias, ln.eps)
     ref_outs = [project(part, w, b, n) for part, (w, b, n) in zip(normed.split(list(sizes)), projections)]
     sum((o * u).sum() for o, u in zip(ref_outs, ups)).backward()
     for o, r in zip(outs, ref_outs):

@@ -203,70 +203,128 @@ def rms_project_group(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: 
     rms_norm(x, weight, eps, dtype), projections)``, with the same arguments and outputs.
 
     For fp32 per-reader inputs (a layer's Q/K/V mixes) the norm is folded into the projection
-    (``_RMSProjection``): y = rstd * (x @ (w W)) + b, where rstd = 1 / rms(x) is a scalar per reader
+    (``_NormProjection``): y = rstd * (x @ (w W)) + b, where rstd = 1 / rms(x) is a scalar per reader
     and position. The norm's elementwise passes over x (R x B x T x D, 15 readers a layer in
     SmolLM2) then vanish from the forward, and its backward runs in d_head space but for one
     multiply-add over x. Otherwise (bf16/fp16, which HF rounds between norm and scale; one input
     for every reader) it is exactly the composition.
     """
-    if dtype != torch.float32 or x.shape[0] == 1 or shared_input(x) or weight.requires_grad:
+    if not _foldable(x, dtype, weight):
         return project_group(rms_norm(x, weight, eps, dtype), projections)
+    return _fold(x, weight, None, eps, False, projections)
+
+
+def ln_project_group(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dtype,
+                     projections: list) -> list[torch.Tensor]:
+    """Each reader's LayerNorm and then its Q/K/V projection: ``project_group(layer_norm(x, norm, dtype),
+    projections)``. For fp32 per-reader inputs the norm is folded into the projection as in
+    ``rms_project_group``: y = rstd ((x @ W') - mean(x) colsum(W')) + (b_norm @ W + b), W' = diag(w) W,
+    with mean and rstd from one pass over x. (Centring after the product cancels mean(x) colsum(W')
+    in fp32: an error of ~1e-7 |mean| / std relative, far inside the 1e-5 bar for residual streams,
+    whose mean over d_model is small against their spread.)"""
+    if norm.weight is None or not _foldable(x, dtype, norm.weight):
+        return project_group(layer_norm(x, norm, dtype), projections)
+    bias = None if norm.bias is None else norm.bias.float()
+    return _fold(x, norm.weight.float(), bias, norm.eps, True, projections)
+
+
+def _foldable(x: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    return dtype == torch.float32 and x.shape[0] > 1 and not shared_input(x) and not weight.requires_grad
+
+
+def _fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
     sizes = tuple(n for _, _, n in projections)
     if x.shape[0] != sum(sizes):
         raise ValueError(f"expected {sum(sizes)} reader inputs, got {x.shape[0]}")
     flat = [t for w, b, _ in projections for t in (w, b)]
-    return list(_RMSProjection.apply(x.float(), weight.float(), eps, sizes, *flat))
+    return list(_NormProjection.apply(x.float(), weight.float(), bias, eps, centred, sizes, *flat))
 
 
-class _RMSProjection(torch.autograd.Function):
-    """y_r = rstd_r (x_r @ W'_r) + b_r, W' = diag(w) W, rstd = (mean(x^2) + eps)^-1/2 per row of x;
-    dx = (rstd dy) @ W'^T - x rstd^3 (dy . u) / D with u = x @ W' (saved, d_head wide). x (R, B, T, D)
-    is typically a view of a position-major mix, saved as it is (``mixing.recompute_saved`` rebuilds
-    it), and its gradient is written position-major, as ``_GroupProjection``'s."""
+def _like_mix(x: torch.Tensor) -> torch.Tensor:
+    """An empty (P, R, D) tensor for the gradient of x (R, B, T, D): where x is a view of a position-major
+    mix with rows of D ``stride`` apart (a part of a larger reader group), one laid out the same way,
+    cut from a buffer as wide as the group's, so that the mix's backward takes it whole
+    (``mixing._Mix``); else dense."""
+    R, B, T, D = x.shape
+    wide = x.stride(2) // D if x.stride(0) == D and x.stride(-1) == 1 and x.stride(2) % D == 0 \
+        and x.stride(1) == T * x.stride(2) and x.storage_offset() == 0 else R
+    return x.new_empty((B * T, max(wide, R), D))[:, :R]
+
+
+class _NormProjection(torch.autograd.Function):
+    """A norm (RMS, or LayerNorm with ``centred``) folded into the per-reader projections:
+    y_r = rstd_r (x_r @ W'_r - m_r c_r) + b'_r with W' = diag(w) W, c = colsum(W'), b' = b_norm @ W + b,
+    m = mean(x) (0 for RMS), rstd = 1 / std(x) (1 / rms(x)), per row of x. The backward, with
+    u = (x - m) @ W' (saved, d_head wide) and dy the output gradient of a row:
+        dx = (rstd dy) @ W'^T - rstd^3 (dy . u) / D (x - m) - rstd (dy . c) / D    (last term: LayerNorm)
+    so that only the product and one multiply-add touch D-wide rows; the constant part rides on the
+    product as one more column. x (R, B, T, D) is typically a view of a position-major mix, saved as it
+    is (``mixing.recompute_saved`` rebuilds it), and its gradient is written position-major, as
+    ``_GroupProjection``'s."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, sizes, *weights_and_biases):
+    def forward(ctx, x, weight, bias, eps, centred, sizes, *weights_and_biases):
         R, B, T, D = x.shape
         rows = x.reshape(R, B * T, D)  # a view for position-major x
-        # one pass over x (vector_norm reads it once; pow(2).mean() writes a copy first)
-        rstd = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(D).add_(eps).rsqrt_()  # (R, P, 1)
+        # one read of x each (pow(2).mean() writes a copy first; var_mean is ~40x slower on CPU)
+        ms = torch.linalg.vector_norm(rows, dim=-1, keepdim=True).square_().div_(D)  # (R, P, 1) mean of x^2
+        if centred:  # var = E[x^2] - mean^2: see ln_project_group for its rounding
+            mean = rows.sum(-1, keepdim=True).div_(D)
+            rstd = ms.sub_(mean.square()).clamp_(min=0.0).add_(eps).rsqrt_()
+        else:
+            mean = None
+            rstd = ms.add_(eps).rsqrt_()
         outs, folded, us, start = [], [], [], 0
         for n, w_t, b in zip(sizes, weights_and_biases[0::2], weights_and_biases[1::2]):
             d_head = w_t.shape[1] // n
-            w = (weight[:, None] * w_t).view(D, n, d_head).transpose(0, 1)  # (n, D, d_head): the norm's scale folded in
+            w_full = weight[:, None] * w_t  # (D, n * d_head): the norm's scale folded in
+            w = w_full.view(D, n, d_head).transpose(0, 1)  # (n, D, d_head)
             u = torch.bmm(rows[start:start + n], w)  # (n, P, d_head)
             r = rstd[start:start + n]
+            if centred:
+                u.sub_(mean[start:start + n] * w_full.sum(0).view(n, 1, d_head))
+                if bias is not None:
+                    b = bias @ w_t if b is None else torch.addmv(b, w_t.t(), bias)
             y = u * r if b is None else torch.addcmul(b.view(n, 1, d_head), u, r)
             outs.append(y.view(n, B, T, d_head).permute(1, 0, 2, 3))
-            folded.append(w)
+            w_back = w.transpose(1, 2)  # (n, d_head, D); LayerNorm: a row of ones for its constant term
+            folded.append(torch.cat([w_back, w.new_ones(n, 1, D)], 1) if centred else w_back)
             us.append(u)
             start += n
-        ctx.save_for_backward(x, rstd, *folded, *us)
-        ctx.sizes = sizes
+        ctx.save_for_backward(x, rstd, *([] if mean is None else [mean]), *folded, *us)
+        ctx.sizes, ctx.centred = sizes, centred
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
         x, rstd, *rest = ctx.saved_tensors
+        mean = rest.pop(0) if ctx.centred else None
         k = len(ctx.sizes)
         R, B, T, D = x.shape
-        dense = x.new_empty((B * T, R, D))  # position-major, like the mix
-        coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D
+        dense = _like_mix(x)  # (P, R, D) view, position-major, laid out like x
+        coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D: the multiplier of x
         start = 0
         for n, w, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
-            target = dense[:, start:start + n].transpose(0, 1)  # (n, P, D), rows R * D apart
+            target = dense[:, start:start + n].transpose(0, 1)  # (n, P, D), rows apart as in x
             if g is None:
                 target.zero_()
+                start += n
+                continue
+            r = rstd[start:start + n]
+            dy = g.permute(1, 0, 2, 3).reshape(n, B * T, -1)  # (n, P, d_head)
+            c = torch.linalg.vecdot(dy, u).unsqueeze(-1) * r.pow(3) / -D
+            coef[start:start + n] = c
+            if ctx.centred:  # the constant part of each row, as one more column of the product
+                colsum = w[:, :-1].sum(-1, keepdim=True)  # (n, d_head, 1): c of the docstring
+                const = -(c * mean[start:start + n]) - r * (dy @ colsum) / D  # (n, P, 1)
+                torch.bmm(torch.cat([dy * r, const], -1), w, out=target)
             else:
-                r = rstd[start:start + n]
-                dy = g.permute(1, 0, 2, 3).reshape(n, B * T, -1)  # (n, P, d_head)
-                coef[start:start + n] = torch.linalg.vecdot(dy, u).unsqueeze(-1) * r.pow(3) / -D
-                torch.bmm(dy * r, w.transpose(1, 2), out=target)
+                torch.bmm(dy * r, w, out=target)
             start += n
-        dx = dense.view(B, T, R, D).permute(2, 0, 1, 3)
+        dx = dense.transpose(0, 1).view(R, B, T, D)
         dx.addcmul_(x, coef.view(R, B, T, 1))
-        return (dx, None, None, None, *[None] * (2 * k))
+        return (dx, None, None, None, None, None, *[None] * (2 * k))
 
 
 class _GroupProjection(torch.autograd.Function):

@@ -12,7 +12,7 @@ import torch
 
 from ..graph import GraphSpec
 from .base import Family
-from .common import Context, attention, head_outputs, layer_norm, project_group
+from .common import Context, attention, head_outputs, layer_norm, ln_project_group
 
 
 class GPT2Family(Family):
@@ -43,9 +43,9 @@ class GPT2Family(Family):
         block = self.body.h[layer]
         attn, D, H = block.attn, self.d_model, self.n_heads
         w, b = attn.c_attn.weight, attn.c_attn.bias  # Conv1D: (D, 3D), input-major
-        normed = layer_norm(x, block.ln_1, ctx.dtype)  # every Q/K/V reader applies ln_1 to its own input
-        q, k, v = project_group(normed, [(w[:, :D], b[:D], H), (w[:, D:2 * D], b[D:2 * D], H),
-                                         (w[:, 2 * D:], b[2 * D:], H)])
+        # every Q/K/V reader applies ln_1 to its own input, then its projection
+        q, k, v = ln_project_group(x, block.ln_1, ctx.dtype, [(w[:, :D], b[:D], H), (w[:, D:2 * D], b[D:2 * D], H),
+                                                              (w[:, 2 * D:], b[2 * D:], H)])
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
         return head_outputs(out, attn.c_proj.weight, ctx)  # (H, B, T, D)
 

@@ -25,7 +25,7 @@ import torch
 
 from ..graph import GraphSpec
 from .base import Family
-from .common import attention, head_outputs, layer_norm, project_group, rotary
+from .common import attention, head_outputs, layer_norm, ln_project_group, rotary
 
 
 class GPTNeoXFamily(Family):
@@ -69,8 +69,8 @@ class GPTNeoXFamily(Family):
     def attention(self, layer, x, ctx):
         block = self.body.layers[layer]
         attn = block.attention
-        normed = layer_norm(x, block.input_layernorm, ctx.dtype)  # every Q/K/V reader: input_layernorm
-        q, k, v = project_group(normed, self.projections(attn))  # (B, H, T, dh)
+        # every Q/K/V reader: input_layernorm, then its projection; (B, H, T, dh)
+        q, k, v = ln_project_group(x, block.input_layernorm, ctx.dtype, self.projections(attn))
         cos, sin = ctx.extra["rotary"]
         q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         out = attention(q, k, v, ctx, attn.scaling)  # (B, H, T, dh)
