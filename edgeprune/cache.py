@@ -95,6 +95,9 @@ class ReferenceCache:
         ref = torch.cat([logits for logits, _ in cached])
         if cached[0][1] is None:
             return ref, None
+        T = batch.input_ids.shape[1]
+        if all(kept.shape[1] == T for _, kept in cached):  # no padding: one write of the states, no zero fill
+            return ref, torch.stack([kept for _, kept in cached], dim=1)
         W, _, D = cached[0][1].shape
         states = cached[0][1].new_zeros((W, *batch.input_ids.shape, D))
         for b, (_, kept) in enumerate(cached):
