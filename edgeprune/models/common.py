@@ -287,25 +287,24 @@ class _NormProjection(torch.autograd.Function):
                     b = bias @ w_t if b is None else torch.addmv(b, w_t.t(), bias)
             y = u * r if b is None else torch.addcmul(b.view(n, 1, d_head), u, r)
             outs.append(y.view(n, B, T, d_head).permute(1, 0, 2, 3))
-            w_back = w.transpose(1, 2)  # (n, d_head, D); LayerNorm: a row of ones for its constant term
-            folded.append(torch.cat([w_back, w.new_ones(n, 1, D)], 1) if centred else w_back)
+            folded.append(w_t)  # the weight itself, not W': nothing weight-sized is kept per layer
             us.append(u)
             start += n
-        ctx.save_for_backward(x, rstd, *([] if mean is None else [mean]), *folded, *us)
+        ctx.save_for_backward(x, rstd, weight, *([] if mean is None else [mean]), *folded, *us)
         ctx.sizes, ctx.centred = sizes, centred
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        x, rstd, *rest = ctx.saved_tensors
+        x, rstd, weight, *rest = ctx.saved_tensors
         mean = rest.pop(0) if ctx.centred else None
         k = len(ctx.sizes)
         R, B, T, D = x.shape
         dense = _like_mix(x)  # (P, R, D) view, position-major, laid out like x
         coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D: the multiplier of x
         start = 0
-        for n, w, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
+        for n, w_t, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
             target = dense[:, start:start + n].transpose(0, 1)  # (n, P, D), rows apart as in x
             if g is None:
                 target.zero_()
@@ -313,12 +312,13 @@ class _NormProjection(torch.autograd.Function):
                 continue
             r = rstd[start:start + n]
             dy = g.permute(1, 0, 2, 3).reshape(n, B * T, -1)  # (n, P, d_head)
+            w = (weight[:, None] * w_t).view(D, n, -1).permute(1, 2, 0)  # (n, d_head, D): W'^T per reader
             c = torch.linalg.vecdot(dy, u).unsqueeze(-1) * r.pow(3) / -D
             coef[start:start + n] = c
             if ctx.centred:  # the constant part of each row, as one more column of the product
-                colsum = w[:, :-1].sum(-1, keepdim=True)  # (n, d_head, 1): c of the docstring
+                colsum = w.sum(-1, keepdim=True)  # (n, d_head, 1): c of the docstring
                 const = -(c * mean[start:start + n]) - r * (dy @ colsum) / D  # (n, P, 1)
-                torch.bmm(torch.cat([dy * r, const], -1), w, out=target)
+                torch.bmm(torch.cat([dy * r, const], -1), torch.cat([w, w.new_ones(n, 1, D)], 1), out=target)
             else:
                 torch.bmm(dy * r, w, out=target)
             start += n
