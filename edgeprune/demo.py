@@ -223,6 +223,11 @@ def run_demo(output_dir: str | Path = "runs/demo", *, program: str | Path = "rev
         print(f"edges: {rec.total_edges} in the graph, {len(rec.found)} found (no ground_truth.json to compare)")
     print(f"the circuit alone reproduces every output: {'yes' if rec.outputs_correct else 'NO'}; "
           f"{rec.steps} steps in {rec.seconds:.1f} s over {len(rec.attempts)} restarts")
+    within = rec.ground_truth and rec.found < rec.ground_truth and rec.outputs_correct and rec.removable == []
+    if within:  # a faithful, 1-minimal circuit inside the weight-level truth (docs/tracr.md, deeper programs)
+        left = sorted(rec.ground_truth - rec.found, key=lambda e: (e[1], e[0]))
+        print(f"inside the ground truth, every kept edge needed; the {len(left)} ground-truth edges left out are "
+              "not needed for these outputs: " + ", ".join(f"{w}->{r}" for w, r in left))
     print(f"written: {out / 'edges.json'}, {out / 'circuit.json'}, " + ", ".join(str(p) for p in paths))
-    ok = rec.outputs_correct and (not rec.ground_truth or rec.exact)
+    ok = rec.outputs_correct and (not rec.ground_truth or rec.exact or within)
     return 0 if ok else 1

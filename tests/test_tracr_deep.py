@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from edgeprune.cli import main
 from edgeprune.demo import prune_and_check
 from edgeprune.faithful import LAMBDA_MAX
 from tracr_compile import fresh_compile, have_tracr, REQUIRED
@@ -60,3 +61,12 @@ def test_target_free_circuit_is_faithful_minimal_and_within_the_truth(name, tmp_
     assert lambdas and max(lambdas) <= LAMBDA_MAX * (1 + 1e-5)
     selection = json.loads((r.run_dir / "circuit_selection.json").read_text())
     assert selection["prune_back"].startswith("done")
+
+
+@pytest.mark.slow
+def test_demo_on_a_deep_program_says_inside_the_truth_and_succeeds(tmp_path, capsys):
+    code = main(["demo", "--program", "shuffle_dyck", "--output-dir", str(tmp_path / "demo"), "--restarts", "1",
+                 "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "precision 1.000" in printed and "inside the ground truth, every kept edge needed" in printed
