@@ -145,9 +145,7 @@ def _ablated(model, B, needed, corrupted_ids, corrupted_mask):
         if corrupted_ids is not None:
             raise ValueError(f"corrupted_input_ids is only used under interchange ablation (this model: "
                              f"{model.ablation!r})")
-        if model.ablation == "mean" and model.mean_states is None:
-            raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
-                             "model.compute_mean_states(batches)) first")
+        model.fixed_ablated_states()  # refuses mean ablation without mean states
         return None
     if corrupted_ids is None:
         raise ValueError("interchange ablation needs a corrupted prompt to generate (corrupted_input_ids / "

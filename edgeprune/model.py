@@ -292,6 +292,16 @@ class EdgeModel(nn.Module):
             raise ValueError(f"mean states must have shape {expected} (writers, d_model), got {tuple(states.shape)}")
         self.mean_states = states.float().to(self.device)
 
+    def fixed_ablated_states(self) -> torch.Tensor | None:
+        """The ablated states of zero and mean ablation, which do not depend on the input: None (zero) or
+        the mean states as (W, 1, 1, D); an error for mean ablation without mean states."""
+        if self.ablation == "zero":
+            return None
+        if self.mean_states is None:
+            raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
+                             "model.compute_mean_states(batches)) first")
+        return self.mean_states[:, None, None, :]
+
     # ------------------------------------------------------------------ internals
     def _check_spans(self, span_ids, ids, past):
         if self.spans is None:
@@ -333,13 +343,8 @@ class EdgeModel(nn.Module):
 
     def _ablated_states(self, ids, corrupted_ids, corrupted_mask, corrupted_states, position_ids):
         """The ablated writer states (W, B, T, D) or (W, 1, 1, D), or None for zero ablation."""
-        if self.ablation == "zero":
-            return None
-        if self.ablation == "mean":
-            if self.mean_states is None:
-                raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
-                                 "model.compute_mean_states(batches)) first")
-            return self.mean_states[:, None, None, :]
+        if self.ablation != "interchange":
+            return self.fixed_ablated_states()
         if corrupted_states is not None:
             if isinstance(corrupted_states, (list, tuple)):  # writer groups, as older callers keep them
                 corrupted_states = torch.cat(list(corrupted_states))

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from ..eval import reference_and_corrupted
 from ..model import EdgeModel
-from .ig_inputs import METRICS, check_metric, input_gradient_scores, metric_at_positions
+from .ig_inputs import METRICS, Reference, check_metric, input_gradient_scores, metric_at_positions
 
 IG_RULES = ("midpoint", "right")
 VARIANTS = ("inputs", "masks")  # EAP-IG's path: interpolated inputs (default) or edge masks
@@ -77,12 +77,8 @@ def prepare(model: EdgeModel, batch) -> Prepared:
     """One no-grad pass of the frozen weights: reference logits, alternatives, ablated states."""
     batch = batch.to(model.device)
     full, corrupted = reference_and_corrupted(model, batch)
-    sel = batch.loss_mask
-    ref = full[sel].float()
-    targets = batch.target_ids[sel]
-    others = ref.clone()
-    others.scatter_(1, targets[:, None], -torch.inf)
-    return Prepared(batch, corrupted, ref, targets, others.argmax(-1))
+    r = Reference.of(full[batch.loss_mask], batch.target_ids[batch.loss_mask])
+    return Prepared(batch, corrupted, r.ref, r.targets, r.alt)
 
 
 def metric_sum(logits: torch.Tensor, p: Prepared, metric: str) -> torch.Tensor:

@@ -177,10 +177,7 @@ def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric:
             corrupted = model.full_forward(batch.corrupted_input_ids, batch.corrupted_attention_mask,
                                            return_states=True, select=torch.zeros_like(sel)).states
         elif not interchange:
-            corrupted = None if model.ablation == "zero" else model.mean_states[:, None, None, :]
-            if model.ablation == "mean" and corrupted is None:
-                raise ValueError("ablation='mean' needs mean states: call model.set_mean_states("
-                                 "model.compute_mean_states(batches)) first")
+            corrupted = model.fixed_ablated_states()
         diffs = torch.empty(clean.shape, dtype=torch.float32, device=clean.device)  # (W, B, T, D), writer-major
         if corrupted is None:
             diffs.copy_(clean)
