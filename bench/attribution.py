@@ -14,9 +14,11 @@ batch (``eap_scores`` / ``eap_ig_scores`` with ``--ig-steps`` steps, as ``edgepr
 it, the per-batch passes for the writer states included) and one HF forward+backward of the same
 batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights frozen,
 cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
-its steps; EAP is one step) and its ratio to HF's forward+backward. The masks variant runs the
-edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
-``--repeats-masks``.
+its steps and ``--batches``; EAP is one step a batch) and its ratio to HF's forward+backward of one
+batch. An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split:
+its buffers are allocated once per attribution, not once per batch (``ig_inputs.Workspace``). The
+masks variant runs the edge-masked forward at every step; it takes 2.5-4x HF per step
+(docs/scale.md), so give it few ``--repeats-masks``.
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
     hf_step = HFStep(hf, batch)
     clock = make_clock(device)
     runs = []
+    batches = [batch] * args.batches  # one attribution over several batches, as a real split runs
     for variant in args.variants.split(","):
-        runs.append(("eap", variant, 1, lambda v=variant: eap_scores(model, [batch], variant=v)))
-        runs.append(("eap-ig", variant, args.ig_steps,
-                     lambda v=variant: eap_ig_scores(model, [batch], steps=args.ig_steps, variant=v)))
+        runs.append(("eap", variant, args.batches, lambda v=variant: eap_scores(model, batches, variant=v)))
+        runs.append(("eap-ig", variant, args.ig_steps * args.batches,
+                     lambda v=variant: eap_ig_scores(model, batches, steps=args.ig_steps, variant=v)))
     out = []
     for method, variant, steps, fn in runs:
         repeats = args.repeats_masks if variant == "masks" else args.repeats
@@ -72,10 +75,10 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
             times.append(clock() / steps)
         per_step, hf_s = statistics.median(times), statistics.median(hf_times)
         out.append({"model": kind, "shape": f"{shape[0]}x{shape[1]}", "method": method, "variant": variant,
-                    "steps": steps, "per_step_s": per_step, "hf_s": hf_s, "ratio": per_step / hf_s,
+                    "steps": steps // args.batches, "per_step_s": per_step, "hf_s": hf_s, "ratio": per_step / hf_s,
                     "graph": model.graph.describe()})
         r = out[-1]
-        print(f"  {kind} {r['shape']} {method:<6} {variant:<6} ({steps} step{'s' if steps > 1 else ''}): "
+        print(f"  {kind} {r['shape']} {method:<6} {variant:<6} ({r['steps']} step{'s' if r['steps'] > 1 else ''}): "
               f"{per_step:.3f} s/step, HF fwd+bwd {hf_s:.3f} s, ratio {r['ratio']:.2f}x", flush=True)
     return out
 
@@ -88,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=None, help="override the number of layers")
     parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated: {', '.join(VARIANTS)}")
     parser.add_argument("--ig-steps", type=int, default=5)
+    parser.add_argument("--batches", type=int, default=4,
+                        help="batches per attribution (the figure is per batch and IG step)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure (median)")
     parser.add_argument("--repeats-masks", type=int, default=1, help="timed runs of the masks variant")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))

@@ -84,6 +84,26 @@ def reader_view(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
     return x.view(B, T, x.shape[1], x.shape[2]).permute(2, 0, 1, 3)
 
 
+class StateSink:
+    """Where a plain (unmasked) pass writes its writer states, writer-major: ``buffer`` (W, B, T, D)
+    gets s_w - s~_w, or s_w itself without ``ablated`` (in the buffer's dtype; fp32 keeps differences of
+    half-precision states exact). ``ablated`` (W, B, T, D), broadcastable (W, 1, 1, D), or ``buffer``
+    itself: then each group's differences overwrite the ablated states in place, so a corrupted pass
+    into a sink and a clean pass subtracting it leave s - s~ in one buffer, with no second buffer and
+    no separate subtraction pass (``baselines/ig_inputs.py``). ``model.full_forward(..., sink=)``."""
+
+    def __init__(self, buffer: torch.Tensor, ablated: torch.Tensor | None = None):
+        self.buffer, self.ablated = buffer, ablated
+
+    def write(self, states: torch.Tensor, start: int) -> None:
+        rows = slice(start, start + states.shape[0])
+        with torch.no_grad():
+            if self.ablated is None:
+                self.buffer[rows].copy_(states)
+            else:
+                torch.sub(states, self.ablated[rows], out=self.buffer[rows])
+
+
 class WriterStates:
     """The writer states of one forward, kept once as differences d_w = s_w - s~_w.
 

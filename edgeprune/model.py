@@ -250,20 +250,24 @@ class EdgeModel(nn.Module):
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
                      select: torch.Tensor | None = None, states_rows: slice | None = None,
-                     past_key_values=None, embeds: torch.Tensor | None = None, taps=None) -> EdgeOutput:
+                     past_key_values=None, embeds: torch.Tensor | None = None, taps=None,
+                     sink=None) -> EdgeOutput:
         """The unmasked model (every edge kept), optionally returning its writer states.
 
         ``select`` as in ``forward``; ``states_rows`` keeps the states of these batch rows only
         (the reference pass runs clean and corrupted inputs as one batch and keeps the corrupted half).
         ``embeds`` ((E, B, T, D), the embedding writers' states) replaces the embedding of input_ids
         (EAP-IG's inputs variant runs on interpolated embeddings); ``taps`` (``taps.ReaderTaps``) records
-        the gradient at every reader's own input in the backward (``baselines/ig_inputs.py``).
+        the gradient at every reader's own input in the backward (``baselines/ig_inputs.py``); ``sink``
+        (``mixing.StateSink``) takes the writer states (of rows ``states_rows``) instead of a new buffer.
         """
         position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values, None)
         if embeds is not None and tuple(embeds.shape[1:3]) != tuple(input_ids.shape):
             raise ValueError(f"embeds must have shape (embedding writers, batch, seq, d_model) with (batch, seq) = "
                              f"{tuple(input_ids.shape)}, got {tuple(embeds.shape)}")
-        return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows,
+        if sink is not None and return_states:
+            raise ValueError("full_forward: give return_states or a sink, not both")
+        return self._run(input_ids, attention_mask, position_ids, None, sink, return_states, select, states_rows,
                          past=past_key_values, embeds=embeds, taps=taps)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
@@ -368,7 +372,8 @@ class EdgeModel(nn.Module):
              states_rows=None, past=None, span_ids=None, embeds=None, taps=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
-        z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``. Each decoder layer
+        z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states`` (with z None: the
+        ``StateSink`` of ``full_forward``, or None). Each decoder layer
         runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
@@ -384,10 +389,11 @@ class EdgeModel(nn.Module):
         if z is None:  # the plain residual stream, in fp32; writer states only if asked for
             keep = slice(None) if states_rows is None else states_rows
             # reader taps without states: only the sum of a layer's heads is needed (one GEMM, as HF)
-            ctx.extra["heads_summed"] = taps is not None and not return_states
-            store = None
+            store = ablated  # the unmasked pass takes no ablated states: this is its sink, if any
+            ctx.extra["heads_summed"] = taps is not None and not return_states and store is None
             if return_states:
                 store = WriterStates(graph.num_writers, emb[:, keep].shape[1:], emb.dtype, emb.device)
+            if store is not None:
                 store.write(emb[:, keep], 0)
             resid = emb.float().sum(0)  # (B, T, D)
             for layer in range(graph.spec.n_layers):
@@ -395,7 +401,7 @@ class EdgeModel(nn.Module):
             if taps is not None:  # resid_post, the last reader
                 resid = taps.tap(resid, self.graph.reader_blocks[-1].slice)[0]
             logits = self._readout(resid, select, ctx)
-            return EdgeOutput(logits=logits, states=None if store is None else store.states(None, emb.dtype))
+            return EdgeOutput(logits=logits, states=store.states(None, emb.dtype) if return_states else None)
 
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,

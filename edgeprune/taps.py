@@ -26,8 +26,15 @@ class ReaderTaps:
     slice of the graph's reader order); gradients that reach it are added to ``grad[rows]``.
     """
 
-    def __init__(self, n_readers: int, shape: tuple[int, int, int], device: torch.device):
-        self.grad = torch.empty((n_readers, *shape), dtype=torch.float32, device=device)
+    def __init__(self, n_readers: int, shape: tuple[int, int, int], device: torch.device,
+                 grad: torch.Tensor | None = None):
+        """``grad``: an fp32 (n_readers, *shape) buffer to use (its contents are ignored), else a new one."""
+        if grad is None:
+            grad = torch.empty((n_readers, *shape), dtype=torch.float32, device=device)
+        elif tuple(grad.shape) != (n_readers, *shape) or grad.dtype != torch.float32:
+            raise ValueError(f"ReaderTaps: buffer of shape {tuple(grad.shape)} ({grad.dtype}), "
+                             f"needs {(n_readers, *shape)} float32")
+        self.grad = grad
         self._written = torch.zeros(n_readers, dtype=torch.bool)  # rows holding a gradient (else garbage)
 
     def add(self, rows: slice, grad: torch.Tensor) -> None:

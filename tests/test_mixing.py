@@ -5,7 +5,7 @@ import torch
 
 from edgeprune import EdgeModel
 from edgeprune.eval import reference_and_corrupted
-from edgeprune.mixing import WriterStates, recompute_saved
+from edgeprune.mixing import StateSink, WriterStates, recompute_saved
 from conftest import build, token_batch
 
 
@@ -177,3 +177,21 @@ def test_folded_norm_projection_matches_norm_then_projection(norm, bias):
     for o, r in zip(outs, ref_outs):
         assert (o - r).abs().max() <= 1e-5
     assert (x.grad.permute(2, 0, 1, 3) - ref_x.grad).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_state_sink_leaves_clean_minus_corrupted_states_in_one_buffer(kind):
+    """A corrupted pass into a sink, then a clean pass subtracting it in place, leaves exactly the
+    difference of the two passes' own states (EAP's one buffer, ``baselines/ig_inputs.py``)."""
+    model = EdgeModel.from_hf(build(kind, seed=4))
+    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+    clean_states = model.full_forward(ids, return_states=True).states
+    corrupted_states = model.full_forward(corrupted, return_states=True).states
+    buffer = torch.full(clean_states.shape, float("nan"))
+    model.full_forward(corrupted, sink=StateSink(buffer))
+    assert torch.equal(buffer, corrupted_states)
+    logits = model.full_forward(ids, sink=StateSink(buffer, buffer)).logits
+    assert torch.equal(logits, model.full_forward(ids).logits)
+    assert torch.equal(buffer, clean_states - corrupted_states)
+    with pytest.raises(ValueError, match="return_states or a sink"):
+        model.full_forward(ids, return_states=True, sink=StateSink(buffer))

@@ -13,8 +13,9 @@ with ``dm/dx_r`` the gradient at reader r's own input (before its norm) in the *
 e(alpha). Sign as ``attribution``: ``score_e`` estimates m(edge e ablated) - m(full). Completeness:
 the scores sum to ~ m(corrupted input) - m(clean input), exactly in the limit of many steps.
 
-What it costs. The writer states s (clean) and s~ (corrupted) do not depend on alpha: one no-grad
-pass over clean and corrupted inputs together gives them (and the reference logits). Then each
+What it costs. The writer states s (clean) and s~ (corrupted) do not depend on alpha: a no-grad pass
+over the corrupted input writes s~ into one fp32 buffer, and a no-grad pass over the clean input
+overwrites it in place with s - s~ (``mixing.StateSink``) and gives the reference logits. Then each
 alpha is one plain forward and backward with *reader taps* (``edgeprune.taps``): every Q/K/V reader
 of a layer gets its own stride-0 view of the residual, so the backward gives each reader its own
 ``dm/dx_r`` (norm and projection backward per reader; their forward runs once, as in HF). The taps
@@ -23,8 +24,9 @@ sum those over the alphas in one fp32 (readers, B, T, D) buffer, and one contrac
 in fp32, summed over examples in fp64), gives every edge's score. No edge-masked forward runs.
 
 EAP is alpha = 1: the forward is the plain clean forward, which also gives the reference logits
-and the clean states, so EAP costs one forward and backward plus a no-grad pass over the corrupted
-input (none under zero or mean ablation). It is the same quantity as the masks variant's
+and subtracts the clean states in place, so EAP costs one forward and backward plus a no-grad pass
+over the corrupted input (none under zero or mean ablation). Both buffers, the differences and
+the reader gradients, are reused from batch to batch (``Workspace``). It is the same quantity as the masks variant's
 ``-dm/dz (z = 1)`` (``attribution.path_gradient_scores``): at z = 1 the masked model's reader inputs
 are the plain model's and ``dm/dz_e = <dm/dx_r, s_w - s~_w>``.
 
@@ -47,6 +49,7 @@ the same attention mask (every task batch does): the path interpolates tokens, n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +57,7 @@ from tqdm.auto import tqdm
 
 from ..eval import kl_divergence
 from ..graph import Graph
+from ..mixing import StateSink
 from ..model import EdgeModel
 from ..taps import ReaderTaps
 
@@ -121,9 +125,10 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
     S = model.n_spans or 1
     total = torch.zeros((S, graph.num_readers, graph.num_writers), dtype=torch.float64, device=model.device)
     bar = tqdm(total=len(batches) * len(alphas), desc=desc, disable=not progress, leave=False)
+    workspace = Workspace(model.device)
     for batch in batches:
         grads, diffs = batch_reader_gradients(model, batch.to(model.device), alphas, metric, n_total,
-                                              lambda: bar.update(1))
+                                              lambda: bar.update(1), workspace)
         contract(graph, grads, diffs, None if model.spans is None else batch.span_ids.to(model.device), S, total)
         del grads, diffs
     bar.close()
@@ -132,57 +137,72 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
     return (-edges / len(alphas)).float().cpu()
 
 
-def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric: str, n_total: int,
-                           step=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One batch: (readers, B, T, D) fp32 ``sum_alpha dm/dx_r`` and (W, B, T, D) fp32 ``s_w - s~_w``.
+class Workspace:
+    """Flat buffers reused from batch to batch (``take`` views a prefix in any shape that fits): the
+    writer differences and the reader gradients are hundreds of MB at real sizes, and a fresh
+    allocation of that size costs the kernel's zeroing of every page on first touch (~25 ms per
+    177 MB on this class of machine, a fifth of an EAP step on SmolLM2-135M)."""
 
-    m is the metric summed over the batch's loss positions, divided by ``n_total``."""
+    def __init__(self, device: torch.device):
+        self.device = device
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n = math.prod(shape)
+        flat = self._flat.get(name)
+        if flat is None or flat.numel() < n or flat.dtype != dtype:
+            self._flat.pop(name, None)  # let the old one go before the new one is allocated
+            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=self.device)
+        return flat[:n].view(shape)
+
+
+def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric: str, n_total: int,
+                           step=lambda: None, workspace: Workspace | None = None
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One batch: (readers, B, T, D) fp32 ``sum_alpha dm/dx_r`` and (W, B, T, D) fp32 ``s_w - s~_w``,
+    both views of ``workspace`` buffers (valid until its next batch).
+
+    m is the metric summed over the batch's loss positions, divided by ``n_total``. The corrupted
+    pass writes its states into the differences buffer and the clean pass subtracts itself from
+    them in place (``mixing.StateSink``): under EAP that clean pass is the gradient pass itself."""
     ids, mask, sel = batch.input_ids, batch.attention_mask, batch.loss_mask
     B, T = ids.shape
-    fam = model.family
+    fam, graph = model.family, model.graph
+    workspace = Workspace(model.device) if workspace is None else workspace
+    shape = (B, T, model.hf.config.hidden_size)
     targets = batch.target_ids[sel]
-    taps = ReaderTaps(model.graph.num_readers, (B, T, model.hf.config.hidden_size), model.device)
+    taps = ReaderTaps(graph.num_readers, shape, model.device, workspace.take("taps", (graph.num_readers, *shape)))
+    diffs = workspace.take("diffs", (graph.num_writers, *shape))  # (W, B, T, D), writer-major
     interchange = model.ablation == "interchange"
     if interchange and mask is not None and not torch.equal(mask, batch.corrupted_attention_mask):
         raise ValueError("EAP/EAP-IG (inputs variant): clean and corrupted inputs must have the same attention "
                          "mask (the path interpolates tokens, not padding); use --ig-variant masks")
+    eap = alphas == [1.0]
     with torch.no_grad():
         ctx = fam.context(ids, mask, None)
         clean_emb = fam.embed(ids, ctx)  # (E, B, T, D)
-        if alphas == [1.0]:  # EAP: the clean forward itself gives the reference and the clean states
-            ref, clean, corrupted_emb = None, None, None
-        elif interchange:
-            both = model.full_forward(torch.cat([ids, batch.corrupted_input_ids]),
-                                      None if mask is None else torch.cat([mask, batch.corrupted_attention_mask]),
-                                      return_states=True, select=torch.cat([sel, torch.zeros_like(sel)]))
-            ref = Reference.of(both.logits, targets)
-            clean, corrupted = both.states[:, :B], both.states[:, B:]
+        if interchange:
+            model.full_forward(batch.corrupted_input_ids, batch.corrupted_attention_mask,
+                               select=torch.zeros_like(sel), sink=StateSink(diffs))
+        sink = StateSink(diffs, diffs if interchange else model.fixed_ablated_states())
+        ref = corrupted_emb = None
+        if not eap:  # the clean states and the reference, once for every alpha
+            ref = Reference.of(model.full_forward(ids, mask, select=sel, sink=sink).logits, targets)
             corrupted_emb = fam.embed(batch.corrupted_input_ids, ctx)
+            sink = None
     for alpha in alphas:
         with torch.no_grad():
             emb = clean_emb if alpha == 1.0 else (alpha * clean_emb.float()
                                                   + (1.0 - alpha) * corrupted_emb.float()).to(clean_emb.dtype)
         emb = emb.detach().requires_grad_(True)
-        with torch.enable_grad():
-            out = model.full_forward(ids, mask, embeds=emb, taps=taps, select=sel, return_states=clean is None)
+        with torch.enable_grad():  # EAP: the clean forward itself gives the reference and the clean states
+            out = model.full_forward(ids, mask, embeds=emb, taps=taps, select=sel, sink=sink)
             if ref is None:
                 ref = Reference.of(out.logits, targets)
-                clean = out.states.detach()
             m = metric_at_positions(out.logits, ref.ref, ref.targets, ref.alt, metric) / n_total
             torch.autograd.grad(m, emb)
         del out, m, emb
         step()
-    with torch.no_grad():
-        if alphas == [1.0] and interchange:
-            corrupted = model.full_forward(batch.corrupted_input_ids, batch.corrupted_attention_mask,
-                                           return_states=True, select=torch.zeros_like(sel)).states
-        elif not interchange:
-            corrupted = model.fixed_ablated_states()
-        diffs = torch.empty(clean.shape, dtype=torch.float32, device=clean.device)  # (W, B, T, D), writer-major
-        if corrupted is None:
-            diffs.copy_(clean)
-        else:
-            torch.sub(clean.float(), corrupted.float(), out=diffs)
     return taps.finish(), diffs
 
 
