@@ -15,10 +15,10 @@ it, the per-batch passes for the writer states included) and one HF forward+back
 batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights frozen,
 cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
 its steps and ``--batches``; EAP is one step a batch) and its ratio to HF's forward+backward of one
-batch. An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split:
-its buffers are allocated once per attribution, not once per batch (``ig_inputs.Workspace``). The
-masks variant runs the edge-masked forward at every step; it takes 2.5-4x HF per step
-(docs/scale.md), so give it few ``--repeats-masks``.
+batch. An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split
+(its big buffers are kept from batch to batch, ``edgeprune.buffers``). The masks variant runs the
+edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
+``--repeats-masks``.
 """
 
 from __future__ import annotations

@@ -24,10 +24,11 @@ How it stays lean and fast (DESIGN.md section 3):
   read it with a row stride, so no transpose is ever copied in the forward.
 - Gradients to the states go through a side channel: each write returns an autograd *token* that
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
-  gradient buffer laid out like the states, and a write's backward (which autograd runs only after
-  every mix that read it) hands its writers' slice to the writer's own backward. So states are
-  stored once, never saved per mix, and their gradients accumulate in fp32. The first mix backward
-  (the read-out's, over every writer) writes that buffer rather than adding to a zeroed one.
+  gradient buffer (writer-major, so that this is one GEMM per mix), and a write's backward (which
+  autograd runs only after every mix that read it) hands its writers' slice to the writer's own
+  backward. So states are stored once, never saved per mix, and their gradients accumulate in
+  fp32. The first mix backward (the read-out's, over every writer) writes that buffer rather than
+  adding to a zeroed one.
 - At depth the mix is bound by memory traffic over the buffer, not by FLOPs (a reader group reads
   the differences of every earlier writer, forward and backward), so readers that read the same
   writers share one pass: a layer's MLP row rides on its Q/K/V mix (``split``: one product, one
@@ -52,6 +53,7 @@ from contextlib import contextmanager
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import buffers
 from .graph import Graph
 
 
@@ -119,12 +121,14 @@ class WriterStates:
     """
 
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None):
+                 ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None,
+                 pool: str | None = None):
         B, T, D = shape
         self.shape = (B, T, D)
+        self.pool = pool  # the buffers' names in ``edgeprune.buffers`` (kept from step to step), or None
         # (P,) long: the span of each position, for position-aware masks z (S, R, n); None: z (R, n)
         self.span_ids = None if span_ids is None else span_ids.reshape(B * T).to(device=device, dtype=torch.long)
-        self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device)
+        self.buffer = self._new((B, T, n_writers, D), dtype, device, "states")
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
@@ -133,6 +137,11 @@ class WriterStates:
         self.sealed = False
         # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
         self._sums: dict = {0: None}
+
+    def _new(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
+        if self.pool is None:
+            return torch.empty(shape, dtype=dtype, device=device)
+        return buffers.take(f"{self.pool}.{what}", shape, dtype, device)
 
     def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
         """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
@@ -238,38 +247,41 @@ class WriterStates:
         return total.float()
 
     def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor, start: int = 0) -> None:
-        """grad[:, start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (P, R, D),
+        """grad[start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (P, R, D),
         in fp32. The first call that covers every writer (the read-out's, the first backward) writes the
-        buffer instead of adding to a zeroed one."""
+        buffer instead of adding to a zeroed one.
+
+        ``grad`` is writer-major, (W, P, D), unlike the states: a writer slice is then one dense
+        (k, P x D) block, and shared masks make the update one GEMM, (k, R) x (R, P x D), that reads
+        and writes the block once. (A per-position batched product into a position-major slice is
+        not dense, and CPU BLAS then falls back to one small product per position: twice the time.)"""
         k, R = z.shape[-1], z.shape[-2]
         if start + k > self._taken:
             raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
                                "not supported: run the forward again")
-        fresh = self.grad is None and start == 0 and k == self.flat.shape[1]
-        if fresh:
-            self.grad = torch.empty(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
-        elif self.grad is None:
-            self.grad = torch.zeros(self.flat.shape, dtype=torch.float32, device=self.buffer.device)
-        target = self.grad[:, start:start + k]
-        if z.dim() == 3:  # position-aware: each position's own masks
-            zt = per_position(z, self.span_ids, grad_out.shape[0]).transpose(1, 2)  # (P, k, R)
-        else:  # one small (k, R) x (R, D) product per position
-            zt = z.T.expand(grad_out.shape[0], k, R)
-        if R == 1:  # one reader (an MLP, the read-out): a rank-one update, one broadcast multiply
-            torch.mul(zt, grad_out, out=target) if fresh else target.addcmul_(zt, grad_out)
-        elif fresh:
-            torch.bmm(zt, grad_out, out=target)
-        else:
-            target.baddbmm_(zt, grad_out)
+        P, W, D = self.flat.shape
+        fresh = self.grad is None and start == 0 and k == W
+        if self.grad is None:
+            self.grad = self._new((W, P, D), torch.float32, self.buffer.device, "grad")
+            if not fresh:
+                self.grad.zero_()
+        target = self.grad[start:start + k].view(k, P * D)
+        if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
+            zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
+            part = torch.bmm(zt, grad_out).transpose(0, 1).reshape(k, P * D)
+            target.copy_(part) if fresh else target.add_(part)
+            return
+        go = grad_out.transpose(0, 1).reshape(R, P * D)  # reader-major (a view for one reader)
+        torch.mm(z.T, go, out=target) if fresh else target.addmm_(z.T, go)
 
     def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
-        """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in ``dtype``."""
+        """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in
+        ``dtype``: in fp32 a view of the buffer (those rows are not written again)."""
         self._taken = min(self._taken, rows.start)
         if self.grad is None:
             return None
-        B, T, _ = self.shape
-        grad = self.grad[:, rows].view(B, T, rows.stop - rows.start, -1).permute(2, 0, 1, 3)
-        return grad.to(dtype=dtype, memory_format=torch.contiguous_format)
+        B, T, D = self.shape
+        return self.grad[rows].view(rows.stop - rows.start, B, T, D).to(dtype)
 
 
 class _Write(torch.autograd.Function):

@@ -405,7 +405,7 @@ class EdgeModel(nn.Module):
 
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
-                             self.mask_grad_reduce, span_ids)
+                             self.mask_grad_reduce, span_ids, pool="mix")
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
         for layer, blocks in enumerate(self._layer_readers):

@@ -26,7 +26,7 @@ in fp32, summed over examples in fp64), gives every edge's score. No edge-masked
 EAP is alpha = 1: the forward is the plain clean forward, which also gives the reference logits
 and subtracts the clean states in place, so EAP costs one forward and backward plus a no-grad pass
 over the corrupted input (none under zero or mean ablation). Both buffers, the differences and
-the reader gradients, are reused from batch to batch (``Workspace``). It is the same quantity as the masks variant's
+the reader gradients, are reused from batch to batch (``edgeprune.buffers``). It is the same quantity as the masks variant's
 ``-dm/dz (z = 1)`` (``attribution.path_gradient_scores``): at z = 1 the masked model's reader inputs
 are the plain model's and ``dm/dz_e = <dm/dx_r, s_w - s~_w>``.
 
@@ -49,12 +49,12 @@ the same attention mask (every task batch does): the path interpolates tokens, n
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .. import buffers
 from ..eval import kl_divergence
 from ..graph import Graph
 from ..mixing import StateSink
@@ -125,10 +125,9 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
     S = model.n_spans or 1
     total = torch.zeros((S, graph.num_readers, graph.num_writers), dtype=torch.float64, device=model.device)
     bar = tqdm(total=len(batches) * len(alphas), desc=desc, disable=not progress, leave=False)
-    workspace = Workspace(model.device)
     for batch in batches:
         grads, diffs = batch_reader_gradients(model, batch.to(model.device), alphas, metric, n_total,
-                                              lambda: bar.update(1), workspace)
+                                              lambda: bar.update(1))
         contract(graph, grads, diffs, None if model.spans is None else batch.span_ids.to(model.device), S, total)
         del grads, diffs
     bar.close()
@@ -137,30 +136,10 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
     return (-edges / len(alphas)).float().cpu()
 
 
-class Workspace:
-    """Flat buffers reused from batch to batch (``take`` views a prefix in any shape that fits): the
-    writer differences and the reader gradients are hundreds of MB at real sizes, and a fresh
-    allocation of that size costs the kernel's zeroing of every page on first touch (~25 ms per
-    177 MB on this class of machine, a fifth of an EAP step on SmolLM2-135M)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self._flat: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        n = math.prod(shape)
-        flat = self._flat.get(name)
-        if flat is None or flat.numel() < n or flat.dtype != dtype:
-            self._flat.pop(name, None)  # let the old one go before the new one is allocated
-            flat = self._flat[name] = torch.empty(n, dtype=dtype, device=self.device)
-        return flat[:n].view(shape)
-
-
 def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric: str, n_total: int,
-                           step=lambda: None, workspace: Workspace | None = None
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
+                           step=lambda: None) -> tuple[torch.Tensor, torch.Tensor]:
     """One batch: (readers, B, T, D) fp32 ``sum_alpha dm/dx_r`` and (W, B, T, D) fp32 ``s_w - s~_w``,
-    both views of ``workspace`` buffers (valid until its next batch).
+    both views of buffers kept from batch to batch (``edgeprune.buffers``: let them go before the next).
 
     m is the metric summed over the batch's loss positions, divided by ``n_total``. The corrupted
     pass writes its states into the differences buffer and the clean pass subtracts itself from
@@ -168,11 +147,11 @@ def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric:
     ids, mask, sel = batch.input_ids, batch.attention_mask, batch.loss_mask
     B, T = ids.shape
     fam, graph = model.family, model.graph
-    workspace = Workspace(model.device) if workspace is None else workspace
     shape = (B, T, model.hf.config.hidden_size)
     targets = batch.target_ids[sel]
-    taps = ReaderTaps(graph.num_readers, shape, model.device, workspace.take("taps", (graph.num_readers, *shape)))
-    diffs = workspace.take("diffs", (graph.num_writers, *shape))  # (W, B, T, D), writer-major
+    R, W = graph.num_readers, graph.num_writers
+    taps = ReaderTaps(R, shape, model.device, buffers.take("eap.taps", (R, *shape), torch.float32, model.device))
+    diffs = buffers.take("eap.diffs", (W, *shape), torch.float32, model.device)  # (W, B, T, D), writer-major
     interchange = model.ablation == "interchange"
     if interchange and mask is not None and not torch.equal(mask, batch.corrupted_attention_mask):
         raise ValueError("EAP/EAP-IG (inputs variant): clean and corrupted inputs must have the same attention "

@@ -1,0 +1,55 @@
+"""Buffers kept from step to step (``edgeprune.buffers``): reused only when nothing else views them."""
+
+import pytest
+import torch
+
+from conftest import build, token_batch
+from edgeprune import EdgeModel, buffers
+
+pytestmark = pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None,
+                                reason="this torch does not expose storage use counts: nothing is kept")
+
+
+def test_a_free_buffer_is_reused_and_a_viewed_one_is_not():
+    buffers.clear()
+    a = buffers.take("t", (4, 5), torch.float32, "cpu")
+    ptr = a.data_ptr()
+    a.fill_(7.0)
+    b = buffers.take("t", (4, 5), torch.float32, "cpu")  # a is still alive: a new buffer
+    assert b.data_ptr() != ptr and bool((a == 7.0).all())
+    del a, b
+    c = buffers.take("t", (2, 3), torch.float32, "cpu")  # free now, and large enough
+    d = buffers.take("u", (2, 3), torch.float32, "cpu")  # another name, another buffer
+    assert c.data_ptr() != d.data_ptr()
+    del c, d
+    e = buffers.take("t", (100,), torch.float32, "cpu")  # too small: a larger one
+    assert e.shape == (100,)
+    buffers.clear()
+
+
+def test_states_a_forward_returns_survive_the_next_forward():
+    """Zero ablation in fp32 returns the masked forward's states as a view of its buffer: the next
+    forward must not write over them."""
+    model = EdgeModel.from_hf(build("llama", seed=3), ablation="zero")
+    a, b = token_batch(2, 6, seed=1), token_batch(2, 6, seed=2)
+    first = model(a, return_states=True).states
+    kept = first.clone()
+    model(b, return_states=True)
+    assert torch.equal(first, kept)
+
+
+def test_mask_gradients_repeat_exactly_across_steps_with_kept_buffers():
+    """A, B, A: the third step's mask gradients equal the first's bit for bit (no stale buffer data)."""
+    model = EdgeModel.from_hf(build("gpt2", seed=2))
+    a, b = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+
+    def grads(ids):
+        z = torch.full((model.edge_masks.n,), 0.5, requires_grad=True)
+        out = model(ids, corrupted_input_ids=ids.flip(0), edge_values=z).logits.float()
+        (out.logsumexp(-1) * torch.linspace(0.5, 2.0, ids.shape[1])).sum().backward()
+        return z.grad
+
+    first = grads(a)
+    grads(b)
+    assert torch.equal(grads(a), first)
+    assert first.abs().sum() > 0
