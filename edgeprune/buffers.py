@@ -43,7 +43,8 @@ def take(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     return flat[:n].view(shape)
 
 
-def clear() -> None:
-    """Let every kept buffer go."""
-    _kept.clear()
+def clear(prefix: str = "") -> None:
+    """Let the kept buffers whose names start with ``prefix`` go (all of them by default)."""
+    for key in [k for k in _kept if k[0].startswith(prefix)]:
+        del _kept[key]
 

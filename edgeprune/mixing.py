@@ -123,12 +123,14 @@ class WriterStates:
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None,
                  pool: str | None = None):
+        """``pool``: keep ``buffer`` from step to step under this name (``edgeprune.buffers``; the
+        masked forward's "mix")."""
         B, T, D = shape
         self.shape = (B, T, D)
-        self.pool = pool  # the buffers' names in ``edgeprune.buffers`` (kept from step to step), or None
         # (P,) long: the span of each position, for position-aware masks z (S, R, n); None: z (R, n)
         self.span_ids = None if span_ids is None else span_ids.reshape(B * T).to(device=device, dtype=torch.long)
-        self.buffer = self._new((B, T, n_writers, D), dtype, device, "states")
+        self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device) if pool is None else \
+            buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
@@ -137,11 +139,6 @@ class WriterStates:
         self.sealed = False
         # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
         self._sums: dict = {0: None}
-
-    def _new(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, what: str) -> torch.Tensor:
-        if self.pool is None:
-            return torch.empty(shape, dtype=dtype, device=device)
-        return buffers.take(f"{self.pool}.{what}", shape, dtype, device)
 
     def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
         """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
@@ -261,10 +258,9 @@ class WriterStates:
                                "not supported: run the forward again")
         P, W, D = self.flat.shape
         fresh = self.grad is None and start == 0 and k == W
-        if self.grad is None:
-            self.grad = self._new((W, P, D), torch.float32, self.buffer.device, "grad")
-            if not fresh:
-                self.grad.zero_()
+        if self.grad is None:  # (not kept between steps: it would sit beside the next forward's peak)
+            self.grad = (torch.empty if fresh else torch.zeros)((W, P, D), dtype=torch.float32,
+                                                                device=self.buffer.device)
         target = self.grad[start:start + k].view(k, P * D)
         if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)

@@ -13,17 +13,19 @@ pytestmark = pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is
 def test_a_free_buffer_is_reused_and_a_viewed_one_is_not():
     buffers.clear()
     a = buffers.take("t", (4, 5), torch.float32, "cpu")
-    ptr = a.data_ptr()
     a.fill_(7.0)
     b = buffers.take("t", (4, 5), torch.float32, "cpu")  # a is still alive: a new buffer
-    assert b.data_ptr() != ptr and bool((a == 7.0).all())
+    assert b.data_ptr() != a.data_ptr() and bool((a == 7.0).all())
+    kept = b.data_ptr()
     del a, b
-    c = buffers.take("t", (2, 3), torch.float32, "cpu")  # free now, and large enough
+    c = buffers.take("t", (2, 3), torch.float32, "cpu")  # free now, and large enough: reused
+    assert c.data_ptr() == kept
     d = buffers.take("u", (2, 3), torch.float32, "cpu")  # another name, another buffer
-    assert c.data_ptr() != d.data_ptr()
+    assert d.data_ptr() != kept
     del c, d
-    e = buffers.take("t", (100,), torch.float32, "cpu")  # too small: a larger one
-    assert e.shape == (100,)
+    buffers.clear("u")  # lets "u" go, keeps "t"
+    assert buffers.take("t", (20,), torch.float32, "cpu").data_ptr() == kept
+    assert buffers.take("t", (100,), torch.float32, "cpu").shape == (100,)  # too small: a larger one
     buffers.clear()
 
 

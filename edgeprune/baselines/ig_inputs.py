@@ -130,6 +130,7 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
                                               lambda: bar.update(1))
         contract(graph, grads, diffs, None if model.spans is None else batch.span_ids.to(model.device), S, total)
         del grads, diffs
+    buffers.clear("eap.")  # not to sit beside a pruning run's peak after this
     bar.close()
     idx = graph.dense_index.to(total.device)
     edges = total.view(S, -1)[:, idx].reshape(-1)  # span-major, as the masks
