@@ -228,11 +228,12 @@ class WriterStates:
         return const if asum is None else asum + const
 
     def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0) -> torch.Tensor:
-        """dL/dz (R, n - start) fp32 from grad_out (P, R, D): per example in fp32, summed over examples in
-        fp64. Position-aware (``n_spans``): (S, R, n - start), each span's positions summed in fp64."""
+        """dL/dz (R, n - start) fp32 from grad_out (R, P, D) reader-major: per example in fp32, summed over
+        examples in fp64. Position-aware (``n_spans``): (S, R, n - start), each span's positions summed
+        in fp64."""
         B, T, _ = self.shape
-        R = grad_out.shape[1]
-        per_position = torch.bmm(grad_out, self.diffs(n, start).transpose(1, 2))  # (P, R, n - start)
+        R = grad_out.shape[0]
+        per_position = torch.bmm(grad_out.transpose(0, 1), self.diffs(n, start).transpose(1, 2))  # (P, R, n - start)
         n = n - start
         if n_spans is None:
             total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
@@ -244,8 +245,8 @@ class WriterStates:
         return total.float()
 
     def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor, start: int = 0) -> None:
-        """grad[start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (P, R, D),
-        in fp32. The first call that covers every writer (the read-out's, the first backward) writes the
+        """grad[start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (R, P, D)
+        reader-major, in fp32. The first call that covers every writer (the read-out's, the first backward) writes the
         buffer instead of adding to a zeroed one.
 
         ``grad`` is writer-major, (W, P, D), unlike the states: a writer slice is then one dense
@@ -264,10 +265,10 @@ class WriterStates:
         target = self.grad[start:start + k].view(k, P * D)
         if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
-            part = torch.bmm(zt, grad_out).transpose(0, 1).reshape(k, P * D)
+            part = torch.bmm(zt, grad_out.transpose(0, 1)).transpose(0, 1).reshape(k, P * D)
             target.copy_(part) if fresh else target.add_(part)
             return
-        go = grad_out.transpose(0, 1).reshape(R, P * D)  # reader-major (a view for one reader)
+        go = grad_out.reshape(R, P * D)
         torch.mm(z.T, go, out=target) if fresh else target.addmm_(z.T, go)
 
     def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
@@ -309,17 +310,7 @@ class _Mix(torch.autograd.Function):
     def backward(ctx, *grads):
         (z,) = ctx.saved_tensors
         store, start = ctx.store, ctx.start
-        if len(grads) == 1:
-            go = grads[0].contiguous()  # (P, R, D)
-        else:  # the parts' gradients side by side, a part no gradient reached as zeros
-            go = _whole(grads[0], z.shape[-2])
-            first = go is not None  # the first part's gradient came laid out in a buffer of the whole's width
-            if go is None:
-                go = grads[0].new_empty((grads[0].shape[0], z.shape[-2], grads[0].shape[-1]))
-            for i, (part, g) in enumerate(zip(go.split(ctx.split, dim=1), grads)):
-                if i == 0 and first:
-                    continue
-                part.zero_() if g is None else part.copy_(g)
+        go = _reader_major(grads, ctx.split)  # (R, P, D)
         stop = start + z.shape[-1]
         grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start) \
             if ctx.needs_input_grad[0] else None
@@ -329,15 +320,35 @@ class _Mix(torch.autograd.Function):
         return (grad_z, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
 
 
+def _reader_major(grads: tuple, split: tuple[int, ...]) -> torch.Tensor:
+    """The parts' gradients ((P, r, D) each) side by side as one dense reader-major (R, P, D) tensor.
+    The norms' backward lays the first part's gradient out reader-major in a buffer of the whole's
+    width (``models.common._like_mix``): that buffer is then taken as it is, and only the other
+    parts are copied in."""
+    first = next(g for g in grads if g is not None)
+    P, D, R = first.shape[0], first.shape[-1], sum(split)
+    go = _whole(grads[0], R)
+    taken = go is not None  # the first part already sits in it
+    if go is None:
+        go = first.new_empty((R, P, D))
+    for i, (part, g) in enumerate(zip(go.split(split), grads)):
+        if i == 0 and taken:
+            continue
+        part.zero_() if g is None else part.copy_(g.transpose(0, 1))
+    return go
+
+
 def _whole(g: torch.Tensor | None, R: int) -> torch.Tensor | None:
-    """(P, R, D) over g's storage where g (P, r, D) is the first r rows of such a layout (the norms'
-    backward lays the gradient out like its input, ``models.common._like_mix``), else None."""
+    """(R, P, D) over g's storage where g (P, r, D) is the transposed view of the first r rows of such
+    a dense reader-major tensor, else None."""
     if g is None or g.storage_offset() != 0:
         return None
-    P, _, D = g.shape
-    if g.stride() != (R * D, D, 1) or g.untyped_storage().nbytes() < P * R * D * g.element_size():
+    P, r, D = g.shape
+    if g.stride() != (D, P * D, 1) and not (r == R == 1 and g.is_contiguous()):
         return None
-    return g.as_strided((P, R, D), (R * D, D, 1))
+    if g.untyped_storage().nbytes() < R * P * D * g.element_size():
+        return None
+    return g.as_strided((R, P, D), (P * D, D, 1))
 
 
 class _SavedView:

@@ -241,14 +241,15 @@ def _fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
 
 
 def _like_mix(x: torch.Tensor) -> torch.Tensor:
-    """An empty (P, R, D) tensor for the gradient of x (R, B, T, D): where x is a view of a position-major
-    mix with rows of D ``stride`` apart (a part of a larger reader group), one laid out the same way,
-    cut from a buffer as wide as the group's, so that the mix's backward takes it whole
-    (``mixing._Mix``); else dense."""
+    """An empty reader-major (R, P, D) tensor for the gradient of x (R, B, T, D). Where x is a view of
+    a position-major mix with rows of D ``stride`` apart (a part of a larger reader group), it is cut
+    from a buffer as wide as the group's (the first R of its rows), so that the mix's backward takes
+    it whole (``mixing._Mix``); else it is dense. Reader-major, every per-reader product of the
+    backward writes one dense block, and the mix's dL/ds is one GEMM over it."""
     R, B, T, D = x.shape
     wide = x.stride(2) // D if x.stride(0) == D and x.stride(-1) == 1 and x.stride(2) % D == 0 \
         and x.stride(1) == T * x.stride(2) and x.storage_offset() == 0 else R
-    return x.new_empty((B * T, max(wide, R), D))[:, :R]
+    return x.new_empty((max(wide, R), B * T, D))[:R]
 
 
 class _NormProjection(torch.autograd.Function):
@@ -259,7 +260,7 @@ class _NormProjection(torch.autograd.Function):
         dx = (rstd dy) @ W'^T - rstd^3 (dy . u) / D (x - m) - rstd (dy . c) / D    (last term: LayerNorm)
     so that only the product and one multiply-add touch D-wide rows; the constant part rides on the
     product as one more column. x (R, B, T, D) is typically a view of a position-major mix, saved as it
-    is (``mixing.recompute_saved`` rebuilds it), and its gradient is written position-major, as
+    is (``mixing.recompute_saved`` rebuilds it), and its gradient is written reader-major, as
     ``_GroupProjection``'s."""
 
     @staticmethod
@@ -301,11 +302,11 @@ class _NormProjection(torch.autograd.Function):
         mean = rest.pop(0) if ctx.centred else None
         k = len(ctx.sizes)
         R, B, T, D = x.shape
-        dense = _like_mix(x)  # (P, R, D) view, position-major, laid out like x
+        dense = _like_mix(x)  # (R, P, D), reader-major
         coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D: the multiplier of x
         start = 0
         for n, w_t, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
-            target = dense[:, start:start + n].transpose(0, 1)  # (n, P, D), rows apart as in x
+            target = dense[start:start + n]  # (n, P, D), dense
             if g is None:
                 target.zero_()
                 start += n
@@ -322,7 +323,7 @@ class _NormProjection(torch.autograd.Function):
             else:
                 torch.bmm(dy * r, w, out=target)
             start += n
-        dx = dense.transpose(0, 1).view(R, B, T, D)
+        dx = dense.view(R, B, T, D)
         dx.addcmul_(x, coef.view(R, B, T, 1))
         return (dx, None, None, None, None, None, *[None] * (2 * k))
 
@@ -356,22 +357,19 @@ class _GroupProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grads):
         R, B, T, D = ctx.shape
-        # position-major like the mix's output; a shared input (reader taps) has no layout to follow:
-        # reader-major, so that every product writes a dense block
-        dense = next(g for g in grads if g is not None).new_empty((R, B * T, D) if ctx.shared else (B * T, R, D))
+        # reader-major, so that every product writes a dense block (the mix's backward takes any layout)
+        dense = next(g for g in grads if g is not None).new_empty((R, B * T, D))
         start = 0
         for n, w_t, g in zip(ctx.sizes, ctx.saved_tensors, grads):
             d_head = w_t.shape[1] // n
-            # (n, B*T, D): rows R * D apart (position-major) or dense
-            target = dense[start:start + n] if ctx.shared else dense[:, start:start + n].transpose(0, 1)
+            target = dense[start:start + n]  # (n, B*T, D)
             if g is None:
                 target.zero_()
             else:
                 g_rows = g.permute(1, 0, 2, 3).reshape(n, B * T, d_head)
                 torch.bmm(g_rows, w_t.view(D, n, d_head).permute(1, 2, 0), out=target)
             start += n
-        dx = dense.view(R, B, T, D) if ctx.shared else dense.view(B, T, R, D).permute(2, 0, 1, 3)
-        return (dx, None, *[None] * (2 * len(ctx.sizes)))
+        return (dense.view(R, B, T, D), None, *[None] * (2 * len(ctx.sizes)))
 
 
 def head_outputs(attn: torch.Tensor, w_out: torch.Tensor, ctx: Context | None = None) -> torch.Tensor:
