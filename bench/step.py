@@ -226,7 +226,8 @@ def positional(model: EdgeModel, batch: Batch, n_spans: int) -> EdgeModel:
 class PruneStep:
     """The body of the loop in ``edgeprune.prune.prune``, timed per part."""
 
-    def __init__(self, model: EdgeModel, batch: Batch, cache: bool = False, checkpointing: bool = False):
+    def __init__(self, model: EdgeModel, batch: Batch, cache: bool = False, checkpointing: bool = False,
+                 sparsity: float | None = None):
         self.model, self.batch = model, batch
         self.reference = ReferenceCache(enabled=cache)  # warm after the first step: later epochs' cost
         model.activation_checkpointing = checkpointing
@@ -234,6 +235,10 @@ class PruneStep:
         model.edge_masks.generator = torch.Generator(device=model.device).manual_seed(0)
         with torch.no_grad():
             model.edge_masks.log_alpha.fill_(3.0)
+            if sparsity:  # a pruned state: a random (1 - sparsity) of the edges kept, the rest far below 0
+                gen = torch.Generator().manual_seed(3)
+                pruned = torch.rand(model.edge_masks.log_alpha.shape, generator=gen) < sparsity
+                model.edge_masks.log_alpha[pruned.to(model.device)] = -10.0
         self.lam = torch.nn.Parameter(torch.zeros(2, device=model.device))
         self.opt = torch.optim.AdamW([model.edge_masks.log_alpha], lr=0.1)
         self.lambda_opt = torch.optim.AdamW([self.lam], lr=0.1, maximize=True)
@@ -305,7 +310,7 @@ def setup(kind, shape, args, device):
 def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True) -> dict:
     hf, batch = setup(kind, shape, args, device)
     model = EdgeModel.from_hf(hf)
-    prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing), HFStep(hf, batch)
+    prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing, args.sparsity), HFStep(hf, batch)
     out = time_steps(prune_step, hf_step, args, device)
     if flops:
         out["flops"] = count_flops(kind, shape, args)
@@ -429,6 +434,9 @@ def main(argv=None) -> int:
                         help="measure RSS with glibc's default (dynamic) mmap threshold")
     parser.add_argument("--quick", action="store_true", help="gpt2, 8x32, 3 repeats")
     parser.add_argument("--tiny", action="store_true", help="d 64, 4 heads, vocab 512: checks the code, no figures")
+    parser.add_argument("--sparsity", type=float, default=None,
+                        help="time a step of a pruned state: this fraction of the edges at log_alpha -10 "
+                             "(random), the rest at 3 (default: every edge at 3, the start of a cold run)")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")

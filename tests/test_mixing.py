@@ -195,3 +195,37 @@ def test_state_sink_leaves_clean_minus_corrupted_states_in_one_buffer(kind):
     assert torch.equal(buffer, clean_states - corrupted_states)
     with pytest.raises(ValueError, match="return_states or a sink"):
         model.full_forward(ids, return_states=True, sink=StateSink(buffer))
+
+
+@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypatch):
+    """With most masks exactly 0 (a pruned circuit) the mix reads only the writers some reader still
+    takes (``mixing.live_writers``): logits and every mask gradient equal the dense mix's."""
+    import edgeprune.mixing as mixing
+
+    model = EdgeModel.from_hf(build(kind, seed=5))
+    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+    span_ids = None
+    if spans:
+        model.set_spans(["a", "b"])
+        span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
+    gen = torch.Generator().manual_seed(0)
+    values = torch.rand(model.edge_masks.n, generator=gen)
+    values[torch.rand(model.edge_masks.n, generator=gen) < 0.93] = 0.0  # most edges pruned, exactly 0
+
+    def run():
+        z = values.clone().requires_grad_(True)
+        out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
+        (out.logsumexp(-1) * torch.linspace(0.5, 2.0, 7)).sum().backward()
+        return out.detach(), z.grad
+
+    taken = []
+    live = mixing.live_writers
+    monkeypatch.setattr(mixing, "live_writers", lambda z: taken.append(live(z)) or taken[-1])
+    sparse_logits, sparse_grad = run()
+    assert sum(t is not None for t in taken) > len(taken) // 2  # the sparse path ran for most mixes
+    monkeypatch.setattr(mixing, "live_writers", lambda z: None)
+    dense_logits, dense_grad = run()
+    torch.testing.assert_close(sparse_logits, dense_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-6)
+    assert dense_grad.abs().sum() > 0
