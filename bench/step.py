@@ -61,10 +61,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeprune import EdgeModel  # noqa: E402
+from edgeprune import EdgeModel, mixing  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
 from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
@@ -227,7 +228,7 @@ class PruneStep:
     """The body of the loop in ``edgeprune.prune.prune``, timed per part."""
 
     def __init__(self, model: EdgeModel, batch: Batch, cache: bool = False, checkpointing: bool = False,
-                 sparsity: float | None = None):
+                 sparsity: float | str | None = None):
         self.model, self.batch = model, batch
         self.reference = ReferenceCache(enabled=cache)  # warm after the first step: later epochs' cost
         model.activation_checkpointing = checkpointing
@@ -235,7 +236,9 @@ class PruneStep:
         model.edge_masks.generator = torch.Generator(device=model.device).manual_seed(0)
         with torch.no_grad():
             model.edge_masks.log_alpha.fill_(3.0)
-            if sparsity:  # a pruned state: a random (1 - sparsity) of the edges kept, the rest far below 0
+            if isinstance(sparsity, str):  # a run's masks.safetensors: its learned log-alphas
+                model.edge_masks.log_alpha.copy_(load_file(sparsity)["edge_log_alpha"])
+            elif sparsity:  # a pruned state: a random (1 - sparsity) of the edges kept, the rest far below 0
                 gen = torch.Generator().manual_seed(3)
                 pruned = torch.rand(model.edge_masks.log_alpha.shape, generator=gen) < sparsity
                 model.edge_masks.log_alpha[pruned.to(model.device)] = -10.0
@@ -265,6 +268,20 @@ class PruneStep:
         self.lambda_opt.step()
         t["optimiser"] = clock()
         return t
+
+
+class DenseMix:
+    """A step with ``mixing.live_writers`` off: every writer mixed, zero masks or not."""
+
+    def __init__(self, step: PruneStep):
+        self.step = step
+
+    def __call__(self, clock) -> dict:
+        live, mixing.live_writers = mixing.live_writers, lambda z, n: None
+        try:
+            return self.step(clock)
+        finally:
+            mixing.live_writers = live
 
 
 class HFStep:
@@ -310,7 +327,7 @@ def setup(kind, shape, args, device):
 def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True) -> dict:
     hf, batch = setup(kind, shape, args, device)
     model = EdgeModel.from_hf(hf)
-    prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing, args.sparsity), HFStep(hf, batch)
+    prune_step, hf_step = PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity), HFStep(hf, batch)
     out = time_steps(prune_step, hf_step, args, device)
     if flops:
         out["flops"] = count_flops(kind, shape, args)
@@ -318,6 +335,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     d = hf.config.hidden_size
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
     out["graph"] = g.describe()
+    if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
+        dense = DenseMix(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity))
+        out["dense_mix"] = time_steps(dense, prune_step, args, device)  # ratio: dense / live-writers mix
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -437,6 +457,11 @@ def main(argv=None) -> int:
     parser.add_argument("--sparsity", type=float, default=None,
                         help="time a step of a pruned state: this fraction of the edges at log_alpha -10 "
                              "(random), the rest at 3 (default: every edge at 3, the start of a cold run)")
+    parser.add_argument("--masks", help="time a step at a run's learned masks: its masks.safetensors (same graph)")
+    parser.add_argument("--dense-mix", action="store_true",
+                        help="mix every writer even where its masks are all 0 (mixing.live_writers off)")
+    parser.add_argument("--vs-dense-mix", action="store_true",
+                        help="also time the step with --dense-mix's mix, interleaved in the same process")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -445,6 +470,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.dense_mix:
+        mixing.live_writers = lambda z, n: None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -495,6 +522,10 @@ def main(argv=None) -> int:
                     print(f"        edgeprune estimate (traced on meta): step {gib(r['prune']['estimate_bytes'])} GiB  "
                           f"HF {gib(r['hf']['estimate_bytes'])} GiB")
 
+            if args.vs_dense_mix:
+                q = r["dense_mix"]
+                print(f"  dense mix: step {q['prune']['median_s']:.3f} s vs live-writers mix {q['hf']['median_s']:.3f} s "
+                      f"(ratio {q['ratio']:.2f}x); dense / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

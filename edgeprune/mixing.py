@@ -71,7 +71,10 @@ SPARSE_GRAD = 1 / 2  # dL/ds: update only the live writers' rows when at most th
 SPARSE_MIX = 1 / 4  # the mix: gather the live writers' differences when at most this fraction is live
 
 
-def live_writers(z: torch.Tensor) -> torch.Tensor | None:
+SPARSE_MIN = 1 << 20  # below this many fp32 values in the slice, counting costs more than it saves
+
+
+def live_writers(z: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
     """(m,) long: the writers (columns of z (R, n) or (S, R, n)) some reader's mask is nonzero for,
     where few are (at most ``SPARSE_GRAD`` of them); None: every writer counts. The others' terms
     are exactly 0 in the mix and in dL/ds, so they can be left out: a pruned circuit's masks are
@@ -80,8 +83,9 @@ def live_writers(z: torch.Tensor) -> torch.Tensor | None:
     most ``SPARSE_MIX`` are live (the gather copies rows slower than a product reads them, so it
     pays only when few are live: 1/8, 1/4, 1/3 and 1/2 measured on SmolLM2 with a real 98% circuit's
     masks, 1/4 the best). CPU only: counting them is a device sync, and GPUs are not bound by this
-    traffic."""
-    if z.device.type != "cpu":
+    traffic; nor for small slices (``positions_x_width`` = B x T x D times the writers under
+    ``SPARSE_MIN``: toy and Tracr models)."""
+    if z.device.type != "cpu" or positions_x_width * z.shape[-1] < SPARSE_MIN:
         return None
     live = z.detach().ne(0).reshape(-1, z.shape[-1]).any(0)
     if int(live.sum()) > SPARSE_GRAD * live.numel():
@@ -95,7 +99,7 @@ def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
 
     z (R, n) fp32, or (S, R, n) per span with ``span_ids`` (P,) long the span of each position; diffs
     (P, n, D) fp32 (P = B x T positions, a writer slice of the buffer); base: fp32 (B, T, D),
-    (1, 1, D) or (D,) (ablated sum + layer constants) or None; live: ``live_writers(z)`` (the
+    (1, 1, D) or (D,) (ablated sum + layer constants) or None; live: ``live_writers`` (the
     other writers' masks are all 0: their terms are left out where few are live). -> (P, R, D) fp32.
     """
     if live is not None and live.numel() <= SPARSE_MIX * z.shape[-1]:
@@ -157,6 +161,7 @@ class WriterStates:
         self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device) if pool is None else \
             buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
+        self._pd = B * T * D  # values per writer
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
         self.grad: torch.Tensor | None = None  # (P, W, D)
@@ -199,7 +204,7 @@ class WriterStates:
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D)."""
         n = z.shape[-1]
-        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z))
+        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
         return reader_view(out, *self.shape[:2])
 
     def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -241,7 +246,7 @@ class WriterStates:
         if torch.is_grad_enabled() and (z.requires_grad or tokens):
             outs = _Mix.apply(z, self, base, start, split, *tokens)
         else:
-            out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z))
+            out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._pd))
             outs = out.split(split, dim=1)
         views = tuple(reader_view(o, *self.shape[:2]) for o in outs)
         return views[0] if len(views) == 1 else views
@@ -273,7 +278,7 @@ class WriterStates:
     def _add_grad(self, z: torch.Tensor, grad_out: torch.Tensor, start: int = 0,
                   live: torch.Tensor | None = None) -> None:
         """grad[start:start + k] += z^T @ grad_out at every position, for z (R, k), grad_out (R, P, D)
-        reader-major, in fp32; with ``live`` (``live_writers(z)``) only those rows (the others' masks
+        reader-major, in fp32; with ``live`` (``live_writers``) only those rows (the others' masks
         are all 0). The first call that covers every writer (the read-out's, the first backward)
         writes the buffer instead of adding to a zeroed one.
 
@@ -338,7 +343,7 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, z, store, base, start, split, *tokens):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split = store, start, split
-        ctx.live = live_writers(z)
+        ctx.live = live_writers(z, store._pd)
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live)  # (P, R, D)
         return out.split(split, dim=1)
 
