@@ -271,17 +271,19 @@ class PruneStep:
 
 
 class DenseMix:
-    """A step with ``mixing.live_writers`` off: every writer mixed, zero masks or not."""
+    """A step with ``mixing.live_writers`` and ``needed_writers`` off: every writer mixed and every
+    dL/dz computed, zero or clamped masks or not."""
 
     def __init__(self, step: PruneStep):
         self.step = step
 
     def __call__(self, clock) -> dict:
-        live, mixing.live_writers = mixing.live_writers, lambda z, n: None
+        saved = mixing.live_writers, mixing.needed_writers
+        mixing.live_writers = mixing.needed_writers = lambda z, n: None
         try:
             return self.step(clock)
         finally:
-            mixing.live_writers = live
+            mixing.live_writers, mixing.needed_writers = saved
 
 
 class HFStep:
@@ -459,7 +461,8 @@ def main(argv=None) -> int:
                              "(random), the rest at 3 (default: every edge at 3, the start of a cold run)")
     parser.add_argument("--masks", help="time a step at a run's learned masks: its masks.safetensors (same graph)")
     parser.add_argument("--dense-mix", action="store_true",
-                        help="mix every writer even where its masks are all 0 (mixing.live_writers off)")
+                        help="mix every writer and compute every dL/dz, zero or clamped masks or not "
+                             "(mixing.live_writers and needed_writers off)")
     parser.add_argument("--vs-dense-mix", action="store_true",
                         help="also time the step with --dense-mix's mix, interleaved in the same process")
     parser.add_argument("--cache", action="store_true",
@@ -471,7 +474,7 @@ def main(argv=None) -> int:
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dense_mix:
-        mixing.live_writers = lambda z, n: None
+        mixing.live_writers = mixing.needed_writers = lambda z, n: None
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -24,17 +24,24 @@ FULL_LOG_ALPHA = math.log((1 - LEFT) / (RIGHT - 1))
 OFF_LOG_ALPHA = -30.0
 
 
+def stretched(log_alpha: torch.Tensor, noise: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The mask values before the clamp to [0, 1]: s (r - l) + l, with s sampled (``noise``) or sigmoid(log_alpha)."""
+    if not noise:
+        return torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT
+    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=torch.float32)
+    u = u.clamp(1e-6, 1 - 1e-6)
+    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
+    return s * (RIGHT - LEFT) + LEFT
+
+
 def deterministic(log_alpha: torch.Tensor) -> torch.Tensor:
     """Eval-time mask values in [0, 1], same shape as ``log_alpha``."""
-    return (torch.sigmoid(log_alpha) * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+    return stretched(log_alpha, noise=False).clamp(0.0, 1.0)
 
 
 def sample(log_alpha: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training-time stochastic mask values in [0, 1] (reparameterised, differentiable)."""
-    u = torch.rand(log_alpha.shape, generator=generator, device=log_alpha.device, dtype=torch.float32)
-    u = u.clamp(1e-6, 1 - 1e-6)
-    s = torch.sigmoid((torch.log(u) - torch.log1p(-u) + log_alpha) / BETA)
-    return (s * (RIGHT - LEFT) + LEFT).clamp(0.0, 1.0)
+    return stretched(log_alpha, noise=True, generator=generator).clamp(0.0, 1.0)
 
 
 def prob_nonzero(log_alpha: torch.Tensor) -> torch.Tensor:
@@ -63,11 +70,16 @@ class HardConcreteMasks(nn.Module):
 
     def forward(self) -> torch.Tensor:
         """(n,) fp32 mask values: sampled in training mode, deterministic in eval mode."""
+        return self.values_and_support()[0]
+
+    def values_and_support(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``forward()``'s values and, where they come from log_alpha, (n,) bool: the masks a gradient
+        reaches log_alpha through. A mask clamped at 0 or 1 passes none (the clamp's gradient is 0 outside
+        [0, 1], as torch's), so the model need not compute dL/dz for it (``mixing``). None: all."""
         if self.override is not None:
-            return self.override
-        if self.training:
-            return sample(self.log_alpha, self.generator)
-        return deterministic(self.log_alpha)
+            return self.override, None
+        x = stretched(self.log_alpha, self.training, self.generator)
+        return x.clamp(0.0, 1.0), ((x >= 0.0) & (x <= 1.0)).detach()
 
     def set_values(self, values: torch.Tensor) -> None:
         if values.shape != (self.n,):

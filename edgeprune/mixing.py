@@ -93,6 +93,19 @@ def live_writers(z: torch.Tensor, positions_x_width: int) -> torch.Tensor | None
     return live.nonzero()[:, 0]
 
 
+def needed_writers(support: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
+    """(m,) long: the writers (columns of a mix's ``support`` (R, n) or (S, R, n), bool: the masks whose
+    dL/dz the caller needs) dL/dz is computed for, where at most ``SPARSE_MIX`` of them are (the
+    others' dL/dz is left 0: a clamped hard-concrete mask passes no gradient on). None: all of them.
+    Same gates as ``live_writers``."""
+    if support.device.type != "cpu" or positions_x_width * support.shape[-1] < SPARSE_MIN:
+        return None
+    needed = support.reshape(-1, support.shape[-1]).any(0)
+    if int(needed.sum()) > SPARSE_MIX * needed.numel():
+        return None
+    return needed.nonzero()[:, 0]
+
+
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
                span_ids: torch.Tensor | None = None, live: torch.Tensor | None = None) -> torch.Tensor:
     """The mix without autograd: base + z @ diffs, position by position.
@@ -162,6 +175,9 @@ class WriterStates:
             buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self._pd = B * T * D  # values per writer
+        # (R_all, W) bool like the model's dense masks, or None: the masks whose dL/dz is needed (those a
+        # clamp passes no gradient through are not); set by the model after construction
+        self.grad_support: torch.Tensor | None = None
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
         self.grad: torch.Tensor | None = None  # (P, W, D)
@@ -229,7 +245,7 @@ class WriterStates:
         return self._sums[n]
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
-            split: tuple[int, ...] | None = None):
+            split: tuple[int, ...] | None = None, rows: slice | None = None):
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
         z: (R, k) fp32, or (S, R, k) position-aware (each position uses its span's row); const: (D,) fp32
@@ -238,13 +254,18 @@ class WriterStates:
         earlier mix of the writers before it. Returns (R, B, T, D) fp32, a view of a position-major
         (B, T, R, D) tensor; with ``split`` (reader counts summing to R) one such view per part, as
         separate autograd outputs (the backward takes their gradients together: one pass over the
-        states for every part, ``model._masked_layer``). Gradients flow to z and to the states.
+        states for every part, ``model._masked_layer``). Gradients flow to z and to the states. ``rows``:
+        the readers' rows of the model's masks, to look up which of z's gradients are needed
+        (``grad_support``).
         """
         stop = start + z.shape[-1]
         base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
         split = (z.shape[-2],) if split is None else tuple(split)
         if torch.is_grad_enabled() and (z.requires_grad or tokens):
-            outs = _Mix.apply(z, self, base, start, split, *tokens)
+            needed = None
+            if self.grad_support is not None and rows is not None and z.requires_grad:
+                needed = needed_writers(self.grad_support[..., rows, start:stop], self._pd)
+            outs = _Mix.apply(z, self, base, start, split, needed, *tokens)
         else:
             out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._pd))
             outs = out.split(split, dim=1)
@@ -258,19 +279,26 @@ class WriterStates:
             return asum
         return const if asum is None else asum + const
 
-    def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0) -> torch.Tensor:
+    def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0,
+                needed: torch.Tensor | None = None) -> torch.Tensor:
         """dL/dz (R, n - start) fp32 from grad_out (R, P, D) reader-major: per example in fp32, summed over
         examples in fp64. Position-aware (``n_spans``): (S, R, n - start), each span's positions summed
-        in fp64."""
+        in fp64. ``needed`` (``needed_writers``): only those columns are computed, the others are 0."""
         B, T, _ = self.shape
-        R = grad_out.shape[0]
-        per_position = torch.bmm(grad_out.transpose(0, 1), self.diffs(n, start).transpose(1, 2))  # (P, R, n - start)
-        n = n - start
+        R, k = grad_out.shape[0], n - start
+        diffs = self.diffs(n, start) if needed is None else self.diffs(n, start)[:, needed]
+        m = diffs.shape[1]
+        per_position = torch.bmm(grad_out.transpose(0, 1), diffs.transpose(1, 2))  # (P, R, m)
         if n_spans is None:
-            total = per_position.view(B, T, R, n).sum(1).sum(0, dtype=torch.float64)
+            part = per_position.view(B, T, R, m).sum(1).sum(0, dtype=torch.float64)
         else:
-            total = torch.zeros((n_spans, R, n), dtype=torch.float64, device=per_position.device)
-            total.index_add_(0, self.span_ids, per_position.double())
+            part = torch.zeros((n_spans, R, m), dtype=torch.float64, device=per_position.device)
+            part.index_add_(0, self.span_ids, per_position.double())
+        if needed is None:
+            total = part
+        else:
+            total = part.new_zeros((*part.shape[:-1], k))
+            total[..., needed] = part
         if self.reduce is not None:
             self.reduce(total)
         return total.float()
@@ -340,9 +368,9 @@ class _Mix(torch.autograd.Function):
     """z (R, k) over writers start..start+k-1 -> the mix (P, R, D), as one output per part of ``split``."""
 
     @staticmethod
-    def forward(ctx, z, store, base, start, split, *tokens):
+    def forward(ctx, z, store, base, start, split, needed, *tokens):
         ctx.save_for_backward(z)
-        ctx.store, ctx.start, ctx.split = store, start, split
+        ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._pd)
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live)  # (P, R, D)
         return out.split(split, dim=1)
@@ -354,12 +382,12 @@ class _Mix(torch.autograd.Function):
         store, start = ctx.store, ctx.start
         go = _reader_major(grads, ctx.split)  # (R, P, D)
         stop = start + z.shape[-1]
-        grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start) \
+        grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
             if ctx.needs_input_grad[0] else None
-        n_tokens = len(ctx.needs_input_grad) - 5
+        n_tokens = len(ctx.needs_input_grad) - 6
         if n_tokens:
             store._add_grad(z, go, start, ctx.live)
-        return (grad_z, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
+        return (grad_z, None, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
 
 
 def _reader_major(grads: tuple, split: tuple[int, ...]) -> torch.Tensor:

@@ -232,8 +232,10 @@ class EdgeModel(nn.Module):
                                           corrupted_input_ids)
         ablated = self._ablated_states(input_ids, corrupted_input_ids, corrupted_attention_mask,
                                        corrupted_states, position_ids)
+        support = None  # the masks dL/dz is needed for (None: every one)
         if edge_values is None:
-            edge_values, default_nodes = self.mask_values()
+            edge_values, support = self.edge_masks.values_and_support()
+            default_nodes = None if self.node_masks is None else self.node_masks()
             node_values = default_nodes if node_values is None else node_values
         if edge_values.shape != (self.edge_masks.n,):
             raise ValueError(f"edge mask values must have shape ({self.edge_masks.n},), "
@@ -244,8 +246,11 @@ class EdgeModel(nn.Module):
                              f"got {tuple(node_values.shape)}")
         z = dense_masks(self.graph, edge_values.float(), None if node_values is None else node_values.float(),
                         self.n_spans)
+        if support is not None and node_values is None:  # (a node mask's gradient reads every edge's)
+            support = dense_masks(self.graph, support.float(), None, self.n_spans) > 0
         return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select,
-                         past=past_key_values, span_ids=span_ids)
+                         past=past_key_values, span_ids=span_ids,
+                         support=None if node_values is not None else support)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
@@ -369,18 +374,19 @@ class EdgeModel(nn.Module):
                                      return_states=True).states
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
-             states_rows=None, past=None, span_ids=None, embeds=None, taps=None) -> EdgeOutput:
+             states_rows=None, past=None, span_ids=None, embeds=None, taps=None, support=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
         z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states`` (with z None: the
-        ``StateSink`` of ``full_forward``, or None). Each decoder layer
+        ``StateSink`` of ``full_forward``, or None); support: like z, bool, the masks whose dL/dz is
+        needed (the others are clamped), or None for all (``WriterStates.grad_support``). Each decoder layer
         runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows, past, span_ids, embeds, taps)
+                                select, states_rows, past, span_ids, embeds, taps, support)
 
     def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
-              past=None, span_ids=None, embeds=None, taps=None):
+              past=None, span_ids=None, embeds=None, taps=None, support=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         if past is not None:  # incremental decoding: the families' attention extends the cache
@@ -406,6 +412,7 @@ class EdgeModel(nn.Module):
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
                              self.mask_grad_reduce, span_ids, pool="mix")
+        store.grad_support = support
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
         for layer, blocks in enumerate(self._layer_readers):
@@ -480,7 +487,7 @@ class EdgeModel(nn.Module):
         group = slice(q_blk.start, blocks[3].stop if mlp else v_blk.stop)
         n_w = graph.n_writers_before[group.start]
         split = (v_blk.stop - q_blk.start, 1) if mlp else None
-        mixed = store.mix(z[..., group, :n_w], base, tokens, split=split)  # (readers, B, T, D) fp32 per part
+        mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)  # (readers, B, T, D) per part
         x, mlp_part = mixed if mlp else (mixed, None)  # x: the Q + K + V readers
         with self._recompute(x, z, group, store, base):
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
@@ -496,7 +503,7 @@ class EdgeModel(nn.Module):
                 x = mlp_part.clone()  # its own storage: the norm keeps it, not the whole group's mix
             else:  # + this layer's heads and its attention output bias
                 heads_mix = store.mix(z[..., m_row, n_w:n_m], None if const is None else const.float(),
-                                      [t for t in new if t is not None], start=n_w)
+                                      [t for t in new if t is not None], start=n_w, rows=m_row)
                 x = mlp_part + heads_mix
             out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
@@ -505,7 +512,7 @@ class EdgeModel(nn.Module):
     def _reader_input(self, z, rows: slice, store, const, tokens):
         """(R, B, T, D) fp32 inputs of the readers ``rows``: the mix over the writers before them."""
         n_w = self.graph.n_writers_before[rows.start]
-        return store.mix(z[..., rows, :n_w], const, tokens)  # z (R, W) or position-aware (S, R, W)
+        return store.mix(z[..., rows, :n_w], const, tokens, rows=rows)  # z (R, W) or position-aware (S, R, W)
 
     def _recompute(self, x, z, rows: slice, store, const):
         """Keep the readers' norms from saving their input x: backward rebuilds it from the mix."""

@@ -230,3 +230,40 @@ def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypa
     torch.testing.assert_close(sparse_logits, dense_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(sparse_grad, dense_grad, rtol=1e-4, atol=1e-6)
     assert dense_grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", True)])
+def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradients(kind, spans, monkeypatch):
+    """A sampled hard-concrete mask clamped at 0 or 1 passes no gradient to log_alpha, so the mix
+    computes dL/dz only for the writers some unclamped mask reads (``needed_writers``): log_alpha's
+    gradient equals the one from every dL/dz."""
+    import edgeprune.mixing as mixing
+
+    model = EdgeModel.from_hf(build(kind, seed=6))
+    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+    span_ids = None
+    if spans:
+        model.set_spans(["a", "b"])
+        span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
+    with torch.no_grad():  # most masks far from the clamp's edges, as in a pruned circuit
+        gen = torch.Generator().manual_seed(0)
+        model.edge_masks.log_alpha.copy_(torch.randn(model.edge_masks.n, generator=gen) * 8)
+    model.train()
+
+    def run():
+        model.edge_masks.generator = torch.Generator().manual_seed(1)
+        model.edge_masks.log_alpha.grad = None
+        out = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
+        (out.logsumexp(-1) * torch.linspace(0.5, 2.0, 7)).sum().backward()
+        return model.edge_masks.log_alpha.grad.clone()
+
+    taken = []
+    needed = mixing.needed_writers
+    monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
+    monkeypatch.setattr(mixing, "needed_writers", lambda s, n: taken.append(needed(s, n)) or taken[-1])
+    restricted = run()
+    assert any(t is not None for t in taken)  # the restricted path ran
+    monkeypatch.setattr(mixing, "needed_writers", lambda s, n: None)
+    full = run()
+    torch.testing.assert_close(restricted, full, rtol=1e-5, atol=1e-7)
+    assert full.abs().sum() > 0
