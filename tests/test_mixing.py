@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeprune import EdgeModel
+from edgeprune import EdgeModel, mixing
 from edgeprune.eval import reference_and_corrupted
 from edgeprune.mixing import StateSink, WriterStates, recompute_saved
 from conftest import build, token_batch
@@ -197,18 +197,26 @@ def test_state_sink_leaves_clean_minus_corrupted_states_in_one_buffer(kind):
         model.full_forward(ids, return_states=True, sink=StateSink(buffer))
 
 
-@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", False), ("llama", True)])
-def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypatch):
-    """With most masks exactly 0 (a pruned circuit) the mix reads only the writers some reader still
-    takes (``mixing.live_writers``): logits and every mask gradient equal the dense mix's."""
-    import edgeprune.mixing as mixing
-
-    model = EdgeModel.from_hf(build(kind, seed=5))
-    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+def _toy_run(kind: str, seed: int, spans: bool):
+    """A toy model, a clean and a corrupted batch (3 x 7), and span ids when ``spans`` (two spans)."""
+    model = EdgeModel.from_hf(build(kind, seed=seed))
     span_ids = None
     if spans:
         model.set_spans(["a", "b"])
         span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
+    return model, token_batch(3, 7, seed=1), token_batch(3, 7, seed=2), span_ids
+
+
+def _weighted_loss(logits: torch.Tensor) -> torch.Tensor:
+    """A scalar that weighs every position differently (so no gradient cancels by symmetry)."""
+    return (logits.logsumexp(-1) * torch.linspace(0.5, 2.0, logits.shape[1])).sum()
+
+
+@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypatch):
+    """With most masks exactly 0 (a pruned circuit) the mix reads only the writers some reader still
+    takes (``mixing.live_writers``): logits and every mask gradient equal the dense mix's."""
+    model, ids, corrupted, span_ids = _toy_run(kind, 5, spans)
     gen = torch.Generator().manual_seed(0)
     values = torch.rand(model.edge_masks.n, generator=gen)
     values[torch.rand(model.edge_masks.n, generator=gen) < 0.93] = 0.0  # most edges pruned, exactly 0
@@ -216,7 +224,7 @@ def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypa
     def run():
         z = values.clone().requires_grad_(True)
         out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
-        (out.logsumexp(-1) * torch.linspace(0.5, 2.0, 7)).sum().backward()
+        _weighted_loss(out).backward()
         return out.detach(), z.grad
 
     taken = []
@@ -237,14 +245,7 @@ def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradient
     """A sampled hard-concrete mask clamped at 0 or 1 passes no gradient to log_alpha, so the mix
     computes dL/dz only for the writers some unclamped mask reads (``needed_writers``): log_alpha's
     gradient equals the one from every dL/dz."""
-    import edgeprune.mixing as mixing
-
-    model = EdgeModel.from_hf(build(kind, seed=6))
-    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
-    span_ids = None
-    if spans:
-        model.set_spans(["a", "b"])
-        span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
+    model, ids, corrupted, span_ids = _toy_run(kind, 6, spans)
     with torch.no_grad():  # most masks far from the clamp's edges, as in a pruned circuit
         gen = torch.Generator().manual_seed(0)
         model.edge_masks.log_alpha.copy_(torch.randn(model.edge_masks.n, generator=gen) * 8)
@@ -254,7 +255,7 @@ def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradient
         model.edge_masks.generator = torch.Generator().manual_seed(1)
         model.edge_masks.log_alpha.grad = None
         out = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
-        (out.logsumexp(-1) * torch.linspace(0.5, 2.0, 7)).sum().backward()
+        _weighted_loss(out).backward()
         return model.edge_masks.log_alpha.grad.clone()
 
     taken = []
