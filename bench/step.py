@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import statistics
@@ -271,19 +272,18 @@ class PruneStep:
 
 
 class DenseMix:
-    """A step with ``mixing.live_writers`` and ``needed_writers`` off: every writer mixed and every
-    dL/dz computed, zero or clamped masks or not."""
+    """A step with ``--dense-mix``'s mix: every writer mixed and every dL/dz computed, zero or clamped
+    masks or not."""
 
     def __init__(self, step: PruneStep):
         self.step = step
 
     def __call__(self, clock) -> dict:
-        saved = mixing.live_writers, mixing.needed_writers
-        mixing.live_writers = mixing.needed_writers = lambda z, n: None
+        saved, mixing.SPARSE_MIN = mixing.SPARSE_MIN, math.inf
         try:
             return self.step(clock)
         finally:
-            mixing.live_writers, mixing.needed_writers = saved
+            mixing.SPARSE_MIN = saved
 
 
 class HFStep:
@@ -462,7 +462,7 @@ def main(argv=None) -> int:
     parser.add_argument("--masks", help="time a step at a run's learned masks: its masks.safetensors (same graph)")
     parser.add_argument("--dense-mix", action="store_true",
                         help="mix every writer and compute every dL/dz, zero or clamped masks or not "
-                             "(mixing.live_writers and needed_writers off)")
+                             "(mixing.SPARSE_MIN set to infinity: live_writers and needed_writers off)")
     parser.add_argument("--vs-dense-mix", action="store_true",
                         help="also time the step with --dense-mix's mix, interleaved in the same process")
     parser.add_argument("--cache", action="store_true",
@@ -474,7 +474,7 @@ def main(argv=None) -> int:
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.dense_mix:
-        mixing.live_writers = mixing.needed_writers = lambda z, n: None
+        mixing.SPARSE_MIN = math.inf
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

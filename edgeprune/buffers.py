@@ -2,15 +2,16 @@
 
 A fresh CPU allocation of a few hundred MB costs the kernel's zeroing of every page on first touch:
 ~25 ms per 177 MB on a 2-core machine, as much as the arithmetic of a memory-bound pass over it. The
-allocator does not keep blocks that large: each step's writer states and their gradients (177 MB
-each on SmolLM2-135M at 8 x 32), and each attribution batch's reader gradients, were zeroed by the
-kernel again every time, 5-10% of a step. ``take`` hands out a view of a kept buffer instead.
+allocator does not keep blocks that large: each step's writer states (177 MB on SmolLM2-135M at
+8 x 32), and each attribution batch's writer differences and reader gradients, were zeroed by the
+kernel again every time (~5% of a step, measured in one process). ``take`` hands out a view of a
+kept buffer instead. (The dL/ds buffer is not kept: it would sit beside the next step's forward.)
 
 Safe by construction: a kept buffer is reused only when no tensor outside this module still views
 it (its storage's use count), so a buffer that escaped -- states returned to a caller, an autograd
 graph still alive -- is never overwritten; a new one is allocated and kept instead. Only CPU buffers
 are kept (CUDA's caching allocator already reuses blocks), and none where torch does not expose the
-use count. ``clear()`` lets them go (memory benchmarks call it before measuring a peak).
+use count. ``clear()`` lets them go (an attribution lets its own go when it ends).
 """
 
 from __future__ import annotations
@@ -47,4 +48,3 @@ def clear(prefix: str = "") -> None:
     """Let the kept buffers whose names start with ``prefix`` go (all of them by default)."""
     for key in [k for k in _kept if k[0].startswith(prefix)]:
         del _kept[key]
-

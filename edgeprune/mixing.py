@@ -68,42 +68,39 @@ def per_position(z: torch.Tensor, span_ids: torch.Tensor | None, P: int) -> torc
 
 
 SPARSE_GRAD = 1 / 2  # dL/ds: update only the live writers' rows when at most this fraction is live
-SPARSE_MIX = 1 / 4  # the mix: gather the live writers' differences when at most this fraction is live
+SPARSE_MIX = 1 / 4  # the mix, dL/dz: gather the writers' differences when at most this fraction is wanted
+SPARSE_MIN = 1 << 20  # below this many fp32 values in a slice, counting costs more than it saves
 
 
-SPARSE_MIN = 1 << 20  # below this many fp32 values in the slice, counting costs more than it saves
+def _few_writers(wanted: torch.Tensor, positions_x_width: int, fraction: float) -> torch.Tensor | None:
+    """(m,) long: the columns (writers) of ``wanted`` ((R, n) or (S, R, n) bool) any entry of which is
+    True, if at most ``fraction`` of them are; else None (every writer). CPU only: counting them is
+    a device sync, and GPUs are not bound by this memory traffic; nor for slices of fewer than
+    ``SPARSE_MIN`` values (``positions_x_width`` = B x T x D times the writers: toy and Tracr models)."""
+    if wanted.device.type != "cpu" or positions_x_width * wanted.shape[-1] < SPARSE_MIN:
+        return None
+    columns = wanted.reshape(-1, wanted.shape[-1]).any(0)
+    if int(columns.sum()) > fraction * columns.numel():
+        return None
+    return columns.nonzero()[:, 0]
 
 
 def live_writers(z: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
-    """(m,) long: the writers (columns of z (R, n) or (S, R, n)) some reader's mask is nonzero for,
-    where few are (at most ``SPARSE_GRAD`` of them); None: every writer counts. The others' terms
-    are exactly 0 in the mix and in dL/ds, so they can be left out: a pruned circuit's masks are
-    mostly exactly 0 (at 98% edge sparsity most writers feed no reader of a layer). dL/ds then
-    reads and writes only the live rows; the mix gathers the live writers' differences when at
-    most ``SPARSE_MIX`` are live (the gather copies rows slower than a product reads them, so it
-    pays only when few are live: 1/8, 1/4, 1/3 and 1/2 measured on SmolLM2 with a real 98% circuit's
-    masks, 1/4 the best). CPU only: counting them is a device sync, and GPUs are not bound by this
-    traffic; nor for small slices (``positions_x_width`` = B x T x D times the writers under
-    ``SPARSE_MIN``: toy and Tracr models)."""
-    if z.device.type != "cpu" or positions_x_width * z.shape[-1] < SPARSE_MIN:
-        return None
-    live = z.detach().ne(0).reshape(-1, z.shape[-1]).any(0)
-    if int(live.sum()) > SPARSE_GRAD * live.numel():
-        return None
-    return live.nonzero()[:, 0]
+    """The writers some reader's mask in z is nonzero for, where at most ``SPARSE_GRAD`` of them are
+    (``_few_writers``). The others' terms are exactly 0 in the mix and in dL/ds, so they can be left
+    out: a pruned circuit's masks are mostly exactly 0 (at 98% edge sparsity most writers feed no
+    reader of a layer). dL/ds then reads and writes only the live rows; the mix gathers the live
+    writers' differences when at most ``SPARSE_MIX`` are live (the gather copies rows slower than a
+    product reads them, so it pays only when few are live: 1/8, 1/4, 1/3 and 1/2 measured on SmolLM2
+    with a real 98% circuit's masks, 1/4 the best)."""
+    return _few_writers(z.detach().ne(0), positions_x_width, SPARSE_GRAD)
 
 
 def needed_writers(support: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
-    """(m,) long: the writers (columns of a mix's ``support`` (R, n) or (S, R, n), bool: the masks whose
-    dL/dz the caller needs) dL/dz is computed for, where at most ``SPARSE_MIX`` of them are (the
-    others' dL/dz is left 0: a clamped hard-concrete mask passes no gradient on). None: all of them.
-    Same gates as ``live_writers``."""
-    if support.device.type != "cpu" or positions_x_width * support.shape[-1] < SPARSE_MIN:
-        return None
-    needed = support.reshape(-1, support.shape[-1]).any(0)
-    if int(needed.sum()) > SPARSE_MIX * needed.numel():
-        return None
-    return needed.nonzero()[:, 0]
+    """The writers dL/dz is computed for: those some mask in ``support`` (bool like z: the masks whose
+    dL/dz the caller needs) reads, where at most ``SPARSE_MIX`` of them are (``_few_writers``). The
+    others' dL/dz is left 0: a clamped hard-concrete mask passes no gradient on."""
+    return _few_writers(support, positions_x_width, SPARSE_MIX)
 
 
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
@@ -156,7 +153,7 @@ class WriterStates:
     (W, B, T, D). ``ablated``: the ablated states s~, (W, B, T, D), a broadcastable (W, 1, 1, D)
     (mean), or None (zero ablation; then d = s). ``write`` stores a writer group at its place in
     graph order and returns its autograd token (None when no gradient flows to it); ``mix`` reads
-    the first n writers. ``grad`` is the fp32 dL/ds buffer, laid out like ``buffer``, that the mixes'
+    the first n writers. ``grad`` is the fp32 dL/ds buffer, writer-major (W, B x T, D), that the mixes'
     backward fills (allocated, zeroed, at the first backward). ``seal`` ends the forward: the
     ablated states are let go, and later writes (activation checkpointing recomputes layers in the
     backward) leave the buffer as it is, since they would write the same values.
@@ -164,9 +161,10 @@ class WriterStates:
 
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None,
-                 pool: str | None = None):
+                 pool: str | None = None, grad_support: torch.Tensor | None = None):
         """``pool``: keep ``buffer`` from step to step under this name (``edgeprune.buffers``; the
-        masked forward's "mix")."""
+        masked forward's "mix"). ``grad_support``: (R_all, W) bool like the model's dense masks, the
+        masks whose dL/dz is needed (a clamp passes no gradient through the others), or None: all."""
         B, T, D = shape
         self.shape = (B, T, D)
         # (P,) long: the span of each position, for position-aware masks z (S, R, n); None: z (R, n)
@@ -175,12 +173,10 @@ class WriterStates:
             buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
         self._pd = B * T * D  # values per writer
-        # (R_all, W) bool like the model's dense masks, or None: the masks whose dL/dz is needed (those a
-        # clamp passes no gradient through are not); set by the model after construction
-        self.grad_support: torch.Tensor | None = None
+        self.grad_support = grad_support
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
-        self.grad: torch.Tensor | None = None  # (P, W, D)
+        self.grad: torch.Tensor | None = None  # (W, P, D), writer-major
         self._taken = n_writers  # rows from here on were handed to their writers' backward
         self.sealed = False
         # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
@@ -329,12 +325,12 @@ class WriterStates:
         if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
             part = torch.bmm(zt, grad_out.transpose(0, 1)).transpose(0, 1).reshape(-1, P * D)
-        elif live is not None:
-            part = z.T @ grad_out.reshape(R, P * D)
-        else:
+        elif live is None:  # straight into the block
             go = grad_out.reshape(R, P * D)
             torch.mm(z.T, go, out=target) if fresh else target.addmm_(z.T, go)
             return
+        else:
+            part = z.T @ grad_out.reshape(R, P * D)
         if live is not None:
             target.index_add_(0, live, part)
         else:

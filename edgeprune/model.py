@@ -248,9 +248,10 @@ class EdgeModel(nn.Module):
                         self.n_spans)
         if support is not None and node_values is None:  # (a node mask's gradient reads every edge's)
             support = dense_masks(self.graph, support.float(), None, self.n_spans) > 0
+        else:
+            support = None
         return self._run(input_ids, attention_mask, position_ids, z, ablated, return_states, select,
-                         past=past_key_values, span_ids=span_ids,
-                         support=None if node_values is not None else support)
+                         past=past_key_values, span_ids=span_ids, support=support)
 
     def full_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, *,
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
@@ -272,8 +273,8 @@ class EdgeModel(nn.Module):
                              f"{tuple(input_ids.shape)}, got {tuple(embeds.shape)}")
         if sink is not None and return_states:
             raise ValueError("full_forward: give return_states or a sink, not both")
-        return self._run(input_ids, attention_mask, position_ids, None, sink, return_states, select, states_rows,
-                         past=past_key_values, embeds=embeds, taps=taps)
+        return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows,
+                         past=past_key_values, embeds=embeds, taps=taps, sink=sink)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Continue (B, T) prompts with the current circuit (deterministic masks): see ``edgeprune.generate``."""
@@ -374,19 +375,21 @@ class EdgeModel(nn.Module):
                                      return_states=True).states
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
-             states_rows=None, past=None, span_ids=None, embeds=None, taps=None, support=None) -> EdgeOutput:
+             states_rows=None, past=None, span_ids=None, embeds=None, taps=None, support=None,
+             sink=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
-        z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states`` (with z None: the
-        ``StateSink`` of ``full_forward``, or None); support: like z, bool, the masks whose dL/dz is
-        needed (the others are clamped), or None for all (``WriterStates.grad_support``). Each decoder layer
-        runs through ``self.runner`` (activation checkpointing, FSDP), the whole pass through its root.
+        z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``; support: like z, bool,
+        the masks whose dL/dz is needed (the others are clamped), or None for all
+        (``WriterStates.grad_support``); sink: where the unmasked pass writes its states
+        (``full_forward``). Each decoder layer runs through ``self.runner`` (activation
+        checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows, past, span_ids, embeds, taps, support)
+                                select, states_rows, past, span_ids, embeds, taps, support, sink)
 
     def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
-              past=None, span_ids=None, embeds=None, taps=None, support=None):
+              past=None, span_ids=None, embeds=None, taps=None, support=None, sink=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         if past is not None:  # incremental decoding: the families' attention extends the cache
@@ -395,7 +398,7 @@ class EdgeModel(nn.Module):
         if z is None:  # the plain residual stream, in fp32; writer states only if asked for
             keep = slice(None) if states_rows is None else states_rows
             # reader taps without states: only the sum of a layer's heads is needed (one GEMM, as HF)
-            store = ablated  # the unmasked pass takes no ablated states: this is its sink, if any
+            store = sink
             ctx.extra["heads_summed"] = taps is not None and not return_states and store is None
             if return_states:
                 store = WriterStates(graph.num_writers, emb[:, keep].shape[1:], emb.dtype, emb.device)
@@ -411,8 +414,7 @@ class EdgeModel(nn.Module):
 
         # the masked mix over fp32 differences; tokens carry gradients to the states (mixing.WriterStates)
         store = WriterStates(graph.num_writers, emb.shape[1:], torch.float32, emb.device, ablated,
-                             self.mask_grad_reduce, span_ids, pool="mix")
-        store.grad_support = support
+                             self.mask_grad_reduce, span_ids, pool="mix", grad_support=support)
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
         for layer, blocks in enumerate(self._layer_readers):

@@ -26,9 +26,9 @@ in fp32, summed over examples in fp64), gives every edge's score. No edge-masked
 EAP is alpha = 1: the forward is the plain clean forward, which also gives the reference logits
 and subtracts the clean states in place, so EAP costs one forward and backward plus a no-grad pass
 over the corrupted input (none under zero or mean ablation). Both buffers, the differences and
-the reader gradients, are reused from batch to batch (``edgeprune.buffers``). It is the same quantity as the masks variant's
-``-dm/dz (z = 1)`` (``attribution.path_gradient_scores``): at z = 1 the masked model's reader inputs
-are the plain model's and ``dm/dz_e = <dm/dx_r, s_w - s~_w>``.
+the reader gradients, are reused from batch to batch (``edgeprune.buffers``). It is the same
+quantity as the masks variant's ``-dm/dz (z = 1)`` (``attribution.path_gradient_scores``): at z = 1
+the masked model's reader inputs are the plain model's and ``dm/dz_e = <dm/dx_r, s_w - s~_w>``.
 
 The difference from EAP-IG on the masks (``attribution``, variant ``masks``): that variant moves
 every edge mask together, z = alpha * 1, so its path runs through mixtures of clean and corrupted
