@@ -238,7 +238,11 @@ class PruneStep:
         with torch.no_grad():
             model.edge_masks.log_alpha.fill_(3.0)
             if isinstance(sparsity, str):  # a run's masks.safetensors: its learned log-alphas
-                model.edge_masks.log_alpha.copy_(load_file(sparsity)["edge_log_alpha"])
+                saved = load_file(sparsity)
+                if saved.get("edge_log_alpha", torch.empty(0)).shape != model.edge_masks.log_alpha.shape:
+                    raise SystemExit(f"--masks {sparsity}: no edge_log_alpha of shape "
+                                     f"{tuple(model.edge_masks.log_alpha.shape)} (another model's run?)")
+                model.edge_masks.log_alpha.copy_(saved["edge_log_alpha"])
             elif sparsity:  # a pruned state: a random (1 - sparsity) of the edges kept, the rest far below 0
                 gen = torch.Generator().manual_seed(3)
                 pruned = torch.rand(model.edge_masks.log_alpha.shape, generator=gen) < sparsity
@@ -473,6 +477,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.masks and not Path(args.masks).is_file():
+        parser.error(f"--masks {args.masks}: no such file (a run directory's masks.safetensors)")
     if args.dense_mix:
         mixing.SPARSE_MIN = math.inf
     if args.threads:
