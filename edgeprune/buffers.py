@@ -5,7 +5,11 @@ A fresh CPU allocation of a few hundred MB costs the kernel's zeroing of every p
 allocator does not keep blocks that large: each step's writer states (177 MB on SmolLM2-135M at
 8 x 32), and each attribution batch's writer differences and reader gradients, were zeroed by the
 kernel again every time (~5% of a step, measured in one process). ``take`` hands out a view of a
-kept buffer instead. (The dL/ds buffer is not kept: it would sit beside the next step's forward.)
+kept buffer instead.
+
+A buffer is kept as bytes, so one name can serve tensors of different dtypes in turn: ``SWAP`` holds
+a step's corrupted writer states until the masked forward ends and then its dL/ds buffer (the two
+are never alive together), so keeping it adds nothing to the step's peak.
 
 Safe by construction: a kept buffer is reused only when no tensor outside this module still views
 it (its storage's use count), so a buffer that escaped -- states returned to a caller, an autograd
@@ -23,6 +27,8 @@ import torch
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 _kept: dict[tuple, torch.Tensor] = {}
 
+SWAP = "step.swap"  # a step's corrupted writer states, then (once they are let go) its dL/ds buffer
+
 
 def _free(flat: torch.Tensor) -> bool:
     # the kept tensor and the temporary storage object below hold two references: any more is a view
@@ -35,13 +41,13 @@ def take(name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.de
     device = torch.device(device)
     if device.type != "cpu" or _use_count is None:
         return torch.empty(shape, dtype=dtype, device=device)
-    n = math.prod(shape)
-    key = (name, dtype, device)
+    n = math.prod(shape) * dtype.itemsize
+    key = (name, device)
     flat = _kept.get(key)
     if flat is None or flat.numel() < n or not _free(flat):
         _kept.pop(key, None)  # (a busy one stays alive through its views; a small one goes now)
-        flat = _kept[key] = torch.empty(n, dtype=dtype, device=device)
-    return flat[:n].view(shape)
+        flat = _kept[key] = torch.empty(n, dtype=torch.uint8, device=device)
+    return flat[:n].view(dtype).view(shape)
 
 
 def clear(prefix: str = "") -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from . import buffers
 from .eval import reference_and_corrupted
 
 
@@ -96,10 +97,11 @@ class ReferenceCache:
         if cached[0][1] is None:
             return ref, None
         T = batch.input_ids.shape[1]
-        if all(kept.shape[1] == T for _, kept in cached):  # no padding: one write of the states, no zero fill
-            return ref, torch.stack([kept for _, kept in cached], dim=1)
         W, _, D = cached[0][1].shape
-        states = cached[0][1].new_zeros((W, *batch.input_ids.shape, D))
+        states = buffers.take(buffers.SWAP, (W, *batch.input_ids.shape, D), cached[0][1].dtype, model.device)
+        if all(kept.shape[1] == T for _, kept in cached):  # no padding: one write of the states, no zero fill
+            return ref, torch.stack([kept for _, kept in cached], dim=1, out=states)
+        states.zero_()
         for b, (_, kept) in enumerate(cached):
             states[:, b, :kept.shape[1]] = kept
         return ref, states

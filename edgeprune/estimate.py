@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import buffers
 from .config import ExperimentConfig
 from .control import lagrangian
 from .eval import kl_divergence, reference_and_corrupted
@@ -231,6 +232,7 @@ def trace_step(model, B: int, T: int, *, loss_positions: int = 1, loss: str = "k
     generators = [(m, m.generator) for m in (model.edge_masks, model.node_masks) if m is not None]
     for masks, _ in generators:
         masks.generator = None  # the model's device may be meta: no seeded generator there
+    buffers.clear()  # buffers kept from earlier steps are allocated again, inside the count
     try:
         with LiveTensors(selected_rows=B * loss_positions) as mem:
             ref, corrupted = reference_and_corrupted(model, batch, batch.loss_mask)

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import buffers
+from .mixing import StateSink
 from .model import EdgeModel
 
 
@@ -45,9 +47,10 @@ def reference_and_corrupted(model: EdgeModel, batch, select: torch.Tensor | None
     Returns the full model's clean logits (B, T, V), or (N, V) at the positions of ``select``
     ((B, T) bool, e.g. ``batch.loss_mask``: the read-out then runs only there), and the corrupted
     writer states (W, B, T, D), or None where the ablation does not use them. Only the corrupted
-    half's states are kept, and the corrupted half gets no read-out at all.
+    half's states are kept, and the corrupted half gets no read-out at all. The states are written
+    into ``buffers.SWAP`` (the bytes the step's dL/ds buffer takes once they are let go).
     """
-    B = batch.input_ids.shape[0]
+    B, T = batch.input_ids.shape
     with torch.no_grad():
         if model.ablation != "interchange":
             return model.full_forward(batch.input_ids, batch.attention_mask, select=select).logits, None
@@ -55,9 +58,11 @@ def reference_and_corrupted(model: EdgeModel, batch, select: torch.Tensor | None
         mask = torch.cat([batch.attention_mask, batch.corrupted_attention_mask])
         clean = torch.ones_like(batch.input_ids, dtype=torch.bool) if select is None else select
         both = torch.cat([clean, torch.zeros_like(clean)])
-        out = model.full_forward(ids, mask, return_states=True, select=both, states_rows=slice(B, None))
-        logits = out.logits if select is not None else out.logits.view(*batch.input_ids.shape, out.logits.shape[-1])
-        return logits, out.states
+        states = buffers.take(buffers.SWAP, (model.graph.num_writers, B, T, model.hf.config.hidden_size),
+                              model.dtype, model.device)
+        out = model.full_forward(ids, mask, select=both, states_rows=slice(B, None), sink=StateSink(states))
+        logits = out.logits if select is not None else out.logits.view(B, T, out.logits.shape[-1])
+        return logits, states
 
 
 def position_metrics(full: torch.Tensor, circuit: torch.Tensor, targets: torch.Tensor) -> dict:

@@ -163,12 +163,13 @@ class WriterStates:
                  ablated: torch.Tensor | None = None, reduce=None, span_ids: torch.Tensor | None = None,
                  pool: str | None = None, grad_support: torch.Tensor | None = None):
         """``pool``: keep ``buffer`` from step to step under this name (``edgeprune.buffers``; the
-        masked forward's "mix"). ``grad_support``: (R_all, W) bool like the model's dense masks, the
+        masked forward's "mix"), and take the dL/ds buffer from ``buffers.SWAP``. ``grad_support``: (R_all, W) bool like the model's dense masks, the
         masks whose dL/dz is needed (a clamp passes no gradient through the others), or None: all."""
         B, T, D = shape
         self.shape = (B, T, D)
         # (P,) long: the span of each position, for position-aware masks z (S, R, n); None: z (R, n)
         self.span_ids = None if span_ids is None else span_ids.reshape(B * T).to(device=device, dtype=torch.long)
+        self.pool = pool
         self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device) if pool is None else \
             buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
@@ -316,9 +317,11 @@ class WriterStates:
                                "not supported: run the forward again")
         P, W, D = self.flat.shape
         fresh = self.grad is None and start == 0 and k == W and live is None
-        if self.grad is None:  # (not kept between steps: it would sit beside the next forward's peak)
-            self.grad = (torch.empty if fresh else torch.zeros)((W, P, D), dtype=torch.float32,
-                                                                device=self.buffer.device)
+        if self.grad is None:  # a pooled forward's: the bytes its corrupted states had (buffers.SWAP)
+            self.grad = torch.empty((W, P, D), dtype=torch.float32, device=self.buffer.device) \
+                if self.pool is None else buffers.take(buffers.SWAP, (W, P, D), torch.float32, self.buffer.device)
+            if not fresh:
+                self.grad.zero_()
         target = self.grad[start:start + k].view(k, P * D)
         if live is not None:
             z = z[..., live]
