@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from edgeprune import EdgeModel, mixing  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
+from edgeprune.model import KEEP_INPUTS  # noqa: E402
 from edgeprune.eval import kl_divergence, reference_and_corrupted  # noqa: E402
 from edgeprune.control import lagrangian  # noqa: E402
 
@@ -196,6 +197,8 @@ def estimate_peaks(kind: str, shape: tuple[int, int], args) -> tuple[int, int]:
     hf = build_hf(kind, args.layers, DTYPES[args.dtype], torch.device("meta"), getattr(args, "tiny", False))
     model = EdgeModel.from_hf(hf)
     model.activation_checkpointing = args.checkpointing
+    if torch.device(args.device).type == "cpu":  # the run measured keeps what a CPU run keeps
+        model.keep_inputs = KEEP_INPUTS
     return trace_step(model, *shape), trace_hf(hf, *shape)
 
 

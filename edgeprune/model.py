@@ -38,6 +38,11 @@ from .models import Family, family_for
 from .models.tracr import is_tracr_artifact, load_tracr
 
 ABLATIONS = ("interchange", "zero", "mean")
+# On CPU the Q/K/V inputs of the deepest layers are kept for the backward rather than rebuilt from
+# the mix, up to this share of the writer states' size (``EdgeModel.keep_inputs``): a layer's rebuild
+# reads every earlier writer, so the deepest are the dearest (SmolLM2-135M: the last 10 of 30
+# layers, 56% of the rebuilding, 8% of the backward). GPUs rebuild them all: memory is their limit.
+KEEP_INPUTS = 0.5
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "gguf_file",
@@ -76,6 +81,9 @@ class EdgeModel(nn.Module):
         self.mean_states: torch.Tensor | None = None  # (W, D) for ablation="mean"
         self.runner = LayerRunner()  # per-layer calls: activation checkpointing, FSDP (edgeprune.distributed)
         self.mask_grad_reduce = None  # edgeprune.distributed: sums dL/dz (fp64, in place) over processes
+        # share of the writer states' size the deepest layers' Q/K/V inputs may keep for the backward
+        # instead of rebuilding them; None: KEEP_INPUTS on CPU, 0 elsewhere
+        self.keep_inputs: float | None = None
         self.to(family.device)
         self.eval()  # like HF's from_pretrained: deterministic masks until train() is called
 
@@ -432,6 +440,23 @@ class EdgeModel(nn.Module):
         blocks = self.graph.reader_blocks
         return [blocks[l * per_layer:(l + 1) * per_layer] for l in range(self.graph.spec.n_layers)]
 
+    @property
+    def _kept_inputs(self) -> frozenset:
+        """The layers whose Q/K/V inputs the backward keeps instead of rebuilding: the deepest, while
+        their readers number at most ``keep_inputs`` x the writers (each input is as large as a
+        writer's state in the mix's fp32)."""
+        share = self.keep_inputs
+        if share is None:
+            share = KEEP_INPUTS if self.device.type == "cpu" else 0.0
+        kept, rows = set(), 0
+        for layer in reversed(range(self.graph.spec.n_layers)):
+            q_blk, v_blk = self._layer_readers[layer][0], self._layer_readers[layer][2]
+            rows += v_blk.stop - q_blk.start
+            if rows > share * self.graph.num_writers:
+                break
+            kept.add(layer)
+        return frozenset(kept)
+
     @functools.cached_property
     def _writer_starts(self) -> list[tuple[int, ...]]:
         """Per layer: the first writer row of its heads (and of its MLP)."""
@@ -491,7 +516,7 @@ class EdgeModel(nn.Module):
         split = (v_blk.stop - q_blk.start, 1) if mlp else None
         mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)  # (readers, B, T, D) per part
         x, mlp_part = mixed if mlp else (mixed, None)  # x: the Q + K + V readers
-        with self._recompute(x, z, group, store, base):
+        with self._recompute(layer, x, z, group, store, base):
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x, mixed
         new = [store.write(heads, starts[0])]
@@ -516,11 +541,12 @@ class EdgeModel(nn.Module):
         n_w = self.graph.n_writers_before[rows.start]
         return store.mix(z[..., rows, :n_w], const, tokens, rows=rows)  # z (R, W) or position-aware (S, R, W)
 
-    def _recompute(self, x, z, rows: slice, store, const):
-        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix."""
+    def _recompute(self, layer: int, x, z, rows: slice, store, const):
+        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix (but
+        for the layers of ``_kept_inputs``)."""
         if self.runner.checkpoint:  # activation checkpointing recomputes the whole layer anyway
             return contextlib.nullcontext()
-        if x.shape[0] == 1:  # one reader (an MLP): keeping x costs less than rebuilding it
+        if x.shape[0] == 1 or layer in self._kept_inputs:  # one reader (an MLP): keeping x costs less
             return contextlib.nullcontext()
         n_w = self.graph.n_writers_before[rows.start]
         z_rows = z[..., rows, :n_w].detach()

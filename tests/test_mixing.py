@@ -268,3 +268,45 @@ def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradient
     full = run()
     torch.testing.assert_close(restricted, full, rtol=1e-5, atol=1e-7)
     assert full.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", True)])
+def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, monkeypatch):
+    """The deepest layers' Q/K/V inputs kept for the backward (``EdgeModel.keep_inputs``) instead of
+    rebuilt from the mix: the rebuild recomputes the very values, so logits and every mask gradient
+    are equal bit for bit, and so are the states' gradients (through the embeddings)."""
+    model, ids, corrupted, span_ids = _toy_run(kind, 4, spans)
+    rebuilt = []
+    rebuild = mixing.WriterStates.rebuild
+    monkeypatch.setattr(mixing.WriterStates, "rebuild", lambda *a: rebuilt.append(1) or rebuild(*a))
+
+    def run(share):
+        model.keep_inputs = share
+        z = torch.full((model.edge_masks.n,), 0.7).requires_grad_(True)
+        rebuilt.clear()
+        out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
+        _weighted_loss(out).backward()
+        return out.detach(), z.grad, len(rebuilt)
+
+    logits, grad, n_rebuilt = run(0.0)
+    n_layers = model.graph.spec.n_layers
+    assert n_rebuilt == n_layers and model._kept_inputs == frozenset()
+    kept_logits, kept_grad, n_kept_rebuilt = run(100.0)  # every layer's inputs kept
+    assert n_kept_rebuilt == 0 and model._kept_inputs == frozenset(range(n_layers))
+    assert torch.equal(kept_logits, logits) and torch.equal(kept_grad, grad)
+    assert grad.abs().sum() > 0
+
+
+def test_the_deepest_layers_keep_their_inputs_within_the_share():
+    """``keep_inputs`` is a share of the writer states' size: the deepest layers whose Q/K/V readers
+    fit in it keep their inputs; by default CPU keeps ``KEEP_INPUTS``, other devices none."""
+    from edgeprune.model import KEEP_INPUTS
+    model = EdgeModel.from_hf(build("llama", num_hidden_layers=6))  # 4 query / 2 KV heads: 8 Q/K/V readers a layer
+    W = model.graph.num_writers
+    per_layer = model.graph.reader_blocks[2].stop - model.graph.reader_blocks[0].start
+    model.keep_inputs = 3 * per_layer / W  # room for exactly three layers
+    assert model._kept_inputs == frozenset({3, 4, 5})
+    model.keep_inputs = (3 * per_layer - 1) / W
+    assert model._kept_inputs == frozenset({4, 5})
+    model.keep_inputs = None  # CPU: the default share
+    assert model._kept_inputs == frozenset(range(6 - int(KEEP_INPUTS * W // per_layer), 6))
