@@ -293,6 +293,22 @@ class DenseMix:
             mixing.SPARSE_MIN = saved
 
 
+class RebuiltInputs:
+    """A step whose backward rebuilds every layer's Q/K/V inputs from the mix (``keep_inputs`` 0), as
+    a GPU's does; a CPU step keeps the deepest layers' (``model.KEEP_INPUTS``)."""
+
+    def __init__(self, step: PruneStep):
+        self.step = step
+
+    def __call__(self, clock) -> dict:
+        model = self.step.model
+        saved, model.keep_inputs = model.keep_inputs, 0.0
+        try:
+            return self.step(clock)
+        finally:
+            model.keep_inputs = saved
+
+
 class HFStep:
     """HF forward+backward with gradient to the input embeddings (the weights stay frozen)."""
 
@@ -347,6 +363,8 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
         dense = DenseMix(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity))
         out["dense_mix"] = time_steps(dense, prune_step, args, device)  # ratio: dense / live-writers mix
+    if getattr(args, "vs_rebuild", False):  # the same step, every layer's inputs rebuilt, interleaved
+        out["rebuild"] = time_steps(RebuiltInputs(prune_step), prune_step, args, device)  # rebuilt / kept
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -472,6 +490,9 @@ def main(argv=None) -> int:
                              "(mixing.SPARSE_MIN set to infinity: live_writers and needed_writers off)")
     parser.add_argument("--vs-dense-mix", action="store_true",
                         help="also time the step with --dense-mix's mix, interleaved in the same process")
+    parser.add_argument("--vs-rebuild", action="store_true",
+                        help="also time the step with every layer's Q/K/V inputs rebuilt in the backward "
+                             "(keep_inputs 0, as on GPUs), interleaved in the same process")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -538,6 +559,12 @@ def main(argv=None) -> int:
                 q = r["dense_mix"]
                 print(f"  dense mix: step {q['prune']['median_s']:.3f} s vs live-writers mix {q['hf']['median_s']:.3f} s "
                       f"(ratio {q['ratio']:.2f}x); dense / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+            if args.vs_rebuild:
+                q = r["rebuild"]
+                print(f"  every input rebuilt: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs the deepest kept {q['hf']['median_s']:.3f} s "
+                      f"(backward {q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
+                      f"rebuilt / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

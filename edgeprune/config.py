@@ -89,6 +89,8 @@ class PruneConfig:
     cache_corrupted: bool | str = "auto"  # reference logits/corrupted states once per example (edgeprune.cache);
     # auto: when the run has more than one epoch and the cache fits in a quarter of the free memory
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
+    keep_inputs: float | None = None  # keep the deepest layers' Q/K/V inputs for the backward instead of
+    # rebuilding them, up to this share of the writer states' size; null: 0.25 on CPU, 0 on GPUs
     mode: str = "target"  # target: reach edge_target | faithful: no target, the sparsest circuit whose
     # fit (KL or MSE) stays <= faithful_tolerance (edgeprune/faithful.py)
     faithful_tolerance: float = 0.01  # faithful: the largest mean KL / MSE per position of the circuit
@@ -230,6 +232,9 @@ class ExperimentConfig:
             bad("prune.weight_decay", f"must be >= 0, got {p.weight_decay}")
         if p.max_grad_norm is not None and p.max_grad_norm <= 0:
             bad("prune.max_grad_norm", f"must be > 0 or null (no clipping), got {p.max_grad_norm}")
+        if p.keep_inputs is not None and not p.keep_inputs >= 0:
+            bad("prune.keep_inputs", f"must be >= 0 (a share of the writer states' size) or null "
+                                     f"(the device's default), got {p.keep_inputs}")
 
     def _check_run(self, bad, where) -> None:
         for key in ("eval_every", "save_every", "log_every"):

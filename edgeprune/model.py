@@ -39,10 +39,11 @@ from .models.tracr import is_tracr_artifact, load_tracr
 
 ABLATIONS = ("interchange", "zero", "mean")
 # On CPU the Q/K/V inputs of the deepest layers are kept for the backward rather than rebuilt from
-# the mix, up to this share of the writer states' size (``EdgeModel.keep_inputs``): a layer's rebuild
-# reads every earlier writer, so the deepest are the dearest (SmolLM2-135M: the last 10 of 30
-# layers, 56% of the rebuilding, 8% of the backward). GPUs rebuild them all: memory is their limit.
-KEEP_INPUTS = 0.5
+# the mix, up to this share of the writer states' size (``EdgeModel.keep_inputs``, ``prune.keep_inputs``):
+# a layer's rebuild reads every earlier writer, so the deepest are the dearest (SmolLM2-135M: the last
+# 5 of 30 layers, 31% of the rebuilding). 0.25 keeps the step's peak within HF's + 2 writer states on
+# the models measured (Llama-3.2-1B: 1.92 at 4x32; 0.5 would take it to 2.20). GPUs rebuild them all.
+KEEP_INPUTS = 0.25
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "gguf_file",

@@ -288,6 +288,7 @@ class PruneRecipe:
         with contextlib.suppress(FingerprintError):
             model.fingerprint(1)
         model.activation_checkpointing = p.activation_checkpointing
+        model.keep_inputs = p.keep_inputs
         self.train = None
         if cfg.model.positions:  # position-aware masks: the training split names the spans (before the graph check)
             self.train = load_split(cfg.data, model, cfg.data.train_split)

@@ -52,6 +52,9 @@ def test_bad_values_name_field(tmp_path):
         load_config(write(tmp_path, GOOD), ["prune.node_target=0.5"])
     with pytest.raises(ConfigError, match="model.name_or_path: required"):
         load_config(write(tmp_path, GOOD.replace("name_or_path: some/model, ", "")))
+    with pytest.raises(ConfigError, match=r"prune.keep_inputs: must be >= 0"):
+        load_config(write(tmp_path, GOOD), ["prune.keep_inputs=-0.5"])
+    assert load_config(write(tmp_path, GOOD), ["prune.keep_inputs=0.5"]).prune.keep_inputs == 0.5
 
 
 def test_missing_file_and_bad_yaml(tmp_path):

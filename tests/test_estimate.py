@@ -195,3 +195,18 @@ def test_out_of_memory_during_a_step_is_one_line_with_the_knobs(tmp_path, capsys
     assert main(_stories_run(tmp_path)) == 2
     err = capsys.readouterr().err
     assert "out of memory" in err and "prune.batch_size" in err and "Traceback" not in err
+
+
+def test_trace_counts_the_inputs_a_step_keeps():
+    """``keep_inputs``: the Q/K/V inputs kept for the backward (rather than rebuilt) are live at the
+    peak, so the traced peak grows with the share (on meta, as on CPU)."""
+    with torch.device("meta"):
+        hf = GPT2LMHeadModel(gpt2_config(n_layer=4))
+    model = EdgeModel.from_hf(hf.eval())
+    assert model._kept_inputs == frozenset()  # meta: a GPU's default, nothing kept
+    rebuilt = trace_step(model, 4, 16)
+    model.keep_inputs = 10.0  # every layer's inputs
+    assert model._kept_inputs == frozenset(range(4))
+    kept = trace_step(model, 4, 16)
+    per_layer = 3 * hf.config.n_head * 4 * 16 * hf.config.n_embd * 4  # Q, K, V readers x B x T x D fp32
+    assert kept - rebuilt >= 2 * per_layer
