@@ -210,7 +210,7 @@ def check_step(c: Check, args, device: torch.device, deadline: float) -> None:
     for kind in ("gpt2", "llama"):
         for dtype in ("float32", "bfloat16"):
             opts = SimpleNamespace(layers=layers, tiny=small, dtype=dtype, cache=False, checkpointing=False,
-                                   warmup=1, repeats=2 if small else 3)
+                                   device=str(device), warmup=1, repeats=2 if small else 3)
             hf, batch = step_bench.setup(kind, shape, opts, device)
             model = EdgeModel.from_hf(hf)
             g = model.graph

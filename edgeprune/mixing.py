@@ -33,7 +33,9 @@ How it stays lean and fast (DESIGN.md section 3):
   the differences of every earlier writer, forward and backward), so readers that read the same
   writers share one pass: a layer's MLP row rides on its Q/K/V mix (``split``: one product, one
   dL/dz and one dL/ds pass for both) and its own layer's heads come as a *range* mix added to it
-  (``start``; ``model._masked_layer``).
+  (``start``; ``model._masked_layer``). Layers go in pairs the same way: the first of a pair also
+  mixes the second's readers over the writers it reads (``carry``), and the second adds that
+  partial mix to a range mix over the first layer's writers (``partial``).
 - ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
@@ -214,10 +216,26 @@ class WriterStates:
         """(P, n - start, D): the stored differences of writers start..n-1 at every position."""
         return self.flat[:, start:n]
 
-    def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
-        """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D)."""
+    def rebuild(self, z: torch.Tensor, const: torch.Tensor | None, *, width: int | None = None,
+                carried: tuple[int, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D), in the
+        layout the forward gave it: ``width`` rows a position where the forward mixed these readers
+        with ``width - R`` more (the next layer's, ``carry``; only these R are rebuilt); for readers
+        whose mix over writers before m was carried from the layer before (``partial``), ``carried``
+        = (m, the constants that mix had), and the sum is formed in the forward's order."""
         n = z.shape[-1]
-        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
+        if carried is None:
+            out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
+        else:
+            m, const_before = carried
+            before = mix_values(z[..., :m], self.diffs(m), self.base(m, const_before), self.span_ids,
+                                live_writers(z[..., :m], self._pd))
+            out = mix_values(z[..., m:], self.diffs(n, m), self.range_base(m, n, const), self.span_ids,
+                             live_writers(z[..., m:], self._pd)).add_(before)
+        if width is not None and width > out.shape[1]:
+            wide = out.new_empty((out.shape[0], width, out.shape[2]))
+            wide[:, :out.shape[1]].copy_(out)
+            out = wide
         return reader_view(out, *self.shape[:2])
 
     def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -242,7 +260,8 @@ class WriterStates:
         return self._sums[n]
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
-            split: tuple[int, ...] | None = None, rows: slice | None = None):
+            split: tuple[int, ...] | None = None, rows: slice | None = None, carry: bool = False,
+            partial: torch.Tensor | None = None):
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
         z: (R, k) fp32, or (S, R, k) position-aware (each position uses its span's row); const: (D,) fp32
@@ -254,19 +273,27 @@ class WriterStates:
         states for every part, ``model._masked_layer``). Gradients flow to z and to the states. ``rows``:
         the readers' rows of the model's masks, to look up which of z's gradients are needed
         (``grad_support``).
+
+        Pairs of layers share a pass over the states (``model._masked_layer``): with ``carry`` the
+        last part of ``split`` is the next layer's readers, mixed over these writers and returned as
+        it is, (P, r, D) position-major, the *partial* mix; the next layer's ``mix`` over the writers
+        after these (``start``) takes it as ``partial`` and adds it (gradients flow back to it).
         """
         stop = start + z.shape[-1]
         base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
         split = (z.shape[-2],) if split is None else tuple(split)
-        if torch.is_grad_enabled() and (z.requires_grad or tokens):
+        if torch.is_grad_enabled() and (z.requires_grad or tokens or (partial is not None and partial.requires_grad)):
             needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
                 needed = needed_writers(self.grad_support[..., rows, start:stop], self._pd)
-            outs = _Mix.apply(z, self, base, start, split, needed, *tokens)
+            outs = _Mix.apply(z, self, base, start, split, needed, partial, *tokens)
         else:
             out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._pd))
+            if partial is not None:
+                out.add_(partial)
             outs = out.split(split, dim=1)
-        views = tuple(reader_view(o, *self.shape[:2]) for o in outs)
+        views = tuple(o if carry and i == len(outs) - 1 else reader_view(o, *self.shape[:2])
+                      for i, o in enumerate(outs))
         return views[0] if len(views) == 1 else views
 
     def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -364,14 +391,17 @@ class _Write(torch.autograd.Function):
 
 
 class _Mix(torch.autograd.Function):
-    """z (R, k) over writers start..start+k-1 -> the mix (P, R, D), as one output per part of ``split``."""
+    """z (R, k) over writers start..start+k-1 (+ a carried partial mix (P, R, D) of the writers before)
+    -> the mix (P, R, D), as one output per part of ``split``."""
 
     @staticmethod
-    def forward(ctx, z, store, base, start, split, needed, *tokens):
+    def forward(ctx, z, store, base, start, split, needed, partial, *tokens):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._pd)
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live)  # (P, R, D)
+        if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
+            out.add_(partial)
         return out.split(split, dim=1)
 
     @staticmethod
@@ -383,10 +413,11 @@ class _Mix(torch.autograd.Function):
         stop = start + z.shape[-1]
         grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
             if ctx.needs_input_grad[0] else None
-        n_tokens = len(ctx.needs_input_grad) - 6
+        grad_partial = go.transpose(0, 1) if ctx.needs_input_grad[6] else None  # (P, R, D)
+        n_tokens = len(ctx.needs_input_grad) - 7
         if n_tokens:
             store._add_grad(z, go, start, ctx.live)
-        return (grad_z, None, None, None, None, None, *[z.new_zeros(()) for _ in range(n_tokens)])
+        return (grad_z, None, None, None, None, None, grad_partial, *[z.new_zeros(()) for _ in range(n_tokens)])
 
 
 def _reader_major(grads: tuple, split: tuple[int, ...]) -> torch.Tensor:

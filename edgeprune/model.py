@@ -44,6 +44,7 @@ ABLATIONS = ("interchange", "zero", "mean")
 # 5 of 30 layers, 31% of the rebuilding). 0.25 keeps the step's peak within HF's + 2 writer states on
 # the models measured (Llama-3.2-1B: 1.92 at 4x32; 0.5 would take it to 2.20). GPUs rebuild them all.
 KEEP_INPUTS = 0.25
+PAIR_LAYERS = True  # layers mix in pairs (``EdgeModel._masked_layer``); False: each alone
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "gguf_file",
@@ -426,8 +427,10 @@ class EdgeModel(nn.Module):
                              self.mask_grad_reduce, span_ids, pool="mix", grad_support=support)
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
+        carried = None  # (partial mix, its constants): the first layer of a pair mixed the second's readers too
         for layer, blocks in enumerate(self._layer_readers):
-            base, *new = self.runner.layer(layer, self._masked_layer, layer, ctx, z, store, base, blocks, *tokens)
+            base, carried, *new = self.runner.layer(layer, self._masked_layer, layer, ctx, z, store, base, blocks,
+                                                    carried, *tokens)
             tokens.extend(new)
         final = self._reader_input(z, graph.reader_blocks[-1].slice, store, base, tokens)[0]  # resid_post
         store.seal()  # the ablated states are not needed past here
@@ -498,30 +501,56 @@ class EdgeModel(nn.Module):
             resid = resid + out.float()
         return resid
 
-    def _masked_layer(self, layer, ctx, z, store, base, blocks, *tokens):
+    def _masked_layer(self, layer, ctx, z, store, base, blocks, carried, *tokens):
         """One layer of the masked model: mix its readers' inputs, write its heads' and MLP's states.
 
         The MLP reads the writers the Q/K/V readers read plus this layer's heads (none of them with a
         parallel residual): its mix over the former is one more row of the Q/K/V mix, so the states
         before the layer are read once for all its readers (forward, rebuild, dL/dz and dL/ds alike:
         the mix is bound by that memory traffic at depth), and this layer's heads are added as a
-        range mix once they are written. Returns the layer constants so far and the tokens of the
-        groups it wrote.
+        range mix once they are written.
+
+        Layers go in pairs for the same reason (``_pair_of``): the first of a pair also mixes the
+        second's readers over the writers it reads (one product with twice the rows, one dL/dz and
+        one dL/ds pass for both) and hands that partial mix on (``carried``: the partial, (P, R, D),
+        and the constants it included); the second mixes only the writers of the first layer and
+        adds it. Returns the layer constants so far, what it carries to the next layer (or None),
+        and the tokens of the groups it wrote.
         """
         fam, starts, graph = self.family, self._writer_starts[layer], self.graph
         q_blk, v_blk = blocks[0], blocks[2]
         tokens = list(tokens)
         mlp = graph.spec.mlp
-        group = slice(q_blk.start, blocks[3].stop if mlp else v_blk.stop)
+        group = self._group(layer)
         n_w = graph.n_writers_before[group.start]
-        split = (v_blk.stop - q_blk.start, 1) if mlp else None
-        mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)  # (readers, B, T, D) per part
-        x, mlp_part = mixed if mlp else (mixed, None)  # x: the Q + K + V readers
-        with self._recompute(layer, x, z, group, store, base):
+        split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
+        nxt = self._group(layer + 1) if self._pair_of(layer) == "first" else None
+        if carried is not None:  # the second of a pair: the mix over the writers before the first came with it
+            partial, const_before = carried
+            n_prev = graph.n_writers_before[self._group(layer - 1).start]
+            const = fam.attn_constant(layer - 1)
+            const = None if const is None else const.float()
+            z_rows = z[..., group, :n_w]
+            mixed = store.mix(z_rows[..., n_prev:], const, tokens, start=n_prev, split=split, rows=group,
+                              partial=partial)
+            rebuild = functools.partial(store.rebuild, z_rows.detach(), const, carried=(n_prev, const_before))
+        elif nxt is not None:  # the first of a pair: the next layer's readers ride on this mix
+            rows = slice(group.start, nxt.stop)
+            mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, nxt.stop - nxt.start), rows=rows,
+                              carry=True)
+            mixed, partial = mixed[:-1], mixed[-1]
+            rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base, width=rows.stop - rows.start)
+        else:
+            mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)
+            mixed = mixed if mlp else (mixed,)
+            rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base)
+        x, mlp_part = mixed if mlp else (mixed[0], None)  # x: the Q + K + V readers
+        with self._recompute(layer, x, rebuild):
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x, mixed
         new = [store.write(heads, starts[0])]
         const = fam.attn_constant(layer)
+        base_before = base
         if const is not None:  # a new tensor, never a view of a (possibly sharded) parameter
             base = const.float().clone() if base is None else base + const.float()
         if mlp:
@@ -535,20 +564,33 @@ class EdgeModel(nn.Module):
                 x = mlp_part + heads_mix
             out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
-        return (base, *[t for t in new if t is not None])
+        carry = None if nxt is None else (partial, base_before)
+        return (base, carry, *[t for t in new if t is not None])
+
+    def _group(self, layer: int) -> slice:
+        """The reader rows of a layer's mix: its Q, K, V (and MLP) readers."""
+        blocks = self._layer_readers[layer]
+        return slice(blocks[0].start, blocks[3].stop if self.graph.spec.mlp else blocks[2].stop)
+
+    def _pair_of(self, layer: int) -> str | None:
+        """"first" / "second" where ``layer`` shares its mix with the next / previous one (layers go in
+        pairs, 0-1, 2-3, ...; an odd last layer alone), else None."""
+        if not PAIR_LAYERS:
+            return None
+        if layer % 2:
+            return "second"
+        return "first" if layer + 1 < self.graph.spec.n_layers else None
 
     def _reader_input(self, z, rows: slice, store, const, tokens):
         """(R, B, T, D) fp32 inputs of the readers ``rows``: the mix over the writers before them."""
         n_w = self.graph.n_writers_before[rows.start]
         return store.mix(z[..., rows, :n_w], const, tokens, rows=rows)  # z (R, W) or position-aware (S, R, W)
 
-    def _recompute(self, layer: int, x, z, rows: slice, store, const):
-        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix (but
-        for the layers of ``_kept_inputs``)."""
+    def _recompute(self, layer: int, x, rebuild):
+        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix with
+        ``rebuild()`` (but for the layers of ``_kept_inputs``)."""
         if self.runner.checkpoint:  # activation checkpointing recomputes the whole layer anyway
             return contextlib.nullcontext()
         if x.shape[0] == 1 or layer in self._kept_inputs:  # one reader (an MLP): keeping x costs less
             return contextlib.nullcontext()
-        n_w = self.graph.n_writers_before[rows.start]
-        z_rows = z[..., rows, :n_w].detach()
-        return recompute_saved(x, lambda: store.rebuild(z_rows, const))
+        return recompute_saved(x, rebuild)

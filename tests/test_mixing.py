@@ -278,7 +278,7 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, monk
     model, ids, corrupted, span_ids = _toy_run(kind, 4, spans)
     rebuilt = []
     rebuild = mixing.WriterStates.rebuild
-    monkeypatch.setattr(mixing.WriterStates, "rebuild", lambda *a: rebuilt.append(1) or rebuild(*a))
+    monkeypatch.setattr(mixing.WriterStates, "rebuild", lambda *a, **k: rebuilt.append(1) or rebuild(*a, **k))
 
     def run(share):
         model.keep_inputs = share
