@@ -67,6 +67,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeprune import EdgeModel, mixing  # noqa: E402
+from edgeprune import model as edge_model  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
 from edgeprune.model import KEEP_INPUTS  # noqa: E402
@@ -309,6 +310,20 @@ class RebuiltInputs:
             model.keep_inputs = saved
 
 
+class Unpaired:
+    """A step whose layers mix each alone (``model.PAIR_LAYERS`` off), as before layers mixed in pairs."""
+
+    def __init__(self, step: PruneStep):
+        self.step = step
+
+    def __call__(self, clock) -> dict:
+        saved, edge_model.PAIR_LAYERS = edge_model.PAIR_LAYERS, False
+        try:
+            return self.step(clock)
+        finally:
+            edge_model.PAIR_LAYERS = saved
+
+
 class HFStep:
     """HF forward+backward with gradient to the input embeddings (the weights stay frozen)."""
 
@@ -363,6 +378,8 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
         dense = DenseMix(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity))
         out["dense_mix"] = time_steps(dense, prune_step, args, device)  # ratio: dense / live-writers mix
+    if getattr(args, "vs_unpaired", False):  # the same step, each layer mixing alone, interleaved
+        out["unpaired"] = time_steps(Unpaired(prune_step), prune_step, args, device)  # unpaired / paired
     if getattr(args, "vs_rebuild", False):  # the same step, every layer's inputs rebuilt, interleaved
         out["rebuild"] = time_steps(RebuiltInputs(prune_step), prune_step, args, device)  # rebuilt / kept
     if getattr(args, "positions", None):
@@ -493,6 +510,8 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-rebuild", action="store_true",
                         help="also time the step with every layer's Q/K/V inputs rebuilt in the backward "
                              "(keep_inputs 0, as on GPUs), interleaved in the same process")
+    parser.add_argument("--vs-unpaired", action="store_true",
+                        help="also time the step with each layer mixing alone (model.PAIR_LAYERS off), interleaved")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -559,6 +578,12 @@ def main(argv=None) -> int:
                 q = r["dense_mix"]
                 print(f"  dense mix: step {q['prune']['median_s']:.3f} s vs live-writers mix {q['hf']['median_s']:.3f} s "
                       f"(ratio {q['ratio']:.2f}x); dense / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+            if args.vs_unpaired:
+                q = r["unpaired"]
+                print(f"  layers mixing alone: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs in pairs {q['hf']['median_s']:.3f} s (backward "
+                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
+                      f"alone / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.vs_rebuild:
                 q = r["rebuild"]
                 print(f"  every input rebuilt: step {q['prune']['median_s']:.3f} s (backward "

@@ -90,7 +90,7 @@ class PruneConfig:
     # auto: when the run has more than one epoch and the cache fits in a quarter of the free memory
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward (less memory)
     keep_inputs: float | None = None  # keep the deepest layers' Q/K/V inputs for the backward instead of
-    # rebuilding them, up to this share of the writer states' size; null: 0.25 on CPU, 0 on GPUs
+    # rebuilding them, up to this share of the writer states' size; null: 0.15 on CPU, 0 on GPUs
     mode: str = "target"  # target: reach edge_target | faithful: no target, the sparsest circuit whose
     # fit (KL or MSE) stays <= faithful_tolerance (edgeprune/faithful.py)
     faithful_tolerance: float = 0.01  # faithful: the largest mean KL / MSE per position of the circuit

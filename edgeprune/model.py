@@ -41,9 +41,9 @@ ABLATIONS = ("interchange", "zero", "mean")
 # On CPU the Q/K/V inputs of the deepest layers are kept for the backward rather than rebuilt from
 # the mix, up to this share of the writer states' size (``EdgeModel.keep_inputs``, ``prune.keep_inputs``):
 # a layer's rebuild reads every earlier writer, so the deepest are the dearest (SmolLM2-135M: the last
-# 5 of 30 layers, 31% of the rebuilding). 0.25 keeps the step's peak within HF's + 2 writer states on
-# the models measured (Llama-3.2-1B: 1.92 at 4x32; 0.5 would take it to 2.20). GPUs rebuild them all.
-KEEP_INPUTS = 0.25
+# 3 of 30 layers, 19% of the rebuilding). 0.15 keeps the step's peak within HF's + 2 writer states on
+# the models measured (Llama-3.2-1B at 4x32, the tightest: 0.25 took it to 2.02). GPUs rebuild them all.
+KEEP_INPUTS = 0.15
 PAIR_LAYERS = True  # layers mix in pairs (``EdgeModel._masked_layer``); False: each alone
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
