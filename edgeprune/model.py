@@ -513,8 +513,8 @@ class EdgeModel(nn.Module):
         Layers go in pairs for the same reason (``_pair_of``): the first of a pair also mixes the
         second's readers over the writers it reads (one product with twice the rows, one dL/dz and
         one dL/ds pass for both) and hands that partial mix on (``carried``: the partial, (P, R, D),
-        and the constants it included); the second mixes only the writers of the first layer and
-        adds it. Returns the layer constants so far, what it carries to the next layer (or None),
+        the constants it included, and the first layer's own constant); the second mixes only the
+        writers of the first layer and adds it. Returns the layer constants so far, what it carries to the next layer (or None),
         and the tokens of the groups it wrote.
         """
         fam, starts, graph = self.family, self._writer_starts[layer], self.graph
@@ -526,14 +526,13 @@ class EdgeModel(nn.Module):
         split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
         nxt = self._group(layer + 1) if self._pair_of(layer) == "first" else None
         if carried is not None:  # the second of a pair: the mix over the writers before the first came with it
-            partial, const_before = carried
+            partial, const_before, const_first = carried  # (const_first: the first layer's own constant)
             n_prev = graph.n_writers_before[self._group(layer - 1).start]
-            const = fam.attn_constant(layer - 1)
-            const = None if const is None else const.float()
             z_rows = z[..., group, :n_w]
-            mixed = store.mix(z_rows[..., n_prev:], const, tokens, start=n_prev, split=split, rows=group,
+            mixed = store.mix(z_rows[..., n_prev:], const_first, tokens, start=n_prev, split=split, rows=group,
                               partial=partial)
-            rebuild = functools.partial(store.rebuild, z_rows.detach(), const, carried=(n_prev, const_before))
+            mixed = mixed if mlp else (mixed,)
+            rebuild = functools.partial(store.rebuild, z_rows.detach(), const_first, carried=(n_prev, const_before))
         elif nxt is not None:  # the first of a pair: the next layer's readers ride on this mix
             rows = slice(group.start, nxt.stop)
             mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, nxt.stop - nxt.start), rows=rows,
@@ -564,7 +563,9 @@ class EdgeModel(nn.Module):
                 x = mlp_part + heads_mix
             out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
-        carry = None if nxt is None else (partial, base_before)
+        # the layer's own constant travels as a copy: the next layer may not read this one's (possibly
+        # sharded) parameters
+        carry = None if nxt is None else (partial, base_before, None if const is None else const.float().clone())
         return (base, carry, *[t for t in new if t is not None])
 
     def _group(self, layer: int) -> slice:
