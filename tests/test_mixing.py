@@ -310,3 +310,34 @@ def test_the_deepest_layers_keep_their_inputs_within_the_share():
     assert model._kept_inputs == frozenset({4, 5})
     model.keep_inputs = None  # CPU: the default share
     assert model._kept_inputs == frozenset(range(6 - int(KEEP_INPUTS * W // per_layer), 6))
+
+
+@pytest.mark.parametrize("kind,layers,spans", [("gpt2", 3, False), ("llama", 4, True)])
+def test_layers_mixing_in_pairs_equal_layers_mixing_alone(kind, layers, spans, monkeypatch):
+    """A pair's first layer mixes the second's readers too and carries that partial mix on
+    (``model.PAIR_LAYERS``): logits and every mask gradient equal those of each layer mixing alone,
+    up to fp32 rounding of the other summation order (GPT-2: attention output biases carried; an
+    odd last layer alone; Llama: position-aware masks)."""
+    from edgeprune import model as edge_model
+    model = EdgeModel.from_hf(build(kind, seed=7, **({"n_layer": layers} if kind == "gpt2" else
+                                                     {"num_hidden_layers": layers})))
+    span_ids = None
+    if spans:
+        model.set_spans(["a", "b"])
+        span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
+    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+    values = torch.rand(model.edge_masks.n, generator=torch.Generator().manual_seed(0))
+
+    def run(paired):
+        monkeypatch.setattr(edge_model, "PAIR_LAYERS", paired)
+        z = values.clone().requires_grad_(True)
+        out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
+        _weighted_loss(out).backward()
+        return out.detach(), z.grad
+
+    assert model._pair_of(0) == "first" and model._pair_of(1) == "second"
+    paired_logits, paired_grad = run(True)
+    alone_logits, alone_grad = run(False)
+    torch.testing.assert_close(paired_logits, alone_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(paired_grad, alone_grad, rtol=1e-4, atol=1e-6)
+    assert alone_grad.abs().sum() > 0
