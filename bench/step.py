@@ -279,49 +279,23 @@ class PruneStep:
         return t
 
 
-class DenseMix:
-    """A step with ``--dense-mix``'s mix: every writer mixed and every dL/dz computed, zero or clamped
-    masks or not."""
+class WithSetting:
+    """``step`` run with ``owner.name`` set to ``value`` (restored after each step): the same step with
+    one of the mix's paths switched, to time interleaved against it. ``--vs-dense-mix``:
+    ``mixing.SPARSE_MIN`` = inf, every writer mixed and every dL/dz computed; ``--vs-unpaired``:
+    ``model.PAIR_LAYERS`` off, each layer mixing alone; ``--vs-rebuild``: the EdgeModel's
+    ``keep_inputs`` 0, every layer's Q/K/V inputs rebuilt in the backward, as on a GPU."""
 
-    def __init__(self, step: PruneStep):
-        self.step = step
+    def __init__(self, step, owner, name: str, value):
+        self.step, self.owner, self.name, self.value = step, owner, name, value
 
     def __call__(self, clock) -> dict:
-        saved, mixing.SPARSE_MIN = mixing.SPARSE_MIN, math.inf
+        saved = getattr(self.owner, self.name)
+        setattr(self.owner, self.name, self.value)
         try:
             return self.step(clock)
         finally:
-            mixing.SPARSE_MIN = saved
-
-
-class RebuiltInputs:
-    """A step whose backward rebuilds every layer's Q/K/V inputs from the mix (``keep_inputs`` 0), as
-    a GPU's does; a CPU step keeps the deepest layers' (``model.KEEP_INPUTS``)."""
-
-    def __init__(self, step: PruneStep):
-        self.step = step
-
-    def __call__(self, clock) -> dict:
-        model = self.step.model
-        saved, model.keep_inputs = model.keep_inputs, 0.0
-        try:
-            return self.step(clock)
-        finally:
-            model.keep_inputs = saved
-
-
-class Unpaired:
-    """A step whose layers mix each alone (``model.PAIR_LAYERS`` off), as before layers mixed in pairs."""
-
-    def __init__(self, step: PruneStep):
-        self.step = step
-
-    def __call__(self, clock) -> dict:
-        saved, edge_model.PAIR_LAYERS = edge_model.PAIR_LAYERS, False
-        try:
-            return self.step(clock)
-        finally:
-            edge_model.PAIR_LAYERS = saved
+            setattr(self.owner, self.name, saved)
 
 
 class HFStep:
@@ -376,12 +350,15 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
     out["graph"] = g.describe()
     if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
-        dense = DenseMix(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity))
+        dense = WithSetting(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity),
+                            mixing, "SPARSE_MIN", math.inf)
         out["dense_mix"] = time_steps(dense, prune_step, args, device)  # ratio: dense / live-writers mix
     if getattr(args, "vs_unpaired", False):  # the same step, each layer mixing alone, interleaved
-        out["unpaired"] = time_steps(Unpaired(prune_step), prune_step, args, device)  # unpaired / paired
+        unpaired = WithSetting(prune_step, edge_model, "PAIR_LAYERS", False)
+        out["unpaired"] = time_steps(unpaired, prune_step, args, device)  # unpaired / paired
     if getattr(args, "vs_rebuild", False):  # the same step, every layer's inputs rebuilt, interleaved
-        out["rebuild"] = time_steps(RebuiltInputs(prune_step), prune_step, args, device)  # rebuilt / kept
+        rebuilt = WithSetting(prune_step, model, "keep_inputs", 0.0)
+        out["rebuild"] = time_steps(rebuilt, prune_step, args, device)  # rebuilt / kept
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
