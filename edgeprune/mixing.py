@@ -216,26 +216,11 @@ class WriterStates:
         """(P, n - start, D): the stored differences of writers start..n-1 at every position."""
         return self.flat[:, start:n]
 
-    def rebuild(self, z: torch.Tensor, const: torch.Tensor | None, *, width: int | None = None,
-                carried: tuple[int, torch.Tensor | None] | None = None) -> torch.Tensor:
-        """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D), in the
-        layout the forward gave it: ``width`` rows a position where the forward mixed these readers
-        with ``width - R`` more (the next layer's, ``carry``; only these R are rebuilt); for readers
-        whose mix over writers before m was carried from the layer before (``partial``), ``carried``
-        = (m, the constants that mix had), and the sum is formed in the forward's order."""
+    def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
+        """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
+        the writers before its readers, as the forward mixed it. (A pair's layers: ``PairRebuild``.)"""
         n = z.shape[-1]
-        if carried is None:
-            out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
-        else:
-            m, const_before = carried
-            before = mix_values(z[..., :m], self.diffs(m), self.base(m, const_before), self.span_ids,
-                                live_writers(z[..., :m], self._pd))
-            out = mix_values(z[..., m:], self.diffs(n, m), self.range_base(m, n, const), self.span_ids,
-                             live_writers(z[..., m:], self._pd)).add_(before)
-        if width is not None and width > out.shape[1]:
-            wide = out.new_empty((out.shape[0], width, out.shape[2]))
-            wide[:, :out.shape[1]].copy_(out)
-            out = wide
+        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
         return reader_view(out, *self.shape[:2])
 
     def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -374,6 +359,49 @@ class WriterStates:
             return None
         B, T, D = self.shape
         return self.grad[rows].view(rows.stop - rows.start, B, T, D).to(dtype)
+
+
+class PairRebuild:
+    """The Q/K/V inputs of a pair of layers again, for their norms' backward (``recompute_saved``),
+    with one pass over the writers before the pair where rebuilding each layer alone takes two.
+
+    The forward mixed both layers' readers over those writers in one product (the first layer's
+    ``mix`` with ``carry``), and the second layer added that partial to its range mix over the first
+    layer's writers. The backward rebuilds the second layer first: ``second`` makes the pair's
+    product again, the very product of the forward, adds its rows to the range mix in the forward's
+    order, and keeps the product for ``first`` when the first layer rebuilds its inputs too;
+    ``first`` takes its rows from it (or makes the product, if the second layer kept its inputs).
+    Both are the forward's values bit for bit. z: both layers' rows over the writers before the
+    first, (R1 + R2, m) or position-aware (S, R1 + R2, m); const: the constants that mix had; own:
+    R1, the first layer's rows; ``first_rebuilds``: whether ``first`` will be called (else the
+    product is not kept)."""
+
+    def __init__(self, store: WriterStates, z: torch.Tensor, const: torch.Tensor | None, own: int,
+                 first_rebuilds: bool):
+        self.store, self.z, self.const, self.own, self.keep = store, z, const, own, first_rebuilds
+        self.product: torch.Tensor | None = None
+
+    def _mix(self) -> torch.Tensor:
+        store, z = self.store, self.z
+        m = z.shape[-1]
+        return mix_values(z, store.diffs(m), store.base(m, self.const), store.span_ids, live_writers(z, store._pd))
+
+    def first(self) -> torch.Tensor:
+        """The first layer's inputs, (R1, B, T, D), inside the pair's product (the forward's layout)."""
+        product, self.product = self.product, None
+        return reader_view(self._mix() if product is None else product, *self.store.shape[:2])
+
+    def second(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
+        """The second layer's inputs, (R2, B, T, D): z its rows over the first layer's writers, const
+        the first layer's own constant (the range mix's)."""
+        store, m = self.store, self.z.shape[-1]
+        n = m + z.shape[-1]
+        product = self._mix()
+        out = mix_values(z, store.diffs(n, m), store.range_base(m, n, const), store.span_ids,
+                         live_writers(z, store._pd)).add_(product[:, self.own:])
+        if self.keep:
+            self.product = product
+        return reader_view(out, *store.shape[:2])
 
 
 class _Write(torch.autograd.Function):

@@ -33,7 +33,7 @@ from .checkpointing import LayerRunner
 from .graph import Graph, edges_to_mask, span_edges
 from .hub import loading
 from .masks import HardConcreteMasks
-from .mixing import WriterStates, dense_masks, recompute_saved
+from .mixing import PairRebuild, WriterStates, dense_masks, recompute_saved
 from .models import Family, family_for
 from .models.tracr import is_tracr_artifact, load_tracr
 
@@ -513,9 +513,10 @@ class EdgeModel(nn.Module):
         Layers go in pairs for the same reason (``_pair_of``): the first of a pair also mixes the
         second's readers over the writers it reads (one product with twice the rows, one dL/dz and
         one dL/ds pass for both) and hands that partial mix on (``carried``: the partial, (P, R, D),
-        the constants it included, and the first layer's own constant); the second mixes only the
-        writers of the first layer and adds it. Returns the layer constants so far, what it carries to the next layer (or None),
-        and the tokens of the groups it wrote.
+        the pair's ``mixing.PairRebuild``, and the first layer's own constant); the second mixes only
+        the writers of the first layer and adds it. In the backward the pair's inputs are rebuilt
+        with one pass too (``PairRebuild``). Returns the layer constants so far, what it carries to
+        the next layer (or None), and the tokens of the groups it wrote.
         """
         fam, starts, graph = self.family, self._writer_starts[layer], self.graph
         q_blk, v_blk = blocks[0], blocks[2]
@@ -526,30 +527,30 @@ class EdgeModel(nn.Module):
         split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
         nxt = self._group(layer + 1) if self._pair_of(layer) == "first" else None
         if carried is not None:  # the second of a pair: the mix over the writers before the first came with it
-            partial, const_before, const_first = carried  # (const_first: the first layer's own constant)
+            partial, pair, const_first = carried  # (const_first: the first layer's own constant)
             n_prev = graph.n_writers_before[self._group(layer - 1).start]
-            z_rows = z[..., group, :n_w]
-            mixed = store.mix(z_rows[..., n_prev:], const_first, tokens, start=n_prev, split=split, rows=group,
-                              partial=partial)
+            z_rows = z[..., group, n_prev:n_w]
+            mixed = store.mix(z_rows, const_first, tokens, start=n_prev, split=split, rows=group, partial=partial)
             mixed = mixed if mlp else (mixed,)
-            rebuild = functools.partial(store.rebuild, z_rows.detach(), const_first, carried=(n_prev, const_before))
+            rebuild = functools.partial(pair.second, z_rows.detach(), const_first)
         elif nxt is not None:  # the first of a pair: the next layer's readers ride on this mix
             rows = slice(group.start, nxt.stop)
             mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, nxt.stop - nxt.start), rows=rows,
                               carry=True)
             mixed, partial = mixed[:-1], mixed[-1]
-            rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base, width=rows.stop - rows.start)
+            pair = PairRebuild(store, z[..., rows, :n_w].detach(), base, group.stop - group.start,
+                               self._rebuilds(layer, mixed[0]))
+            rebuild = pair.first
         else:
             mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)
             mixed = mixed if mlp else (mixed,)
             rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base)
         x, mlp_part = mixed if mlp else (mixed[0], None)  # x: the Q + K + V readers
-        with self._recompute(layer, x, rebuild):
+        with recompute_saved(x, rebuild) if self._rebuilds(layer, x) else contextlib.nullcontext():
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x, mixed
         new = [store.write(heads, starts[0])]
         const = fam.attn_constant(layer)
-        base_before = base
         if const is not None:  # a new tensor, never a view of a (possibly sharded) parameter
             base = const.float().clone() if base is None else base + const.float()
         if mlp:
@@ -565,7 +566,7 @@ class EdgeModel(nn.Module):
             new.append(store.write(out[None], starts[1]))
         # the layer's own constant travels as a copy: the next layer may not read this one's (possibly
         # sharded) parameters
-        carry = None if nxt is None else (partial, base_before, None if const is None else const.float().clone())
+        carry = None if nxt is None else (partial, pair, None if const is None else const.float().clone())
         return (base, carry, *[t for t in new if t is not None])
 
     def _group(self, layer: int) -> slice:
@@ -587,11 +588,9 @@ class EdgeModel(nn.Module):
         n_w = self.graph.n_writers_before[rows.start]
         return store.mix(z[..., rows, :n_w], const, tokens, rows=rows)  # z (R, W) or position-aware (S, R, W)
 
-    def _recompute(self, layer: int, x, rebuild):
-        """Keep the readers' norms from saving their input x: backward rebuilds it from the mix with
-        ``rebuild()`` (but for the layers of ``_kept_inputs``)."""
-        if self.runner.checkpoint:  # activation checkpointing recomputes the whole layer anyway
-            return contextlib.nullcontext()
-        if x.shape[0] == 1 or layer in self._kept_inputs:  # one reader (an MLP): keeping x costs less
-            return contextlib.nullcontext()
-        return recompute_saved(x, rebuild)
+    def _rebuilds(self, layer: int, x) -> bool:
+        """Whether the readers' norms are kept from saving their input x, the backward rebuilding it
+        from the mix (``recompute_saved``): not for the layers of ``_kept_inputs``, nor for one reader
+        (an MLP: keeping x costs less), nor under activation checkpointing (it recomputes the whole
+        layer anyway)."""
+        return not (self.runner.checkpoint or x.shape[0] == 1 or layer in self._kept_inputs)

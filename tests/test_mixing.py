@@ -276,24 +276,33 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, monk
     rebuilt from the mix: the rebuild recomputes the very values, so logits and every mask gradient
     are equal bit for bit, and so are the states' gradients (through the embeddings)."""
     model, ids, corrupted, span_ids = _toy_run(kind, 4, spans)
-    rebuilt = []
-    rebuild = mixing.WriterStates.rebuild
-    monkeypatch.setattr(mixing.WriterStates, "rebuild", lambda *a, **k: rebuilt.append(1) or rebuild(*a, **k))
+    rebuilt = []  # the layers whose inputs were rebuilt (a rebuild serves every saved view of them)
+    get = mixing._Rebuilt.get
+    monkeypatch.setattr(mixing._Rebuilt, "get", lambda self, v: (self.value is None and rebuilt.append(1)) or get(self, v))
+    products = []  # the passes of the pairs' rebuilds over the writers before the pair
+    pair_mix = mixing.PairRebuild._mix
+    monkeypatch.setattr(mixing.PairRebuild, "_mix", lambda self: products.append(1) or pair_mix(self))
 
     def run(share):
         model.keep_inputs = share
         z = torch.full((model.edge_masks.n,), 0.7).requires_grad_(True)
-        rebuilt.clear()
+        rebuilt.clear(), products.clear()
         out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
         _weighted_loss(out).backward()
-        return out.detach(), z.grad, len(rebuilt)
+        return out.detach(), z.grad, len(rebuilt), len(products)
 
-    logits, grad, n_rebuilt = run(0.0)
+    logits, grad, n_rebuilt, n_products = run(0.0)
     n_layers = model.graph.spec.n_layers
     assert n_rebuilt == n_layers and model._kept_inputs == frozenset()
-    kept_logits, kept_grad, n_kept_rebuilt = run(100.0)  # every layer's inputs kept
+    assert n_products == n_layers // 2  # one pass a pair: the second layer's rebuild serves the first's
+    kept_logits, kept_grad, n_kept_rebuilt, _ = run(100.0)  # every layer's inputs kept
     assert n_kept_rebuilt == 0 and model._kept_inputs == frozenset(range(n_layers))
     assert torch.equal(kept_logits, logits) and torch.equal(kept_grad, grad)
+    per_layer = model.graph.reader_blocks[2].stop - model.graph.reader_blocks[0].start
+    last_logits, last_grad, n_last_rebuilt, n_products = run(per_layer / model.graph.num_writers)
+    assert model._kept_inputs == frozenset({n_layers - 1})  # a pair's second layer kept, its first rebuilt alone
+    assert n_last_rebuilt == n_layers - 1 and n_products == n_layers // 2
+    assert torch.equal(last_logits, logits) and torch.equal(last_grad, grad)
     assert grad.abs().sum() > 0
 
 
