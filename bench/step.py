@@ -282,8 +282,8 @@ class PruneStep:
 class WithSetting:
     """``step`` run with ``owner.name`` set to ``value`` (restored after each step): the same step with
     one of the mix's paths switched, to time interleaved against it. ``--vs-dense-mix``:
-    ``mixing.SPARSE_MIN`` = inf, every writer mixed and every dL/dz computed; ``--vs-unpaired``:
-    ``model.PAIR_LAYERS`` off, each layer mixing alone; ``--vs-rebuild``: the EdgeModel's
+    ``mixing.SPARSE_MIN`` = inf, every writer mixed and every dL/dz computed; ``--vs-groups K``:
+    ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-rebuild``: the EdgeModel's
     ``keep_inputs`` 0, every layer's Q/K/V inputs rebuilt in the backward, as on a GPU."""
 
     def __init__(self, step, owner, name: str, value):
@@ -353,9 +353,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
         dense = WithSetting(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity),
                             mixing, "SPARSE_MIN", math.inf)
         out["dense_mix"] = time_steps(dense, prune_step, args, device)  # ratio: dense / live-writers mix
-    if getattr(args, "vs_unpaired", False):  # the same step, each layer mixing alone, interleaved
-        unpaired = WithSetting(prune_step, edge_model, "PAIR_LAYERS", False)
-        out["unpaired"] = time_steps(unpaired, prune_step, args, device)  # unpaired / paired
+    if getattr(args, "vs_groups", None):  # the same step, layers mixing in groups of another size, interleaved
+        other = WithSetting(prune_step, edge_model, "GROUP_LAYERS", args.vs_groups)
+        out["groups"] = time_steps(other, prune_step, args, device)  # other size / default
     if getattr(args, "vs_rebuild", False):  # the same step, every layer's inputs rebuilt, interleaved
         rebuilt = WithSetting(prune_step, model, "keep_inputs", 0.0)
         out["rebuild"] = time_steps(rebuilt, prune_step, args, device)  # rebuilt / kept
@@ -487,8 +487,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-rebuild", action="store_true",
                         help="also time the step with every layer's Q/K/V inputs rebuilt in the backward "
                              "(keep_inputs 0, as on GPUs), interleaved in the same process")
-    parser.add_argument("--vs-unpaired", action="store_true",
-                        help="also time the step with each layer mixing alone (model.PAIR_LAYERS off), interleaved")
+    parser.add_argument("--vs-groups", type=int, metavar="K",
+                        help="also time the step with layers mixing in groups of K (model.GROUP_LAYERS; "
+                             "1: each alone), interleaved")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -555,12 +556,12 @@ def main(argv=None) -> int:
                 q = r["dense_mix"]
                 print(f"  dense mix: step {q['prune']['median_s']:.3f} s vs live-writers mix {q['hf']['median_s']:.3f} s "
                       f"(ratio {q['ratio']:.2f}x); dense / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
-            if args.vs_unpaired:
-                q = r["unpaired"]
-                print(f"  layers mixing alone: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs in pairs {q['hf']['median_s']:.3f} s (backward "
-                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
-                      f"alone / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+            if args.vs_groups:
+                q = r["groups"]
+                print(f"  layers mixing in groups of {args.vs_groups}: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs groups of {edge_model.GROUP_LAYERS} "
+                      f"{q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
+                      f"{q['ratio']:.2f}x; groups of {args.vs_groups} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.vs_rebuild:
                 q = r["rebuild"]
                 print(f"  every input rebuilt: step {q['prune']['median_s']:.3f} s (backward "

@@ -33,9 +33,10 @@ How it stays lean and fast (DESIGN.md section 3):
   the differences of every earlier writer, forward and backward), so readers that read the same
   writers share one pass: a layer's MLP row rides on its Q/K/V mix (``split``: one product, one
   dL/dz and one dL/ds pass for both) and its own layer's heads come as a *range* mix added to it
-  (``start``; ``model._masked_layer``). Layers go in pairs the same way: the first of a pair also
-  mixes the second's readers over the writers it reads (``carry``), and the second adds that
-  partial mix to a range mix over the first layer's writers (``partial``).
+  (``start``; ``model._masked_layer``). Layers go in groups (pairs by default) the same way: the
+  first of a group also mixes the later layers' readers over the writers it reads (``carry``), and
+  each later layer adds its partial mix to a range mix over the group's writers before it
+  (``partial``).
 - ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
@@ -218,7 +219,7 @@ class WriterStates:
 
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
-        the writers before its readers, as the forward mixed it. (A pair's layers: ``PairRebuild``.)"""
+        the writers before its readers, as the forward mixed it. (A group's layers: ``GroupRebuild``.)"""
         n = z.shape[-1]
         out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
         return reader_view(out, *self.shape[:2])
@@ -245,7 +246,7 @@ class WriterStates:
         return self._sums[n]
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
-            split: tuple[int, ...] | None = None, rows: slice | None = None, carry: bool = False,
+            split: tuple[int, ...] | None = None, rows: slice | None = None, carry: int = 0,
             partial: torch.Tensor | None = None):
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
@@ -259,10 +260,11 @@ class WriterStates:
         the readers' rows of the model's masks, to look up which of z's gradients are needed
         (``grad_support``).
 
-        Pairs of layers share a pass over the states (``model._masked_layer``): with ``carry`` the
-        last part of ``split`` is the next layer's readers, mixed over these writers and returned as
-        it is, (P, r, D) position-major, the *partial* mix; the next layer's ``mix`` over the writers
-        after these (``start``) takes it as ``partial`` and adds it (gradients flow back to it).
+        Groups of layers share a pass over the states (``model._masked_layer``): the last ``carry``
+        parts of ``split`` are the later layers' readers, mixed over these writers and returned as
+        they are, (P, r, D) position-major, the *partial* mixes; a later layer's ``mix`` over the
+        writers after these (``start``) takes its own as ``partial`` and adds it (gradients flow back
+        to it).
         """
         stop = start + z.shape[-1]
         base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
@@ -277,8 +279,7 @@ class WriterStates:
             if partial is not None:
                 out.add_(partial)
             outs = out.split(split, dim=1)
-        views = tuple(o if carry and i == len(outs) - 1 else reader_view(o, *self.shape[:2])
-                      for i, o in enumerate(outs))
+        views = tuple(o if i >= len(outs) - carry else reader_view(o, *self.shape[:2]) for i, o in enumerate(outs))
         return views[0] if len(views) == 1 else views
 
     def base(self, n: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -361,24 +362,24 @@ class WriterStates:
         return self.grad[rows].view(rows.stop - rows.start, B, T, D).to(dtype)
 
 
-class PairRebuild:
-    """The Q/K/V inputs of a pair of layers again, for their norms' backward (``recompute_saved``),
-    with one pass over the writers before the pair where rebuilding each layer alone takes two.
+class GroupRebuild:
+    """The Q/K/V inputs of a group of layers again, for their norms' backward (``recompute_saved``),
+    with one pass over the writers before the group where rebuilding each layer alone takes one each.
 
-    The forward mixed both layers' readers over those writers in one product (the first layer's
-    ``mix`` with ``carry``), and the second layer added that partial to its range mix over the first
-    layer's writers. The backward rebuilds the second layer first: ``second`` makes the pair's
-    product again, the very product of the forward, adds its rows to the range mix in the forward's
-    order, and keeps the product for ``first`` when the first layer rebuilds its inputs too;
-    ``first`` takes its rows from it (or makes the product, if the second layer kept its inputs).
-    Both are the forward's values bit for bit. z: both layers' rows over the writers before the
-    first, (R1 + R2, m) or position-aware (S, R1 + R2, m); const: the constants that mix had; own:
-    R1, the first layer's rows; ``first_rebuilds``: whether ``first`` will be called (else the
-    product is not kept)."""
+    The forward mixed every layer's readers of the group over those writers in one product (the
+    first layer's ``mix`` with ``carry``), and each later layer added its rows of it (its partial) to
+    its range mix over the group's writers before it. The backward rebuilds the deepest layers
+    first: the first to rebuild makes the group's product again, the very product of the forward,
+    and keeps it for the shallower layers (when the first layer rebuilds its inputs too); ``later`` adds a layer's
+    rows to its range mix in the forward's order, and ``first`` takes the first layer's rows and
+    lets the product go. Every rebuild is the forward's values bit for bit. z: every layer's rows
+    over the writers before the group, (R, m) or position-aware (S, R, m); const: the constants that
+    mix had; ``offsets``: where each layer's rows start in z (the first layer's at 0);
+    ``first_rebuilds``: whether ``first`` will be called (else the product is not kept)."""
 
-    def __init__(self, store: WriterStates, z: torch.Tensor, const: torch.Tensor | None, own: int,
-                 first_rebuilds: bool):
-        self.store, self.z, self.const, self.own, self.keep = store, z, const, own, first_rebuilds
+    def __init__(self, store: WriterStates, z: torch.Tensor, const: torch.Tensor | None,
+                 offsets: tuple[int, ...], first_rebuilds: bool):
+        self.store, self.z, self.const, self.offsets, self.keep = store, z, const, offsets, first_rebuilds
         self.product: torch.Tensor | None = None
 
     def _mix(self) -> torch.Tensor:
@@ -387,20 +388,21 @@ class PairRebuild:
         return mix_values(z, store.diffs(m), store.base(m, self.const), store.span_ids, live_writers(z, store._pd))
 
     def first(self) -> torch.Tensor:
-        """The first layer's inputs, (R1, B, T, D), inside the pair's product (the forward's layout)."""
+        """The first layer's inputs, (R1, B, T, D), inside the group's product (the forward's layout)."""
         product, self.product = self.product, None
         return reader_view(self._mix() if product is None else product, *self.store.shape[:2])
 
-    def second(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
-        """The second layer's inputs, (R2, B, T, D): z its rows over the first layer's writers, const
-        the first layer's own constant (the range mix's)."""
+    def later(self, index: int, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
+        """The inputs of the group's layer ``index`` (> 0), (R_i, B, T, D): z its rows over the group's
+        writers before it, const the group's own constants before it (the range mix's)."""
         store, m = self.store, self.z.shape[-1]
         n = m + z.shape[-1]
-        product = self._mix()
-        out = mix_values(z, store.diffs(n, m), store.range_base(m, n, const), store.span_ids,
-                         live_writers(z, store._pd)).add_(product[:, self.own:])
+        product = self._mix() if self.product is None else self.product
         if self.keep:
             self.product = product
+        rows = slice(self.offsets[index], self.offsets[index] + z.shape[-2])
+        out = mix_values(z, store.diffs(n, m), store.range_base(m, n, const), store.span_ids,
+                         live_writers(z, store._pd)).add_(product[:, rows])
         return reader_view(out, *store.shape[:2])
 
 

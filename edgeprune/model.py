@@ -33,7 +33,7 @@ from .checkpointing import LayerRunner
 from .graph import Graph, edges_to_mask, span_edges
 from .hub import loading
 from .masks import HardConcreteMasks
-from .mixing import PairRebuild, WriterStates, dense_masks, recompute_saved
+from .mixing import GroupRebuild, WriterStates, dense_masks, recompute_saved
 from .models import Family, family_for
 from .models.tracr import is_tracr_artifact, load_tracr
 
@@ -44,7 +44,7 @@ ABLATIONS = ("interchange", "zero", "mean")
 # 3 of 30 layers, 19% of the rebuilding). 0.15 keeps the step's peak within HF's + 2 writer states on
 # the models measured (Llama-3.2-1B at 4x32, the tightest: 0.25 took it to 2.02). GPUs rebuild them all.
 KEEP_INPUTS = 0.15
-PAIR_LAYERS = True  # layers mix in pairs (``EdgeModel._masked_layer``); False: each alone
+GROUP_LAYERS = 2  # layers mix in groups of this many (``EdgeModel._masked_layer``): pairs; 1: each alone
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "gguf_file",
@@ -427,7 +427,7 @@ class EdgeModel(nn.Module):
                              self.mask_grad_reduce, span_ids, pool="mix", grad_support=support)
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
-        carried = None  # (partial mix, its constants): the first layer of a pair mixed the second's readers too
+        carried = None  # (partial mixes, ...): the first layer of a group mixed the later layers' readers too
         for layer, blocks in enumerate(self._layer_readers):
             base, carried, *new = self.runner.layer(layer, self._masked_layer, layer, ctx, z, store, base, blocks,
                                                     carried, *tokens)
@@ -510,13 +510,14 @@ class EdgeModel(nn.Module):
         the mix is bound by that memory traffic at depth), and this layer's heads are added as a
         range mix once they are written.
 
-        Layers go in pairs for the same reason (``_pair_of``): the first of a pair also mixes the
-        second's readers over the writers it reads (one product with twice the rows, one dL/dz and
-        one dL/ds pass for both) and hands that partial mix on (``carried``: the partial, (P, R, D),
-        the pair's ``mixing.PairRebuild``, and the first layer's own constant); the second mixes only
-        the writers of the first layer and adds it. In the backward the pair's inputs are rebuilt
-        with one pass too (``PairRebuild``). Returns the layer constants so far, what it carries to
-        the next layer (or None), and the tokens of the groups it wrote.
+        Layers go in groups for the same reason (``_layer_group``; pairs by default): the first of a
+        group also mixes the later layers' readers over the writers it reads (one product with their
+        rows too, one dL/dz and one dL/ds pass for all) and hands those partial mixes on
+        (``carried``: the partials still to take, (P, R_i, D) each, the group's
+        ``mixing.GroupRebuild``, and the group's own constants so far); a later layer mixes only
+        the group's writers before it and adds its partial. In the backward the group's inputs
+        are rebuilt with one pass too (``GroupRebuild``). Returns the layer constants so far, what
+        it carries to the next layer (or None), and the tokens of the groups it wrote.
         """
         fam, starts, graph = self.family, self._writer_starts[layer], self.graph
         q_blk, v_blk = blocks[0], blocks[2]
@@ -525,22 +526,25 @@ class EdgeModel(nn.Module):
         group = self._group(layer)
         n_w = graph.n_writers_before[group.start]
         split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
-        nxt = self._group(layer + 1) if self._pair_of(layer) == "first" else None
-        if carried is not None:  # the second of a pair: the mix over the writers before the first came with it
-            partial, pair, const_first = carried  # (const_first: the first layer's own constant)
-            n_prev = graph.n_writers_before[self._group(layer - 1).start]
-            z_rows = z[..., group, n_prev:n_w]
-            mixed = store.mix(z_rows, const_first, tokens, start=n_prev, split=split, rows=group, partial=partial)
-            mixed = mixed if mlp else (mixed,)
-            rebuild = functools.partial(pair.second, z_rows.detach(), const_first)
-        elif nxt is not None:  # the first of a pair: the next layer's readers ride on this mix
-            rows = slice(group.start, nxt.stop)
-            mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, nxt.stop - nxt.start), rows=rows,
-                              carry=True)
-            mixed, partial = mixed[:-1], mixed[-1]
-            pair = PairRebuild(store, z[..., rows, :n_w].detach(), base, group.stop - group.start,
-                               self._rebuilds(layer, mixed[0]))
-            rebuild = pair.first
+        first, last = self._layer_group(layer)
+        own_consts = None  # the group's own constants before this layer: what its range mix adds
+        if carried is not None:  # a later layer of a group: its mix over the writers before the group came with it
+            partials, rebuilds, own_consts = carried
+            n_first = graph.n_writers_before[self._group(first).start]
+            z_rows = z[..., group, n_first:n_w]
+            mixed = store.mix(z_rows, own_consts, tokens, start=n_first, split=split, rows=group,
+                              partial=partials[0])
+            mixed, partials = mixed if mlp else (mixed,), partials[1:]
+            rebuild = functools.partial(rebuilds.later, layer - first, z_rows.detach(), own_consts)
+        elif last > layer:  # the first of a group: the later layers' readers ride on this mix
+            later = [self._group(other) for other in range(layer + 1, last + 1)]
+            rows = slice(group.start, later[-1].stop)
+            mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, *(g.stop - g.start for g in later)),
+                              rows=rows, carry=len(later))
+            mixed, partials = mixed[:len(split)], mixed[len(split):]
+            offsets = (0, *(g.start - group.start for g in later))
+            rebuilds = GroupRebuild(store, z[..., rows, :n_w].detach(), base, offsets, self._rebuilds(layer, mixed[0]))
+            rebuild = rebuilds.first
         else:
             mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)
             mixed = mixed if mlp else (mixed,)
@@ -564,9 +568,12 @@ class EdgeModel(nn.Module):
                 x = mlp_part + heads_mix
             out = fam.mlp(layer, x[0], ctx)  # (B, T, D)
             new.append(store.write(out[None], starts[1]))
-        # the layer's own constant travels as a copy: the next layer may not read this one's (possibly
-        # sharded) parameters
-        carry = None if nxt is None else (partial, pair, None if const is None else const.float().clone())
+        carry = None
+        if layer < last:  # the group's constants travel as a new tensor: the next layer may not read this
+            # one's (possibly sharded) parameters
+            if const is not None:
+                own_consts = const.float().clone() if own_consts is None else own_consts + const.float()
+            carry = (partials, rebuilds, own_consts)
         return (base, carry, *[t for t in new if t is not None])
 
     def _group(self, layer: int) -> slice:
@@ -574,14 +581,12 @@ class EdgeModel(nn.Module):
         blocks = self._layer_readers[layer]
         return slice(blocks[0].start, blocks[3].stop if self.graph.spec.mlp else blocks[2].stop)
 
-    def _pair_of(self, layer: int) -> str | None:
-        """"first" / "second" where ``layer`` shares its mix with the next / previous one (layers go in
-        pairs, 0-1, 2-3, ...; an odd last layer alone), else None."""
-        if not PAIR_LAYERS:
-            return None
-        if layer % 2:
-            return "second"
-        return "first" if layer + 1 < self.graph.spec.n_layers else None
+    def _layer_group(self, layer: int) -> tuple[int, int]:
+        """The first and last layer of the group ``layer`` mixes with: ``GROUP_LAYERS`` consecutive
+        layers (0-1, 2-3, ... for pairs; the last group may be shorter)."""
+        size = max(1, int(GROUP_LAYERS))
+        first = layer - layer % size
+        return first, min(first + size, self.graph.spec.n_layers) - 1
 
     def _reader_input(self, z, rows: slice, store, const, tokens):
         """(R, B, T, D) fp32 inputs of the readers ``rows``: the mix over the writers before them."""

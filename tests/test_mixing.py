@@ -197,9 +197,10 @@ def test_state_sink_leaves_clean_minus_corrupted_states_in_one_buffer(kind):
         model.full_forward(ids, return_states=True, sink=StateSink(buffer))
 
 
-def _toy_run(kind: str, seed: int, spans: bool):
+def _toy_run(kind: str, seed: int, spans: bool, layers: int | None = None):
     """A toy model, a clean and a corrupted batch (3 x 7), and span ids when ``spans`` (two spans)."""
-    model = EdgeModel.from_hf(build(kind, seed=seed))
+    depth = {} if layers is None else {"n_layer" if kind == "gpt2" else "num_hidden_layers": layers}
+    model = EdgeModel.from_hf(build(kind, seed=seed, **depth))
     span_ids = None
     if spans:
         model.set_spans(["a", "b"])
@@ -270,18 +271,22 @@ def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradient
     assert full.abs().sum() > 0
 
 
-@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", True)])
-def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, monkeypatch):
+@pytest.mark.parametrize("kind,spans,size", [("gpt2", False, 2), ("llama", True, 2), ("gpt2", False, 3)])
+def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, size, monkeypatch):
     """The deepest layers' Q/K/V inputs kept for the backward (``EdgeModel.keep_inputs``) instead of
     rebuilt from the mix: the rebuild recomputes the very values, so logits and every mask gradient
-    are equal bit for bit, and so are the states' gradients (through the embeddings)."""
-    model, ids, corrupted, span_ids = _toy_run(kind, 4, spans)
+    are equal bit for bit, and so are the states' gradients (through the embeddings). A group of
+    layers (``model.GROUP_LAYERS``) rebuilds with one pass over the writers before it."""
+    from edgeprune import model as edge_model
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", size)
+    model, ids, corrupted, span_ids = _toy_run(kind, 4, spans, layers=4)
+    groups = 4 // size  # groups of more than one layer: (0, 1), (2, 3) for pairs; (0, 1, 2) for threes
     rebuilt = []  # the layers whose inputs were rebuilt (a rebuild serves every saved view of them)
     get = mixing._Rebuilt.get
     monkeypatch.setattr(mixing._Rebuilt, "get", lambda self, v: (self.value is None and rebuilt.append(1)) or get(self, v))
     products = []  # the passes of the pairs' rebuilds over the writers before the pair
-    pair_mix = mixing.PairRebuild._mix
-    monkeypatch.setattr(mixing.PairRebuild, "_mix", lambda self: products.append(1) or pair_mix(self))
+    pair_mix = mixing.GroupRebuild._mix
+    monkeypatch.setattr(mixing.GroupRebuild, "_mix", lambda self: products.append(1) or pair_mix(self))
 
     def run(share):
         model.keep_inputs = share
@@ -294,14 +299,14 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, monk
     logits, grad, n_rebuilt, n_products = run(0.0)
     n_layers = model.graph.spec.n_layers
     assert n_rebuilt == n_layers and model._kept_inputs == frozenset()
-    assert n_products == n_layers // 2  # one pass a pair: the second layer's rebuild serves the first's
+    assert n_products == groups  # one pass a group: the deepest layer's rebuild serves the others'
     kept_logits, kept_grad, n_kept_rebuilt, _ = run(100.0)  # every layer's inputs kept
     assert n_kept_rebuilt == 0 and model._kept_inputs == frozenset(range(n_layers))
     assert torch.equal(kept_logits, logits) and torch.equal(kept_grad, grad)
     per_layer = model.graph.reader_blocks[2].stop - model.graph.reader_blocks[0].start
     last_logits, last_grad, n_last_rebuilt, n_products = run(per_layer / model.graph.num_writers)
-    assert model._kept_inputs == frozenset({n_layers - 1})  # a pair's second layer kept, its first rebuilt alone
-    assert n_last_rebuilt == n_layers - 1 and n_products == n_layers // 2
+    assert model._kept_inputs == frozenset({n_layers - 1})  # (pairs: a second layer kept, its first rebuilt alone)
+    assert n_last_rebuilt == n_layers - 1 and n_products == groups
     assert torch.equal(last_logits, logits) and torch.equal(last_grad, grad)
     assert grad.abs().sum() > 0
 
@@ -321,12 +326,13 @@ def test_the_deepest_layers_keep_their_inputs_within_the_share():
     assert model._kept_inputs == frozenset(range(6 - int(KEEP_INPUTS * W // per_layer), 6))
 
 
-@pytest.mark.parametrize("kind,layers,spans", [("gpt2", 3, False), ("llama", 4, True)])
-def test_layers_mixing_in_pairs_equal_layers_mixing_alone(kind, layers, spans, monkeypatch):
-    """A pair's first layer mixes the second's readers too and carries that partial mix on
-    (``model.PAIR_LAYERS``): logits and every mask gradient equal those of each layer mixing alone,
-    up to fp32 rounding of the other summation order (GPT-2: attention output biases carried; an
-    odd last layer alone; Llama: position-aware masks)."""
+@pytest.mark.parametrize("kind,layers,spans,size", [("gpt2", 3, False, 2), ("llama", 4, True, 2),
+                                                    ("gpt2", 5, False, 3), ("llama", 5, True, 4)])
+def test_layers_mixing_in_groups_equal_layers_mixing_alone(kind, layers, spans, size, monkeypatch):
+    """A group's first layer mixes the later layers' readers too and carries those partial mixes on
+    (``model.GROUP_LAYERS``): logits and every mask gradient equal those of each layer mixing alone,
+    up to fp32 rounding of the other summation order (GPT-2: attention output biases carried, a
+    last group shorter than the others; Llama: position-aware masks)."""
     from edgeprune import model as edge_model
     model = EdgeModel.from_hf(build(kind, seed=7, **({"n_layer": layers} if kind == "gpt2" else
                                                      {"num_hidden_layers": layers})))
@@ -337,16 +343,18 @@ def test_layers_mixing_in_pairs_equal_layers_mixing_alone(kind, layers, spans, m
     ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
     values = torch.rand(model.edge_masks.n, generator=torch.Generator().manual_seed(0))
 
-    def run(paired):
-        monkeypatch.setattr(edge_model, "PAIR_LAYERS", paired)
+    def run(group):
+        monkeypatch.setattr(edge_model, "GROUP_LAYERS", group)
         z = values.clone().requires_grad_(True)
         out = model(ids, corrupted_input_ids=corrupted, edge_values=z, span_ids=span_ids).logits.float()
         _weighted_loss(out).backward()
         return out.detach(), z.grad
 
-    assert model._pair_of(0) == "first" and model._pair_of(1) == "second"
-    paired_logits, paired_grad = run(True)
-    alone_logits, alone_grad = run(False)
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", size)
+    assert model._layer_group(0) == (0, size - 1) and model._layer_group(size - 1) == (0, size - 1)
+    assert model._layer_group(layers - 1) == (size * ((layers - 1) // size), layers - 1)
+    paired_logits, paired_grad = run(size)
+    alone_logits, alone_grad = run(1)
     torch.testing.assert_close(paired_logits, alone_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(paired_grad, alone_grad, rtol=1e-4, atol=1e-6)
     assert alone_grad.abs().sum() > 0
