@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edgeprune import EdgeModel  # noqa: E402
+from edgeprune import EdgeModel, buffers  # noqa: E402
 from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
 from step import DTYPES, Batch, HFStep, build_hf, make_clock, parse_shape  # noqa: E402
 
@@ -99,6 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
+    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

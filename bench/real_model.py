@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import step as stepbench  # noqa: E402  (bench/step.py)
 
+from edgeprune import buffers  # noqa: E402
 from edgeprune.cli import main as cli  # noqa: E402
 
 SMOLLM2 = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgeprune-fixtures" / "smollm2" / "hf"
@@ -100,6 +101,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_real_model")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
+    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no config.json; fetch SmolLM2 with ../shared/models/get_smollm2.sh or "
                          "pass --model DIR")

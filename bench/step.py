@@ -30,6 +30,9 @@ On CPU the subprocesses run with glibc's mmap threshold fixed at 128 KiB
 (``MALLOC_MMAP_THRESHOLD_``): by default glibc raises it up to 32 MiB as blocks are freed, keeps
 freed tensors of that size in its heap, and RSS then counts fragmentation rather than live tensors
 (it inflates both figures; ``--malloc-default`` measures that way).
+Time and memory are measured with PyTorch's large CPU allocations on transparent huge pages, as the
+CLI runs (``edgeprune.buffers.use_huge_pages``); ``--no-huge-pages`` measures without (4 KiB pages:
+the mix's fresh per-layer tensors fault page by page, ~16% of GPT-2 small's 32 x 64 step).
 ``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
 the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edgeprune estimate``
 reports for the same step, traced on the meta device without weights (``edgeprune/estimate.py``):
@@ -66,7 +69,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeprune import EdgeModel, mixing  # noqa: E402
+from edgeprune import EdgeModel, buffers, mixing  # noqa: E402
 from edgeprune import model as edge_model  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
@@ -471,6 +474,9 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="PyTorch's CPU allocations on 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), as without "
+                             "edgeprune.buffers.use_huge_pages, which the CLI and this benchmark turn on")
     parser.add_argument("--malloc-default", action="store_true",
                         help="measure RSS with glibc's default (dynamic) mmap threshold")
     parser.add_argument("--quick", action="store_true", help="gpt2, 8x32, 3 repeats")
@@ -498,6 +504,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.no_huge_pages:  # (the memory subprocesses inherit the choice)
+        os.environ[buffers.HUGE_PAGES] = "0"
+    buffers.use_huge_pages()  # what a run of the CLI does, before any model is built
     if args.masks and not Path(args.masks).is_file():
         parser.error(f"--masks {args.masks}: no such file (a run directory's masks.safetensors)")
     if args.dense_mix:

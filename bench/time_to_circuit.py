@@ -23,6 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from edgeprune import buffers  # noqa: E402
 from edgeprune.cli import main as cli  # noqa: E402
 
 TASKS = {"stories_names": ROOT / "configs" / "stories_names.yaml",
@@ -115,6 +116,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_time_to_circuit")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
+    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
     out = Path(args.out)
     rows = []
     jobs = [(t, TASKS[t], []) for t in args.tasks.split(",") if t]

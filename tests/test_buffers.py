@@ -1,15 +1,18 @@
 """Buffers kept from step to step (``edgeprune.buffers``): reused only when nothing else views them."""
 
+import os
+
 import pytest
 import torch
 
 from conftest import build, token_batch
 from edgeprune import EdgeModel, buffers
 
-pytestmark = pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None,
-                                reason="this torch does not expose storage use counts: nothing is kept")
+needs_use_count = pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None,
+                                     reason="this torch does not expose storage use counts: nothing is kept")
 
 
+@needs_use_count
 def test_a_free_buffer_is_reused_and_a_viewed_one_is_not():
     buffers.clear()
     a = buffers.take("t", (4, 5), torch.float32, "cpu")
@@ -29,6 +32,7 @@ def test_a_free_buffer_is_reused_and_a_viewed_one_is_not():
     buffers.clear()
 
 
+@needs_use_count
 def test_states_a_forward_returns_survive_the_next_forward():
     """Zero ablation in fp32 returns the masked forward's states as a view of its buffer: the next
     forward must not write over them."""
@@ -40,6 +44,7 @@ def test_states_a_forward_returns_survive_the_next_forward():
     assert torch.equal(first, kept)
 
 
+@needs_use_count
 def test_mask_gradients_repeat_exactly_across_steps_with_kept_buffers():
     """A, B, A: the third step's mask gradients equal the first's bit for bit (no stale buffer data)."""
     model = EdgeModel.from_hf(build("gpt2", seed=2))
@@ -55,3 +60,20 @@ def test_mask_gradients_repeat_exactly_across_steps_with_kept_buffers():
     grads(b)
     assert torch.equal(grads(a), first)
     assert first.abs().sum() > 0
+
+
+def test_huge_pages_are_asked_for_unless_the_environment_says_otherwise(monkeypatch):
+    monkeypatch.delenv(buffers.HUGE_PAGES, raising=False)
+    buffers.use_huge_pages()
+    assert os.environ[buffers.HUGE_PAGES] == "1"
+    monkeypatch.setenv(buffers.HUGE_PAGES, "0")  # the user's choice stands
+    buffers.use_huge_pages()
+    assert os.environ[buffers.HUGE_PAGES] == "0"
+
+
+def test_the_cli_asks_for_huge_pages_before_it_runs_a_command(monkeypatch, tmp_path, capsys):
+    from edgeprune.cli import main
+    monkeypatch.delenv(buffers.HUGE_PAGES, raising=False)
+    assert main(["export", str(tmp_path / "no-such-run"), "-o", str(tmp_path / "edges.json")]) == 2
+    assert "no-such-run" in capsys.readouterr().err
+    assert os.environ[buffers.HUGE_PAGES] == "1"

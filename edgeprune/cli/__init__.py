@@ -21,6 +21,7 @@ import argparse
 import os
 import sys
 
+from .. import buffers
 from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..rundir import RunDirError
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    buffers.use_huge_pages()  # before any model is loaded: PyTorch reads the switch once
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, OSError) as err:
