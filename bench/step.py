@@ -32,7 +32,8 @@ freed tensors of that size in its heap, and RSS then counts fragmentation rather
 (it inflates both figures; ``--malloc-default`` measures that way).
 Time and memory are measured with PyTorch's large CPU allocations on transparent huge pages, as the
 CLI runs (``edgeprune.buffers.use_huge_pages``); ``--no-huge-pages`` measures without (4 KiB pages:
-the mix's fresh per-layer tensors fault page by page, ~16% of GPT-2 small's 32 x 64 step).
+the mix's fresh per-layer tensors fault page by page). The system CPU time and page faults of each
+are printed beside the times.
 ``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
 the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edgeprune estimate``
 reports for the same step, traced on the meta device without weights (``edgeprune/estimate.py``):
@@ -57,6 +58,7 @@ import json
 import math
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -378,15 +380,21 @@ def time_steps(prune_step: PruneStep, hf_step: HFStep, args, device) -> dict:
         prune_step(clock)
         hf_step(clock)
     parts = {"prune": [], "hf": []}
+    kernel = {"prune": [], "hf": []}  # (system CPU seconds, minor page faults) of each run
     for _ in range(args.repeats):
         for name, fn in (("hf", hf_step), ("prune", prune_step)):
+            before = resource.getrusage(resource.RUSAGE_SELF)
             clock()
             parts[name].append(fn(clock))
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            kernel[name].append((after.ru_stime - before.ru_stime, after.ru_minflt - before.ru_minflt))
     out = {}
     for name, runs in parts.items():
         totals = [sum(r.values()) for r in runs]
         out[name] = {"median_s": statistics.median(totals), "min_s": min(totals),
-                     "parts": {k: statistics.median(r[k] for r in runs) for k in runs[0]}}
+                     "parts": {k: statistics.median(r[k] for r in runs) for k in runs[0]},
+                     "sys_s": statistics.median(k[0] for k in kernel[name]),
+                     "page_faults": statistics.median(k[1] for k in kernel[name])}
     out["ratio"] = out["prune"]["median_s"] / out["hf"]["median_s"]
     return out
 
@@ -547,6 +555,9 @@ def main(argv=None) -> int:
                   f"ratio {r['ratio']:.2f}x")
             print(f"        step parts: {parts}")
             print(f"        HF parts:   {hf_parts}")
+            print(f"  kernel: step {r['prune']['sys_s']:.2f} s system CPU, {r['prune']['page_faults'] / 1e3:.0f}k page "
+                  f"faults; HF {r['hf']['sys_s']:.2f} s, {r['hf']['page_faults'] / 1e3:.0f}k (huge pages "
+                  f"{'off' if args.no_huge_pages else 'on'})")
             f = r["flops"]
             step_flops = (0 if args.cache else f["reference"]) + f["masked_fwd"] + f["backward"]  # cache: no pass
             print(f"  FLOPs step {step_flops / 1e9:.1f} G (reference {f['reference'] / 1e9:.1f}, masked fwd "

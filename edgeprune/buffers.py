@@ -14,9 +14,10 @@ are never alive together), so keeping it adds nothing to the step's peak.
 The mix's other large tensors (each layer's product, its rebuild, the readers' gradients: hundreds
 of MB each at 32 x 64) are made fresh by torch at every layer, and on Linux every 4 KiB page of them
 faults on first touch. ``use_huge_pages`` asks PyTorch to back its CPU allocations of 2 MiB and more
-with transparent huge pages, one fault per 2 MiB: GPT-2 small's 32 x 64 step ran 1.19x faster with
-them, HF's own forward+backward unchanged (``bench/step.py --no-huge-pages``). The CLI and the
-benchmarks turn it on.
+with transparent huge pages, one fault per 2 MiB. GPT-2 small's 32 x 64 step on 2 cores: 2.9 M page
+faults and 5.1 s of system CPU a step on 4 KiB pages, 44 k and 1.9 s on huge pages (HF's own
+forward+backward: 1.1 s and 0.65 s), the step 1.0-1.8 s faster (``bench/step.py`` prints both, and
+``--no-huge-pages`` measures without). The CLI and the benchmarks turn it on.
 
 Safe by construction: a kept buffer is reused only when no tensor outside this module still views
 it (its storage's use count), so a buffer that escaped -- states returned to a caller, an autograd
