@@ -288,8 +288,9 @@ class WithSetting:
     """``step`` run with ``owner.name`` set to ``value`` (restored after each step): the same step with
     one of the mix's paths switched, to time interleaved against it. ``--vs-dense-mix``:
     ``mixing.SPARSE_MIN`` = inf, every writer mixed and every dL/dz computed; ``--vs-groups K``:
-    ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-rebuild``: the EdgeModel's
-    ``keep_inputs`` 0, every layer's Q/K/V inputs rebuilt in the backward, as on a GPU."""
+    ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-keep SHARE``:
+    the EdgeModel's ``keep_inputs`` = SHARE (0: every layer's Q/K/V inputs rebuilt in the backward,
+    as on a GPU; a large share: none)."""
 
     def __init__(self, step, owner, name: str, value):
         self.step, self.owner, self.name, self.value = step, owner, name, value
@@ -361,9 +362,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_groups", None):  # the same step, layers mixing in groups of another size, interleaved
         other = WithSetting(prune_step, edge_model, "GROUP_LAYERS", args.vs_groups)
         out["groups"] = time_steps(other, prune_step, args, device)  # other size / default
-    if getattr(args, "vs_rebuild", False):  # the same step, every layer's inputs rebuilt, interleaved
-        rebuilt = WithSetting(prune_step, model, "keep_inputs", 0.0)
-        out["rebuild"] = time_steps(rebuilt, prune_step, args, device)  # rebuilt / kept
+    if getattr(args, "vs_keep", None) is not None:  # the same step, another share of inputs kept, interleaved
+        other = WithSetting(prune_step, model, "keep_inputs", args.vs_keep)
+        out["keep"] = time_steps(other, prune_step, args, device)  # that share / the default
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -498,9 +499,9 @@ def main(argv=None) -> int:
                              "(mixing.SPARSE_MIN set to infinity: live_writers and needed_writers off)")
     parser.add_argument("--vs-dense-mix", action="store_true",
                         help="also time the step with --dense-mix's mix, interleaved in the same process")
-    parser.add_argument("--vs-rebuild", action="store_true",
-                        help="also time the step with every layer's Q/K/V inputs rebuilt in the backward "
-                             "(keep_inputs 0, as on GPUs), interleaved in the same process")
+    parser.add_argument("--vs-keep", type=float, metavar="SHARE",
+                        help="also time the step with prune.keep_inputs SHARE (0: every layer's Q/K/V inputs "
+                             "rebuilt in the backward, as on GPUs; 10: none), interleaved in the same process")
     parser.add_argument("--vs-groups", type=int, metavar="K",
                         help="also time the step with layers mixing in groups of K (model.GROUP_LAYERS; "
                              "1: each alone), interleaved")
@@ -582,12 +583,13 @@ def main(argv=None) -> int:
                       f"{q['prune']['parts']['backward']:.3f} s) vs groups of {edge_model.GROUP_LAYERS} "
                       f"{q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
                       f"{q['ratio']:.2f}x; groups of {args.vs_groups} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
-            if args.vs_rebuild:
-                q = r["rebuild"]
-                print(f"  every input rebuilt: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs the deepest kept {q['hf']['median_s']:.3f} s "
+            if args.vs_keep is not None:
+                q = r["keep"]
+                print(f"  keep_inputs {args.vs_keep:g}: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs the default {q['hf']['median_s']:.3f} s "
                       f"(backward {q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
-                      f"rebuilt / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+                      f"{args.vs_keep:g} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / "
+                      f"HF's {q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")
