@@ -72,15 +72,20 @@ def per_position(z: torch.Tensor, span_ids: torch.Tensor | None, P: int) -> torc
 
 SPARSE_GRAD = 1 / 2  # dL/ds: update only the live writers' rows when at most this fraction is live
 SPARSE_MIX = 1 / 4  # the mix, dL/dz: gather the writers' differences when at most this fraction is wanted
-SPARSE_MIN = 1 << 20  # below this many fp32 values in a slice, counting costs more than it saves
+# below this many fp32 values per example in a slice, counting costs more than it saves (1 << 20 for a
+# batch of 8). Per example, not per batch: the choice then does not depend on how a batch is split over
+# processes, so a torchrun run computes exactly what one process computes (a gathered product may
+# round differently in the last bit, and AdamW's step amplifies that)
+SPARSE_MIN = 1 << 17
 
 
-def _few_writers(wanted: torch.Tensor, positions_x_width: int, fraction: float) -> torch.Tensor | None:
+def _few_writers(wanted: torch.Tensor, example_width: int, fraction: float) -> torch.Tensor | None:
     """(m,) long: the columns (writers) of ``wanted`` ((R, n) or (S, R, n) bool) any entry of which is
     True, if at most ``fraction`` of them are; else None (every writer). CPU only: counting them is
     a device sync, and GPUs are not bound by this memory traffic; nor for slices of fewer than
-    ``SPARSE_MIN`` values (``positions_x_width`` = B x T x D times the writers: toy and Tracr models)."""
-    if wanted.device.type != "cpu" or positions_x_width * wanted.shape[-1] < SPARSE_MIN:
+    ``SPARSE_MIN`` values per example (``example_width`` = T x D times the writers: toy and Tracr
+    models)."""
+    if wanted.device.type != "cpu" or example_width * wanted.shape[-1] < SPARSE_MIN:
         return None
     columns = wanted.reshape(-1, wanted.shape[-1]).any(0)
     if int(columns.sum()) > fraction * columns.numel():
@@ -88,7 +93,7 @@ def _few_writers(wanted: torch.Tensor, positions_x_width: int, fraction: float) 
     return columns.nonzero()[:, 0]
 
 
-def live_writers(z: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
+def live_writers(z: torch.Tensor, example_width: int) -> torch.Tensor | None:
     """The writers some reader's mask in z is nonzero for, where at most ``SPARSE_GRAD`` of them are
     (``_few_writers``). The others' terms are exactly 0 in the mix and in dL/ds, so they can be left
     out: a pruned circuit's masks are mostly exactly 0 (at 98% edge sparsity most writers feed no
@@ -96,14 +101,14 @@ def live_writers(z: torch.Tensor, positions_x_width: int) -> torch.Tensor | None
     writers' differences when at most ``SPARSE_MIX`` are live (the gather copies rows slower than a
     product reads them, so it pays only when few are live: 1/8, 1/4, 1/3 and 1/2 measured on SmolLM2
     with a real 98% circuit's masks, 1/4 the best)."""
-    return _few_writers(z.detach().ne(0), positions_x_width, SPARSE_GRAD)
+    return _few_writers(z.detach().ne(0), example_width, SPARSE_GRAD)
 
 
-def needed_writers(support: torch.Tensor, positions_x_width: int) -> torch.Tensor | None:
+def needed_writers(support: torch.Tensor, example_width: int) -> torch.Tensor | None:
     """The writers dL/dz is computed for: those some mask in ``support`` (bool like z: the masks whose
     dL/dz the caller needs) reads, where at most ``SPARSE_MIX`` of them are (``_few_writers``). The
     others' dL/dz is left 0: a clamped hard-concrete mask passes no gradient on."""
-    return _few_writers(support, positions_x_width, SPARSE_MIX)
+    return _few_writers(support, example_width, SPARSE_MIX)
 
 
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
@@ -176,7 +181,7 @@ class WriterStates:
         self.buffer = torch.empty((B, T, n_writers, D), dtype=dtype, device=device) if pool is None else \
             buffers.take(f"{pool}.states", (B, T, n_writers, D), dtype, device)
         self.flat = self.buffer.view(B * T, n_writers, D)  # (P, W, D)
-        self._pd = B * T * D  # values per writer
+        self._example_width = T * D  # values per writer and example (the sparse paths' threshold, SPARSE_MIN)
         self.grad_support = grad_support
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
@@ -221,7 +226,7 @@ class WriterStates:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
         the writers before its readers, as the forward mixed it. (A group's layers: ``GroupRebuild``.)"""
         n = z.shape[-1]
-        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._pd))
+        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._example_width))
         return reader_view(out, *self.shape[:2])
 
     def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
@@ -272,10 +277,10 @@ class WriterStates:
         if torch.is_grad_enabled() and (z.requires_grad or tokens or (partial is not None and partial.requires_grad)):
             needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
-                needed = needed_writers(self.grad_support[..., rows, start:stop], self._pd)
+                needed = needed_writers(self.grad_support[..., rows, start:stop], self._example_width)
             outs = _Mix.apply(z, self, base, start, split, needed, partial, *tokens)
         else:
-            out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._pd))
+            out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width))
             if partial is not None:
                 out.add_(partial)
             outs = out.split(split, dim=1)
@@ -385,7 +390,7 @@ class GroupRebuild:
     def _mix(self) -> torch.Tensor:
         store, z = self.store, self.z
         m = z.shape[-1]
-        return mix_values(z, store.diffs(m), store.base(m, self.const), store.span_ids, live_writers(z, store._pd))
+        return mix_values(z, store.diffs(m), store.base(m, self.const), store.span_ids, live_writers(z, store._example_width))
 
     def first(self) -> torch.Tensor:
         """The first layer's inputs, (R1, B, T, D), inside the group's product (the forward's layout)."""
@@ -402,7 +407,7 @@ class GroupRebuild:
             self.product = product
         rows = slice(self.offsets[index], self.offsets[index] + z.shape[-2])
         out = mix_values(z, store.diffs(n, m), store.range_base(m, n, const), store.span_ids,
-                         live_writers(z, store._pd)).add_(product[:, rows])
+                         live_writers(z, store._example_width)).add_(product[:, rows])
         return reader_view(out, *store.shape[:2])
 
 
@@ -428,7 +433,7 @@ class _Mix(torch.autograd.Function):
     def forward(ctx, z, store, base, start, split, needed, partial, *tokens):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
-        ctx.live = live_writers(z, store._pd)
+        ctx.live = live_writers(z, store._example_width)
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live)  # (P, R, D)
         if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
             out.add_(partial)

@@ -213,6 +213,37 @@ def _weighted_loss(logits: torch.Tensor) -> torch.Tensor:
     return (logits.logsumexp(-1) * torch.linspace(0.5, 2.0, logits.shape[1])).sum()
 
 
+def test_the_sparse_paths_choose_alike_for_a_batch_and_its_slices(monkeypatch):
+    """Whether a mix gathers its live writers, or dL/dz only the needed ones, depends on the size of
+    an example, not of the batch: a process given a slice of the global batch (torchrun) makes the
+    choices one process makes for the whole batch, and so computes exactly its numbers (a gathered
+    product may round differently in the last bit, which AdamW's step amplifies)."""
+    model = EdgeModel.from_hf(build("llama", seed=3, num_hidden_layers=4))
+    model.train()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # a pruned state: most masks clamped at exactly 0, a few open
+        pruned = torch.rand(model.edge_masks.n, generator=gen) < 0.9
+        model.edge_masks.log_alpha.copy_(torch.where(pruned, -10.0, 10.0))
+        model.edge_masks.log_alpha[torch.rand(model.edge_masks.n, generator=gen) < 0.02] = 0.0
+    ids, corrupted = token_batch(6, 7, seed=1), token_batch(6, 7, seed=2)
+    late = model.graph.n_writers_before[model._group(3).start]  # the writers the last layer reads
+    monkeypatch.setattr(mixing, "SPARSE_MIN", 7 * model.hf.config.hidden_size * late)  # on from the last layer
+    chosen = []
+    few = mixing._few_writers
+    monkeypatch.setattr(mixing, "_few_writers", lambda *a: chosen.append(few(*a)) or chosen[-1])
+
+    def choices(rows: slice) -> list:
+        chosen.clear()
+        model.edge_masks.generator = torch.Generator().manual_seed(5)  # the same sampled masks
+        out = model(ids[rows], corrupted_input_ids=corrupted[rows]).logits.float()
+        _weighted_loss(out).backward()
+        return [None if c is None else c.tolist() for c in chosen]
+
+    whole, half = choices(slice(0, 6)), choices(slice(0, 3))
+    assert whole == half
+    assert any(c is not None for c in whole) and any(c is None for c in whole)  # both paths taken
+
+
 @pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", False), ("llama", True)])
 def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypatch):
     """With most masks exactly 0 (a pruned circuit) the mix reads only the writers some reader still
