@@ -222,12 +222,17 @@ class WriterStates:
         """(P, n - start, D): the stored differences of writers start..n-1 at every position."""
         return self.flat[:, start:n]
 
+    def values(self, z: torch.Tensor, const: torch.Tensor | None, start: int = 0) -> torch.Tensor:
+        """The mix of ``mix`` without autograd, (P, R, D) position-major: z over writers start..start + k - 1
+        (``start`` > 0: a range mix, whose base is those writers' ablated states alone)."""
+        stop = start + z.shape[-1]
+        base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
+        return mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width))
+
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
         the writers before its readers, as the forward mixed it. (A group's layers: ``GroupRebuild``.)"""
-        n = z.shape[-1]
-        out = mix_values(z, self.diffs(n), self.base(n, const), self.span_ids, live_writers(z, self._example_width))
-        return reader_view(out, *self.shape[:2])
+        return reader_view(self.values(z, const), *self.shape[:2])
 
     def range_base(self, start: int, stop: int, const: torch.Tensor | None) -> torch.Tensor | None:
         """The ablated states of writers start..stop-1 summed in fp32 (+ const): the base of a range mix.
@@ -272,15 +277,15 @@ class WriterStates:
         to it).
         """
         stop = start + z.shape[-1]
-        base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
         split = (z.shape[-2],) if split is None else tuple(split)
         if torch.is_grad_enabled() and (z.requires_grad or tokens or (partial is not None and partial.requires_grad)):
+            base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
             needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
                 needed = needed_writers(self.grad_support[..., rows, start:stop], self._example_width)
             outs = _Mix.apply(z, self, base, start, split, needed, partial, *tokens)
         else:
-            out = mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width))
+            out = self.values(z, const, start)
             if partial is not None:
                 out.add_(partial)
             outs = out.split(split, dim=1)
@@ -388,9 +393,7 @@ class GroupRebuild:
         self.product: torch.Tensor | None = None
 
     def _mix(self) -> torch.Tensor:
-        store, z = self.store, self.z
-        m = z.shape[-1]
-        return mix_values(z, store.diffs(m), store.base(m, self.const), store.span_ids, live_writers(z, store._example_width))
+        return self.store.values(self.z, self.const)
 
     def first(self) -> torch.Tensor:
         """The first layer's inputs, (R1, B, T, D), inside the group's product (the forward's layout)."""
@@ -400,15 +403,12 @@ class GroupRebuild:
     def later(self, index: int, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The inputs of the group's layer ``index`` (> 0), (R_i, B, T, D): z its rows over the group's
         writers before it, const the group's own constants before it (the range mix's)."""
-        store, m = self.store, self.z.shape[-1]
-        n = m + z.shape[-1]
         product = self._mix() if self.product is None else self.product
         if self.keep:
             self.product = product
         rows = slice(self.offsets[index], self.offsets[index] + z.shape[-2])
-        out = mix_values(z, store.diffs(n, m), store.range_base(m, n, const), store.span_ids,
-                         live_writers(z, store._example_width)).add_(product[:, rows])
-        return reader_view(out, *store.shape[:2])
+        out = self.store.values(z, const, start=self.z.shape[-1]).add_(product[:, rows])
+        return reader_view(out, *self.store.shape[:2])
 
 
 class _Write(torch.autograd.Function):
