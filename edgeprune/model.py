@@ -526,6 +526,7 @@ class EdgeModel(nn.Module):
         group = self._group(layer)
         n_w = graph.n_writers_before[group.start]
         split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
+        rebuilt = self._rebuilds(layer, split[0])  # the Q/K/V inputs rebuilt in the backward, not kept
         first, last = self._layer_group(layer)
         own_consts = None  # the group's own constants before this layer: what its range mix adds
         if carried is not None:  # a later layer of a group: its mix over the writers before the group came with it
@@ -543,14 +544,14 @@ class EdgeModel(nn.Module):
                               rows=rows, carry=len(later))
             mixed, partials = mixed[:len(split)], mixed[len(split):]
             offsets = (0, *(g.start - group.start for g in later))
-            rebuilds = GroupRebuild(store, z[..., rows, :n_w].detach(), base, offsets, self._rebuilds(layer, mixed[0]))
+            rebuilds = GroupRebuild(store, z[..., rows, :n_w].detach(), base, offsets, rebuilt)
             rebuild = rebuilds.first
         else:
             mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)
             mixed = mixed if mlp else (mixed,)
             rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base)
         x, mlp_part = mixed if mlp else (mixed[0], None)  # x: the Q + K + V readers
-        with recompute_saved(x, rebuild) if self._rebuilds(layer, x) else contextlib.nullcontext():
+        with recompute_saved(x, rebuild) if rebuilt else contextlib.nullcontext():
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x, mixed
         new = [store.write(heads, starts[0])]
@@ -593,9 +594,9 @@ class EdgeModel(nn.Module):
         n_w = self.graph.n_writers_before[rows.start]
         return store.mix(z[..., rows, :n_w], const, tokens, rows=rows)  # z (R, W) or position-aware (S, R, W)
 
-    def _rebuilds(self, layer: int, x) -> bool:
-        """Whether the readers' norms are kept from saving their input x, the backward rebuilding it
-        from the mix (``recompute_saved``): not for the layers of ``_kept_inputs``, nor for one reader
-        (an MLP: keeping x costs less), nor under activation checkpointing (it recomputes the whole
-        layer anyway)."""
-        return not (self.runner.checkpoint or x.shape[0] == 1 or layer in self._kept_inputs)
+    def _rebuilds(self, layer: int, readers: int) -> bool:
+        """Whether the norms of a layer's ``readers`` Q/K/V readers are kept from saving their input, the
+        backward rebuilding it from the mix (``recompute_saved``): not for the layers of
+        ``_kept_inputs``, nor for one reader (keeping its input costs less), nor under activation
+        checkpointing (it recomputes the whole layer anyway)."""
+        return not (self.runner.checkpoint or readers == 1 or layer in self._kept_inputs)
