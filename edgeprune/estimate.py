@@ -358,8 +358,7 @@ def estimate(cfg: ExperimentConfig, gpus: list[int], *, seq_len: int | None = No
     if any(n < 1 for n in gpus):
         raise ValueError(f"GPU counts must be >= 1, got {gpus}")
     model = arch.model
-    model.activation_checkpointing = cfg.prune.activation_checkpointing
-    model.keep_inputs = cfg.prune.keep_inputs
+    model.use_step_settings(cfg.prune)
     g = model.graph
     D = model.hf.config.hidden_size
     vocab = getattr(model.hf.config, "vocab_size", None) or len(getattr(model.hf.config, "output_dims", []))
@@ -501,8 +500,7 @@ def check_fits(cfg: ExperimentConfig, model, device: torch.device, world_size: i
 def meta_copy(cfg: ExperimentConfig, model):
     """``model``'s architecture on the meta device (no memory), with its masks' shape and settings."""
     arch = load_architecture(cfg)
-    arch.model.activation_checkpointing = cfg.prune.activation_checkpointing
-    arch.model.keep_inputs = cfg.prune.keep_inputs
+    arch.model.use_step_settings(cfg.prune)
     if model.spans is not None:
         arch.model.set_spans(model.spans, mode=model.span_mode)
     return arch.model

@@ -149,6 +149,13 @@ class EdgeModel(nn.Module):
     def activation_checkpointing(self, on: bool) -> None:
         self.runner.checkpoint = bool(on)
 
+    def use_step_settings(self, prune) -> None:
+        """Take the ``prune.*`` settings that change what a step keeps and recomputes, not what it
+        computes: ``activation_checkpointing`` and ``keep_inputs`` (``prune``: a ``PruneConfig``). One
+        place for the run, its ``edgeprune estimate`` and the meta copy ``check_fits`` traces."""
+        self.activation_checkpointing = prune.activation_checkpointing
+        self.keep_inputs = prune.keep_inputs
+
     def train(self, mode: bool = True) -> "EdgeModel":
         """Masks sample in training mode; the frozen HF model always stays in eval (no dropout)."""
         super().train(mode)

@@ -287,8 +287,7 @@ class PruneRecipe:
         model.fingerprint()  # before FSDP shards the weights; version 1 too, to resume runs written before version 2
         with contextlib.suppress(FingerprintError):
             model.fingerprint(1)
-        model.activation_checkpointing = p.activation_checkpointing
-        model.keep_inputs = p.keep_inputs
+        model.use_step_settings(p)
         self.train = None
         if cfg.model.positions:  # position-aware masks: the training split names the spans (before the graph check)
             self.train = load_split(cfg.data, model, cfg.data.train_split)
