@@ -315,9 +315,9 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, size
     rebuilt = []  # the layers whose inputs were rebuilt (a rebuild serves every saved view of them)
     get = mixing._Rebuilt.get
     monkeypatch.setattr(mixing._Rebuilt, "get", lambda self, v: (self.value is None and rebuilt.append(1)) or get(self, v))
-    products = []  # the passes of the pairs' rebuilds over the writers before the pair
-    pair_mix = mixing.GroupRebuild._mix
-    monkeypatch.setattr(mixing.GroupRebuild, "_mix", lambda self: products.append(1) or pair_mix(self))
+    products = []  # the passes of the groups' rebuilds over the writers before the group
+    group_mix = mixing.GroupRebuild._mix
+    monkeypatch.setattr(mixing.GroupRebuild, "_mix", lambda self: products.append(1) or group_mix(self))
 
     def run(share):
         model.keep_inputs = share
@@ -365,13 +365,7 @@ def test_layers_mixing_in_groups_equal_layers_mixing_alone(kind, layers, spans, 
     up to fp32 rounding of the other summation order (GPT-2: attention output biases carried, a
     last group shorter than the others; Llama: position-aware masks)."""
     from edgeprune import model as edge_model
-    model = EdgeModel.from_hf(build(kind, seed=7, **({"n_layer": layers} if kind == "gpt2" else
-                                                     {"num_hidden_layers": layers})))
-    span_ids = None
-    if spans:
-        model.set_spans(["a", "b"])
-        span_ids = (torch.arange(7) >= 4).long().expand(3, 7)
-    ids, corrupted = token_batch(3, 7, seed=1), token_batch(3, 7, seed=2)
+    model, ids, corrupted, span_ids = _toy_run(kind, 7, spans, layers=layers)
     values = torch.rand(model.edge_masks.n, generator=torch.Generator().manual_seed(0))
 
     def run(group):
