@@ -516,6 +516,10 @@ def main(argv=None) -> int:
     if args.no_huge_pages:  # (the memory subprocesses inherit the choice)
         os.environ[buffers.HUGE_PAGES] = "0"
     buffers.use_huge_pages()  # what a run of the CLI does, before any model is built
+    if args.vs_keep is not None and not args.vs_keep >= 0:
+        parser.error(f"--vs-keep {args.vs_keep}: a share of the writer states' size, >= 0")
+    if args.vs_groups is not None and args.vs_groups < 1:
+        parser.error(f"--vs-groups {args.vs_groups}: layers per group, >= 1")
     if args.masks and not Path(args.masks).is_file():
         parser.error(f"--masks {args.masks}: no such file (a run directory's masks.safetensors)")
     if args.dense_mix:
