@@ -367,6 +367,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_keep", None) is not None:  # the same step, another share of inputs kept, interleaved
         other = WithSetting(prune_step, model, "keep_inputs", args.vs_keep)
         out["keep"] = time_steps(other, prune_step, args, device)  # that share / the default
+    if getattr(args, "vs_fresh_scratch", False):  # the same step, the sparse paths' temporaries fresh
+        other = WithSetting(prune_step, mixing, "KEEP_SCRATCH", False)
+        out["fresh_scratch"] = time_steps(other, prune_step, args, device)  # fresh / kept
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -507,6 +510,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-groups", type=int, metavar="K",
                         help="also time the step with layers mixing in groups of K (model.GROUP_LAYERS; "
                              "1: each alone), interleaved")
+    parser.add_argument("--vs-fresh-scratch", action="store_true",
+                        help="also time the step with the sparse paths' temporaries (gathers, dL/ds's live rows) "
+                             "fresh (mixing.KEEP_SCRATCH off), interleaved; with --masks or --sparsity")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -597,6 +603,13 @@ def main(argv=None) -> int:
                       f"(backward {q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
                       f"{args.vs_keep:g} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / "
                       f"HF's {q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+            if args.vs_fresh_scratch:
+                q = r["fresh_scratch"]
+                print(f"  sparse paths' temporaries fresh: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs kept {q['hf']['median_s']:.3f} s (backward "
+                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; fresh / HF "
+                      f"{q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / HF's "
+                      f"{q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

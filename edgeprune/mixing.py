@@ -37,6 +37,10 @@ How it stays lean and fast (DESIGN.md section 3):
   first of a group also mixes the later layers' readers over the writers it reads (``carry``), and
   each later layer adds its partial mix to a range mix over the group's writers before it
   (``partial``).
+- In a pruned circuit most writers feed no reader of a group (``live_writers``) and most masks are
+  clamped (``needed_writers``): the mix, its rebuild, dL/dz and dL/ds then read or write only those
+  writers, whose differences are gathered (one copy per run of consecutive writers) into a buffer kept
+  from step to step (``scratch``): fresh, each such temporary's pages were zeroed by the kernel.
 - ``recompute_saved``: the mix outputs are large, (R, B, T, D) fp32 with R readers (445 readers to
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
@@ -112,20 +116,59 @@ def needed_writers(support: torch.Tensor, example_width: int) -> torch.Tensor | 
 
 
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
-               span_ids: torch.Tensor | None = None, live: torch.Tensor | None = None) -> torch.Tensor:
+               span_ids: torch.Tensor | None = None, live: torch.Tensor | None = None,
+               pool: str | None = None) -> torch.Tensor:
     """The mix without autograd: base + z @ diffs, position by position.
 
     z (R, n) fp32, or (S, R, n) per span with ``span_ids`` (P,) long the span of each position; diffs
     (P, n, D) fp32 (P = B x T positions, a writer slice of the buffer); base: fp32 (B, T, D),
     (1, 1, D) or (D,) (ablated sum + layer constants) or None; live: ``live_writers`` (the
-    other writers' masks are all 0: their terms are left out where few are live). -> (P, R, D) fp32.
+    other writers' masks are all 0: their terms are left out where few are live); pool: gather them
+    into a buffer kept under this name (``gather``). -> (P, R, D) fp32.
     """
     if live is not None and live.numel() <= SPARSE_MIX * z.shape[-1]:
-        z, diffs = z[..., live], diffs[:, live]
+        z, diffs = z[..., live], gather(diffs, live, pool)
     out = torch.bmm(per_position(z, span_ids, diffs.shape[0]), diffs)  # one (R, n) x (n, D) product per position
     if base is None:
         return out
     return out.add_(base if base.dim() == 1 else base.reshape(-1, 1, base.shape[-1]))  # z = 0: exactly the base
+
+
+# the sparse paths' temporaries (gathers, dL/ds's live rows) into one kept buffer (``scratch``); False: fresh
+# tensors, as before (bench/step.py --vs-fresh-scratch)
+KEEP_SCRATCH = True
+
+
+def scratch(shape: tuple[int, ...], pool: str | None, device: torch.device) -> torch.Tensor:
+    """An uninitialised fp32 tensor for one of the sparse paths' temporaries: with ``pool`` (a pooled
+    forward's), a view of the buffer kept under ``pool + ".sparse"`` (``edgeprune.buffers``; reused once
+    the product that read it is done, and never while a view of it is alive). Such a temporary -- the
+    differences of tens of live writers gathered for a product, or their rows of dL/ds -- is hundreds
+    of MB at 32 x 64, and fresh, each of its pages is zeroed by the kernel on first touch, at every mix,
+    rebuild, dL/dz and dL/ds of a pruned circuit's step: the (m, R) x (R, B·T·D) product of dL/ds's
+    live rows took 3.5x as long into a fresh tensor as into a kept one at SmolLM2's 32 x 64. The buffer
+    grows to the largest of them, at most ``SPARSE_GRAD`` of the writer states' size, and only where the
+    sparse paths run (pruned masks); dense masks never make it."""
+    if pool is None or not KEEP_SCRATCH:
+        return torch.empty(shape, device=device)
+    return buffers.take(f"{pool}.sparse", shape, torch.float32, device)
+
+
+def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torch.Tensor:
+    """diffs[:, writers], (P, m, D): the differences of a few writers side by side for one product, into
+    ``scratch`` (CPU: the sparse paths run only there)."""
+    if pool is None or not KEEP_SCRATCH or diffs.device.type != "cpu":
+        return diffs[:, writers]
+    out = scratch((diffs.shape[0], writers.numel(), diffs.shape[-1]), pool, diffs.device)
+    # one strided copy per run of consecutive writers: 2-5x faster than torch's index kernels into ``out``
+    ids, j = writers.tolist(), 0
+    while j < len(ids):
+        k = j + 1
+        while k < len(ids) and ids[k] == ids[k - 1] + 1:
+            k += 1
+        out[:, j:k].copy_(diffs[:, ids[j]:ids[k - 1] + 1])
+        j = k
+    return out
 
 
 def reader_view(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -227,7 +270,8 @@ class WriterStates:
         (``start`` > 0: a range mix, whose base is those writers' ablated states alone)."""
         stop = start + z.shape[-1]
         base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
-        return mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width))
+        return mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width),
+                          self.pool)
 
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
@@ -306,7 +350,7 @@ class WriterStates:
         in fp64. ``needed`` (``needed_writers``): only those columns are computed, the others are 0."""
         B, T, _ = self.shape
         R, k = grad_out.shape[0], n - start
-        diffs = self.diffs(n, start) if needed is None else self.diffs(n, start)[:, needed]
+        diffs = self.diffs(n, start) if needed is None else gather(self.diffs(n, start), needed, self.pool)
         m = diffs.shape[1]
         per_position = torch.bmm(grad_out.transpose(0, 1), diffs.transpose(1, 2))  # (P, R, m)
         if n_spans is None:
@@ -355,8 +399,9 @@ class WriterStates:
             go = grad_out.reshape(R, P * D)
             torch.mm(z.T, go, out=target) if fresh else target.addmm_(z.T, go)
             return
-        else:
-            part = z.T @ grad_out.reshape(R, P * D)
+        else:  # the live rows' update, into the sparse paths' kept buffer (``scratch``)
+            part = scratch((z.shape[-1], P * D), self.pool, target.device)
+            torch.mm(z.T, grad_out.reshape(R, P * D), out=part)
         if live is not None:
             target.index_add_(0, live, part)
         else:
@@ -434,7 +479,8 @@ class _Mix(torch.autograd.Function):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._example_width)
-        out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live)  # (P, R, D)
+        out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live,
+                         store.pool)  # (P, R, D)
         if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
             out.add_(partial)
         return out.split(split, dim=1)

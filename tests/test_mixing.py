@@ -272,6 +272,64 @@ def test_mixing_only_the_live_writers_equals_the_dense_mix(kind, spans, monkeypa
     assert dense_grad.abs().sum() > 0
 
 
+@pytest.mark.skipif(getattr(torch._C, "_storage_Use_Count", None) is None, reason="torch without use counts")
+def test_a_gather_into_the_kept_buffer_equals_indexing_and_reuses_it():
+    """``mixing.gather`` copies runs of consecutive writers into a buffer kept from mix to mix: the same
+    values as ``diffs[:, writers]`` for any set (runs, single writers, none, every one), the same
+    bytes again once the last gather is let go, and a new buffer while it is still alive."""
+    from edgeprune import buffers
+    buffers.clear()
+    diffs = torch.randn(6, 11, 4)
+    for writers in ([0, 1, 2, 5, 7, 8, 10], [3], [], list(range(11)), [10, 0, 4, 5]):
+        index = torch.tensor(writers, dtype=torch.long)
+        assert torch.equal(mixing.gather(diffs, index, "t"), diffs[:, index])
+    first = mixing.gather(diffs, torch.tensor([1, 2, 3]), "t")
+    ptr = first.data_ptr()
+    second = mixing.gather(diffs, torch.tensor([4, 9]), "t")  # the first is still alive: other bytes
+    assert second.data_ptr() != ptr and torch.equal(first, diffs[:, 1:4])
+    del first, second
+    assert mixing.gather(diffs, torch.tensor([0, 6]), "t").untyped_storage().data_ptr() in \
+        {buffers._kept[("t.sparse", torch.device("cpu"))].data_ptr()}
+    assert torch.equal(mixing.gather(diffs, torch.tensor([2, 3]), None), diffs[:, 2:4])  # no pool: fresh
+    buffers.clear()
+
+
+@pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", True)])
+def test_the_sparse_paths_give_the_same_bits_with_kept_or_fresh_gathers(kind, spans, monkeypatch):
+    """The masked forward gathers the live writers (mix, rebuild) and the needed ones (dL/dz) into a
+    kept buffer (``mixing.KEEP_SCRATCH``): logits and mask gradients are those of fresh gathers bit for
+    bit, over two steps (the second reuses the first's buffer)."""
+    model, ids, corrupted, span_ids = _toy_run(kind, 7, spans)
+    with torch.no_grad():  # a pruned state: most masks exactly 0, some clamped at 1, a few open; the
+        gen = torch.Generator().manual_seed(0)  # read-out's own edges (the last reader's) all kept
+        pruned = torch.rand(model.edge_masks.n, generator=gen) < 0.85
+        index = model.graph.dense_index.repeat(model.edge_masks.n // model.graph.num_edges)  # spans: per span
+        pruned &= index // model.graph.num_writers != model.graph.num_readers - 1
+        model.edge_masks.log_alpha.copy_(torch.where(pruned, -10.0, torch.randn(model.edge_masks.n, generator=gen) * 3))
+    model.train()
+    monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
+    gathered = []
+    real = mixing.gather
+    monkeypatch.setattr(mixing, "gather", lambda d, w, pool: gathered.append(pool) or real(d, w, pool))
+
+    def run(keep: bool):
+        monkeypatch.setattr(mixing, "KEEP_SCRATCH", keep)
+        out = []
+        for seed in (1, 2):
+            model.edge_masks.generator = torch.Generator().manual_seed(seed)
+            model.edge_masks.log_alpha.grad = None
+            logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
+            _weighted_loss(logits).backward()
+            out += [logits.detach(), model.edge_masks.log_alpha.grad.clone()]
+        return out
+
+    kept = run(True)
+    assert gathered and all(pool == "mix" for pool in gathered)  # the masked forward's pool
+    fresh = run(False)
+    assert all(torch.equal(a, b) for a, b in zip(kept, fresh))
+    assert kept[1].abs().sum() > 0
+
+
 @pytest.mark.parametrize("kind,spans", [("gpt2", False), ("llama", True)])
 def test_dl_dz_only_where_the_clamp_passes_gradient_gives_the_same_mask_gradients(kind, spans, monkeypatch):
     """A sampled hard-concrete mask clamped at 0 or 1 passes no gradient to log_alpha, so the mix
