@@ -357,6 +357,7 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     d = hf.config.hidden_size
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
     out["graph"] = g.describe()
+    out["group"] = edge_model.GROUP_LAYERS or edge_model.layer_group_size(g)  # layers a mix takes together
     if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
         dense = WithSetting(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity),
                             mixing, "SPARSE_MIN", math.inf)
@@ -563,7 +564,8 @@ def main(argv=None) -> int:
             results.append(r)
             parts = ", ".join(f"{k} {v:.3f}" for k, v in r["prune"]["parts"].items())
             hf_parts = ", ".join(f"{k} {v:.3f}" for k, v in r["hf"]["parts"].items())
-            print(f"\n{kind} {shape_text} ({r['graph']})")
+            grouping = "layers mixing alone" if r["group"] == 1 else f"layers mixing in groups of {r['group']}"
+            print(f"\n{kind} {shape_text} ({r['graph']}; {grouping})")
             print(f"  time  step {r['prune']['median_s']:.3f} s  HF fwd+bwd {r['hf']['median_s']:.3f} s  "
                   f"ratio {r['ratio']:.2f}x (fastest runs {r['prune']['min_s'] / r['hf']['min_s']:.2f}x); backward "
                   f"/ HF's backward {r['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
@@ -593,7 +595,7 @@ def main(argv=None) -> int:
             if args.vs_groups:
                 q = r["groups"]
                 print(f"  layers mixing in groups of {args.vs_groups}: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs groups of {edge_model.GROUP_LAYERS} "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs groups of {r['group']} "
                       f"{q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
                       f"{q['ratio']:.2f}x; groups of {args.vs_groups} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.vs_keep is not None:

@@ -44,7 +44,12 @@ ABLATIONS = ("interchange", "zero", "mean")
 # 3 of 30 layers, 19% of the rebuilding). 0.15 keeps the step's peak within HF's + 2 writer states on
 # the models measured (Llama-3.2-1B at 4x32, the tightest: 0.25 took it to 2.02). GPUs rebuild them all.
 KEEP_INPUTS = 0.15
-GROUP_LAYERS = 2  # layers mix in groups of this many (``EdgeModel._masked_layer``): pairs; 1: each alone
+# layers mix in groups of this many (``EdgeModel._masked_layer``; 1: each alone); None: per model shape
+# (``layer_group_size``): pairs, or each alone where pairs do not pay
+GROUP_LAYERS: int | None = None
+# pairs pay where the writers a pair's first layer reads number, on average over the pairs, at least
+# this many times a layer's readers (``layer_group_size``)
+PAIR_MIN_RATIO = 4.0
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # from_pretrained kwargs that also make sense for the config look-up
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code", "gguf_file",
@@ -591,8 +596,8 @@ class EdgeModel(nn.Module):
 
     def _layer_group(self, layer: int) -> tuple[int, int]:
         """The first and last layer of the group ``layer`` mixes with: ``GROUP_LAYERS`` consecutive
-        layers (0-1, 2-3, ... for pairs; the last group may be shorter)."""
-        size = max(1, int(GROUP_LAYERS))
+        layers, or ``layer_group_size``'s (0-1, 2-3, ... for pairs; the last group may be shorter)."""
+        size = max(1, int(GROUP_LAYERS if GROUP_LAYERS is not None else layer_group_size(self.graph)))
         first = layer - layer % size
         return first, min(first + size, self.graph.spec.n_layers) - 1
 
@@ -607,3 +612,30 @@ class EdgeModel(nn.Module):
         ``_kept_inputs``, nor for one reader (keeping its input costs less), nor under activation
         checkpointing (it recomputes the whole layer anyway)."""
         return not (self.runner.checkpoint or readers == 1 or layer in self._kept_inputs)
+
+
+@functools.lru_cache(maxsize=64)
+def _group_size(spec, min_ratio: float) -> int:
+    graph = Graph(spec)
+    per_layer = 4 if spec.mlp else 3
+    blocks = graph.reader_blocks
+    layers = [blocks[l * per_layer:(l + 1) * per_layer] for l in range(spec.n_layers)]
+    readers = sum(b.size for layer in layers for b in layer) / spec.n_layers
+    firsts = [graph.n_writers_before[layers[l][0].start] for l in range(0, spec.n_layers - 1, 2)]
+    if not firsts:
+        return 1
+    return 2 if sum(firsts) / len(firsts) >= min_ratio * readers else 1
+
+
+def layer_group_size(graph: Graph) -> int:
+    """How many consecutive layers mix together (``EdgeModel._masked_layer``) for this model shape: 2
+    (pairs) or 1 (each layer alone). A pair makes one pass over the differences of the writers before
+    it where two layers alone make two, and pays for it by carrying the second layer's partial mix
+    (its readers' rows, B x T x D each) and adding it. So pairs pay where the writers a pair's first
+    layer reads are many against a layer's readers, i.e. deep models with few heads a layer
+    (``PAIR_MIN_RATIO``). Measured in one process (``bench/step.py --vs-groups``, cached steps, 2 CPU
+    threads), the time of layers alone against pairs: GPT-2 small 0.87-0.88x at 8x32 and 0.88-0.89x at
+    32x64 (ratio 1.8: alone), a 12-layer Llama with 12 / 4 heads 0.94x and 1.01x (3.1: alone),
+    Llama-3.2-1B 1.11x at 4x32 (4.7: pairs), Qwen2.5-0.5B 1.06x (8.7), SmolLM2-135M 1.08x at 8x32 and
+    1.03x at 32x64 (8.8). A function of the graph's shape only, so every process of a run groups alike."""
+    return _group_size(graph.spec, PAIR_MIN_RATIO)

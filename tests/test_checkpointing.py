@@ -23,8 +23,10 @@ def _grads(model: EdgeModel, ids, corrupted, mask):
     return logits.detach(), grads
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
-def test_activation_checkpointing_gives_the_same_gradients_fp32(kind):
+@pytest.mark.parametrize("kind,group", [("gpt2", None), ("llama", None), ("qwen2", None), ("gpt2", 2), ("llama", 2)])
+def test_activation_checkpointing_gives_the_same_gradients_fp32(kind, group, monkeypatch):
+    from edgeprune import model as edge_model
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", group)  # None: the model's own (alone here); 2: pairs
     model = EdgeModel.from_hf(build(kind), node_masks=True)
     with torch.no_grad():  # mid-range masks, so that gradients reach every mask
         model.edge_masks.log_alpha.normal_(0.0, 2.0, generator=torch.Generator().manual_seed(0))

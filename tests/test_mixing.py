@@ -441,3 +441,25 @@ def test_layers_mixing_in_groups_equal_layers_mixing_alone(kind, layers, spans, 
     torch.testing.assert_close(paired_logits, alone_logits, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(paired_grad, alone_grad, rtol=1e-4, atol=1e-6)
     assert alone_grad.abs().sum() > 0
+
+
+def test_layers_mix_in_pairs_where_the_model_shape_pays_for_them(monkeypatch):
+    """``model.layer_group_size``: pairs for deep models with few readers a layer (SmolLM2-135M,
+    Qwen2.5-0.5B, Llama-3.2-1B's shapes), each layer alone for GPT-2 small and one layer; measured in
+    ``bench/step.py --vs-groups 1``. ``GROUP_LAYERS`` overrides it."""
+    from edgeprune import model as edge_model
+    from edgeprune.graph import Graph, GraphSpec
+    shapes = {(12, 12, None, True): 1,  # GPT-2 small: 37 readers a layer, 67 writers before a pair on average
+              (30, 9, 3, False): 2,  # SmolLM2-135M: 16 readers, 141 writers
+              (24, 14, 2, False): 2,  # Qwen2.5-0.5B
+              (16, 32, 8, False): 2,  # Llama-3.2-1B
+              (1, 12, None, True): 1}  # one layer: nothing to pair
+    for (layers, heads, kv, pos), size in shapes.items():
+        assert edge_model.layer_group_size(Graph(GraphSpec(layers, heads, kv, pos_embeds=pos))) == size
+    model = EdgeModel.from_hf(build("llama", num_hidden_layers=4))
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", None)
+    assert edge_model.layer_group_size(model.graph) == 1 and model._layer_group(1) == (1, 1)
+    monkeypatch.setattr(edge_model, "PAIR_MIN_RATIO", 0.0)  # every shape pays: pairs
+    assert model._layer_group(1) == (0, 1) and model._layer_group(3) == (2, 3)
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", 3)
+    assert model._layer_group(1) == (0, 2)
