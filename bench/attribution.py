@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     args = parser.parse_args(argv)
-    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
+    buffers.tune_cpu_allocator()  # as the CLI: huge pages, glibc keeping its freed heap
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -101,7 +101,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_real_model")
     ap.add_argument("--json", type=Path, help="also write every figure here")
     args = ap.parse_args()
-    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
+    buffers.tune_cpu_allocator()  # as the CLI: huge pages, glibc keeping its freed heap
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no config.json; fetch SmolLM2 with ../shared/models/get_smollm2.sh or "
                          "pass --model DIR")

@@ -34,7 +34,9 @@ freed tensors of that size in its heap, and RSS then counts fragmentation rather
 (it inflates both figures; ``--malloc-default`` measures that way).
 Time and memory are measured with PyTorch's large CPU allocations on transparent huge pages, as the
 CLI runs (``edgeprune.buffers.use_huge_pages``); ``--no-huge-pages`` measures without (4 KiB pages:
-the mix's fresh per-layer tensors fault page by page). The system CPU time and page faults of each
+the mix's fresh per-layer tensors fault page by page). Time is measured with glibc keeping the free
+top of its heap, as the CLI runs (``edgeprune.buffers.keep_freed_heap``); ``--no-keep-heap`` measures
+without. The system CPU time and page faults of each
 are printed beside the times.
 ``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
 the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edgeprune estimate``
@@ -492,6 +494,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-huge-pages", action="store_true",
                         help="PyTorch's CPU allocations on 4 KiB pages (THP_MEM_ALLOC_ENABLE=0), as without "
                              "edgeprune.buffers.use_huge_pages, which the CLI and this benchmark turn on")
+    parser.add_argument("--no-keep-heap", action="store_true",
+                        help="leave glibc's heap trimming as it is (buffers.keep_freed_heap off: "
+                             "EDGEPRUNE_KEEP_HEAP=0), to time the step without it")
     parser.add_argument("--malloc-default", action="store_true",
                         help="measure RSS with glibc's default (dynamic) mmap threshold")
     parser.add_argument("--quick", action="store_true", help="gpt2, 8x32, 3 repeats")
@@ -524,7 +529,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.no_huge_pages:  # (the memory subprocesses inherit the choice)
         os.environ[buffers.HUGE_PAGES] = "0"
-    buffers.use_huge_pages()  # what a run of the CLI does, before any model is built
+    if args.no_keep_heap:
+        os.environ[buffers.KEEP_HEAP] = "0"
+    buffers.tune_cpu_allocator()  # before any model is loaded: PyTorch reads the huge-page switch once
     if args.vs_keep is not None and not args.vs_keep >= 0:
         parser.error(f"--vs-keep {args.vs_keep}: a share of the writer states' size, >= 0")
     if args.vs_groups is not None and args.vs_groups < 1:

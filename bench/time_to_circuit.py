@@ -116,7 +116,7 @@ def main() -> int:
     ap.add_argument("--out", default="runs/bench_time_to_circuit")
     ap.add_argument("--json", help="also write the rows here")
     args = ap.parse_args()
-    buffers.use_huge_pages()  # as the CLI: PyTorch's large CPU allocations on huge pages
+    buffers.tune_cpu_allocator()  # as the CLI: huge pages, glibc keeping its freed heap
     out = Path(args.out)
     rows = []
     jobs = [(t, TASKS[t], []) for t in args.tasks.split(",") if t]

@@ -77,3 +77,24 @@ def test_the_cli_asks_for_huge_pages_before_it_runs_a_command(monkeypatch, tmp_p
     assert main(["export", str(tmp_path / "no-such-run"), "-o", str(tmp_path / "edges.json")]) == 2
     assert "no-such-run" in capsys.readouterr().err
     assert os.environ[buffers.HUGE_PAGES] == "1"
+
+
+def test_glibc_keeps_its_freed_heap_unless_the_environment_says_otherwise(monkeypatch):
+    """``keep_freed_heap`` sets glibc's trim and mmap thresholds (mallopt) where nothing in the
+    environment chose them: not with any of glibc's ``MALLOC_*`` thresholds set (bench/step.py's
+    memory runs set one), nor with ``EDGEPRUNE_KEEP_HEAP=0``."""
+    for name in buffers.HEAP_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv(buffers.KEEP_HEAP, "0")
+    assert buffers.keep_freed_heap() is False
+    monkeypatch.delenv(buffers.KEEP_HEAP)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert buffers.keep_freed_heap() is False
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_")
+    import ctypes
+    try:
+        ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        assert buffers.keep_freed_heap() is False  # not glibc: nothing to set
+    else:
+        assert buffers.keep_freed_heap() is True

@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    buffers.use_huge_pages()  # before any model is loaded: PyTorch reads the switch once
+    buffers.tune_cpu_allocator()  # before any model is loaded: PyTorch reads the huge-page switch once
     try:
         return args.func(args)
     except (ConfigError, CheckpointError, RunDirError, FileNotFoundError, ValueError, OSError) as err:
