@@ -30,6 +30,7 @@ use count. ``clear()`` lets them go (an attribution lets its own go when it ends
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 
@@ -103,7 +104,6 @@ def keep_freed_heap() -> bool:
     if os.environ.get(KEEP_HEAP) == "0" or any(name in os.environ for name in HEAP_ENV):
         return False
     try:
-        import ctypes
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc
