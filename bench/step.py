@@ -359,7 +359,7 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     d = hf.config.hidden_size
     out["writers_bytes"] = g.num_writers * shape[0] * shape[1] * d * torch.finfo(DTYPES[args.dtype]).bits // 8
     out["graph"] = g.describe()
-    out["group"] = edge_model.GROUP_LAYERS or edge_model.layer_group_size(g)  # layers a mix takes together
+    out["group"] = model.group_layers  # layers a mix takes together
     if getattr(args, "vs_dense_mix", False):  # the same step, the mix over every writer, interleaved
         dense = WithSetting(PruneStep(model, batch, args.cache, args.checkpointing, args.masks or args.sparsity),
                             mixing, "SPARSE_MIN", math.inf)

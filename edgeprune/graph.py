@@ -115,6 +115,12 @@ class Graph:
     def from_spec(cls, **kwargs) -> "Graph":
         return cls(GraphSpec(**kwargs))
 
+    @cached_property
+    def layer_readers(self) -> list[list[Block]]:
+        """Per layer: its reader blocks (Q, K, V and, with MLPs, the MLP), in graph order."""
+        per_layer = 4 if self.spec.mlp else 3
+        return [self.reader_blocks[l * per_layer:(l + 1) * per_layer] for l in range(self.spec.n_layers)]
+
     # ------------------------------------------------------------------ counts and indices
     @property
     def num_writers(self) -> int:

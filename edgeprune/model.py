@@ -449,12 +449,10 @@ class EdgeModel(nn.Module):
         logits = self._readout(final, select, ctx)
         return EdgeOutput(logits=logits, states=store.states(ablated, emb.dtype) if return_states else None)
 
-    @functools.cached_property
+    @property
     def _layer_readers(self) -> list[list]:
         """Per layer: its reader blocks (Q, K, V and, with MLPs, the MLP)."""
-        per_layer = 4 if self.graph.spec.mlp else 3
-        blocks = self.graph.reader_blocks
-        return [blocks[l * per_layer:(l + 1) * per_layer] for l in range(self.graph.spec.n_layers)]
+        return self.graph.layer_readers
 
     @property
     def _kept_inputs(self) -> frozenset:
@@ -594,10 +592,15 @@ class EdgeModel(nn.Module):
         blocks = self._layer_readers[layer]
         return slice(blocks[0].start, blocks[3].stop if self.graph.spec.mlp else blocks[2].stop)
 
+    @property
+    def group_layers(self) -> int:
+        """How many consecutive layers mix together: ``GROUP_LAYERS``, or ``layer_group_size``'s choice."""
+        return max(1, int(GROUP_LAYERS if GROUP_LAYERS is not None else layer_group_size(self.graph)))
+
     def _layer_group(self, layer: int) -> tuple[int, int]:
-        """The first and last layer of the group ``layer`` mixes with: ``GROUP_LAYERS`` consecutive
-        layers, or ``layer_group_size``'s (0-1, 2-3, ... for pairs; the last group may be shorter)."""
-        size = max(1, int(GROUP_LAYERS if GROUP_LAYERS is not None else layer_group_size(self.graph)))
+        """The first and last layer of the group ``layer`` mixes with: ``group_layers`` consecutive
+        layers (0-1, 2-3, ... for pairs; the last group may be shorter)."""
+        size = self.group_layers
         first = layer - layer % size
         return first, min(first + size, self.graph.spec.n_layers) - 1
 
@@ -617,9 +620,7 @@ class EdgeModel(nn.Module):
 @functools.lru_cache(maxsize=64)
 def _group_size(spec, min_ratio: float) -> int:
     graph = Graph(spec)
-    per_layer = 4 if spec.mlp else 3
-    blocks = graph.reader_blocks
-    layers = [blocks[l * per_layer:(l + 1) * per_layer] for l in range(spec.n_layers)]
+    layers = graph.layer_readers
     readers = sum(b.size for layer in layers for b in layer) / spec.n_layers
     firsts = [graph.n_writers_before[layers[l][0].start] for l in range(0, spec.n_layers - 1, 2)]
     if not firsts:
