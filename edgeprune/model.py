@@ -440,7 +440,7 @@ class EdgeModel(nn.Module):
         tokens = [t for t in [store.write(emb, 0)] if t is not None]
         base = None  # (D,) fp32: the layer constants every later reader sees
         carried = None  # (partial mixes, ...): the first layer of a group mixed the later layers' readers too
-        for layer, blocks in enumerate(self._layer_readers):
+        for layer, blocks in enumerate(self.graph.layer_readers):
             base, carried, *new = self.runner.layer(layer, self._masked_layer, layer, ctx, z, store, base, blocks,
                                                     carried, *tokens)
             tokens.extend(new)
@@ -448,11 +448,6 @@ class EdgeModel(nn.Module):
         store.seal()  # the ablated states are not needed past here
         logits = self._readout(final, select, ctx)
         return EdgeOutput(logits=logits, states=store.states(ablated, emb.dtype) if return_states else None)
-
-    @property
-    def _layer_readers(self) -> list[list]:
-        """Per layer: its reader blocks (Q, K, V and, with MLPs, the MLP)."""
-        return self.graph.layer_readers
 
     @property
     def _kept_inputs(self) -> frozenset:
@@ -464,7 +459,7 @@ class EdgeModel(nn.Module):
             share = KEEP_INPUTS if self.device.type == "cpu" else 0.0
         kept, rows = set(), 0
         for layer in reversed(range(self.graph.spec.n_layers)):
-            q_blk, v_blk = self._layer_readers[layer][0], self._layer_readers[layer][2]
+            q_blk, v_blk = self.graph.layer_readers[layer][0], self.graph.layer_readers[layer][2]
             rows += v_blk.stop - q_blk.start
             if rows > share * self.graph.num_writers:
                 break
@@ -489,7 +484,7 @@ class EdgeModel(nn.Module):
         """One layer of the unmasked model on the fp32 residual stream (B, T, D); the states of batch
         rows ``keep`` go to ``store`` (if any). With ``taps`` every reader gets its own (stride-0) view of
         its input, so the backward gives each its own gradient (``edgeprune.taps``)."""
-        fam, starts, blocks = self.family, self._writer_starts[layer], self._layer_readers[layer]
+        fam, starts, blocks = self.family, self._writer_starts[layer], self.graph.layer_readers[layer]
         if taps is None:
             heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
         else:  # the Q, K and V readers of the layer, in graph order
@@ -589,7 +584,7 @@ class EdgeModel(nn.Module):
 
     def _group(self, layer: int) -> slice:
         """The reader rows of a layer's mix: its Q, K, V (and MLP) readers."""
-        blocks = self._layer_readers[layer]
+        blocks = self.graph.layer_readers[layer]
         return slice(blocks[0].start, blocks[3].stop if self.graph.spec.mlp else blocks[2].stop)
 
     @property
@@ -617,17 +612,6 @@ class EdgeModel(nn.Module):
         return not (self.runner.checkpoint or readers == 1 or layer in self._kept_inputs)
 
 
-@functools.lru_cache(maxsize=64)
-def _group_size(spec, min_ratio: float) -> int:
-    graph = Graph(spec)
-    layers = graph.layer_readers
-    readers = sum(b.size for layer in layers for b in layer) / spec.n_layers
-    firsts = [graph.n_writers_before[layers[l][0].start] for l in range(0, spec.n_layers - 1, 2)]
-    if not firsts:
-        return 1
-    return 2 if sum(firsts) / len(firsts) >= min_ratio * readers else 1
-
-
 def layer_group_size(graph: Graph) -> int:
     """How many consecutive layers mix together (``EdgeModel._masked_layer``) for this model shape: 2
     (pairs) or 1 (each layer alone). A pair makes one pass over the differences of the writers before
@@ -639,4 +623,9 @@ def layer_group_size(graph: Graph) -> int:
     32x64 (ratio 1.8: alone), a 12-layer Llama with 12 / 4 heads 0.94x and 1.01x (3.1: alone),
     Llama-3.2-1B 1.11x at 4x32 (4.7: pairs), Qwen2.5-0.5B 1.06x (8.7), SmolLM2-135M 1.08x at 8x32 and
     1.03x at 32x64 (8.8). A function of the graph's shape only, so every process of a run groups alike."""
-    return _group_size(graph.spec, PAIR_MIN_RATIO)
+    layers = graph.layer_readers
+    readers = sum(b.size for layer in layers for b in layer) / len(layers)
+    firsts = [graph.n_writers_before[layers[l][0].start] for l in range(0, len(layers) - 1, 2)]
+    if not firsts:
+        return 1
+    return 2 if sum(firsts) / len(firsts) >= PAIR_MIN_RATIO * readers else 1
