@@ -294,7 +294,8 @@ class WithSetting:
     ``mixing.SPARSE_MIN`` = inf, every writer mixed and every dL/dz computed; ``--vs-groups K``:
     ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-keep SHARE``:
     the EdgeModel's ``keep_inputs`` = SHARE (0: every layer's Q/K/V inputs rebuilt in the backward,
-    as on a GPU; a large share: none)."""
+    as on a GPU; a large share: none); ``--vs-unfused``: ``mixing.FUSE_MIN`` = inf, the backward's passes
+    over the differences made apart (``mixing.WriterStates._fused_grad``)."""
 
     def __init__(self, step, owner, name: str, value):
         self.step, self.owner, self.name, self.value = step, owner, name, value
@@ -373,6 +374,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_fresh_scratch", False):  # the same step, the sparse paths' temporaries fresh
         other = WithSetting(prune_step, mixing, "KEEP_SCRATCH", False)
         out["fresh_scratch"] = time_steps(other, prune_step, args, device)  # fresh / kept
+    if getattr(args, "vs_unfused", False):  # the same step, the backward's passes over the differences apart
+        other = WithSetting(prune_step, mixing, "FUSE_MIN", math.inf)
+        out["unfused"] = time_steps(other, prune_step, args, device)  # apart / made as one
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -519,6 +523,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-fresh-scratch", action="store_true",
                         help="also time the step with the sparse paths' temporaries (gathers, dL/ds's live rows) "
                              "fresh (mixing.KEEP_SCRATCH off), interleaved; with --masks or --sparsity")
+    parser.add_argument("--vs-unfused", action="store_true",
+                        help="also time the step with each pass of the backward over the differences made apart "
+                             "(mixing.FUSE_MIN = inf: inputs rebuilt whole, then dL/dz), interleaved")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -617,6 +624,13 @@ def main(argv=None) -> int:
                 print(f"  sparse paths' temporaries fresh: step {q['prune']['median_s']:.3f} s (backward "
                       f"{q['prune']['parts']['backward']:.3f} s) vs kept {q['hf']['median_s']:.3f} s (backward "
                       f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; fresh / HF "
+                      f"{q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / HF's "
+                      f"{q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+            if args.vs_unfused:
+                q = r["unfused"]
+                print(f"  backward passes apart: step {q['prune']['median_s']:.3f} s (backward "
+                      f"{q['prune']['parts']['backward']:.3f} s) vs made as one {q['hf']['median_s']:.3f} s (backward "
+                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; apart / HF "
                       f"{q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / HF's "
                       f"{q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
             if args.positions:

@@ -81,6 +81,12 @@ SPARSE_MIX = 1 / 4  # the mix, dL/dz: gather the writers' differences when at mo
 # processes, so a torchrun run computes exactly what one process computes (a gathered product may
 # round differently in the last bit, and AdamW's step amplifies that)
 SPARSE_MIN = 1 << 17
+# a dense mix on CPU completes its Q/K/V readers' input gradients itself (``DeferredInput``) from this many
+# fp32 values of differences per example (like SPARSE_MIN: the choice does not depend on the batch size), in
+# chunks of whole examples of about FUSE_CHUNK bytes of differences, which stay in cache between the rebuild of
+# the chunk's inputs and its dL/dz
+FUSE_MIN = SPARSE_MIN
+FUSE_CHUNK = 16 << 20
 
 
 def _few_writers(wanted: torch.Tensor, example_width: int, fraction: float) -> torch.Tensor | None:
@@ -115,6 +121,19 @@ def needed_writers(support: torch.Tensor, example_width: int) -> torch.Tensor | 
     return _few_writers(support, example_width, SPARSE_MIX)
 
 
+def gathers(live: torch.Tensor | None, k: int) -> bool:
+    """Whether a mix over k writers of which ``live`` (``live_writers``) are live gathers their differences."""
+    return live is not None and live.numel() <= SPARSE_MIX * k
+
+
+def position_rows(base: torch.Tensor | None, pos: slice) -> torch.Tensor | None:
+    """A mix's base ((B, T, D), or (D,) / (1, 1, D) / None, the same at every position) at the positions
+    ``pos`` of the flattened batch: (c, D) or the broadcast base itself."""
+    if base is None or base.dim() < 3 or base.shape[0] * base.shape[1] == 1:
+        return base
+    return base.reshape(-1, base.shape[-1])[pos]
+
+
 def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
                span_ids: torch.Tensor | None = None, live: torch.Tensor | None = None,
                pool: str | None = None) -> torch.Tensor:
@@ -126,7 +145,7 @@ def mix_values(z: torch.Tensor, diffs: torch.Tensor, base: torch.Tensor | None,
     other writers' masks are all 0: their terms are left out where few are live); pool: gather them
     into a buffer kept under this name (``gather``). -> (P, R, D) fp32.
     """
-    if live is not None and live.numel() <= SPARSE_MIX * z.shape[-1]:
+    if gathers(live, z.shape[-1]):
         z, diffs = z[..., live], gather(diffs, live, pool)
     out = torch.bmm(per_position(z, span_ids, diffs.shape[0]), diffs)  # one (R, n) x (n, D) product per position
     if base is None:
@@ -301,7 +320,7 @@ class WriterStates:
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
             split: tuple[int, ...] | None = None, rows: slice | None = None, carry: int = 0,
-            partial: torch.Tensor | None = None):
+            partial: torch.Tensor | None = None, deferred: "DeferredInput | None" = None):
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
         z: (R, k) fp32, or (S, R, k) position-aware (each position uses its span's row); const: (D,) fp32
@@ -319,6 +338,9 @@ class WriterStates:
         they are, (P, r, D) position-major, the *partial* mixes; a later layer's ``mix`` over the
         writers after these (``start``) takes its own as ``partial`` and adds it (gradients flow back
         to it).
+
+        ``deferred``: the first part's readers may leave the x-term of their input gradient to this mix's
+        backward (``DeferredInput``; armed here when the mix is one that can take it).
         """
         stop = start + z.shape[-1]
         split = (z.shape[-2],) if split is None else tuple(split)
@@ -327,7 +349,7 @@ class WriterStates:
             needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
                 needed = needed_writers(self.grad_support[..., rows, start:stop], self._example_width)
-            outs = _Mix.apply(z, self, base, start, split, needed, partial, *tokens)
+            outs = _Mix.apply(z, self, base, start, split, needed, partial, deferred, *tokens)
         else:
             out = self.values(z, const, start)
             if partial is not None:
@@ -342,6 +364,41 @@ class WriterStates:
         if const is None:
             return asum
         return const if asum is None else asum + const
+
+    def fusable(self, z: torch.Tensor, live: torch.Tensor | None, needed: torch.Tensor | None) -> bool:
+        """Whether the backward of a mix of z (R, k) can complete its readers' input gradients itself
+        (``DeferredInput``): dense (no sparse path), shared masks, on CPU, and not a toy's small slices."""
+        k = z.shape[-1]
+        return (self.buffer.device.type == "cpu" and z.dim() == 2 and needed is None and not gathers(live, k)
+                and self._example_width * k >= FUSE_MIN)
+
+    def _fused_grad(self, grad_out: torch.Tensor, z: torch.Tensor, base: torch.Tensor | None, start: int,
+                    deferred: "DeferredInput", coef: torch.Tensor, want_z: bool) -> torch.Tensor | None:
+        """Completes the first ``deferred.rows`` rows of grad_out (R, P, D), reader-major, with coef * x
+        (coef (rows, P, 1), x their inputs: this mix's values again), and with ``want_z`` returns dL/dz
+        (R, k) as ``_grad_z`` does. Both run over chunks of whole examples: a chunk's inputs are rebuilt
+        and its dL/dz formed while its differences are in cache, so the backward reads them once where
+        a whole rebuild and ``_grad_z`` read them twice (and x is never written out whole)."""
+        B, T, D = self.shape
+        R, k = z.shape
+        rows = deferred.rows
+        diffs = self.diffs(start + k, start)
+        per_example = torch.empty((B, R, k), dtype=torch.float32, device=z.device) if want_z else None
+        step = max(1, FUSE_CHUNK // (T * k * D * 4))
+        for e0 in range(0, B, step):
+            e1 = min(B, e0 + step)
+            pos = slice(e0 * T, e1 * T)
+            x = mix_values(z[:rows], diffs[pos], position_rows(base, pos))  # (c, rows, D)
+            grad_out[:rows, pos].addcmul_(x.transpose(0, 1), coef[:, pos])
+            if per_example is not None:  # as _grad_z: per example in fp32
+                products = torch.bmm(grad_out[:, pos].transpose(0, 1), diffs[pos].transpose(1, 2))  # (c, R, k)
+                torch.sum(products.view(e1 - e0, T, R, k), 1, out=per_example[e0:e1])
+        if per_example is None:
+            return None
+        total = per_example.sum(0, dtype=torch.float64)
+        if self.reduce is not None:
+            self.reduce(total)
+        return total.float()
 
     def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0,
                 needed: torch.Tensor | None = None) -> torch.Tensor:
@@ -475,10 +532,14 @@ class _Mix(torch.autograd.Function):
     -> the mix (P, R, D), as one output per part of ``split``."""
 
     @staticmethod
-    def forward(ctx, z, store, base, start, split, needed, partial, *tokens):
+    def forward(ctx, z, store, base, start, split, needed, partial, deferred, *tokens):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._example_width)
+        ctx.deferred, ctx.base = None, None
+        if deferred is not None and store.fusable(z, ctx.live, needed):
+            deferred.armed = True
+            ctx.deferred, ctx.base = deferred, base
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live,
                          store.pool)  # (P, R, D)
         if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
@@ -492,19 +553,24 @@ class _Mix(torch.autograd.Function):
         store, start = ctx.store, ctx.start
         go = _reader_major(grads, ctx.split)  # (R, P, D)
         stop = start + z.shape[-1]
-        grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
-            if ctx.needs_input_grad[0] else None
+        coef = None if ctx.deferred is None else ctx.deferred.take()
+        if coef is not None:  # the norm left the x-term of its input gradient to this backward
+            grad_z = store._fused_grad(go, z, ctx.base, start, ctx.deferred, coef, ctx.needs_input_grad[0])
+        else:
+            grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
+                if ctx.needs_input_grad[0] else None
         grad_partial = go.transpose(0, 1) if ctx.needs_input_grad[6] else None  # (P, R, D)
-        n_tokens = len(ctx.needs_input_grad) - 7
+        n_tokens = len(ctx.needs_input_grad) - 8
         if n_tokens:
             store._add_grad(z, go, start, ctx.live)
-        return (grad_z, None, None, None, None, None, grad_partial, *[z.new_zeros(()) for _ in range(n_tokens)])
+        return (grad_z, None, None, None, None, None, grad_partial, None,
+                *[z.new_zeros(()) for _ in range(n_tokens)])
 
 
 def _reader_major(grads: tuple, split: tuple[int, ...]) -> torch.Tensor:
     """The parts' gradients ((P, r, D) each) side by side as one dense reader-major (R, P, D) tensor.
     The norms' backward lays the first part's gradient out reader-major in a buffer of the whole's
-    width (``models.common._like_mix``): that buffer is then taken as it is, and only the other
+    width (``models.common._mix_width``): that buffer is then taken as it is, and only the other
     parts are copied in."""
     first = next(g for g in grads if g is not None)
     P, D, R = first.shape[0], first.shape[-1], sum(split)
@@ -532,6 +598,55 @@ def _whole(g: torch.Tensor | None, R: int) -> torch.Tensor | None:
     return g.as_strided((R, P, D), (P * D, D, 1))
 
 
+class DeferredInput:
+    """The x-term of a reader input's gradient, left by the norm to the mix that made the input.
+
+    A norm folded into its readers' projections (``models.common._NormProjection``) has the input
+    gradient dx = g + coef * x: g and coef (one scalar per reader and position) come from its output
+    gradient alone, x is its input, which the backward rebuilds from the mix (``recompute_saved``).
+    Rebuilt whole, x (R x B x T x D fp32) is written out and read back, and the mix's dL/dz then reads
+    the writers' differences a second time. When the mix is dense, on CPU (``WriterStates.fusable``:
+    ``armed`` by its forward), the norm hands coef here instead (``deferred_input``, ``give``) and
+    returns g; the mix's backward rebuilds x over chunks of examples and completes the gradient, and
+    forms dL/dz over the same chunk while its differences are still in cache
+    (``WriterStates._fused_grad``): one pass over the differences where two were made.
+
+    rows: the readers of the mix's first part (its first ``rows`` rows of z). Only a layer that mixes
+    alone defers (``EdgeModel._masked_layer``): a group's later layer needs its whole input for its
+    range mix's dL/ds before the group's first layer is reached, so a group reads the differences
+    twice in the backward anyway (the rebuild, then dL/dz), as it does without this."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+        self.armed = False  # the mix's backward will complete the gradient
+        self.claimed = False  # a norm has taken it (one term per input)
+        self.coef: torch.Tensor | None = None
+
+    def give(self, coef: torch.Tensor) -> None:
+        """The norm's backward: coef (rows, P, 1), the multiplier of x in its input gradient."""
+        self.coef = coef
+
+    def take(self) -> torch.Tensor | None:
+        coef, self.coef = self.coef, None
+        return coef
+
+
+_DEFERRED: list = []  # (storage pointer, DeferredInput) of the open recompute_saved blocks
+
+
+def deferred_input(x: torch.Tensor) -> DeferredInput | None:
+    """For a norm about to save its input x (R, B, T, D): the armed ``DeferredInput`` of the mix x is part
+    0 of, to hand the x-term of its gradient to instead of saving x (claimed: once per input), or None."""
+    if not _DEFERRED:
+        return None
+    ptr, deferred = _DEFERRED[-1]
+    if deferred is None or not deferred.armed or deferred.claimed or x.shape[0] != deferred.rows \
+            or x.untyped_storage().data_ptr() != ptr:
+        return None
+    deferred.claimed = True
+    return deferred
+
+
 class _SavedView:
     """A saved tensor that lived in a mix output: where it sat, to cut it out of the rebuilt mix."""
 
@@ -556,15 +671,26 @@ class _Rebuilt:
 
 
 @contextmanager
-def recompute_saved(x: torch.Tensor, rebuild):
+def recompute_saved(x: torch.Tensor, rebuild, deferred: DeferredInput | None = None):
     """Inside this block, tensors autograd saves that live in ``x``'s storage are not kept.
 
     Backward rebuilds ``x`` with ``rebuild()`` (same shape and layout; once per backward, shared by
     every saved view of x) and cuts the saved views out of it. Other saved tensors are untouched.
+    ``deferred``: the mix's ``DeferredInput``, offered to a norm of x inside the block (``deferred_input``).
     """
     if not torch.is_grad_enabled():
         yield
         return
+    _DEFERRED.append((x.untyped_storage().data_ptr(), deferred))
+    try:
+        with _saved_views_rebuilt(x, rebuild):
+            yield
+    finally:
+        _DEFERRED.pop()
+
+
+@contextmanager
+def _saved_views_rebuilt(x: torch.Tensor, rebuild):
     ptr, dtype = x.untyped_storage().data_ptr(), x.dtype
     rebuilt = _Rebuilt(rebuild, x.storage_offset())
 

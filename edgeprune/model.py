@@ -33,7 +33,7 @@ from .checkpointing import LayerRunner
 from .graph import Graph, edges_to_mask, span_edges
 from .hub import loading
 from .masks import HardConcreteMasks
-from .mixing import GroupRebuild, WriterStates, dense_masks, recompute_saved
+from .mixing import DeferredInput, GroupRebuild, WriterStates, dense_masks, recompute_saved
 from .models import Family, family_for
 from .models.tracr import is_tracr_artifact, load_tracr
 
@@ -533,6 +533,7 @@ class EdgeModel(nn.Module):
         split = (v_blk.stop - q_blk.start, 1) if mlp else (v_blk.stop - q_blk.start,)
         rebuilt = self._rebuilds(layer, split[0])  # the Q/K/V inputs rebuilt in the backward, not kept
         first, last = self._layer_group(layer)
+        deferred = None  # a layer alone: its mix's backward rebuilds those inputs itself (mixing.DeferredInput)
         own_consts = None  # the group's own constants before this layer: what its range mix adds
         if carried is not None:  # a later layer of a group: its mix over the writers before the group came with it
             partials, rebuilds, own_consts = carried
@@ -552,11 +553,12 @@ class EdgeModel(nn.Module):
             rebuilds = GroupRebuild(store, z[..., rows, :n_w].detach(), base, offsets, rebuilt)
             rebuild = rebuilds.first
         else:
-            mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group)
+            deferred = DeferredInput(split[0]) if rebuilt else None
+            mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group, deferred=deferred)
             mixed = mixed if mlp else (mixed,)
             rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base)
         x, mlp_part = mixed if mlp else (mixed[0], None)  # x: the Q + K + V readers
-        with recompute_saved(x, rebuild) if rebuilt else contextlib.nullcontext():
+        with recompute_saved(x, rebuild, deferred) if rebuilt else contextlib.nullcontext():
             heads = fam.attention(layer, x, ctx)  # (H, B, T, D)
         del x, mixed
         new = [store.write(heads, starts[0])]

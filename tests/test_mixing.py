@@ -400,6 +400,60 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, size
     assert grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_layer_alone_completes_its_input_gradients_in_its_mix(kind, monkeypatch):
+    """A layer that mixes alone leaves the x-term of its Q/K/V input gradients (the norm's, folded into
+    the projections) to its mix's backward (``mixing.DeferredInput``), which rebuilds those inputs
+    example by example and forms dL/dz over the same examples. The products and sums are the ones a
+    whole rebuild makes, so logits, every mask gradient and the states' gradients (through the
+    embeddings) are equal bit for bit; and no input is rebuilt whole."""
+    from edgeprune import model as edge_model
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", 1)
+    model, ids, corrupted, _ = _toy_run(kind, 5, False, layers=3)
+    model.keep_inputs = 0.0
+    embedding = model.hf.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    whole, fused = [], []
+    get, grad = mixing._Rebuilt.get, mixing.WriterStates._fused_grad
+    monkeypatch.setattr(mixing._Rebuilt, "get", lambda self, v: (self.value is None and whole.append(1)) or get(self, v))
+    monkeypatch.setattr(mixing.WriterStates, "_fused_grad", lambda self, *a: fused.append(1) or grad(self, *a))
+
+    def run(fuse_min):
+        monkeypatch.setattr(mixing, "FUSE_MIN", fuse_min)
+        monkeypatch.setattr(mixing, "FUSE_CHUNK", 1)  # one example a chunk: the toy batch takes three
+        whole.clear(), fused.clear()
+        embedding.grad = None
+        z = torch.full((model.edge_masks.n,), 0.7).requires_grad_(True)
+        out = model(ids, corrupted_input_ids=corrupted, edge_values=z).logits.float()
+        _weighted_loss(out).backward()
+        return out.detach(), z.grad, embedding.grad.clone(), len(whole), len(fused)
+
+    logits, grad_z, grad_emb, n_whole, n_fused = run(float("inf"))  # the sizes of toys: rebuilt whole
+    assert (n_whole, n_fused) == (3, 0)
+    f_logits, f_grad_z, f_grad_emb, n_whole, n_fused = run(0)
+    assert (n_whole, n_fused) == (0, 3)
+    assert torch.equal(f_logits, logits) and torch.equal(f_grad_z, grad_z) and torch.equal(f_grad_emb, grad_emb)
+    assert grad_z.abs().sum() > 0 and grad_emb.abs().sum() > 0
+
+
+def test_only_a_dense_mix_on_cpu_completes_its_input_gradients():
+    """The x-term is left to the mix only where its backward rebuilds the inputs as the forward made
+    them: shared masks, no writer gathered (a pruned circuit's sparse paths keep the whole rebuild),
+    every dL/dz wanted, on CPU, and examples of at least ``FUSE_MIN`` values."""
+    W, B, T, D = 40, 2, 64, 64
+    store = WriterStates(W, (B, T, D), torch.float32, torch.device("cpu"))
+    dense = torch.rand(16, W) + 0.1
+    assert store.fusable(dense, mixing.live_writers(dense, T * D), None)
+    sparse = torch.zeros(16, W)
+    sparse[:, :3] = 1.0
+    assert mixing.live_writers(sparse, T * D) is not None
+    assert not store.fusable(sparse, mixing.live_writers(sparse, T * D), None)
+    assert not store.fusable(dense, None, torch.arange(3))  # dL/dz of a few writers only
+    assert not store.fusable(dense[None].expand(2, -1, -1), None, None)  # position-aware masks
+    small = WriterStates(W, (B, 2, D), torch.float32, torch.device("cpu"))
+    assert not small.fusable(dense, None, None)
+
+
 def test_the_deepest_layers_keep_their_inputs_within_the_share():
     """``keep_inputs`` is a share of the writer states' size: the deepest layers whose Q/K/V readers
     fit in it keep their inputs; by default CPU keeps ``KEEP_INPUTS``, other devices none."""

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..mixing import deferred_input
+
 
 @dataclass
 class Context:
@@ -240,16 +242,16 @@ def _fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
     return list(_NormProjection.apply(x.float(), weight.float(), bias, eps, centred, sizes, *flat))
 
 
-def _like_mix(x: torch.Tensor) -> torch.Tensor:
-    """An empty reader-major (R, P, D) tensor for the gradient of x (R, B, T, D). Where x is a view of
-    a position-major mix with rows of D ``stride`` apart (a part of a larger reader group), it is cut
-    from a buffer as wide as the group's (the first R of its rows), so that the mix's backward takes
-    it whole (``mixing._Mix``); else it is dense. Reader-major, every per-reader product of the
-    backward writes one dense block, and the mix's dL/ds is one GEMM over it."""
+def _mix_width(x: torch.Tensor) -> int:
+    """The rows of the gradient buffer of x (R, B, T, D) (``_NormProjection``'s backward: the first R rows
+    of an empty reader-major (width, P, D) tensor). Where x is a view of a position-major mix with rows
+    of D ``stride`` apart (a part of a larger reader group), as wide as the group, so that the mix's
+    backward takes it whole (``mixing._Mix``); else R, dense. Reader-major, every per-reader product of
+    the backward writes one dense block, and the mix's dL/ds is one GEMM over it."""
     R, B, T, D = x.shape
     wide = x.stride(2) // D if x.stride(0) == D and x.stride(-1) == 1 and x.stride(2) % D == 0 \
         and x.stride(1) == T * x.stride(2) and x.storage_offset() == 0 else R
-    return x.new_empty((max(wide, R), B * T, D))[:R]
+    return max(wide, R)
 
 
 class _NormProjection(torch.autograd.Function):
@@ -291,18 +293,24 @@ class _NormProjection(torch.autograd.Function):
             folded.append(w_t)  # the weight itself, not W': nothing weight-sized is kept per layer
             us.append(u)
             start += n
-        ctx.save_for_backward(x, rstd, weight, *([] if mean is None else [mean]), *folded, *us)
-        ctx.sizes, ctx.centred = sizes, centred
+        # a dense mix rebuilds x in its own backward and adds the x-term there (mixing.DeferredInput): x is
+        # then not saved at all
+        ctx.deferred = deferred_input(x)
+        ctx.save_for_backward(*([] if ctx.deferred else [x]), rstd, weight, *([] if mean is None else [mean]),
+                              *folded, *us)
+        ctx.sizes, ctx.centred, ctx.shape, ctx.width = sizes, centred, x.shape, _mix_width(x)
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grads):
-        x, rstd, weight, *rest = ctx.saved_tensors
+        saved = list(ctx.saved_tensors)
+        x = None if ctx.deferred else saved.pop(0)
+        rstd, weight, *rest = saved
         mean = rest.pop(0) if ctx.centred else None
         k = len(ctx.sizes)
-        R, B, T, D = x.shape
-        dense = _like_mix(x)  # (R, P, D), reader-major
+        R, B, T, D = ctx.shape
+        dense = rstd.new_empty((ctx.width, B * T, D))[:R]  # (R, P, D), reader-major
         coef = rstd.new_zeros((R, B * T, 1))  # -rstd^3 (dy . u) / D: the multiplier of x
         start = 0
         for n, w_t, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
@@ -324,7 +332,10 @@ class _NormProjection(torch.autograd.Function):
                 torch.bmm(dy * r, w, out=target)
             start += n
         dx = dense.view(R, B, T, D)
-        dx.addcmul_(x, coef.view(R, B, T, 1))
+        if x is None:  # the mix adds coef * x, rebuilding x as it goes
+            ctx.deferred.give(coef)
+        else:
+            dx.addcmul_(x, coef.view(R, B, T, 1))
         return (dx, None, None, None, None, None, *[None] * (2 * k))
 
 
