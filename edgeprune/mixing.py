@@ -45,10 +45,6 @@ How it stays lean and fast (DESIGN.md section 3):
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
   them (one more batched product), so saved activations stay O(writers x B x T x D).
-- On CPU a dense mix's backward makes its passes over the differences as one, chunk of examples by
-  chunk (``WriterStates._fused_grad``): dL/dz, the rebuild of a lone layer's inputs, whose norm leaves
-  the x-term of its gradient to the mix (``DeferredInput``), and the product the group of layers
-  before it rebuilds from (``GroupRebuild.fill``), while the chunk's differences are in cache.
 - dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
   over processes by ``reduce``): the sum does not depend on how a batch is split, so several
   processes on slices of a batch give the masks a single process gives, not merely close ones.
@@ -59,7 +55,6 @@ How it stays lean and fast (DESIGN.md section 3):
 
 from __future__ import annotations
 
-import weakref
 from contextlib import contextmanager
 
 import torch
@@ -92,10 +87,6 @@ SPARSE_MIN = 1 << 17
 # the chunk's inputs and its dL/dz
 FUSE_MIN = SPARSE_MIN
 FUSE_CHUNK = 16 << 20
-# a group's product made ahead (``GroupRebuild.fill``) lives through the backward of the group after it: only
-# for products of at most this share of the writer states' size (SmolLM2-135M's pairs 0.11, peak +0.02 writer
-# states at 8x32; Llama-3.2-1B's 0.19 raised its peak by 0.07 at 4x32, so it rebuilds them as before)
-AHEAD_MAX = 0.15
 
 
 def _few_writers(wanted: torch.Tensor, example_width: int, fraction: float) -> torch.Tensor | None:
@@ -261,8 +252,6 @@ class WriterStates:
         self.sealed = False
         # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
         self._sums: dict = {0: None}
-        # the forward's latest group of layers (a later mix's ``ahead``), weakly: a GroupRebuild refers to its store
-        self._last_group = None
 
     def write(self, states: torch.Tensor, start: int) -> torch.Tensor | None:
         """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
@@ -281,15 +270,6 @@ class WriterStates:
                 target.copy_(states)
             else:  # exact for half-precision states: the difference of two of them fits fp32
                 torch.sub(states.float(), self.ablated[rows].float(), out=target)
-
-    @property
-    def last_group(self) -> "GroupRebuild | None":
-        """The ``GroupRebuild`` of the forward's latest group of layers, while anything (a rebuild) holds it."""
-        return None if self._last_group is None else self._last_group()
-
-    @last_group.setter
-    def last_group(self, group: "GroupRebuild") -> None:
-        self._last_group = weakref.ref(group)
 
     def seal(self) -> None:
         self.sealed, self.ablated = True, None
@@ -340,8 +320,7 @@ class WriterStates:
 
     def mix(self, z: torch.Tensor, const: torch.Tensor | None, tokens: list[torch.Tensor], start: int = 0,
             split: tuple[int, ...] | None = None, rows: slice | None = None, carry: int = 0,
-            partial: torch.Tensor | None = None, deferred: "DeferredInput | None" = None,
-            ahead: "GroupRebuild | None" = None):
+            partial: torch.Tensor | None = None, deferred: "DeferredInput | None" = None):
         """sum_w z[:, w] s_w + (1 - z[:, w]) s~_w (+ const) over writers start..start + z.shape[-1] - 1.
 
         z: (R, k) fp32, or (S, R, k) position-aware (each position uses its span's row); const: (D,) fp32
@@ -361,9 +340,7 @@ class WriterStates:
         to it).
 
         ``deferred``: the first part's readers may leave the x-term of their input gradient to this mix's
-        backward (``DeferredInput``; armed here when the mix is one that can take it). ``ahead``: the
-        ``GroupRebuild`` of the group of layers before, whose product this backward may make
-        (``_fused_grad``).
+        backward (``DeferredInput``; armed here when the mix is one that can take it).
         """
         stop = start + z.shape[-1]
         split = (z.shape[-2],) if split is None else tuple(split)
@@ -372,7 +349,7 @@ class WriterStates:
             needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
                 needed = needed_writers(self.grad_support[..., rows, start:stop], self._example_width)
-            outs = _Mix.apply(z, self, base, start, split, needed, partial, deferred, ahead, *tokens)
+            outs = _Mix.apply(z, self, base, start, split, needed, partial, deferred, *tokens)
         else:
             out = self.values(z, const, start)
             if partial is not None:
@@ -395,36 +372,27 @@ class WriterStates:
         return (self.buffer.device.type == "cpu" and z.dim() == 2 and needed is None and not gathers(live, k)
                 and self._example_width * k >= FUSE_MIN)
 
-    def _fused_grad(self, grad_out: torch.Tensor, z: torch.Tensor, start: int, want_z: bool,
-                    deferred: "DeferredInput | None" = None, coef: torch.Tensor | None = None,
-                    base: torch.Tensor | None = None, ahead: "GroupRebuild | None" = None) -> torch.Tensor | None:
-        """The backward's passes over the differences this mix read, z (R, k) over writers start..start+k-1,
-        made as one, over chunks of whole examples whose differences stay in cache between them:
-
-        - with ``coef`` (``DeferredInput``): completes the first ``deferred.rows`` rows of grad_out
-          (R, P, D), reader-major, with coef * x (coef (rows, P, 1); x their inputs, this mix's values
-          again, with ``base``), so x is never rebuilt whole;
-        - with ``want_z``: dL/dz (R, k), as ``_grad_z`` makes it (per example in fp32, then fp64);
-        - with ``ahead``: the product of the group of layers before this one (``GroupRebuild.fill``),
-          whose writers are a prefix of these: made here, its rebuild reads nothing again.
-
-        Each is the same products and sums as its whole-tensor form: the same bits."""
+    def _fused_grad(self, grad_out: torch.Tensor, z: torch.Tensor, base: torch.Tensor | None, start: int,
+                    deferred: "DeferredInput", coef: torch.Tensor, want_z: bool) -> torch.Tensor | None:
+        """Completes the first ``deferred.rows`` rows of grad_out (R, P, D), reader-major, with coef * x
+        (coef (rows, P, 1), x their inputs: this mix's values again), and with ``want_z`` returns dL/dz
+        (R, k) as ``_grad_z`` does. Both run over chunks of whole examples: a chunk's inputs are rebuilt
+        and its dL/dz formed while its differences are in cache, so the backward reads them once where
+        a whole rebuild and ``_grad_z`` read them twice (and x is never written out whole)."""
         B, T, D = self.shape
         R, k = z.shape
+        rows = deferred.rows
         diffs = self.diffs(start + k, start)
         per_example = torch.empty((B, R, k), dtype=torch.float32, device=z.device) if want_z else None
         step = max(1, FUSE_CHUNK // (T * k * D * 4))
         for e0 in range(0, B, step):
             e1 = min(B, e0 + step)
             pos = slice(e0 * T, e1 * T)
-            if coef is not None:
-                x = mix_values(z[:deferred.rows], diffs[pos], position_rows(base, pos))  # (c, rows, D)
-                grad_out[:deferred.rows, pos].addcmul_(x.transpose(0, 1), coef[:, pos])
-            if per_example is not None:
+            x = mix_values(z[:rows], diffs[pos], position_rows(base, pos))  # (c, rows, D)
+            grad_out[:rows, pos].addcmul_(x.transpose(0, 1), coef[:, pos])
+            if per_example is not None:  # as _grad_z: per example in fp32
                 products = torch.bmm(grad_out[:, pos].transpose(0, 1), diffs[pos].transpose(1, 2))  # (c, R, k)
                 torch.sum(products.view(e1 - e0, T, R, k), 1, out=per_example[e0:e1])
-            if ahead is not None:
-                ahead.fill(pos)
         if per_example is None:
             return None
         total = per_example.sum(0, dtype=torch.float64)
@@ -525,34 +493,6 @@ class GroupRebuild:
                  offsets: tuple[int, ...], first_rebuilds: bool):
         self.store, self.z, self.const, self.offsets, self.keep = store, z, const, offsets, first_rebuilds
         self.product: torch.Tensor | None = None
-        # the forward's product gathered no writers, so ``fill`` can make it again as it was made
-        self._dense = z.dim() == 2 and not gathers(live_writers(z, store._example_width), z.shape[-1])
-        self._filling: torch.Tensor | None = None
-        self._base: torch.Tensor | None = None
-
-    def wants_product(self) -> bool:
-        """Whether the next group's backward should make this group's product (``fill``): its first layer
-        rebuilds from it, the product is not made yet, it was a dense one, and it is small beside the
-        writer states (``AHEAD_MAX``)."""
-        return self.keep and self.product is None and self._dense \
-            and self.z.shape[-2] <= AHEAD_MAX * self.store.flat.shape[1]
-
-    def fill(self, pos: slice) -> None:
-        """The group's product at the flattened positions ``pos``, made ahead by the backward of the group
-        after it (``WriterStates._fused_grad``), which holds these differences in cache; once every
-        position is made, it is the product ``later`` and ``first`` take."""
-        m = self.z.shape[-1]
-        if self._filling is None:
-            P, D = self.store.flat.shape[0], self.store.shape[-1]
-            self._filling = torch.empty((P, self.z.shape[0], D), dtype=torch.float32, device=self.z.device)
-            self._base = self.store.base(m, self.const)  # the ablated sum + the constants, as ``_mix``
-        out = self._filling[pos]
-        torch.bmm(per_position(self.z, None, out.shape[0]), self.store.diffs(m)[pos], out=out)
-        base = position_rows(self._base, pos)
-        if base is not None:
-            out.add_(base if base.dim() == 1 else base.reshape(-1, 1, base.shape[-1]))
-        if pos.stop == self._filling.shape[0]:
-            self.product, self._filling, self._base = self._filling, None, None
 
     def _mix(self) -> torch.Tensor:
         return self.store.values(self.z, self.const)
@@ -592,16 +532,14 @@ class _Mix(torch.autograd.Function):
     -> the mix (P, R, D), as one output per part of ``split``."""
 
     @staticmethod
-    def forward(ctx, z, store, base, start, split, needed, partial, deferred, ahead, *tokens):
+    def forward(ctx, z, store, base, start, split, needed, partial, deferred, *tokens):
         ctx.save_for_backward(z)
         ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._example_width)
-        ctx.deferred, ctx.base, ctx.ahead = None, None, None
-        if store.fusable(z, ctx.live, needed):
-            if deferred is not None:
-                deferred.armed = True
-                ctx.deferred, ctx.base = deferred, base
-            ctx.ahead = ahead
+        ctx.deferred, ctx.base = None, None
+        if deferred is not None and store.fusable(z, ctx.live, needed):
+            deferred.armed = True
+            ctx.deferred, ctx.base = deferred, base
         out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live,
                          store.pool)  # (P, R, D)
         if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
@@ -615,18 +553,17 @@ class _Mix(torch.autograd.Function):
         store, start = ctx.store, ctx.start
         go = _reader_major(grads, ctx.split)  # (R, P, D)
         stop = start + z.shape[-1]
-        coef = None if ctx.deferred is None else ctx.deferred.take()  # the norm left its x-term to us
-        ahead = ctx.ahead if ctx.ahead is not None and ctx.ahead.wants_product() else None
-        if coef is not None or ahead is not None:
-            grad_z = store._fused_grad(go, z, start, ctx.needs_input_grad[0], ctx.deferred, coef, ctx.base, ahead)
+        coef = None if ctx.deferred is None else ctx.deferred.take()
+        if coef is not None:  # the norm left the x-term of its input gradient to this backward
+            grad_z = store._fused_grad(go, z, ctx.base, start, ctx.deferred, coef, ctx.needs_input_grad[0])
         else:
             grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
                 if ctx.needs_input_grad[0] else None
         grad_partial = go.transpose(0, 1) if ctx.needs_input_grad[6] else None  # (P, R, D)
-        n_tokens = len(ctx.needs_input_grad) - 9
+        n_tokens = len(ctx.needs_input_grad) - 8
         if n_tokens:
             store._add_grad(z, go, start, ctx.live)
-        return (grad_z, None, None, None, None, None, grad_partial, None, None,
+        return (grad_z, None, None, None, None, None, grad_partial, None,
                 *[z.new_zeros(()) for _ in range(n_tokens)])
 
 

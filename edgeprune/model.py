@@ -547,16 +547,14 @@ class EdgeModel(nn.Module):
             later = [self._group(other) for other in range(layer + 1, last + 1)]
             rows = slice(group.start, later[-1].stop)
             mixed = store.mix(z[..., rows, :n_w], base, tokens, split=(*split, *(g.stop - g.start for g in later)),
-                              rows=rows, carry=len(later), ahead=store.last_group)
+                              rows=rows, carry=len(later))
             mixed, partials = mixed[:len(split)], mixed[len(split):]
             offsets = (0, *(g.start - group.start for g in later))
             rebuilds = GroupRebuild(store, z[..., rows, :n_w].detach(), base, offsets, rebuilt)
-            store.last_group = rebuilds
             rebuild = rebuilds.first
         else:
             deferred = DeferredInput(split[0]) if rebuilt else None
-            mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group, deferred=deferred,
-                              ahead=store.last_group)
+            mixed = store.mix(z[..., group, :n_w], base, tokens, split=split, rows=group, deferred=deferred)
             mixed = mixed if mlp else (mixed,)
             rebuild = functools.partial(store.rebuild, z[..., group, :n_w].detach(), base)
         x, mlp_part = mixed if mlp else (mixed[0], None)  # x: the Q + K + V readers

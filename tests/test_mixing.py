@@ -400,46 +400,38 @@ def test_kept_reader_inputs_give_the_gradients_of_rebuilt_ones(kind, spans, size
     assert grad.abs().sum() > 0
 
 
-# (whole rebuilds, fused backwards, group products made by a rebuild) with the passes apart, then made as one,
-# for 4 layers in groups of ``size``: layers alone (each fused); pairs (0, 1), (2, 3), the second pair's first
-# mix making the first pair's product; (0, 1, 2), (3), the last layer alone making the group's product
-@pytest.mark.parametrize("kind,size,apart,as_one", [("gpt2", 1, (4, 0, 0), (0, 4, 0)), ("llama", 1, (4, 0, 0), (0, 4, 0)),
-                                                    ("llama", 2, (4, 0, 2), (4, 1, 1)), ("gpt2", 3, (4, 0, 1), (3, 1, 0))])
-def test_the_backward_passes_over_the_differences_made_as_one_give_the_same_bits(kind, size, apart, as_one,
-                                                                                 monkeypatch):
-    """Over chunks of examples, a mix's backward makes its passes over the writers' differences at once
-    (``WriterStates._fused_grad``): a layer alone completes its Q/K/V input gradients there (the
-    norm's x-term, ``mixing.DeferredInput``: its inputs are never rebuilt whole), and the first layer
-    of a group makes the product of the group before it (``GroupRebuild.fill``: that group's rebuild
-    reads nothing again). The products and sums are the ones the passes apart make, so logits, every
-    mask gradient and the states' gradients (through the embeddings) are equal bit for bit."""
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_a_layer_alone_completes_its_input_gradients_in_its_mix(kind, monkeypatch):
+    """A layer that mixes alone leaves the x-term of its Q/K/V input gradients (the norm's, folded into
+    the projections) to its mix's backward (``mixing.DeferredInput``), which rebuilds those inputs
+    example by example and forms dL/dz over the same examples. The products and sums are the ones a
+    whole rebuild makes, so logits, every mask gradient and the states' gradients (through the
+    embeddings) are equal bit for bit; and no input is rebuilt whole."""
     from edgeprune import model as edge_model
-    monkeypatch.setattr(edge_model, "GROUP_LAYERS", size)
-    model, ids, corrupted, _ = _toy_run(kind, 5, False, layers=4)
+    monkeypatch.setattr(edge_model, "GROUP_LAYERS", 1)
+    model, ids, corrupted, _ = _toy_run(kind, 5, False, layers=3)
     model.keep_inputs = 0.0
     embedding = model.hf.get_input_embeddings().weight
     embedding.requires_grad_(True)
-    whole, fused, products = [], [], []
-    get, grad, group_mix = mixing._Rebuilt.get, mixing.WriterStates._fused_grad, mixing.GroupRebuild._mix
+    whole, fused = [], []
+    get, grad = mixing._Rebuilt.get, mixing.WriterStates._fused_grad
     monkeypatch.setattr(mixing._Rebuilt, "get", lambda self, v: (self.value is None and whole.append(1)) or get(self, v))
     monkeypatch.setattr(mixing.WriterStates, "_fused_grad", lambda self, *a: fused.append(1) or grad(self, *a))
-    monkeypatch.setattr(mixing.GroupRebuild, "_mix", lambda self: products.append(1) or group_mix(self))
 
     def run(fuse_min):
         monkeypatch.setattr(mixing, "FUSE_MIN", fuse_min)
         monkeypatch.setattr(mixing, "FUSE_CHUNK", 1)  # one example a chunk: the toy batch takes three
-        monkeypatch.setattr(mixing, "AHEAD_MAX", float("inf"))  # a toy's groups outnumber its writers
-        whole.clear(), fused.clear(), products.clear()
+        whole.clear(), fused.clear()
         embedding.grad = None
         z = torch.full((model.edge_masks.n,), 0.7).requires_grad_(True)
         out = model(ids, corrupted_input_ids=corrupted, edge_values=z).logits.float()
         _weighted_loss(out).backward()
-        return out.detach(), z.grad, embedding.grad.clone(), (len(whole), len(fused), len(products))
+        return out.detach(), z.grad, embedding.grad.clone(), len(whole), len(fused)
 
-    logits, grad_z, grad_emb, counts = run(float("inf"))  # the sizes of toys: every pass apart
-    assert counts == apart
-    f_logits, f_grad_z, f_grad_emb, counts = run(0)
-    assert counts == as_one
+    logits, grad_z, grad_emb, n_whole, n_fused = run(float("inf"))  # the sizes of toys: rebuilt whole
+    assert (n_whole, n_fused) == (3, 0)
+    f_logits, f_grad_z, f_grad_emb, n_whole, n_fused = run(0)
+    assert (n_whole, n_fused) == (0, 3)
     assert torch.equal(f_logits, logits) and torch.equal(f_grad_z, grad_z) and torch.equal(f_grad_emb, grad_emb)
     assert grad_z.abs().sum() > 0 and grad_emb.abs().sum() > 0
 
