@@ -45,6 +45,9 @@ How it stays lean and fast (DESIGN.md section 3):
   158 writers in GPT-2 small), and the norm each reader applies would save them for backward.
   Inside this context such saved tensors are dropped and rebuilt from the mix when backward needs
   them (one more batched product), so saved activations stay O(writers x B x T x D).
+- On CPU a lone layer's dense mix rebuilds its Q/K/V inputs in its own backward, chunk of examples by
+  chunk, and forms dL/dz from the same chunk while its differences are in cache: the norm leaves the
+  x-term of its input gradient to the mix (``DeferredInput``, ``WriterStates._fused_grad``).
 - dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
   over processes by ``reduce``): the sum does not depend on how a batch is split, so several
   processes on slices of a batch give the masks a single process gives, not merely close ones.
@@ -166,8 +169,10 @@ def scratch(shape: tuple[int, ...], pool: str | None, device: torch.device) -> t
     of MB at 32 x 64, and fresh, each of its pages is zeroed by the kernel on first touch, at every mix,
     rebuild, dL/dz and dL/ds of a pruned circuit's step: the (m, R) x (R, B·T·D) product of dL/ds's
     live rows took 3.5x as long into a fresh tensor as into a kept one at SmolLM2's 32 x 64. The buffer
-    grows to the largest of them, at most ``SPARSE_GRAD`` of the writer states' size, and only where the
-    sparse paths run (pruned masks); dense masks never make it."""
+    grows to the largest of them, at most ``SPARSE_GRAD`` of the writer states' size, where the sparse
+    paths run (pruned masks; one-reader mixes gather into fresh tensors, see ``_grad_z``). It lives for
+    one step's backward (``_take_grad`` lets it go), not beside the next forward, which holds the
+    step's peak."""
     if pool is None or not KEEP_SCRATCH:
         return torch.empty(shape, device=device)
     return buffers.take(f"{pool}.sparse", shape, torch.float32, device)
@@ -249,6 +254,7 @@ class WriterStates:
         self.ablated = None if ablated is None else ablated.detach()
         self.grad: torch.Tensor | None = None  # (W, P, D), writer-major
         self._taken = n_writers  # rows from here on were handed to their writers' backward
+        self._pending = 0  # writes whose gradient is not handed over yet (their tokens' backward)
         self.sealed = False
         # n -> fp32 sum of s~ over writers < n; (start, stop) -> over writers start..stop-1 (range_base)
         self._sums: dict = {0: None}
@@ -257,6 +263,7 @@ class WriterStates:
         """Store a (g, B, T, D) writer group as writers start..start+g; its token if gradients flow to it."""
         rows = slice(start, start + states.shape[0])
         if torch.is_grad_enabled() and states.requires_grad:
+            self._pending += 1
             return _Write.apply(states, self, rows)
         self._store(states.detach(), rows)
         return None
@@ -407,7 +414,10 @@ class WriterStates:
         in fp64. ``needed`` (``needed_writers``): only those columns are computed, the others are 0."""
         B, T, _ = self.shape
         R, k = grad_out.shape[0], n - start
-        diffs = self.diffs(n, start) if needed is None else gather(self.diffs(n, start), needed, self.pool)
+        # a one-reader mix's gather (the read-out's: a fifth of every writer even under dense masks, the
+        # largest of a step) goes into a fresh tensor, freed at once, not into the kept scratch
+        diffs = self.diffs(n, start) if needed is None else \
+            gather(self.diffs(n, start), needed, self.pool if R > 1 else None)
         m = diffs.shape[1]
         per_position = torch.bmm(grad_out.transpose(0, 1), diffs.transpose(1, 2))  # (P, R, m)
         if n_spans is None:
@@ -468,6 +478,11 @@ class WriterStates:
         """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in
         ``dtype``: in fp32 a view of the buffer (those rows are not written again)."""
         self._taken = min(self._taken, rows.start)
+        self._pending -= 1
+        if self._pending == 0 and self.pool is not None:
+            # the backward is done with the mix: its sparse paths' buffer (``scratch``) goes, so that it does
+            # not sit beside the next step's forward, which holds the step's peak
+            buffers.clear(f"{self.pool}.sparse")
         if self.grad is None:
             return None
         B, T, D = self.shape
