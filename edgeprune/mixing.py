@@ -656,7 +656,7 @@ def deferred_input(x: torch.Tensor) -> DeferredInput | None:
         return None
     ptr, deferred = _DEFERRED[-1]
     if deferred is None or not deferred.armed or deferred.claimed or x.shape[0] != deferred.rows \
-            or x.untyped_storage().data_ptr() != ptr:
+            or x.untyped_storage().data_ptr() != ptr or x.storage_offset() != 0:
         return None
     deferred.claimed = True
     return deferred
