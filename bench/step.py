@@ -295,7 +295,8 @@ class WithSetting:
     ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-keep SHARE``:
     the EdgeModel's ``keep_inputs`` = SHARE (0: every layer's Q/K/V inputs rebuilt in the backward,
     as on a GPU; a large share: none); ``--vs-unfused``: ``mixing.FUSE_MIN`` = inf, the backward's passes
-    over the differences made apart (``mixing.WriterStates._fused_grad``)."""
+    over the differences made apart (``mixing.WriterStates._fused_grad``); ``--vs-grad-rows N``:
+    ``mixing.GRAD_ROWS`` = N, dL/ds's update in blocks of N writers (0: one product)."""
 
     def __init__(self, step, owner, name: str, value):
         self.step, self.owner, self.name, self.value = step, owner, name, value
@@ -377,6 +378,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_unfused", False):  # the same step, the backward's passes over the differences apart
         other = WithSetting(prune_step, mixing, "FUSE_MIN", math.inf)
         out["unfused"] = time_steps(other, prune_step, args, device)  # apart / made as one
+    if getattr(args, "vs_grad_rows", None) is not None:  # the same step, dL/ds's update in other blocks
+        other = WithSetting(prune_step, mixing, "GRAD_ROWS", args.vs_grad_rows)
+        out["grad_rows"] = time_steps(other, prune_step, args, device)  # other blocks / the default
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -473,6 +477,15 @@ def memory_in_subprocess(kind, shape, which, args) -> int | None:
 
 
 # ---------------------------------------------------------------------------- report
+def print_vs(r: dict, key: str, other: str, default: str) -> None:
+    """One line: the step with a setting switched (``r[key]``, timed interleaved against the default)."""
+    q = r[key]
+    print(f"  {other}: step {q['prune']['median_s']:.3f} s (backward {q['prune']['parts']['backward']:.3f} s) vs "
+          f"{default} {q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
+          f"{q['ratio']:.2f}x; {other} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / "
+          f"HF's {q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+
+
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.3f}"
 
@@ -526,6 +539,9 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-unfused", action="store_true",
                         help="also time the step with each pass of the backward over the differences made apart "
                              "(mixing.FUSE_MIN = inf: inputs rebuilt whole, then dL/dz), interleaved")
+    parser.add_argument("--vs-grad-rows", type=int, metavar="N",
+                        help="also time the step with dL/ds's update in blocks of N writers (mixing.GRAD_ROWS; 0: "
+                             "one product, as before), interleaved")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -613,26 +629,14 @@ def main(argv=None) -> int:
                       f"{q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
                       f"{q['ratio']:.2f}x; groups of {args.vs_groups} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
             if args.vs_keep is not None:
-                q = r["keep"]
-                print(f"  keep_inputs {args.vs_keep:g}: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs the default {q['hf']['median_s']:.3f} s "
-                      f"(backward {q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; "
-                      f"{args.vs_keep:g} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / "
-                      f"HF's {q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+                print_vs(r, "keep", f"keep_inputs {args.vs_keep:g}", "the default")
             if args.vs_fresh_scratch:
-                q = r["fresh_scratch"]
-                print(f"  sparse paths' temporaries fresh: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs kept {q['hf']['median_s']:.3f} s (backward "
-                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; fresh / HF "
-                      f"{q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / HF's "
-                      f"{q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+                print_vs(r, "fresh_scratch", "sparse paths' temporaries fresh", "kept")
             if args.vs_unfused:
-                q = r["unfused"]
-                print(f"  backward passes apart: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs made as one {q['hf']['median_s']:.3f} s (backward "
-                      f"{q['hf']['parts']['backward']:.3f} s): ratio {q['ratio']:.2f}x; apart / HF "
-                      f"{q['prune']['median_s'] / r['hf']['median_s']:.2f}x, its backward / HF's "
-                      f"{q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
+                print_vs(r, "unfused", "backward passes apart", "made as one")
+            if args.vs_grad_rows is not None:
+                print_vs(r, "grad_rows", f"dL/ds in blocks of {args.vs_grad_rows or 'all'} writers",
+                         f"blocks of {mixing.GRAD_ROWS}")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

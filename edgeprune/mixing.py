@@ -180,11 +180,12 @@ def scratch(shape: tuple[int, ...], pool: str | None, device: torch.device) -> t
 
 def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torch.Tensor:
     """diffs[:, writers], (P, m, D): the differences of a few writers side by side for one product, into
-    ``scratch`` (CPU: the sparse paths run only there)."""
-    if pool is None or not KEEP_SCRATCH or diffs.device.type != "cpu":
+    ``scratch`` (CPU: the sparse paths run only there; without ``pool`` a fresh tensor)."""
+    if diffs.device.type != "cpu":
         return diffs[:, writers]
     out = scratch((diffs.shape[0], writers.numel(), diffs.shape[-1]), pool, diffs.device)
-    # one strided copy per run of consecutive writers: 2-5x faster than torch's index kernels into ``out``
+    # one strided copy per run of consecutive writers: 2-5x faster than torch's index kernels (the read-out's
+    # gather of 60 of SmolLM2's 301 writers at 32 x 64: 288 ms by indexing)
     ids, j = writers.tolist(), 0
     while j < len(ids):
         k = j + 1
@@ -193,6 +194,22 @@ def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torc
         out[:, j:k].copy_(diffs[:, ids[j]:ids[k - 1] + 1])
         j = k
     return out
+
+
+# dL/ds's update, (k, R) x (R, B·T·D), in blocks of at most this many writers on CPU (0: one product). MKL
+# runs that product with few reader rows (R 16-64) and hundreds of writers at a fraction of its rate: on a
+# 2-core AMD EPYC, (281, 32) x (32, 2048·576) at 43 GFLOP/s whole and 125 in blocks of 64 rows; with one
+# thread every block over 64 rows is slow (bench/step.py --vs-grad-rows 0). Each row sums over the same
+# readers (a BLAS may round another block size differently in the last bit).
+GRAD_ROWS = 64
+
+
+def row_blocks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
+    """out (k, N) = a (k, R) @ b (R, N), or += with ``add``: on CPU in blocks of ``GRAD_ROWS`` rows of out."""
+    step = GRAD_ROWS if GRAD_ROWS and out.device.type == "cpu" else out.shape[0]
+    for r in range(0, out.shape[0], step):
+        rows = slice(r, r + step)
+        out[rows].addmm_(a[rows], b) if add else torch.mm(a[rows], b, out=out[rows])
 
 
 def reader_view(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -463,12 +480,11 @@ class WriterStates:
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
             part = torch.bmm(zt, grad_out.transpose(0, 1)).transpose(0, 1).reshape(-1, P * D)
         elif live is None:  # straight into the block
-            go = grad_out.reshape(R, P * D)
-            torch.mm(z.T, go, out=target) if fresh else target.addmm_(z.T, go)
+            row_blocks(target, z.T, grad_out.reshape(R, P * D), add=not fresh)
             return
         else:  # the live rows' update, into the sparse paths' kept buffer (``scratch``)
             part = scratch((z.shape[-1], P * D), self.pool, target.device)
-            torch.mm(z.T, grad_out.reshape(R, P * D), out=part)
+            row_blocks(part, z.T, grad_out.reshape(R, P * D), add=False)
         if live is not None:
             target.index_add_(0, live, part)
         else:

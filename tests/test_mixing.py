@@ -439,6 +439,42 @@ def test_a_layer_alone_completes_its_input_gradients_in_its_mix(kind, monkeypatc
     assert grad_z.abs().sum() > 0 and grad_emb.abs().sum() > 0
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, monkeypatch):
+    """dL/ds's update, (k, R) x (R, B·T·D), runs on CPU in blocks of ``mixing.GRAD_ROWS`` writers (MKL
+    runs the whole product at a fraction of its rate on some CPUs). Each row sums over the same readers
+    (BLAS may round a smaller block differently in the last bit): the states' gradients (through the
+    embeddings) and every mask gradient are those of one product within fp32 rounding, over blocks of
+    3 writers (the toy's groups have 4 to 13), dense and sparse. (Position-aware masks update per
+    position, not through it.)"""
+    model, ids, corrupted, span_ids = _toy_run(kind, 4, False, layers=3)
+    embedding = model.hf.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    model.train()
+    with torch.no_grad():  # most masks kept, some exactly 0: dense updates and the live rows' updates
+        gen = torch.Generator().manual_seed(0)
+        model.edge_masks.log_alpha.copy_(torch.randn(model.edge_masks.n, generator=gen) * 3)
+    monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
+    blocks = []
+    real = mixing.row_blocks
+    monkeypatch.setattr(mixing, "row_blocks", lambda out, a, b, add: blocks.append(out.shape[0]) or real(out, a, b, add))
+
+    def run(rows):
+        monkeypatch.setattr(mixing, "GRAD_ROWS", rows)
+        model.edge_masks.generator = torch.Generator().manual_seed(1)
+        model.edge_masks.log_alpha.grad, embedding.grad = None, None
+        logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
+        _weighted_loss(logits).backward()
+        return model.edge_masks.log_alpha.grad.clone(), embedding.grad.clone()
+
+    whole = run(0)
+    blocked = run(3)
+    assert max(blocks) > 3  # some update spans several blocks
+    for b, w in zip(blocked, whole):  # fp32 rounding, carried through the layers below
+        torch.testing.assert_close(b, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+    assert whole[0].abs().sum() > 0 and whole[1].abs().sum() > 0
+
+
 def test_only_a_dense_mix_on_cpu_completes_its_input_gradients():
     """The x-term is left to the mix only where its backward rebuilds the inputs as the forward made
     them: shared masks, no writer gathered (a pruned circuit's sparse paths keep the whole rebuild),
