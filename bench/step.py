@@ -58,6 +58,8 @@ position-aware / shared.
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import math
 import os
@@ -295,8 +297,8 @@ class WithSetting:
     ``model.GROUP_LAYERS`` = K, layers mixing in groups of K (1: each alone); ``--vs-keep SHARE``:
     the EdgeModel's ``keep_inputs`` = SHARE (0: every layer's Q/K/V inputs rebuilt in the backward,
     as on a GPU; a large share: none); ``--vs-unfused``: ``mixing.FUSE_MIN`` = inf, the backward's passes
-    over the differences made apart (``mixing.WriterStates._fused_grad``); ``--vs-grad-rows N``:
-    ``mixing.GRAD_ROWS`` = N, dL/ds's update in blocks of N writers (0: one product)."""
+    over the differences made apart (``mixing.WriterStates._fused_grad``); ``--vs MODULE.NAME=VALUE``:
+    any setting of an edgeprune module (``parse_setting``)."""
 
     def __init__(self, step, owner, name: str, value):
         self.step, self.owner, self.name, self.value = step, owner, name, value
@@ -378,9 +380,9 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs_unfused", False):  # the same step, the backward's passes over the differences apart
         other = WithSetting(prune_step, mixing, "FUSE_MIN", math.inf)
         out["unfused"] = time_steps(other, prune_step, args, device)  # apart / made as one
-    if getattr(args, "vs_grad_rows", None) is not None:  # the same step, dL/ds's update in other blocks
-        other = WithSetting(prune_step, mixing, "GRAD_ROWS", args.vs_grad_rows)
-        out["grad_rows"] = time_steps(other, prune_step, args, device)  # other blocks / the default
+    if getattr(args, "vs", None):  # the same step, any one module setting switched, interleaved
+        owner, name, value = parse_setting(args.vs)
+        out["setting"] = time_steps(WithSetting(prune_step, owner, name, value), prune_step, args, device)
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -477,6 +479,23 @@ def memory_in_subprocess(kind, shape, which, args) -> int | None:
 
 
 # ---------------------------------------------------------------------------- report
+def parse_setting(text: str) -> tuple:
+    """``--vs MODULE.NAME=VALUE`` -> (the edgeprune module, NAME, VALUE): a Python literal, or inf."""
+    name, sep, value = text.partition("=")
+    module, _, attr = name.rpartition(".")
+    try:
+        owner = importlib.import_module(f"edgeprune.{module}")
+    except ImportError:
+        raise SystemExit(f"--vs {text}: no module edgeprune.{module}")
+    if not sep or not hasattr(owner, attr):
+        raise SystemExit(f"--vs {text}: edgeprune.{module} has no setting {attr!r} (MODULE.NAME=VALUE)")
+    try:
+        parsed = math.inf if value.strip() == "inf" else ast.literal_eval(value.strip())
+    except (ValueError, SyntaxError):
+        raise SystemExit(f"--vs {text}: {value!r} is not a Python literal or inf")
+    return owner, attr, parsed
+
+
 def print_vs(r: dict, key: str, other: str, default: str) -> None:
     """One line: the step with a setting switched (``r[key]``, timed interleaved against the default)."""
     q = r[key]
@@ -539,9 +558,10 @@ def main(argv=None) -> int:
     parser.add_argument("--vs-unfused", action="store_true",
                         help="also time the step with each pass of the backward over the differences made apart "
                              "(mixing.FUSE_MIN = inf: inputs rebuilt whole, then dL/dz), interleaved")
-    parser.add_argument("--vs-grad-rows", type=int, metavar="N",
-                        help="also time the step with dL/ds's update in blocks of N writers (mixing.GRAD_ROWS; 0: "
-                             "one product, as before), interleaved")
+    parser.add_argument("--vs", metavar="MODULE.NAME=VALUE",
+                        help="also time the step with one setting of an edgeprune module switched, interleaved: "
+                             "e.g. mixing.GRAD_ROWS=0 (dL/ds's update as one product), "
+                             "models.common.KEEP_READER_GRADS=False; VALUE a Python literal or inf")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -550,6 +570,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.vs:
+        parse_setting(args.vs)  # a bad setting stops here, before any model is built
     if args.no_huge_pages:  # (the memory subprocesses inherit the choice)
         os.environ[buffers.HUGE_PAGES] = "0"
     if args.no_keep_heap:
@@ -634,9 +656,9 @@ def main(argv=None) -> int:
                 print_vs(r, "fresh_scratch", "sparse paths' temporaries fresh", "kept")
             if args.vs_unfused:
                 print_vs(r, "unfused", "backward passes apart", "made as one")
-            if args.vs_grad_rows is not None:
-                print_vs(r, "grad_rows", f"dL/ds in blocks of {args.vs_grad_rows or 'all'} writers",
-                         f"blocks of {mixing.GRAD_ROWS}")
+            if args.vs:
+                owner, name, _ = parse_setting(args.vs)
+                print_vs(r, "setting", args.vs, f"the default ({name} = {getattr(owner, name)!r})")
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

@@ -17,9 +17,10 @@ def _naive(z, states, ablated, const):
 
 
 @pytest.mark.parametrize("ablation", ["interchange", "mean", "zero"])
-def test_mix_values_and_gradients_match_plain_autograd(ablation):
+@pytest.mark.parametrize("R", [4, 1])  # 1: a one-reader mix's dL/dz, a matrix-vector product per position
+def test_mix_values_and_gradients_match_plain_autograd(ablation, R):
     gen = torch.Generator().manual_seed(0)
-    W, B, T, D, R = 7, 3, 5, 8, 4
+    W, B, T, D = 7, 3, 5, 8
     states = torch.randn(W, B, T, D, generator=gen, requires_grad=True)
     ablated = {"interchange": torch.randn(W, B, T, D, generator=gen),
                "mean": torch.randn(W, 1, 1, D, generator=gen), "zero": None}[ablation]
@@ -299,7 +300,7 @@ def test_the_sparse_paths_give_the_same_bits_with_kept_or_fresh_gathers(kind, sp
     """The masked forward gathers the live writers (mix, rebuild) and the needed ones (dL/dz) into a
     kept buffer (``mixing.KEEP_SCRATCH``): logits and mask gradients are those of fresh gathers bit for
     bit, over two steps. The buffer lives for one backward (let go at its end, not to sit beside the
-    next forward), and a one-reader mix's gather (the read-out's) takes a fresh tensor, freed at once."""
+    next forward); a one-reader mix (the read-out's) gathers nothing for its dL/dz (``_grad_z``)."""
     model, ids, corrupted, span_ids = _toy_run(kind, 7, spans)
     with torch.no_grad():  # a pruned state: most masks exactly 0, some clamped at 1, a few open; the
         gen = torch.Generator().manual_seed(0)  # read-out's own edges (the last reader's) all kept
