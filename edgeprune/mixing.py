@@ -24,7 +24,8 @@ How it stays lean and fast (DESIGN.md section 3):
   read it with a row stride, so no transpose is ever copied in the forward.
 - Gradients to the states go through a side channel: each write returns an autograd *token* that
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
-  gradient buffer (writer-major, so that this is one GEMM per mix), and a write's backward (which
+  gradient buffer (writer-major, so that this is one GEMM per mix, on CPU in blocks of ``GRAD_ROWS``
+  writers), and a write's backward (which
   autograd runs only after every mix that read it) hands its writers' slice to the writer's own
   backward. So states are stored once, never saved per mix, and their gradients accumulate in
   fp32. The first mix backward (the read-out's, over every writer) writes that buffer rather than
@@ -196,20 +197,23 @@ def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torc
     return out
 
 
-# dL/ds's update, (k, R) x (R, B·T·D), in blocks of at most this many writers on CPU (0: one product). MKL
-# runs that product with few reader rows (R 16-64) and hundreds of writers at a fraction of its rate: on a
-# 2-core AMD EPYC, (281, 32) x (32, 2048·576) at 43 GFLOP/s whole and 125 in blocks of 64 rows; with one
-# thread every block over 64 rows is slow (bench/step.py --vs-grad-rows 0). Each row sums over the same
-# readers (a BLAS may round another block size differently in the last bit).
+# dL/ds's update, (k, R) x (R, B·T·D), in blocks of at most this many writers on CPU (0: one product), from
+# GRAD_BLOCK_MIN values per writer and example (T x D; per example, like SPARSE_MIN, so that torchrun's processes
+# choose alike). MKL runs that product with few reader rows (R 16-64) and hundreds of writers at a fraction of its
+# rate: on a 2-core AMD EPYC, (281, 32) x (32, 2048·576) at 43 GFLOP/s whole and 125 in blocks of 64 rows (the
+# SmolLM2 32 x 64 step 1.13x faster); with one thread every block over 64 rows is slow. At 8 x 32 (T x D 18,432
+# on SmolLM2) the blocks read 0.93-1.03x the whole product in the step (bench/step.py --vs mixing.GRAD_ROWS=0).
+# Each row sums over the same readers (a BLAS may round another block size differently in the last bit).
 GRAD_ROWS = 64
+GRAD_BLOCK_MIN = 1 << 15
 
 
-def row_blocks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool) -> None:
-    """out (k, N) = a (k, R) @ b (R, N), or += with ``add``: on CPU in blocks of ``GRAD_ROWS`` rows of out."""
-    step = GRAD_ROWS if GRAD_ROWS and out.device.type == "cpu" else out.shape[0]
+def row_blocks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool, rows: int = 0) -> None:
+    """out (k, N) = a (k, R) @ b (R, N), or += with ``add``; in blocks of ``rows`` rows of out (0: one product)."""
+    step = rows or max(1, out.shape[0])
     for r in range(0, out.shape[0], step):
-        rows = slice(r, r + step)
-        out[rows].addmm_(a[rows], b) if add else torch.mm(a[rows], b, out=out[rows])
+        block = slice(r, r + step)
+        out[block].addmm_(a[block], b) if add else torch.mm(a[block], b, out=out[block])
 
 
 def reader_view(x: torch.Tensor, B: int, T: int) -> torch.Tensor:
@@ -481,17 +485,18 @@ class WriterStates:
             if not fresh:
                 self.grad.zero_()
         target = self.grad[start:start + k].view(k, P * D)
+        blocks = GRAD_ROWS if target.device.type == "cpu" and self._example_width >= GRAD_BLOCK_MIN else 0
         if live is not None:
             z = z[..., live]
         if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
             part = torch.bmm(zt, grad_out.transpose(0, 1)).transpose(0, 1).reshape(-1, P * D)
         elif live is None:  # straight into the block
-            row_blocks(target, z.T, grad_out.reshape(R, P * D), add=not fresh)
+            row_blocks(target, z.T, grad_out.reshape(R, P * D), not fresh, blocks)
             return
         else:  # the live rows' update, into the sparse paths' kept buffer (``scratch``)
             part = scratch((z.shape[-1], P * D), self.pool, target.device)
-            row_blocks(part, z.T, grad_out.reshape(R, P * D), add=False)
+            row_blocks(part, z.T, grad_out.reshape(R, P * D), False, blocks)
         if live is not None:
             target.index_add_(0, live, part)
         else:

@@ -442,8 +442,9 @@ def test_a_layer_alone_completes_its_input_gradients_in_its_mix(kind, monkeypatc
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, monkeypatch):
-    """dL/ds's update, (k, R) x (R, B·T·D), runs on CPU in blocks of ``mixing.GRAD_ROWS`` writers (MKL
-    runs the whole product at a fraction of its rate on some CPUs). Each row sums over the same readers
+    """dL/ds's update, (k, R) x (R, B·T·D), runs on CPU in blocks of ``mixing.GRAD_ROWS`` writers from
+    ``GRAD_BLOCK_MIN`` values per example (MKL runs the whole product at a fraction of its rate on some
+    CPUs). Each row sums over the same readers
     (BLAS may round a smaller block differently in the last bit): the states' gradients (through the
     embeddings) and every mask gradient are those of one product within fp32 rounding, over blocks of
     3 writers (the toy's groups have 4 to 13), dense and sparse. (Position-aware masks update per
@@ -458,7 +459,9 @@ def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, mon
     monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
     blocks = []
     real = mixing.row_blocks
-    monkeypatch.setattr(mixing, "row_blocks", lambda out, a, b, add: blocks.append(out.shape[0]) or real(out, a, b, add))
+    monkeypatch.setattr(mixing, "row_blocks",
+                        lambda out, a, b, add, rows: blocks.append((out.shape[0], rows)) or real(out, a, b, add, rows))
+    monkeypatch.setattr(mixing, "GRAD_BLOCK_MIN", 0)  # these examples are toy-sized
 
     def run(rows):
         monkeypatch.setattr(mixing, "GRAD_ROWS", rows)
@@ -470,7 +473,7 @@ def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, mon
 
     whole = run(0)
     blocked = run(3)
-    assert max(blocks) > 3  # some update spans several blocks
+    assert any(k > rows == 3 for k, rows in blocks)  # some update spans several blocks
     for b, w in zip(blocked, whole):  # fp32 rounding, carried through the layers below
         torch.testing.assert_close(b, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
     assert whole[0].abs().sum() > 0 and whole[1].abs().sum() > 0
