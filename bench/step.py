@@ -561,7 +561,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vs", metavar="MODULE.NAME=VALUE",
                         help="also time the step with one setting of an edgeprune module switched, interleaved: "
                              "e.g. mixing.GRAD_ROWS=0 (dL/ds's update as one product), "
-                             "models.common.KEEP_READER_GRADS=False; VALUE a Python literal or inf")
+                             "mixing.FUSE_MIN=inf; VALUE a Python literal or inf")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
