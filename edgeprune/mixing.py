@@ -421,12 +421,7 @@ class WriterStates:
             if per_example is not None:  # as _grad_z: per example in fp32
                 products = torch.bmm(grad_out[:, pos].transpose(0, 1), diffs[pos].transpose(1, 2))  # (c, R, k)
                 torch.sum(products.view(e1 - e0, T, R, k), 1, out=per_example[e0:e1])
-        if per_example is None:
-            return None
-        total = per_example.sum(0, dtype=torch.float64)
-        if self.reduce is not None:
-            self.reduce(total)
-        return total.float()
+        return None if per_example is None else self._reduced(per_example.sum(0, dtype=torch.float64))
 
     def _grad_z(self, grad_out: torch.Tensor, n: int, n_spans: int | None = None, start: int = 0,
                 needed: torch.Tensor | None = None) -> torch.Tensor:
@@ -450,14 +445,14 @@ class WriterStates:
         else:
             part = torch.zeros((n_spans, R, m), dtype=torch.float64, device=per_position.device)
             part.index_add_(0, self.span_ids, per_position.double())
-        if needed is None:
-            total = part
-        elif columns is None:  # every column made: the others are left 0 all the same
-            total = part.new_zeros(part.shape)
-            total[..., needed] = part[..., needed]
-        else:
+        total = part
+        if needed is not None:  # the other columns are left 0 (made by the one-reader product, or not at all)
             total = part.new_zeros((*part.shape[:-1], k))
-            total[..., needed] = part
+            total[..., needed] = part if columns is not None else part[..., needed]
+        return self._reduced(total)
+
+    def _reduced(self, total: torch.Tensor) -> torch.Tensor:
+        """dL/dz summed over this process's examples (fp64), summed over processes (``reduce``), in fp32."""
         if self.reduce is not None:
             self.reduce(total)
         return total.float()
