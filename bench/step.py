@@ -641,15 +641,9 @@ def main(argv=None) -> int:
                           f"HF {gib(r['hf']['estimate_bytes'])} GiB")
 
             if args.vs_dense_mix:
-                q = r["dense_mix"]
-                print(f"  dense mix: step {q['prune']['median_s']:.3f} s vs live-writers mix {q['hf']['median_s']:.3f} s "
-                      f"(ratio {q['ratio']:.2f}x); dense / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+                print_vs(r, "dense_mix", "dense mix", "live-writers mix")
             if args.vs_groups:
-                q = r["groups"]
-                print(f"  layers mixing in groups of {args.vs_groups}: step {q['prune']['median_s']:.3f} s (backward "
-                      f"{q['prune']['parts']['backward']:.3f} s) vs groups of {r['group']} "
-                      f"{q['hf']['median_s']:.3f} s (backward {q['hf']['parts']['backward']:.3f} s): ratio "
-                      f"{q['ratio']:.2f}x; groups of {args.vs_groups} / HF {q['prune']['median_s'] / r['hf']['median_s']:.2f}x")
+                print_vs(r, "groups", f"layers mixing in groups of {args.vs_groups}", f"groups of {r['group']}")
             if args.vs_keep is not None:
                 print_vs(r, "keep", f"keep_inputs {args.vs_keep:g}", "the default")
             if args.vs_fresh_scratch:
