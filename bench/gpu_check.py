@@ -78,8 +78,9 @@ CPU_TIMEOUT, CPU_BUDGET = 300.0, 1200.0
 STORIES_CONFIG = ROOT / "configs" / "stories_names.yaml"
 
 
-class CheckTimeout(Exception):
-    pass
+class CheckTimeout(BaseException):
+    """A check over its limit. A BaseException, like KeyboardInterrupt: a library's ``except Exception``
+    (transformers has several on its loading paths) must not swallow it and let the check run on."""
 
 
 @dataclass
@@ -103,13 +104,14 @@ class Check:
 # ---------------------------------------------------------------------------- guards
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise CheckTimeout in this (main) thread after ``seconds``; Python-level code is interrupted
-    at the next bytecode, so a long loop of kernels stops within one kernel."""
+    """Raise CheckTimeout in this (main) thread after ``seconds``, and again every second until the
+    block is left (should one be swallowed anyway); Python-level code is interrupted at the next
+    bytecode, so a long loop of kernels stops within one kernel."""
     def handler(signum, frame):
-        raise CheckTimeout(f"over its limit of {seconds:.0f} s")
+        raise CheckTimeout(f"over its limit of {seconds:g} s")
 
     old = signal.signal(signal.SIGALRM, handler)
-    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01))
+    signal.setitimer(signal.ITIMER_REAL, max(seconds, 0.01), 1.0)
     try:
         yield
     finally:

@@ -91,3 +91,21 @@ def test_exit_status_names_failed_bars_before_broken_checks_and_ignores_compile(
     failing = g.Check("numerics", "failed")
     failing.bar("gpt2", "fp32 max |dlogit|", float("nan"), 1e-5, "<= 1e-05")  # NaN never meets a bar
     assert g.outcome([failing, broken]) == (1, "1 numerical bar(s) failed")
+
+
+def test_time_limit_is_not_swallowed_by_a_library_except_exception():
+    """A check's alarm that lands inside a library's ``try: ... except Exception`` still stops the check
+    (CI once saw a 0.5 s step limit land in such a block and the check run on to "ok")."""
+    import time
+
+    g = _module()
+    swallowed = 0
+    with pytest.raises(g.CheckTimeout):
+        with g.time_limit(0.05):
+            end = time.monotonic() + 5
+            while time.monotonic() < end:
+                try:
+                    time.sleep(0.01)
+                except Exception:  # what transformers does around optional imports and probes
+                    swallowed += 1
+    assert swallowed == 0
