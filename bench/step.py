@@ -34,9 +34,10 @@ freed tensors of that size in its heap, and RSS then counts fragmentation rather
 (it inflates both figures; ``--malloc-default`` measures that way).
 Time and memory are measured with PyTorch's large CPU allocations on transparent huge pages, as the
 CLI runs (``edgeprune.buffers.use_huge_pages``); ``--no-huge-pages`` measures without (4 KiB pages:
-the mix's fresh per-layer tensors fault page by page). Time is measured with glibc keeping the free
-top of its heap, as the CLI runs (``edgeprune.buffers.keep_freed_heap``); ``--no-keep-heap`` measures
-without. The system CPU time and page faults of each
+the mix's fresh per-layer tensors fault page by page). Time is measured with glibc carving every
+block from its heap and keeping its free top, as the CLI runs (``edgeprune.buffers.keep_freed_heap``:
+HF's step gains from it as much as ours); ``--no-keep-heap`` measures with glibc's own policy, and any
+``MALLOC_*`` threshold in the environment with that one. The system CPU time and page faults of each
 are printed beside the times.
 ``writers`` is the analytical size of one copy of the writer states, writers x B x T x D x bytes;
 the target is ``step peak <= HF peak + 2 x writers``. ``estimate`` is what ``edgeprune estimate``
@@ -505,6 +506,14 @@ def print_vs(r: dict, key: str, other: str, default: str) -> None:
           f"HF's {q['prune']['parts']['backward'] / r['hf']['parts']['backward']:.2f}x")
 
 
+def heap_policy() -> str:
+    """How glibc's heap was set for the timings (``buffers.keep_freed_heap``, or the environment's)."""
+    chosen = [f"{name}={os.environ[name]}" for name in buffers.HEAP_ENV if name in os.environ]
+    if chosen:
+        return "heap: " + " ".join(chosen)
+    return "heap: glibc's own" if os.environ.get(buffers.KEEP_HEAP) == "0" else "heap: kept, nothing mmapped"
+
+
 def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.3f}"
 
@@ -625,7 +634,8 @@ def main(argv=None) -> int:
             print(f"        HF parts:   {hf_parts}")
             print(f"  kernel: step {r['prune']['sys_s']:.2f} s system CPU, {r['prune']['page_faults'] / 1e3:.0f}k page "
                   f"faults; HF {r['hf']['sys_s']:.2f} s, {r['hf']['page_faults'] / 1e3:.0f}k (huge pages "
-                  f"{'off' if args.no_huge_pages else 'on'})")
+                  f"{'off' if args.no_huge_pages else 'on'}, {heap_policy()}); this process's peak RSS so far "
+                  f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20:.2f} GiB")
             f = r["flops"]
             step_flops = (0 if args.cache else f["reference"]) + f["masked_fwd"] + f["backward"]  # cache: no pass
             print(f"  FLOPs step {step_flops / 1e9:.1f} G (reference {f['reference'] / 1e9:.1f}, masked fwd "

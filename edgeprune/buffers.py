@@ -12,14 +12,16 @@ a step's corrupted writer states until the masked forward ends and then its dL/d
 are never alive together), so keeping it adds nothing to the step's peak.
 
 The mix's other large tensors (each layer's product, its rebuild, the readers' gradients: hundreds
-of MB each at 32 x 64) are made fresh by torch at every layer, and on Linux every 4 KiB page of them
-faults on first touch. ``use_huge_pages`` asks PyTorch to back its CPU allocations of 2 MiB and more
-with transparent huge pages, one fault per 2 MiB. GPT-2 small's 32 x 64 step on 2 cores: 2.9 M page
-faults and 5.1 s of system CPU a step on 4 KiB pages, 44 k and 1.9 s on huge pages (HF's own
-forward+backward: 1.1 s and 0.65 s), the step 1.0-1.8 s faster (``bench/step.py`` prints both, and
-``--no-huge-pages`` measures without). The CLI and the benchmarks turn it on, and ask glibc to keep
-the free top of its heap (``keep_freed_heap``): blocks just under 32 MiB live there, and glibc gave
-their pages back between layers (``tune_cpu_allocator`` does both).
+of MB each at 32 x 64) are made fresh by torch at every layer; glibc mmaps such blocks and unmaps them
+when freed, so on Linux every 4 KiB page of them faults on first touch, at every layer of every step,
+unless glibc is told to keep them in its heap (``keep_freed_heap``, below). ``use_huge_pages`` asks
+PyTorch to back its CPU allocations of 2 MiB and more with transparent huge pages, one fault per
+2 MiB. GPT-2 small's 32 x 64 step on 2 cores: 2.9 M page faults and 5.1 s of system CPU a step on
+4 KiB pages, 44 k and 1.9 s on huge pages (HF's own forward+backward: 1.1 s and 0.65 s), the step
+1.0-1.8 s faster (``bench/step.py`` prints both, and
+``--no-huge-pages`` measures without). The CLI and the benchmarks turn it on, and ask glibc to carve
+every block from its heap and keep the heap's free top (``keep_freed_heap``), so that freed pages are
+reused rather than faulted again (``tune_cpu_allocator`` does both).
 
 Safe by construction: a kept buffer is reused only when no tensor outside this module still views
 it (its storage's use count), so a buffer that escaped -- states returned to a caller, an autograd
@@ -80,27 +82,38 @@ def use_huge_pages() -> None:
 
 
 # glibc's mallopt parameters
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 HEAP_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_MAX_")
-MMAP_THRESHOLD = 32 << 20  # blocks from here up are mmapped: glibc's own ceiling for its dynamic threshold
-TRIM_THRESHOLD = 128 << 20  # free memory at the heap's top glibc keeps, not gives back (1 GiB: as fast)
+MMAP_THRESHOLD = 32 << 20  # glibc's own ceiling for its dynamic threshold (moot while MMAP_MAX is 0)
+MMAP_MAX = 0  # blocks glibc may mmap at once: none, every block comes from the heap and is reused there
+TRIM_THRESHOLD = (1 << 31) - 1  # free memory at the heap's top glibc keeps, not gives back (mallopt's largest)
 KEEP_HEAP = "EDGEPRUNE_KEEP_HEAP"  # "0": leave glibc's own behaviour (``keep_freed_heap``)
 
 
 def keep_freed_heap() -> bool:
-    """Ask glibc to keep the free memory at the top of its heap (up to ``TRIM_THRESHOLD``) instead of
-    giving it back to the kernel, with its mmap threshold fixed at ``MMAP_THRESHOLD`` (where its
-    dynamic threshold settles anyway). The mix's per-layer tensors just under 32 MiB (GPT-2 small's at
-    8 x 32: 37 readers x 256 positions x 768) live in the heap, and glibc trimmed the heap's top as they
-    were freed, so the next layer's faulted and zeroed the same pages again: 0.14 s of system CPU in a
-    ~1 s step. Kept, GPT-2 small's cached 8x32 step is 1.10-1.14x faster (``bench/step.py`` with and
-    without ``--no-keep-heap``); SmolLM2's and GPT-2's 32x64 steps do not change (their tensors are
-    mmapped, or reused already). The cost is RSS: with the threshold fixed from the start, blocks
-    under 32 MiB live in the heap from the model's loading on, and glibc's fragmentation grows the
-    step's peak RSS by 0-1% on GPT-2 small and 4-8% on SmolLM2 at 8x32 (``--malloc-default``); the
-    live tensors, which the memory target counts, are the same. Linux with glibc only; nothing is
-    changed where the environment sets any of glibc's ``MALLOC_*`` thresholds (``HEAP_ENV``: the
-    user's, or ``bench/step.py``'s memory runs) or ``KEEP_HEAP=0``. Returns whether it was applied."""
+    """Ask glibc to carve every block from its heap (``MMAP_MAX`` 0: nothing mmapped) and to keep the
+    free memory at the heap's top (up to ``TRIM_THRESHOLD``) instead of giving it back to the kernel:
+    a freed tensor's pages are then reused by the next one, never faulted and zeroed again.
+
+    Under glibc's defaults, blocks of 32 MiB and more are mmapped and unmapped one by one, so each of
+    the mix's per-layer tensors (hundreds of MB at 32 x 64: a layer's product, its rebuild, the readers'
+    gradients) faulted and was zeroed at every layer of every step, huge pages or not: SmolLM2-135M's
+    32x64 step spent 3.2 s of system CPU on 52k page faults, HF's own forward+backward 3.6 s. From the
+    heap, after the first steps, neither faults: SmolLM2's step 16.4 -> 13.5 s (1.21x), HF's 8.8 -> 6.9 s
+    (1.28x); GPT-2 small's 11.0 -> 9.7 s (1.13x), HF's 8.3 -> 6.2 s (1.33x); at 8x32 nothing faulted
+    either way (``bench/step.py --shapes 32x64 --cache``, against the former policy, mmap threshold 32 MiB
+    and trim 128 MiB, set by ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=134217728``; two
+    processes run back to back). Smaller blocks gained already from the kept top alone (GPT-2 small's
+    cached 8x32 step 1.10-1.14x faster: ``bench/step.py`` with and without ``--no-keep-heap``).
+
+    The cost is RSS: the heap never shrinks below its high-water mark, and small allocations split
+    freed blocks, so it grows a few blocks past the live tensors before the loop reuses its pages
+    (the same runs' peak RSS 10.17 GiB against 9.33, ``bench/step.py`` prints it); the live tensors,
+    which the memory target counts, are the same. Linux with glibc only;
+    nothing is changed where the environment sets any of glibc's ``MALLOC_*`` thresholds (``HEAP_ENV``:
+    the user's, or ``bench/step.py``'s memory runs) or ``KEEP_HEAP=0``. Returns whether it was applied.
+    (A thread's own arena cannot grow past 64 MiB without mmap: glibc then serves its large blocks from
+    the main heap, as it does here.)"""
     if os.environ.get(KEEP_HEAP) == "0" or any(name in os.environ for name in HEAP_ENV):
         return False
     try:
@@ -108,7 +121,8 @@ def keep_freed_heap() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+            and bool(mallopt(_M_MMAP_MAX, MMAP_MAX)))
 
 
 def tune_cpu_allocator() -> None:
