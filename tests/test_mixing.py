@@ -560,3 +560,24 @@ def test_layers_mix_in_pairs_where_the_model_shape_pays_for_them(monkeypatch):
     assert model._layer_group(1) == (0, 1) and model._layer_group(3) == (2, 3)
     monkeypatch.setattr(edge_model, "GROUP_LAYERS", 3)
     assert model._layer_group(1) == (0, 2)
+
+
+def test_bench_mix_products_runs_at_toy_sizes(capsys):
+    """``bench/mix_products.py`` (the rates of the mix's products alone) runs end to end and prints a
+    figure for every product it names; at toy sizes, so its rates mean nothing here."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "mix_products.py"
+    spec = importlib.util.spec_from_file_location("bench_mix_products", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    threads = torch.get_num_threads()
+    try:
+        assert bench.main(["--shape", "2x8", "--d", "16", "--writers", "5,3", "--readers", "4",
+                           "--threads", "1", "--repeats", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert out.count("R=  4") == 2 and "dL/dz" in out and "dL/ds in blocks of 64" in out
+    assert "K/V input gradients" in out and "one-writer mix" in out
