@@ -108,7 +108,7 @@ from edgeprune import buffers
 if sys.argv[1] == "kept" and not buffers.keep_freed_heap():
     sys.exit(3)
 faults = []
-for _ in range(12):  # a layer's large temporary, made and freed again and again, as the mix's are
+for _ in range(16):  # a layer's large temporary, made and freed again and again, as the mix's are
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t = torch.ones(16 << 20)  # 64 MiB, touched
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -137,4 +137,5 @@ def test_a_kept_heap_reuses_freed_large_blocks_where_glibc_unmaps_them():
     pages = (64 << 20) // 4096
     assert sum(kept[-4:]) < pages // 100, kept  # steady state: no page faulted again
     default = _faults("default")
-    assert all(f >= pages // 2 for f in default[-4:]), default  # glibc's own: faulted every time
+    # glibc's own: faulted every time (page by page, or per 2 MiB where the kernel's THP is "always")
+    assert all(f >= (64 << 20) // (2 << 20) for f in default[-4:]), default
