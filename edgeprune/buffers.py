@@ -18,10 +18,10 @@ unless glibc is told to keep them in its heap (``keep_freed_heap``, below). ``us
 PyTorch to back its CPU allocations of 2 MiB and more with transparent huge pages, one fault per
 2 MiB. GPT-2 small's 32 x 64 step on 2 cores: 2.9 M page faults and 5.1 s of system CPU a step on
 4 KiB pages, 44 k and 1.9 s on huge pages (HF's own forward+backward: 1.1 s and 0.65 s), the step
-1.0-1.8 s faster (``bench/step.py`` prints both, and
-``--no-huge-pages`` measures without). The CLI and the benchmarks turn it on, and ask glibc to carve
-every block from its heap and keep the heap's free top (``keep_freed_heap``), so that freed pages are
-reused rather than faulted again (``tune_cpu_allocator`` does both).
+1.0-1.8 s faster (``bench/step.py`` prints both, and ``--no-huge-pages`` measures without). The CLI
+and the benchmarks turn it on, and ask glibc to carve every block from its heap and keep the heap's
+free top (``keep_freed_heap``), so that freed pages are reused rather than faulted again
+(``tune_cpu_allocator`` does both).
 
 Safe by construction: a kept buffer is reused only when no tensor outside this module still views
 it (its storage's use count), so a buffer that escaped -- states returned to a caller, an autograd
@@ -109,11 +109,11 @@ def keep_freed_heap() -> bool:
     The cost is RSS: the heap never shrinks below its high-water mark, and small allocations split
     freed blocks, so it grows a few blocks past the live tensors before the loop reuses its pages
     (the same runs' peak RSS 10.17 GiB against 9.33, ``bench/step.py`` prints it); the live tensors,
-    which the memory target counts, are the same. Linux with glibc only;
-    nothing is changed where the environment sets any of glibc's ``MALLOC_*`` thresholds (``HEAP_ENV``:
-    the user's, or ``bench/step.py``'s memory runs) or ``KEEP_HEAP=0``. Returns whether it was applied.
-    (A thread's own arena cannot grow past 64 MiB without mmap: glibc then serves its large blocks from
-    the main heap, as it does here.)"""
+    which the memory target counts, are the same. Linux with glibc only; nothing is changed where the
+    environment sets any of glibc's ``MALLOC_*`` thresholds (``HEAP_ENV``: the user's, or
+    ``bench/step.py``'s memory runs) or ``KEEP_HEAP=0``. Returns whether it was applied. (A thread's
+    own arena cannot grow past 64 MiB without mmap: glibc then serves its large blocks from the main
+    heap.)"""
     if os.environ.get(KEEP_HEAP) == "0" or any(name in os.environ for name in HEAP_ENV):
         return False
     try:
