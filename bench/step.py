@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from edgeprune import EdgeModel, buffers, mixing  # noqa: E402
 from edgeprune import model as edge_model  # noqa: E402
+from edgeprune.models import common  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
 from edgeprune.estimate import trace_hf, trace_step  # noqa: E402
 from edgeprune.model import KEEP_INPUTS  # noqa: E402
@@ -384,11 +385,56 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
     if getattr(args, "vs", None):  # the same step, any one module setting switched, interleaved
         owner, name, value = parse_setting(args.vs)
         out["setting"] = time_steps(WithSetting(prune_step, owner, name, value), prune_step, args, device)
+    if getattr(args, "backward_parts", False):
+        out["backward_parts"] = backward_parts(prune_step, device)
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
         out["positions"] = time_steps(pos, shared, args, device)  # ratio: position-aware / shared
     return out
+
+
+# the backward's pieces ``--backward-parts`` times: (owner, function name, label); the rebuild of a pair's inputs
+# runs inside the norms' backward (when autograd unpacks the saved input), so its time is part of theirs too
+BACKWARD_PARTS = ((mixing._Mix, "backward", "mix backward"), (mixing.WriterStates, "_add_grad", "  dL/ds"),
+                  (mixing.WriterStates, "_grad_z", "  dL/dz"),
+                  (mixing.WriterStates, "_fused_grad", "  a lone layer's rebuild with its dL/dz"),
+                  (common._NormProjection, "backward", "the norms' backward"),
+                  (mixing.GroupRebuild, "_mix", "  a pair's rebuild"))
+
+
+def backward_parts(prune_step: PruneStep, device) -> dict:
+    """Seconds of each of ``BACKWARD_PARTS`` in one more step (each function wrapped with a clock for
+    that step only; no profiler, whose own allocations move page faults into whichever product
+    touches fresh memory), with the step's own parts."""
+    spent = dict.fromkeys((label for _, _, label in BACKWARD_PARTS), 0.0)
+    originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in BACKWARD_PARTS]
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def timed(fn, label):
+        def run(*a, **kw):
+            t0 = now()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[label] += now() - t0
+        return run
+
+    try:
+        for (owner, name, fn), (_, _, label) in zip(originals, BACKWARD_PARTS):
+            inner = fn.__func__ if isinstance(fn, staticmethod) else fn
+            wrapped = timed(inner, label)
+            setattr(owner, name, staticmethod(wrapped) if isinstance(fn, staticmethod) else wrapped)
+        clock = make_clock(device)
+        parts = prune_step(clock)
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
+    return {"step": parts, "parts": spent}
 
 
 def time_steps(prune_step: PruneStep, hf_step: HFStep, args, device) -> dict:
@@ -571,6 +617,8 @@ def main(argv=None) -> int:
                         help="also time the step with one setting of an edgeprune module switched, interleaved: "
                              "e.g. mixing.GRAD_ROWS=0 (dL/ds's update as one product), "
                              "mixing.FUSE_MIN=inf; VALUE a Python literal or inf")
+    parser.add_argument("--backward-parts", action="store_true",
+                        help="also time the mix's and the norms' backward pieces inside one more step")
     parser.add_argument("--cache", action="store_true",
                         help="prune.cache_corrupted: time steps whose reference pass is served from the cache")
     parser.add_argument("--checkpointing", action="store_true", help="prune.activation_checkpointing")
@@ -663,6 +711,11 @@ def main(argv=None) -> int:
             if args.vs:
                 owner, name, _ = parse_setting(args.vs)
                 print_vs(r, "setting", args.vs, f"the default ({name} = {getattr(owner, name)!r})")
+            if args.backward_parts:
+                q = r["backward_parts"]
+                print(f"  backward pieces, one step (backward {q['step']['backward']:.3f} s; HF's "
+                      f"{r['hf']['parts']['backward']:.3f} s): "
+                      + ", ".join(f"{label.strip()} {sec:.3f} s" for label, sec in q["parts"].items()))
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

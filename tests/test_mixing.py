@@ -581,3 +581,35 @@ def test_bench_mix_products_runs_at_toy_sizes(capsys):
     out = capsys.readouterr().out
     assert out.count("R=  4") == 2 and "dL/dz" in out and "dL/ds in blocks of 64" in out
     assert "K/V input gradients" in out and "one-writer mix" in out
+
+
+def test_bench_step_times_the_backward_pieces_and_restores_them(capsys):
+    """``bench/step.py --backward-parts`` wraps the mix's and the norms' backward pieces for one step,
+    prints each one's seconds, and leaves the functions as they were."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from edgeprune.models import common
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_step_parts", bench_dir / "step.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        before = [owner.__dict__[name] for owner, name, _ in bench.BACKWARD_PARTS]
+        threads = torch.get_num_threads()
+        try:
+            assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
+                               "--no-memory", "--backward-parts"]) == 0
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        sys.path.remove(str(bench_dir))
+    assert [owner.__dict__[name] for owner, name, _ in bench.BACKWARD_PARTS] == before
+    assert common._NormProjection.__dict__["backward"] is before[4]
+    line = next(x for x in capsys.readouterr().out.splitlines() if "backward pieces" in x)
+    seconds = {label.strip(): float(line.split(f"{label.strip()} ")[1].split(" s")[0])
+               for _, _, label in bench.BACKWARD_PARTS}
+    assert seconds["mix backward"] > 0 and seconds["dL/ds"] > 0 and seconds["the norms' backward"] > 0
