@@ -23,8 +23,32 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgeprune import buffers  # noqa: E402
+from step import parse_shape  # noqa: E402
+
+
+def positive_ints(text: str) -> list[int]:
+    """argparse type: comma-separated positive integers."""
+    try:
+        values = [int(x) for x in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated positive integers")
+    return values
+
+
+def shape(text: str) -> tuple[int, int]:
+    """argparse type: B x T, both positive."""
+    try:
+        b, t = parse_shape(text.lower())
+    except ValueError:
+        b = t = 0
+    if b < 1 or t < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected BxT, e.g. 32x64")
+    return b, t
 
 
 def rate(flops: float, fn, repeats: int) -> float:
@@ -39,19 +63,20 @@ def rate(flops: float, fn, repeats: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="32x64", help="B x T")
+    ap.add_argument("--shape", type=shape, default="32x64", help="B x T")
     ap.add_argument("--d", type=int, default=576, help="hidden size (SmolLM2-135M: 576, GPT-2 small: 768)")
-    ap.add_argument("--writers", default="221,101", help="comma-separated k: writers a group reads")
-    ap.add_argument("--readers", default="32,16,64", help="comma-separated R: readers a pass serves "
-                                                          "(SmolLM2: 16 a layer, 32 a pair)")
+    ap.add_argument("--writers", type=positive_ints, default="221,101",
+                    help="comma-separated k: writers a group reads")
+    ap.add_argument("--readers", type=positive_ints, default="32,16,64",
+                    help="comma-separated R: readers a pass serves (SmolLM2: 16 a layer, 32 a pair)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
     buffers.tune_cpu_allocator()
     torch.set_num_threads(args.threads)
-    B, T = map(int, args.shape.lower().split("x"))
+    B, T = args.shape
     P, D = B * T, args.d
-    ks = [int(k) for k in args.writers.split(",")]
+    ks = args.writers
     W = max(ks) + 1
     diffs = torch.randn(P, W, D)  # the position-major buffer of mixing.WriterStates
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, P = {P} positions, D = {D}; GFLOP/s, "
@@ -59,7 +84,7 @@ def main(argv=None) -> int:
     a, b = torch.randn(P, 3 * D), torch.randn(3 * D, D)
     print(f"  a large GEMM ({P}, {3 * D}) x ({3 * D}, {D}): "
           f"{rate(2 * P * 3 * D * D, lambda: torch.mm(a, b), args.repeats):.0f}")
-    for R in (int(r) for r in args.readers.split(",")):
+    for R in args.readers:
         for k in ks:
             flops = 2 * P * R * k * D
             d = diffs[:, :k]
