@@ -72,6 +72,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
+    for flag in ("d", "threads", "repeats"):
+        if getattr(args, flag) < 1:
+            ap.error(f"--{flag} {getattr(args, flag)}: expected a positive integer")
     buffers.tune_cpu_allocator()
     torch.set_num_threads(args.threads)
     B, T = args.shape
