@@ -15,10 +15,16 @@ it, the per-batch passes for the writer states included) and one HF forward+back
 batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights frozen,
 cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
 its steps and ``--batches``; EAP is one step a batch) and its ratio to HF's forward+backward of one
-batch. An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split
+batch, the medians' and the fastest runs' (on a shared machine other tenants only ever add time, so
+the ratio of the minima is the steadier estimate). An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split
 (its big buffers are kept from batch to batch, ``edgeprune.buffers``). The masks variant runs the
 edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
 ``--repeats-masks``.
+
+``--vs MODULE.NAME=VALUE`` also times each attribution with that setting of an edgeprune module
+switched (``bench/step.py``'s ``parse_setting``), interleaved with the default in the same repeats,
+and prints the ratio (switched / default): e.g. ``--vs models.common.SHARED_FOLD=False``, the reader
+taps' norm backward apart from the projections'.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgeprune import EdgeModel, buffers  # noqa: E402
 from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
-from step import DTYPES, Batch, HFStep, build_hf, make_clock, parse_shape  # noqa: E402
+from step import DTYPES, Batch, HFStep, build_hf, make_clock, parse_setting, parse_shape  # noqa: E402
 
 
 class AttributionBatch(Batch):
@@ -65,22 +71,45 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
     out = []
     for method, variant, steps, fn in runs:
         repeats = args.repeats_masks if variant == "masks" else args.repeats
-        times, hf_times = [], []
+        times, hf_times, vs_times = [], [], []
         fn()  # warm-up
+        if args.vs:
+            switched(args.vs, fn)
         for _ in range(repeats):
             clock()
             hf_times.append(sum(hf_step(clock).values()))
             clock()
             fn()
             times.append(clock() / steps)
+            if args.vs:
+                clock()
+                switched(args.vs, fn)
+                vs_times.append(clock() / steps)
         per_step, hf_s = statistics.median(times), statistics.median(hf_times)
         out.append({"model": kind, "shape": f"{shape[0]}x{shape[1]}", "method": method, "variant": variant,
                     "steps": steps // args.batches, "per_step_s": per_step, "hf_s": hf_s, "ratio": per_step / hf_s,
-                    "graph": model.graph.describe()})
+                    "fastest_ratio": min(times) / min(hf_times), "graph": model.graph.describe()})
         r = out[-1]
         print(f"  {kind} {r['shape']} {method:<6} {variant:<6} ({r['steps']} step{'s' if r['steps'] > 1 else ''}): "
-              f"{per_step:.3f} s/step, HF fwd+bwd {hf_s:.3f} s, ratio {r['ratio']:.2f}x", flush=True)
+              f"{per_step:.3f} s/step, HF fwd+bwd {hf_s:.3f} s, ratio {r['ratio']:.2f}x (fastest runs "
+              f"{r['fastest_ratio']:.2f}x)", flush=True)
+        if args.vs:
+            vs = statistics.median(vs_times)
+            r["vs_s"] = vs
+            print(f"    with {args.vs[3]}: {vs:.3f} s/step, {vs / hf_s:.2f}x HF; {vs / per_step:.3f}x the default's "
+                  "time", flush=True)
     return out
+
+
+def switched(setting: tuple, fn) -> None:
+    """Run ``fn`` with ``setting`` (owner, name, value, text) in force, restored after."""
+    owner, name, value, _ = setting
+    saved = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        fn()
+    finally:
+        setattr(owner, name, saved)
 
 
 def main(argv=None) -> int:
@@ -98,7 +127,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--vs", default=None, metavar="MODULE.NAME=VALUE",
+                        help="also time each attribution with this edgeprune setting switched, interleaved")
     args = parser.parse_args(argv)
+    if args.vs:
+        args.vs = (*parse_setting(args.vs), args.vs)
     buffers.tune_cpu_allocator()  # as the CLI: huge pages, glibc keeping its freed heap
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -109,11 +142,11 @@ def main(argv=None) -> int:
     for kind in [k for k in args.models.split(",") if k] + args.config:
         for shape in args.shapes.split(","):
             results += time_model(kind, parse_shape(shape), args, device)
-    print("\n| model | B x T | method | variant | IG steps | s / IG step | HF fwd+bwd (s) | ratio |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("\n| model | B x T | method | variant | IG steps | s / IG step | HF fwd+bwd (s) | ratio | fastest runs |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         print(f"| {r['model']} | {r['shape']} | {r['method']} | {r['variant']} | {r['steps']} | {r['per_step_s']:.3f} "
-              f"| {r['hf_s']:.3f} | {r['ratio']:.2f}x |")
+              f"| {r['hf_s']:.3f} | {r['ratio']:.2f}x | {r['fastest_ratio']:.2f}x |")
     return 0
 
 

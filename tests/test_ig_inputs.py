@@ -16,7 +16,9 @@ from conftest import build, randomize
 from edgeprune import EdgeModel
 from edgeprune.baselines import attribute, eap_ig_scores, eap_scores
 from edgeprune.baselines.attribution import path_gradient_scores, prepare
-from edgeprune.baselines.ig_inputs import input_gradient_scores
+from edgeprune.baselines.ig_inputs import batch_reader_gradients, input_gradient_scores
+from edgeprune.models import common
+from edgeprune.taps import ReaderTaps
 from edgeprune.tasks.jsonl import Example, collate
 from test_baselines import _hf_logit_diff, _hf_reader_grad, _hf_writer_states, random_batch
 
@@ -132,6 +134,38 @@ def test_eap_ig_inputs_scores_out_of_the_embeddings_sum_to_corrupted_minus_clean
     assert abs(many - change) < abs(few - change)
 
 
+# ---------------------------------------------------------------------------- (c2) the taps' folded norm backward
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "qwen2"])
+def test_taps_folded_norm_backward_equals_the_norms_own(kind, monkeypatch):
+    """The reader taps' norm and projections in one function (``_SharedNormProjection``: the norm folded
+    into the projection's backward) give every reader's gradient the norm's own backward gives, within
+    fp32 noise, and the forward bit for bit: LayerNorm with biases (GPT-2), RMSNorm (Llama, GQA), and
+    RMSNorm with q/k/v biases (Qwen2)."""
+    model = EdgeModel.from_hf(build(kind, seed=7))
+    batch = random_batch(seed=9)
+    n_total = int(batch.loss_mask.sum())
+    calls = []
+    monkeypatch.setattr(common._SharedNormProjection, "forward",
+                        staticmethod(lambda *a, f=common._SharedNormProjection.forward: calls.append(1) or f(*a)))
+    out = {}
+    for fold in (True, False):
+        monkeypatch.setattr(common, "SHARED_FOLD", fold)
+        grads, _ = batch_reader_gradients(model, batch, [0.5], "logit_diff", n_total)
+        out[fold] = grads.clone()
+    assert len(calls) == model.graph.spec.n_layers  # the folded path ran, once a layer, only when on
+    close(out[True], out[False])
+    # the plain forward through the folded function is HF's own: the same logits bit for bit
+    emb = model.family.embed(batch.input_ids, model.family.context(batch.input_ids, batch.attention_mask, None))
+    logits = {}
+    for fold in (True, False):
+        monkeypatch.setattr(common, "SHARED_FOLD", fold)
+        taps = ReaderTaps(model.graph.num_readers, tuple(emb.shape[1:]), model.device)
+        with torch.enable_grad():
+            logits[fold] = model.full_forward(batch.input_ids, batch.attention_mask,
+                                              embeds=emb.detach().requires_grad_(True), taps=taps).logits.detach()
+    assert torch.equal(logits[True], logits[False])
+
+
 # ---------------------------------------------------------------------------- (d) real width
 def test_eap_fast_path_equals_masks_variant_at_real_vocabulary_gqa():
     """Vocabulary 32k, d 512, 8 query / 2 KV heads, 2 layers: the sums over d_model and the read-out
@@ -179,3 +213,31 @@ def test_the_default_variant_is_inputs_under_interchange_and_masks_under_zero_ab
     zero = EdgeModel.from_hf(build("gpt2"), ablation="zero")
     assert attribute(zero, batches, "eap-ig", ig_steps=2).settings["ig_variant"] == "masks"
     assert torch.equal(eap_ig_scores(zero, batches, steps=2), eap_ig_scores(zero, batches, steps=2, variant="masks"))
+
+
+def test_bench_attribution_times_a_switched_setting_and_restores_it(capsys):
+    """``bench/attribution.py --vs MODULE.NAME=VALUE`` times each attribution with the setting switched as
+    well (a line per figure), leaves the setting as it was, and refuses a setting that does not exist."""
+    import importlib.util
+    import sys
+
+    bench_dir = ROOT / "bench"
+    sys.path.insert(0, str(bench_dir))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_attribution", bench_dir / "attribution.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        threads = torch.get_num_threads()
+        try:
+            assert bench.main(["--models", "llama", "--layers", "1", "--shapes", "2x8", "--variants", "inputs",
+                               "--ig-steps", "2", "--batches", "1", "--repeats", "1", "--threads", "1",
+                               "--vs", "models.common.SHARED_FOLD=False"]) == 0
+            with pytest.raises(SystemExit, match="no setting 'NOPE'"):
+                bench.main(["--vs", "models.common.NOPE=1"])
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        sys.path.remove(str(bench_dir))
+    assert common.SHARED_FOLD is True
+    out = capsys.readouterr().out
+    assert out.count("with models.common.SHARED_FOLD=False:") == 2 and "fastest runs" in out

@@ -211,6 +211,8 @@ def rms_project_group(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: 
     multiply-add over x. Otherwise (bf16/fp16, which HF rounds between norm and scale; one input
     for every reader) it is exactly the composition.
     """
+    if _shared_foldable(x, dtype, weight):
+        return _shared_fold(x, weight, None, eps, False, projections)
     if not _foldable(x, dtype, weight):
         return project_group(rms_norm(x, weight, eps, dtype), projections)
     return _fold(x, weight, None, eps, False, projections)
@@ -224,14 +226,35 @@ def ln_project_group(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dty
     with mean and rstd from one pass over x. (Centring after the product cancels mean(x) colsum(W')
     in fp32: an error of ~1e-7 |mean| / std relative, far inside the 1e-5 bar for residual streams,
     whose mean over d_model is small against their spread.)"""
+    bias = None if norm.bias is None else norm.bias.float()
+    if norm.weight is not None and _shared_foldable(x, dtype, norm.weight):
+        return _shared_fold(x, norm.weight.float(), bias, norm.eps, True, projections)
     if norm.weight is None or not _foldable(x, dtype, norm.weight):
         return project_group(layer_norm(x, norm, dtype), projections)
-    bias = None if norm.bias is None else norm.bias.float()
     return _fold(x, norm.weight.float(), bias, norm.eps, True, projections)
 
 
 def _foldable(x: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor) -> bool:
     return dtype == torch.float32 and x.shape[0] > 1 and not shared_input(x) and not weight.requires_grad
+
+
+# the reader taps' norm and projections in one function whose backward folds the norm into the projection
+# (``_SharedNormProjection``); False: the norm's own backward, then the projections' (bench/attribution.py --vs)
+SHARED_FOLD = True
+
+
+def _shared_foldable(x: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor) -> bool:
+    """One fp32 input seen by every reader (``edgeprune.taps``), whose per-reader gradients are wanted."""
+    return SHARED_FOLD and dtype == torch.float32 and shared_input(x) and torch.is_grad_enabled() \
+        and x.requires_grad and not weight.requires_grad
+
+
+def _shared_fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
+    sizes = tuple(n for _, _, n in projections)
+    if x.shape[0] != sum(sizes):
+        raise ValueError(f"expected {sum(sizes)} reader inputs, got {x.shape[0]}")
+    flat = [t for w, b, _ in projections for t in (w, b)]
+    return list(_SharedNormProjection.apply(x, weight, bias, eps, centred, sizes, *flat))
 
 
 def _fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
@@ -337,6 +360,72 @@ class _NormProjection(torch.autograd.Function):
         else:
             dx.addcmul_(x, coef.view(R, B, T, 1))
         return (dx, None, None, None, None, None, *[None] * (2 * k))
+
+
+class _SharedNormProjection(torch.autograd.Function):
+    """One input x (R, B, T, D) with a stride-0 reader axis (``edgeprune.taps``): its norm (RMS, or
+    LayerNorm with ``centred``) and the readers' projections, the forward once and as HF runs it (the
+    norm, then one GEMM per projection: ``_RMSNorm``, ``_SharedLayerNorm``, ``_GroupProjection``), the
+    backward per reader with the norm folded into the projection, as ``_NormProjection``'s: with
+    u_r = h @ W_r (h the normed input, less its bias b_norm: the projection's output y_r less
+    b'_r = b_norm @ W_r + b_r, d_head wide) and W' = diag(w) W,
+        dx_r = (rstd dy_r) @ W'_r^T - rstd^2 (dy_r . u_r) / D xc - rstd (dy_r . colsum W'_r) / D
+    (xc: x centred for LayerNorm, x for RMS; the last term LayerNorm's only, one more column of the
+    product). Only the product and one multiply-add touch D-wide rows, where the norm's own backward
+    made three more passes over every reader's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, centred, sizes, *weights_and_biases):
+        R, B, T, D = x.shape
+        x1 = x[:1]
+        if centred:  # as _SharedLayerNorm: HF's op, and x centred and rstd for the backward
+            h = F.layer_norm(x1, (D,), weight, bias, eps)
+            xc = x1 - x1.mean(-1, keepdim=True)
+            rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+        else:  # as _RMSNorm
+            xc = x1
+            rstd = torch.rsqrt(x1.pow(2).mean(-1, keepdim=True) + eps)
+            h = weight * (x1 * rstd)
+        rows = h[0].reshape(B * T, D)
+        outs, us = [], []
+        for n, w_t, b in zip(sizes, weights_and_biases[0::2], weights_and_biases[1::2]):
+            y = rows @ w_t if b is None else torch.addmm(b, rows, w_t)  # (P, n * d_head), as _GroupProjection
+            outs.append(y.view(B, T, n, -1).transpose(1, 2))
+            shift = b if bias is None else (bias @ w_t if b is None else torch.addmv(b, w_t.t(), bias))
+            us.append(y if shift is None else y - shift)
+        ctx.save_for_backward(xc, rstd, weight, *weights_and_biases[0::2], *us)
+        ctx.sizes, ctx.centred, ctx.shape = sizes, centred, x.shape
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads):
+        xc, rstd, weight, *rest = ctx.saved_tensors
+        k = len(ctx.sizes)
+        R, B, T, D = ctx.shape
+        P = B * T
+        r = rstd.view(1, P, 1)
+        dense = rstd.new_empty((R, P, D))  # reader-major: every product writes one dense block
+        coef = rstd.new_zeros((R, P, 1))  # the multiplier of xc
+        start = 0
+        for n, w_t, u, g in zip(ctx.sizes, rest[:k], rest[k:], grads):
+            target = dense[start:start + n]
+            if g is None:
+                target.zero_()
+                start += n
+                continue
+            dy = g.permute(1, 0, 2, 3).reshape(n, P, -1)  # (n, P, d_head)
+            w = (weight[:, None] * w_t).view(D, n, -1).permute(1, 2, 0)  # (n, d_head, D): W'^T per reader
+            coef[start:start + n] = torch.linalg.vecdot(dy, u.view(P, n, -1).transpose(0, 1)).unsqueeze(-1) \
+                * r.square() / -D
+            if ctx.centred:  # the constant term as one more column of the product
+                const = (dy @ w.sum(-1, keepdim=True)) * r / -D  # (n, P, 1)
+                torch.bmm(torch.cat([dy * r, const], -1), torch.cat([w, w.new_ones(n, 1, D)], 1), out=target)
+            else:
+                torch.bmm(dy * r, w, out=target)
+            start += n
+        dense.addcmul_(xc.view(1, P, D), coef)
+        return (dense.view(R, B, T, D), None, None, None, None, None, *[None] * (2 * k))
 
 
 class _GroupProjection(torch.autograd.Function):
