@@ -237,8 +237,49 @@ class StateSink:
         with torch.no_grad():
             if self.ablated is None:
                 self.buffer[rows].copy_(states)
-            else:
-                torch.sub(states, self.ablated[rows], out=self.buffer[rows])
+            else:  # in the buffer's dtype: two half-precision states differ exactly in fp32
+                torch.sub(states.to(self.buffer.dtype), self.ablated[rows], out=self.buffer[rows])
+
+
+class UniformMix:
+    """The writer mix with every edge's mask at one value alpha, as a plain pass reads it.
+
+    With z_rw = alpha for every edge the mix of the module notes needs no per-reader product:
+
+        x_r = c_r + sum_w s~_w + alpha sum_w (s_w - s~_w) = (1 - alpha) R~_n + alpha R_n,
+
+    R_n the pass's own residual stream before reader r's n writers (their states + the layer constants)
+    and R~_n the ablated one (the ablated states + the same constants). Given to a plain pass
+    (``EdgeModel.full_forward(path=)``), every reader reads ``read(R_n, n)``: the edge-masked model at
+    z = alpha * 1 (EAP-IG along the masks, ``baselines/ig_masks.py``) at the cost of the plain model.
+    ``ablated``: n -> R~_n ((B, T, D), broadcastable (1, 1, D), or None: 0) for every reader's n
+    (``ablated_stream``)."""
+
+    def __init__(self, alpha: float, ablated: dict):
+        self.alpha, self.ablated = float(alpha), ablated
+
+    def read(self, resid: torch.Tensor, n: int) -> torch.Tensor:
+        base = self.ablated[n]
+        return resid * self.alpha if base is None else torch.lerp(base, resid, self.alpha)
+
+
+def ablated_stream(graph: Graph, ablated: torch.Tensor | None, constant) -> dict:
+    """n -> R~_n, the ablated residual stream before the first n writers (fp32), at every writer block's
+    boundary: the ablated states summed in graph order ((W, B, T, D) or (W, 1, 1, D); None: zero
+    ablation), with each layer's constant (``constant(layer)``: (D,) or None) added after its heads, as
+    the plain pass adds it. None where it is 0 (zero ablation, before any constant)."""
+    out, acc = {}, None
+    for blk in graph.writer_blocks:
+        out[blk.start] = acc
+        if ablated is not None:
+            part = ablated[blk.start:blk.stop].float().sum(0)
+            acc = part if acc is None else acc + part
+        if blk.kind == "heads":
+            const = constant(blk.layer)
+            if const is not None:
+                acc = const.float() if acc is None else acc + const.float()
+    out[graph.num_writers] = acc
+    return out
 
 
 class WriterStates:

@@ -279,7 +279,7 @@ class EdgeModel(nn.Module):
                      position_ids: torch.Tensor | None = None, return_states: bool = False,
                      select: torch.Tensor | None = None, states_rows: slice | None = None,
                      past_key_values=None, embeds: torch.Tensor | None = None, taps=None,
-                     sink=None) -> EdgeOutput:
+                     sink=None, path=None) -> EdgeOutput:
         """The unmasked model (every edge kept), optionally returning its writer states.
 
         ``select`` as in ``forward``; ``states_rows`` keeps the states of these batch rows only
@@ -287,7 +287,9 @@ class EdgeModel(nn.Module):
         ``embeds`` ((E, B, T, D), the embedding writers' states) replaces the embedding of input_ids
         (EAP-IG's inputs variant runs on interpolated embeddings); ``taps`` (``taps.ReaderTaps``) records
         the gradient at every reader's own input in the backward (``baselines/ig_inputs.py``); ``sink``
-        (``mixing.StateSink``) takes the writer states (of rows ``states_rows``) instead of a new buffer.
+        (``mixing.StateSink``) takes the writer states (of rows ``states_rows``) instead of a new buffer;
+        ``path`` (``mixing.UniformMix``) makes every reader read a uniform mix of this pass's writers and
+        the ablated ones, the masked model at z = alpha on every edge (``baselines/ig_masks.py``).
         """
         position_ids = self._check_cached(input_ids, attention_mask, position_ids, past_key_values, None)
         if embeds is not None and tuple(embeds.shape[1:3]) != tuple(input_ids.shape):
@@ -296,7 +298,7 @@ class EdgeModel(nn.Module):
         if sink is not None and return_states:
             raise ValueError("full_forward: give return_states or a sink, not both")
         return self._run(input_ids, attention_mask, position_ids, None, None, return_states, select, states_rows,
-                         past=past_key_values, embeds=embeds, taps=taps, sink=sink)
+                         past=past_key_values, embeds=embeds, taps=taps, sink=sink, path=path)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """Continue (B, T) prompts with the current circuit (deterministic masks): see ``edgeprune.generate``."""
@@ -398,7 +400,7 @@ class EdgeModel(nn.Module):
 
     def _run(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select=None,
              states_rows=None, past=None, span_ids=None, embeds=None, taps=None, support=None,
-             sink=None) -> EdgeOutput:
+             sink=None, path=None) -> EdgeOutput:
         """One pass: z None = unmasked (a plain residual stream), else the masked mix.
 
         z: (readers, writers) fp32 dense masks; ablated: see ``_ablated_states``; support: like z, bool,
@@ -408,10 +410,10 @@ class EdgeModel(nn.Module):
         checkpointing, FSDP), the whole pass through its root.
         """
         return self.runner.root(self._pass, input_ids, attention_mask, position_ids, z, ablated, return_states,
-                                select, states_rows, past, span_ids, embeds, taps, support, sink)
+                                select, states_rows, past, span_ids, embeds, taps, support, sink, path)
 
     def _pass(self, input_ids, attention_mask, position_ids, z, ablated, return_states, select, states_rows,
-              past=None, span_ids=None, embeds=None, taps=None, support=None, sink=None):
+              past=None, span_ids=None, embeds=None, taps=None, support=None, sink=None, path=None):
         fam, graph = self.family, self.graph
         ctx = fam.context(input_ids, attention_mask, position_ids)
         if past is not None:  # incremental decoding: the families' attention extends the cache
@@ -428,7 +430,9 @@ class EdgeModel(nn.Module):
                 store.write(emb[:, keep], 0)
             resid = emb.float().sum(0)  # (B, T, D)
             for layer in range(graph.spec.n_layers):
-                resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep, taps)
+                resid = self.runner.layer(layer, self._full_layer, layer, ctx, resid, store, keep, taps, path)
+            if path is not None:
+                resid = path.read(resid, graph.n_writers_before[-1])
             if taps is not None:  # resid_post, the last reader
                 resid = taps.tap(resid, self.graph.reader_blocks[-1].slice)[0]
             logits = self._readout(resid, select, ctx)
@@ -480,15 +484,18 @@ class EdgeModel(nn.Module):
             return self.family.readout(final, ctx)  # (B, T, V)
         return self.family.readout(final[select], ctx)  # (N, V): the read-out is per position
 
-    def _full_layer(self, layer, ctx, resid, store, keep, taps=None):
+    def _full_layer(self, layer, ctx, resid, store, keep, taps=None, path=None):
         """One layer of the unmasked model on the fp32 residual stream (B, T, D); the states of batch
         rows ``keep`` go to ``store`` (if any). With ``taps`` every reader gets its own (stride-0) view of
-        its input, so the backward gives each its own gradient (``edgeprune.taps``)."""
+        its input, so the backward gives each its own gradient (``edgeprune.taps``). With ``path``
+        (``mixing.UniformMix``) the readers read its mix of the stream instead of the stream."""
         fam, starts, blocks = self.family, self._writer_starts[layer], self.graph.layer_readers[layer]
+        before = self.graph.n_writers_before
+        attn_in = resid if path is None else path.read(resid, before[blocks[0].start])
         if taps is None:
-            heads = fam.attention(layer, resid[None], ctx)  # (H, B, T, D)
+            heads = fam.attention(layer, attn_in[None], ctx)  # (H, B, T, D)
         else:  # the Q, K and V readers of the layer, in graph order
-            heads = fam.attention(layer, taps.tap(resid, slice(blocks[0].start, blocks[2].stop)), ctx)
+            heads = fam.attention(layer, taps.tap(attn_in, slice(blocks[0].start, blocks[2].stop)), ctx)
         if store is not None:
             store.write(heads[:, keep], starts[0])
         layer_in = resid  # what a parallel-residual MLP reads: the stream before this layer's attention
@@ -498,6 +505,8 @@ class EdgeModel(nn.Module):
             resid = resid + const.float()
         if self.graph.spec.mlp:
             mlp_in = layer_in if self.graph.spec.parallel_residual else resid
+            if path is not None:
+                mlp_in = path.read(mlp_in, before[blocks[3].start])
             if taps is not None:
                 mlp_in = taps.tap(mlp_in, blocks[3].slice)[0]
             out = fam.mlp(layer, mlp_in, ctx)  # (B, T, D)

@@ -137,7 +137,7 @@ def from_scores(scores, model, p, source: str) -> WarmStart:
 # ``auto`` is the one measured to give the most faithful circuit per minute (docs/scale.md)
 AUTO_METHOD = "eap-ig"
 AUTO_IG_STEPS = 3  # measured on SmolLM2-135M IOI (docs/scale.md): as faithful as 5 steps, in 3/5 of the time
-IG_VARIANT = "masks"  # EAP-IG's path for init_from eap-ig / auto (the measured one; "inputs": ~3x faster per step)
+IG_VARIANT = "masks"  # EAP-IG's path for init_from eap-ig / auto (the measured one; "inputs": ~1.15x faster per step)
 ATTRIBUTION_STARTS = ("auto", "eap", "eap-ig")
 
 

@@ -23,9 +23,11 @@ ablated, ``m(z_e = 0) - m(z = 1)``:
     to ~ m(corrupted input) - m(clean input) (the other edges' scores do not add up to anything).
   - ``masks`` ("activations"): dm/dz averaged along the straight path z = alpha * 1 (every edge mask
     moves together, so each reader sees a mixture of clean and ablated writer states), ``score_e =
-    -mean_k dm/dz_e (alpha_k)``. One edge-masked forward and backward per step (3.6x the plain
-    model's on SmolLM2's shape, against 1.1x for ``inputs``: docs/scale.md); any ablation. Completeness: the scores sum to ~ m(every edge ablated) -
-    m(full), exactly in the limit of many steps.
+    -mean_k dm/dz_e (alpha_k)``. One plain forward and backward per step with every reader reading
+    the uniform mix, plus a contraction per step (``ig_masks``; ``path_gradient_scores`` takes the
+    same dm/dz through the edge-masked forward, at ~3x the cost: the reference); any ablation.
+    Completeness: the scores sum to ~ m(every edge ablated) - m(full), exactly in the limit of many
+    steps.
 
 Metrics (per loss position, averaged over every loss position of the data):
 - ``logit_diff``: target logit minus the logit of the full model's top alternative (the argmax of
@@ -46,6 +48,7 @@ from tqdm.auto import tqdm
 
 from ..eval import reference_and_corrupted
 from ..model import EdgeModel
+from . import ig_masks
 from .ig_inputs import METRICS, Reference, check_metric, input_gradient_scores, metric_at_positions
 
 IG_RULES = ("midpoint", "right")
@@ -172,6 +175,9 @@ def eap_ig_scores(model: EdgeModel, batches, steps: int = 5, rule: str = "midpoi
                   progress: bool = False, variant: str | None = None) -> torch.Tensor:
     """EAP-IG: (E,) path-integrated estimates along interpolated inputs (``inputs``) or edge masks
     (``masks``); see the module docstring for what each sums to. None: ``default_variant``."""
+    alphas = ig_alphas(steps, rule)
     if default_variant(model, variant) == "inputs":
-        return input_gradient_scores(model, batches, ig_alphas(steps, rule), metric, progress, desc="eap-ig")
-    return path_gradient_scores(model, batches, ig_alphas(steps, rule), metric, progress, desc="eap-ig")
+        return input_gradient_scores(model, batches, alphas, metric, progress, desc="eap-ig")
+    if ig_masks.UNIFORM_PATH:
+        return ig_masks.uniform_path_scores(model, batches, alphas, metric, progress, desc="eap-ig")
+    return path_gradient_scores(model, batches, alphas, metric, progress, desc="eap-ig")

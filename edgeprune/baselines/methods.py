@@ -25,12 +25,12 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
               progress: bool = False, settings: dict | None = None, config: dict | None = None) -> Scores:
     """Per-edge scores of ``method`` on ``batches`` (Batch objects), with its settings and wall time.
 
-    ``ig_variant``: EAP-IG's path, ``inputs`` (interpolated inputs, one plain forward and backward per
-    step) or ``masks`` (every edge mask together, one edge-masked forward and backward per step);
-    ``attribution``'s docstring has the difference. None: ``inputs`` under interchange ablation (1.1x
-    a plain forward+backward per step on SmolLM2's shape, against 3.6x for the masks:
-    bench/attribution.py, docs/scale.md), ``masks`` under zero or mean ablation. EAP always runs the
-    plain forward and backward (both variants compute the same EAP scores).
+    ``ig_variant``: EAP-IG's path, ``inputs`` (interpolated inputs) or ``masks`` (every edge mask
+    together); each one plain forward and backward per step (``ig_inputs``, ``ig_masks``), the masks
+    with a contraction per step; ``attribution``'s docstring has the difference. None: ``inputs`` under
+    interchange ablation (1.1x a plain forward+backward per step on SmolLM2's shape, against 1.3x for
+    the masks: bench/attribution.py, docs/scale.md), ``masks`` under zero or mean ablation. EAP always
+    runs the plain forward and backward (both variants compute the same EAP scores).
 
     ``settings`` (e.g. split, batch size) and ``config`` (the resolved experiment config) are
     stored with the scores.
