@@ -56,7 +56,8 @@ def test_eap_fast_path_equals_masks_variant_under_zero_and_mean_ablation(ablatio
     close(eap_scores(model, batches), eap_scores(model, batches, variant="masks"))
 
 
-def test_eap_fast_path_equals_masks_variant_with_position_aware_masks():
+def spans_model_and_batches() -> tuple[EdgeModel, list]:
+    """A Llama with position-aware masks (three spans) and ``two_batches`` marked with them."""
     model = EdgeModel.from_hf(build("llama", seed=3))
     model.set_spans(["prefix", "middle", "end"])
     batches = []
@@ -66,18 +67,44 @@ def test_eap_fast_path_equals_masks_variant_with_position_aware_masks():
         span_ids[:, 2:4] = 1
         span_ids[:, T - 3:] = 2
         batches.append(dataclasses.replace(b, span_ids=span_ids))
+    return model, batches
+
+
+def tracr_model_and_batches() -> tuple[EdgeModel, list]:
+    """The shipped Tracr ``reverse`` program (zero ablation) and one batch of three inputs."""
+    model = EdgeModel.from_pretrained(ROOT / "data" / "tracr_models" / "reverse")
+    ids = model.hf.encode([[1, 2, 3], [3, 1, 2], [2, 2, 1]])
+    examples = [Example(input_ids=row, corrupted_input_ids=row, loss_positions=[1, 2, 3], target_ids=[0, 1, 2],
+                        corrupted_target_ids=[0, 1, 2], split="train", line=i + 1)
+                for i, row in enumerate(ids.tolist())]
+    return model, [collate(examples, pad_token_id=0)]
+
+
+def real_width_gqa_model_and_batches() -> tuple[EdgeModel, list]:
+    """Vocabulary 32k, d 512, 8 query / 2 KV heads, 2 layers, and one batch of two examples."""
+    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
+                      intermediate_size=1024, vocab_size=32000, max_position_embeddings=64, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    hf = randomize(LlamaForCausalLM(cfg), seed=0, scale=0.05)
+    model = EdgeModel.from_hf(hf)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 32000, (2, 12), generator=gen)
+    corr = torch.randint(0, 32000, (2, 12), generator=gen)
+    examples = [Example(input_ids=ids[b].tolist(), corrupted_input_ids=corr[b, :10].tolist() + ids[b, 10:].tolist(),
+                        loss_positions=[9, 10], target_ids=ids[b, 10:].tolist(),
+                        corrupted_target_ids=ids[b, 10:].tolist(), split="train", line=b + 1) for b in range(2)]
+    return model, [collate(examples, pad_token_id=0)]
+
+
+def test_eap_fast_path_equals_masks_variant_with_position_aware_masks():
+    model, batches = spans_model_and_batches()
     fast, slow = eap_scores(model, batches), eap_scores(model, batches, variant="masks")
     assert fast.shape == (3 * model.graph.num_edges,)
     close(fast, slow)
 
 
 def test_eap_fast_path_equals_masks_variant_on_tracr():
-    model = EdgeModel.from_pretrained(ROOT / "data" / "tracr_models" / "reverse")  # zero ablation
-    ids = model.hf.encode([[1, 2, 3], [3, 1, 2], [2, 2, 1]])
-    examples = [Example(input_ids=row, corrupted_input_ids=row, loss_positions=[1, 2, 3], target_ids=[0, 1, 2],
-                        corrupted_target_ids=[0, 1, 2], split="train", line=i + 1)
-                for i, row in enumerate(ids.tolist())]
-    batches = [collate(examples, pad_token_id=0)]
+    model, batches = tracr_model_and_batches()
     close(eap_scores(model, batches), eap_scores(model, batches, variant="masks"))
 
 
@@ -170,18 +197,7 @@ def test_taps_folded_norm_backward_equals_the_norms_own(kind, monkeypatch):
 def test_eap_fast_path_equals_masks_variant_at_real_vocabulary_gqa():
     """Vocabulary 32k, d 512, 8 query / 2 KV heads, 2 layers: the sums over d_model and the read-out
     at real width stay within fp32 noise of the masked model's dm/dz."""
-    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
-                      intermediate_size=1024, vocab_size=32000, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    hf = randomize(LlamaForCausalLM(cfg), seed=0, scale=0.05)
-    model = EdgeModel.from_hf(hf)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32000, (2, 12), generator=gen)
-    corr = torch.randint(0, 32000, (2, 12), generator=gen)
-    examples = [Example(input_ids=ids[b].tolist(), corrupted_input_ids=corr[b, :10].tolist() + ids[b, 10:].tolist(),
-                        loss_positions=[9, 10], target_ids=ids[b, 10:].tolist(),
-                        corrupted_target_ids=ids[b, 10:].tolist(), split="train", line=b + 1) for b in range(2)]
-    batches = [collate(examples, pad_token_id=0)]
+    model, batches = real_width_gqa_model_and_batches()
     fast, slow = eap_scores(model, batches), eap_scores(model, batches, variant="masks")
     assert math.isfinite(float(fast.sum()))
     close(fast, slow, rel=2e-5)

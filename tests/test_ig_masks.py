@@ -6,24 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
-
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
-from conftest import build, randomize
+from conftest import build
 from edgeprune import EdgeModel
 from edgeprune.baselines import eap_ig_scores, ig_masks
 from edgeprune.baselines.attribution import path_gradient_scores
 from edgeprune.baselines.ig_masks import uniform_path_scores
 from edgeprune.eval import reference_and_corrupted
 from edgeprune.mixing import UniformMix, ablated_stream
-from edgeprune.tasks.jsonl import Example, collate
 from test_baselines import random_batch
-from test_ig_inputs import close, two_batches
+from test_ig_inputs import (close, real_width_gqa_model_and_batches, spans_model_and_batches,
+                            tracr_model_and_batches, two_batches)
 
-ROOT = Path(__file__).resolve().parents[1]
 ALPHAS = [0.25, 0.75]
 
 
@@ -64,43 +60,20 @@ def test_masks_variant_on_the_plain_model_equals_the_edge_masked_forward(kind, a
 
 
 def test_masks_variant_on_the_plain_model_with_position_aware_masks():
-    model = EdgeModel.from_hf(build("llama", seed=3))
-    model.set_spans(["prefix", "middle", "end"])
-    batches = []
-    for b in two_batches():
-        B, T = b.input_ids.shape
-        span_ids = torch.zeros(B, T, dtype=torch.long)
-        span_ids[:, 2:4] = 1
-        span_ids[:, T - 3:] = 2
-        batches.append(dataclasses.replace(b, span_ids=span_ids))
+    model, batches = spans_model_and_batches()
     fast = uniform_path_scores(model, batches, ALPHAS)
     assert fast.shape == (3 * model.graph.num_edges,)
     close(fast, path_gradient_scores(model, batches, ALPHAS))
 
 
 def test_masks_variant_on_the_plain_model_on_tracr():
-    model = EdgeModel.from_pretrained(ROOT / "data" / "tracr_models" / "reverse")  # zero ablation
-    ids = model.hf.encode([[1, 2, 3], [3, 1, 2], [2, 2, 1]])
-    examples = [Example(input_ids=row, corrupted_input_ids=row, loss_positions=[1, 2, 3], target_ids=[0, 1, 2],
-                        corrupted_target_ids=[0, 1, 2], split="train", line=i + 1)
-                for i, row in enumerate(ids.tolist())]
-    batches = [collate(examples, pad_token_id=0)]
+    model, batches = tracr_model_and_batches()  # zero ablation
     close(uniform_path_scores(model, batches, ALPHAS), path_gradient_scores(model, batches, ALPHAS))
 
 
 def test_masks_variant_on_the_plain_model_at_real_vocabulary_gqa():
     """Vocabulary 32k, d 512, 8 query / 2 KV heads, 2 layers."""
-    cfg = LlamaConfig(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=2, hidden_size=512,
-                      intermediate_size=1024, vocab_size=32000, max_position_embeddings=64, tie_word_embeddings=False)
-    torch.manual_seed(0)
-    model = EdgeModel.from_hf(randomize(LlamaForCausalLM(cfg), seed=0, scale=0.05))
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 32000, (2, 12), generator=gen)
-    corr = torch.randint(0, 32000, (2, 12), generator=gen)
-    examples = [Example(input_ids=ids[b].tolist(), corrupted_input_ids=corr[b, :10].tolist() + ids[b, 10:].tolist(),
-                        loss_positions=[9, 10], target_ids=ids[b, 10:].tolist(),
-                        corrupted_target_ids=ids[b, 10:].tolist(), split="train", line=b + 1) for b in range(2)]
-    batches = [collate(examples, pad_token_id=0)]
+    model, batches = real_width_gqa_model_and_batches()
     fast = uniform_path_scores(model, batches, ALPHAS)
     assert math.isfinite(float(fast.sum()))
     close(fast, path_gradient_scores(model, batches, ALPHAS), rel=2e-5)
