@@ -52,8 +52,11 @@ def test_uniform_mix_is_the_masked_model_at_one_mask_value(kind, ablation):
 
 
 @pytest.mark.parametrize("kind,ablation", [("gpt2", "interchange"), ("gpt2", "zero"), ("llama", "interchange"),
-                                           ("llama", "mean"), ("gpt_neox", "interchange"), ("qwen2", "zero")])
+                                           ("llama", "mean"), ("gpt_neox", "interchange"), ("qwen2", "zero"),
+                                           ("gemma2", "zero"), ("olmo2", "interchange"), ("phi3", "interchange")])
 def test_masks_variant_on_the_plain_model_equals_the_edge_masked_forward(kind, ablation):
+    """Every family's own reader path (Gemma-2's post-norms and soft-caps, OLMo-2's norms after the
+    projections, Phi-3's fused projections) reads the uniform mix as the masked model mixes."""
     model = with_ablation(kind, ablation, seed=1)
     batches = two_batches()
     close(uniform_path_scores(model, batches, ALPHAS), path_gradient_scores(model, batches, ALPHAS))
