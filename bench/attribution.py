@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgeprune import EdgeModel, buffers  # noqa: E402
 from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
-from step import DTYPES, Batch, HFStep, build_hf, make_clock, parse_setting, parse_shape  # noqa: E402
+from step import DTYPES, Batch, HFStep, WithSetting, build_hf, make_clock, parse_setting, parse_shape  # noqa: E402
 
 
 class AttributionBatch(Batch):
@@ -73,17 +73,19 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
         repeats = args.repeats_masks if variant == "masks" else args.repeats
         times, hf_times, vs_times = [], [], []
         fn()  # warm-up
-        if args.vs:
-            switched(args.vs, fn)
+        # the same attribution with the --vs setting in force (restored after each run)
+        vs_fn = WithSetting(lambda _clock: fn(), *args.vs[:3]) if args.vs else None
+        if vs_fn:
+            vs_fn(None)
         for _ in range(repeats):
             clock()
             hf_times.append(sum(hf_step(clock).values()))
             clock()
             fn()
             times.append(clock() / steps)
-            if args.vs:
+            if vs_fn:
                 clock()
-                switched(args.vs, fn)
+                vs_fn(None)
                 vs_times.append(clock() / steps)
         per_step, hf_s = statistics.median(times), statistics.median(hf_times)
         out.append({"model": kind, "shape": f"{shape[0]}x{shape[1]}", "method": method, "variant": variant,
@@ -100,16 +102,6 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
                   "time", flush=True)
     return out
 
-
-def switched(setting: tuple, fn) -> None:
-    """Run ``fn`` with ``setting`` (owner, name, value, text) in force, restored after."""
-    owner, name, value, _ = setting
-    saved = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        fn()
-    finally:
-        setattr(owner, name, saved)
 
 
 def main(argv=None) -> int:

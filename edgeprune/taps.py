@@ -45,6 +45,11 @@ class ReaderTaps:
             self.grad[rows].copy_(grad)
             self._written[rows] = True
 
+    def reset(self) -> None:
+        """Forget the gradients so far: the next backward's replace them (an IG step whose contraction is
+        its own, ``baselines/ig_masks.py``)."""
+        self._written[:] = False
+
     def finish(self) -> torch.Tensor:
         """The buffer, rows that no gradient reached set to zero."""
         if not self._written.all():

@@ -49,7 +49,8 @@ from tqdm.auto import tqdm
 from ..eval import reference_and_corrupted
 from ..model import EdgeModel
 from . import ig_masks
-from .ig_inputs import METRICS, Reference, check_metric, input_gradient_scores, metric_at_positions
+from .ig_inputs import (METRICS, Reference, check_metric, count_loss_positions, input_gradient_scores,
+                        metric_at_positions)
 
 IG_RULES = ("midpoint", "right")
 VARIANTS = ("inputs", "masks")  # EAP-IG's path: interpolated inputs (default) or edge masks
@@ -122,9 +123,7 @@ def path_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric:
     """
     check_metric(metric)
     batches = list(batches)
-    n_total = sum(int(b.loss_mask.sum()) for b in batches)
-    if n_total == 0:
-        raise ValueError("attribution got no loss positions (empty split?)")
+    n_total = count_loss_positions(batches)
     E = model.edge_masks.n  # (S * E,) for position-aware masks: a score per (edge, span)
     grad = torch.zeros(E, dtype=torch.float32, device=model.device)
     was_training = model.training

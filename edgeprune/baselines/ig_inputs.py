@@ -110,6 +110,30 @@ def check_inputs_variant(model: EdgeModel, alphas: list[float]) -> None:
                          "which integrates along the edge masks under any ablation, or EAP")
 
 
+def count_loss_positions(batches: list) -> int:
+    """The loss positions of ``batches`` (Batch objects), every metric's denominator; an error for none."""
+    n_total = sum(int(b.loss_mask.sum()) for b in batches)
+    if n_total == 0:
+        raise ValueError("attribution got no loss positions (empty split?)")
+    return n_total
+
+
+def eap_buffers(model: EdgeModel, shape: tuple[int, int, int]) -> tuple[ReaderTaps, torch.Tensor]:
+    """Reader taps over the kept (readers, B, T, D) fp32 buffer and the kept (W, B, T, D) fp32 buffer of
+    writer differences, for a batch of ``shape`` (B, T, D) (``edgeprune.buffers``, names ``eap.*``)."""
+    R, W = model.graph.num_readers, model.graph.num_writers
+    taps = ReaderTaps(R, shape, model.device, buffers.take("eap.taps", (R, *shape), torch.float32, model.device))
+    return taps, buffers.take("eap.diffs", (W, *shape), torch.float32, model.device)
+
+
+def edge_scores(graph: Graph, total: torch.Tensor, n_alphas: int) -> torch.Tensor:
+    """(S * E,) fp32 on CPU, span-major as the masks: ``-total / n_alphas`` at every edge of the (S, R, W)
+    fp64 sums of ``contract``."""
+    idx = graph.dense_index.to(total.device)
+    edges = total.view(total.shape[0], -1)[:, idx].reshape(-1)
+    return (-edges / n_alphas).float().cpu()
+
+
 def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric: str = "logit_diff",
                           progress: bool = False, desc: str = "attribute") -> torch.Tensor:
     """(E,) fp32 on CPU (S * E span-major for position-aware masks): ``-<s_w - s~_w, mean_alpha dm/dx_r>``
@@ -118,9 +142,7 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
     check_metric(metric)
     check_inputs_variant(model, alphas)
     batches = list(batches)
-    n_total = sum(int(b.loss_mask.sum()) for b in batches)
-    if n_total == 0:
-        raise ValueError("attribution got no loss positions (empty split?)")
+    n_total = count_loss_positions(batches)
     graph = model.graph
     S = model.n_spans or 1
     total = torch.zeros((S, graph.num_readers, graph.num_writers), dtype=torch.float64, device=model.device)
@@ -132,9 +154,7 @@ def input_gradient_scores(model: EdgeModel, batches, alphas: list[float], metric
         del grads, diffs
     buffers.clear("eap.")  # not to sit beside a pruning run's peak after this
     bar.close()
-    idx = graph.dense_index.to(total.device)
-    edges = total.view(S, -1)[:, idx].reshape(-1)  # span-major, as the masks
-    return (-edges / len(alphas)).float().cpu()
+    return edge_scores(graph, total, len(alphas))
 
 
 def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric: str, n_total: int,
@@ -147,12 +167,10 @@ def batch_reader_gradients(model: EdgeModel, batch, alphas: list[float], metric:
     them in place (``mixing.StateSink``): under EAP that clean pass is the gradient pass itself."""
     ids, mask, sel = batch.input_ids, batch.attention_mask, batch.loss_mask
     B, T = ids.shape
-    fam, graph = model.family, model.graph
+    fam = model.family
     shape = (B, T, model.hf.config.hidden_size)
     targets = batch.target_ids[sel]
-    R, W = graph.num_readers, graph.num_writers
-    taps = ReaderTaps(R, shape, model.device, buffers.take("eap.taps", (R, *shape), torch.float32, model.device))
-    diffs = buffers.take("eap.diffs", (W, *shape), torch.float32, model.device)  # (W, B, T, D), writer-major
+    taps, diffs = eap_buffers(model, shape)  # diffs (W, B, T, D), writer-major
     interchange = model.ablation == "interchange"
     if interchange and mask is not None and not torch.equal(mask, batch.corrupted_attention_mask):
         raise ValueError("EAP/EAP-IG (inputs variant): clean and corrupted inputs must have the same attention "

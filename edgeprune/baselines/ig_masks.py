@@ -30,8 +30,8 @@ from .. import buffers
 from ..eval import reference_and_corrupted
 from ..mixing import StateSink, UniformMix, ablated_stream
 from ..model import EdgeModel
-from ..taps import ReaderTaps
-from .ig_inputs import Reference, check_metric, contract, metric_at_positions
+from .ig_inputs import (Reference, check_metric, contract, count_loss_positions, eap_buffers, edge_scores,
+                        metric_at_positions)
 
 # EAP-IG's masks variant through the plain model (this module); False: through the edge-masked forward
 # (``attribution.path_gradient_scores``, the reference), as ``bench/attribution.py --vs`` times it
@@ -44,13 +44,10 @@ def uniform_path_scores(model: EdgeModel, batches, alphas: list[float], metric: 
     the metric averaged over every loss position of ``batches`` (Batch objects). See the module docstring."""
     check_metric(metric)
     batches = list(batches)
-    n_total = sum(int(b.loss_mask.sum()) for b in batches)
-    if n_total == 0:
-        raise ValueError("attribution got no loss positions (empty split?)")
+    n_total = count_loss_positions(batches)
     graph, fam = model.graph, model.family
     S = model.n_spans or 1
-    R, W = graph.num_readers, graph.num_writers
-    total = torch.zeros((S, R, W), dtype=torch.float64, device=model.device)
+    total = torch.zeros((S, graph.num_readers, graph.num_writers), dtype=torch.float64, device=model.device)
     was_training = model.training
     model.eval()
     bar = tqdm(total=len(batches) * len(alphas), desc=desc, disable=not progress, leave=False)
@@ -63,13 +60,12 @@ def uniform_path_scores(model: EdgeModel, batches, alphas: list[float], metric: 
             ablated = corrupted if model.ablation == "interchange" else model.fixed_ablated_states()
             stream = ablated_stream(graph, ablated, fam.attn_constant)
             shape = (*ids.shape, model.hf.config.hidden_size)
-            diffs = buffers.take("eap.diffs", (W, *shape), torch.float32, model.device)
             span_ids = None if model.spans is None else batch.span_ids.to(model.device)
             with torch.no_grad():
                 emb = fam.embed(ids, fam.context(ids, mask, None))
+            taps, diffs = eap_buffers(model, shape)  # once a batch: every step overwrites both
             for alpha in alphas:
-                taps = ReaderTaps(R, shape, model.device, buffers.take("eap.taps", (R, *shape), torch.float32,
-                                                                       model.device))
+                taps.reset()
                 start = emb.detach().requires_grad_(True)
                 with torch.enable_grad():
                     out = model.full_forward(ids, mask, embeds=start, taps=taps, select=sel,
@@ -79,11 +75,9 @@ def uniform_path_scores(model: EdgeModel, batches, alphas: list[float], metric: 
                 del out, m, start
                 contract(graph, taps.finish(), diffs, span_ids, S, total)
                 bar.update(1)
-            del stream, ablated, corrupted, diffs
+            del stream, ablated, corrupted, taps, diffs  # the kept buffers are free for the next batch
     finally:
         buffers.clear("eap.")  # not to sit beside a pruning run's peak after this
         bar.close()
         model.train(was_training)
-    idx = graph.dense_index.to(total.device)
-    edges = total.view(S, -1)[:, idx].reshape(-1)  # span-major, as the masks
-    return (-edges / len(alphas)).float().cpu()
+    return edge_scores(graph, total, len(alphas))

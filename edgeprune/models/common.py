@@ -212,7 +212,7 @@ def rms_project_group(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: 
     for every reader) it is exactly the composition.
     """
     if _shared_foldable(x, dtype, weight):
-        return _shared_fold(x, weight, None, eps, False, projections)
+        return _fold(x, weight, None, eps, False, projections, shared=True)
     if not _foldable(x, dtype, weight):
         return project_group(rms_norm(x, weight, eps, dtype), projections)
     return _fold(x, weight, None, eps, False, projections)
@@ -228,7 +228,7 @@ def ln_project_group(x: torch.Tensor, norm: torch.nn.LayerNorm, dtype: torch.dty
     whose mean over d_model is small against their spread.)"""
     bias = None if norm.bias is None else norm.bias.float()
     if norm.weight is not None and _shared_foldable(x, dtype, norm.weight):
-        return _shared_fold(x, norm.weight.float(), bias, norm.eps, True, projections)
+        return _fold(x, norm.weight, bias, norm.eps, True, projections, shared=True)
     if norm.weight is None or not _foldable(x, dtype, norm.weight):
         return project_group(layer_norm(x, norm, dtype), projections)
     return _fold(x, norm.weight.float(), bias, norm.eps, True, projections)
@@ -249,20 +249,29 @@ def _shared_foldable(x: torch.Tensor, dtype: torch.dtype, weight: torch.Tensor) 
         and x.requires_grad and not weight.requires_grad
 
 
-def _shared_fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
+def _fold(x, weight, bias, eps, centred, projections, shared: bool = False) -> list[torch.Tensor]:
+    """The norm folded into the projections: ``_NormProjection``, or for one input seen by every reader
+    (``shared``) ``_SharedNormProjection``."""
     sizes = tuple(n for _, _, n in projections)
     if x.shape[0] != sum(sizes):
         raise ValueError(f"expected {sum(sizes)} reader inputs, got {x.shape[0]}")
     flat = [t for w, b, _ in projections for t in (w, b)]
-    return list(_SharedNormProjection.apply(x, weight, bias, eps, centred, sizes, *flat))
+    fn = _SharedNormProjection if shared else _NormProjection
+    return list(fn.apply(x.float(), weight.float(), bias, eps, centred, sizes, *flat))
 
 
-def _fold(x, weight, bias, eps, centred, projections) -> list[torch.Tensor]:
-    sizes = tuple(n for _, _, n in projections)
-    if x.shape[0] != sum(sizes):
-        raise ValueError(f"expected {sum(sizes)} reader inputs, got {x.shape[0]}")
-    flat = [t for w, b, _ in projections for t in (w, b)]
-    return list(_NormProjection.apply(x.float(), weight.float(), bias, eps, centred, sizes, *flat))
+def _folded_weight_t(weight: torch.Tensor, w_t: torch.Tensor, n: int) -> torch.Tensor:
+    """W'^T per reader, (n, d_head, D), W' = diag(weight) W for w_t (D, n * d_head): the norm's scale folded in."""
+    return (weight[:, None] * w_t).view(weight.shape[0], n, -1).permute(1, 2, 0)
+
+
+def _bmm_with_column(a: torch.Tensor, w: torch.Tensor, const: torch.Tensor | None, out: torch.Tensor) -> None:
+    """out (n, P, D) = a (n, P, d_head) @ w (n, d_head, D), with const (n, P, 1), where given, added to every
+    column of a row as one more column of the product."""
+    if const is None:
+        torch.bmm(a, w, out=out)
+    else:
+        torch.bmm(torch.cat([a, const], -1), torch.cat([w, w.new_ones(w.shape[0], 1, w.shape[-1])], 1), out=out)
 
 
 def _mix_width(x: torch.Tensor) -> int:
@@ -344,15 +353,13 @@ class _NormProjection(torch.autograd.Function):
                 continue
             r = rstd[start:start + n]
             dy = g.permute(1, 0, 2, 3).reshape(n, B * T, -1)  # (n, P, d_head)
-            w = (weight[:, None] * w_t).view(D, n, -1).permute(1, 2, 0)  # (n, d_head, D): W'^T per reader
             c = torch.linalg.vecdot(dy, u).unsqueeze(-1) * r.pow(3) / -D
             coef[start:start + n] = c
-            if ctx.centred:  # the constant part of each row, as one more column of the product
-                colsum = w.sum(-1, keepdim=True)  # (n, d_head, 1): c of the docstring
-                const = -(c * mean[start:start + n]) - r * (dy @ colsum) / D  # (n, P, 1)
-                torch.bmm(torch.cat([dy * r, const], -1), torch.cat([w, w.new_ones(n, 1, D)], 1), out=target)
-            else:
-                torch.bmm(dy * r, w, out=target)
+            w = _folded_weight_t(weight, w_t, n)
+            const = None  # the constant part of each row (LayerNorm): colsum(W') is the docstring's c
+            if ctx.centred:
+                const = -(c * mean[start:start + n]) - r * (dy @ w.sum(-1, keepdim=True)) / D  # (n, P, 1)
+            _bmm_with_column(dy * r, w, const, target)
             start += n
         dx = dense.view(R, B, T, D)
         if x is None:  # the mix adds coef * x, rebuilding x as it goes
@@ -415,14 +422,11 @@ class _SharedNormProjection(torch.autograd.Function):
                 start += n
                 continue
             dy = g.permute(1, 0, 2, 3).reshape(n, P, -1)  # (n, P, d_head)
-            w = (weight[:, None] * w_t).view(D, n, -1).permute(1, 2, 0)  # (n, d_head, D): W'^T per reader
             coef[start:start + n] = torch.linalg.vecdot(dy, u.view(P, n, -1).transpose(0, 1)).unsqueeze(-1) \
                 * r.square() / -D
-            if ctx.centred:  # the constant term as one more column of the product
-                const = (dy @ w.sum(-1, keepdim=True)) * r / -D  # (n, P, 1)
-                torch.bmm(torch.cat([dy * r, const], -1), torch.cat([w, w.new_ones(n, 1, D)], 1), out=target)
-            else:
-                torch.bmm(dy * r, w, out=target)
+            w = _folded_weight_t(weight, w_t, n)
+            const = (dy @ w.sum(-1, keepdim=True)) * r / -D if ctx.centred else None  # LayerNorm's term
+            _bmm_with_column(dy * r, w, const, target)
             start += n
         dense.addcmul_(xc.view(1, P, D), coef)
         return (dense.view(R, B, T, D), None, None, None, None, None, *[None] * (2 * k))
