@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import GPT2_TOKENIZER, require_shared
@@ -102,6 +103,11 @@ def test_attribute_compare_curve(world):
         extra = ["--ig-steps", 2] if method == "eap-ig" else []
         _cli("attribute", world / "config.yaml", "--method", method, "--batches", 1, *extra, "--no-progress")
         assert (run / f"scores_{method}.safetensors").is_file()
+    # EAP-IG along the masks, the attribution prune.init_from: auto runs (on the plain model, baselines/ig_masks.py)
+    _cli("attribute", world / "config.yaml", "--method", "eap-ig", "--ig-variant", "masks", "--ig-steps", 2,
+         "--batches", 1, "-o", world / "scores_masks.safetensors", "--no-progress")
+    masks_scores = load_file(world / "scores_masks.safetensors")["scores"]
+    assert bool(torch.isfinite(masks_scores).all()) and bool(masks_scores.ne(0).any())
     _cli("compare", run, run / "scores_eap-ig.safetensors", "-o", world / "compare", "--batches", 1, "--no-progress")
     _cli("curve", run, run / "scores_eap.safetensors", "-o", world / "curve", "--budgets", "0.05,0.5",
          "--batches", 1, "--no-progress")

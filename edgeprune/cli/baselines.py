@@ -131,9 +131,9 @@ def add_attribute_parser(sub) -> None:
     p.add_argument("--ig-rule", choices=IG_RULES, default="midpoint", help="EAP-IG Riemann rule (default midpoint)")
     p.add_argument("--ig-variant", choices=VARIANTS,
                    help="EAP-IG path: inputs (interpolate clean and corrupted embeddings; one plain forward+backward "
-                        "per step; interchange ablation) or masks (every edge mask together; one edge-masked "
-                        "forward+backward per step; any ablation) (default: inputs under interchange ablation, "
-                        "else masks)")
+                        "per step; interchange ablation) or masks (every edge mask together; one plain "
+                        "forward+backward per step reading the uniform mix, and a contraction; any ablation) "
+                        "(default: inputs under interchange ablation, else masks)")
     p.add_argument("--tau", type=float, default=DEFAULT_TAU,
                    help=f"ACDC: remove an edge if its effect on the metric is below tau (default {DEFAULT_TAU})")
     p.add_argument("-o", "--output", help="scores file (default RUN_OUTPUT_DIR/scores_METHOD.safetensors)")
