@@ -1,6 +1,6 @@
 """Reference logits and corrupted writer states per example, kept across epochs (``prune.cache_corrupted``:
-``auto``, the default, turns it on when the run has more than one epoch and the cache fits in a
-quarter of the free memory; ``decide``).
+``auto``, the default, turns it on when the run has more than one epoch, or an attribution that fills
+it first, and the cache fits in a quarter of the free memory; ``decide``).
 
 Every pruning step needs, for its batch, the full model's logits at the loss positions and (under
 interchange ablation) the writer states of the corrupted inputs: a no-grad pass over twice the
@@ -40,17 +40,20 @@ def cache_nbytes(model, examples) -> int:
     return (states if model.ablation == "interchange" else 0) + positions * vocab * 4
 
 
-def decide(setting, epochs: float, nbytes: int, free: int | None) -> tuple[bool, str]:
-    """(use the cache?, why) for ``prune.cache_corrupted`` = true / false / auto."""
+def decide(setting, epochs: float, nbytes: int, free: int | None, attribution: bool = False) -> tuple[bool, str]:
+    """(use the cache?, why) for ``prune.cache_corrupted`` = true / false / auto. ``attribution``: an
+    attribution before the steps makes the same pass over every training example (EAP-IG's masks
+    variant), one more use of each entry."""
     size = f"{nbytes / 2**30:.2f} GiB"
     if setting is True or setting is False:
         return setting, f"prune.cache_corrupted: {str(setting).lower()} ({size})"
-    if epochs <= 1:
+    if epochs <= 1 and not attribution:
         return False, "off (auto: the run sees each example once)"
     if free is None or nbytes > CACHE_SHARE * free:
         room = "unknown free memory" if free is None else f"{free / 2**30:.2f} GiB free"
         return False, f"off (auto: {size} would not fit in a quarter of the {room})"
-    return True, f"on (auto: {size} for {epochs:.1f} epochs; prune.cache_corrupted: false turns it off)"
+    uses = f"{epochs:.1f} epochs" + (" after the attribution, which fills it" if attribution else "")
+    return True, f"on (auto: {size} for {uses}; prune.cache_corrupted: false turns it off)"
 
 
 class ReferenceCache:

@@ -47,7 +47,7 @@ from .masks import OFF_LOG_ALPHA
 from .experiment import load_model, load_split, prepare_ablation, use_spans
 from .experiment import task_metric as get_task_metric
 from .model import EdgeModel
-from .warmstart import attribution_method, attribution_start, fixed_edges, warm_start
+from .warmstart import attribution_method, attribution_start, fills_reference, fixed_edges, warm_start
 from .rundir import RunDirError, RunTiming, check_same_model, run_dir_plan
 
 
@@ -257,6 +257,7 @@ class PruneRecipe:
         record = prepare_ablation(self.model, self.cfg, self.out, self.train, write=self.d.is_main,
                                   progress=self.progress and self.d.is_main)
         self.say(f"ablation: {record['ablation']} ({record['source']})")
+        self._init_reference()  # before the attribution, which may fill it
         if self.method and self.start is None:  # after the ablation states: attribution ablates as pruning will
             self._attribute()
         self._init_masks()
@@ -348,12 +349,15 @@ class PruneRecipe:
         if self.existing is not None:
             self.log_path.write_text("".join(ln + "\n" for ln in self.log_lines))
 
+    def _attribution_batches(self) -> list:
+        train = self.train
+        return list(batches(train.examples, self.p.batch_size, train.pad_token_id))
+
     def _attribute(self) -> None:
-        p, train = self.p, self.train
+        p = self.p
         self.say(f"prune.init_from: {p.init_from}: computing {self.method} scores on the training split")
-        self.start, scores = attribution_start(self.method, self.model, p,
-                                               list(batches(train.examples, p.batch_size, train.pad_token_id)),
-                                               self.progress)
+        self.start, scores = attribution_start(self.method, self.model, p, self._attribution_batches(),
+                                               self.progress, reference=self.reference)
         save_scores(scores, self.own_scores)
         self.say(f"{self.method}: {scores.wall_time_s:.0f} s; written to {self.own_scores}")
 
@@ -406,20 +410,33 @@ class PruneRecipe:
         self.lambda_opt = torch.optim.AdamW(list(self.lambdas.values()), lr=p.lr_lambdas, weight_decay=0.0,
                                             maximize=True)
 
+    def _init_reference(self) -> None:
+        """The reference cache (full-model logits, corrupted states; ``prune.cache_corrupted``). Made before
+        the attribution: EAP-IG's masks variant makes a step's very pass for each of its batches
+        (``warmstart.fills_reference``), so it fills the cache, and the first epoch's steps read it too."""
+        p, train, model = self.p, self.train, self.model
+        self.steps_per_epoch = len(epoch_batches(train, p.batch_size, self.cfg.run.seed, 0))
+        self.attribution_fills = bool(self.method) and fills_reference(self.method)
+        use_cache, why = decide(p.cache_corrupted, p.steps / self.steps_per_epoch, cache_nbytes(model, train.examples),
+                                free_bytes(self.device), attribution=self.attribution_fills)
+        self.say(f"reference cache: {why}")
+        self.reference = ReferenceCache(enabled=use_cache)
+
     def _init_data_loop(self) -> None:
-        """Epoch order, the empty circuit's baseline, timing, and the reference cache (refilled on resume)."""
+        """Epoch order, the empty circuit's baseline, timing, and the reference cache refilled on resume."""
         p, train, model, d = self.p, self.train, self.model, self.d
         self.empty = EmptyBaseline()  # the empty circuit's metrics, the same at every validation
-        self.steps_per_epoch = len(epoch_batches(train, p.batch_size, self.cfg.run.seed, 0))
         self.epoch, self.order = -1, []
         self.timing = RunTiming.load(self.out / "timing.json") if self.existing is not None else RunTiming()
-        use_cache, why = decide(p.cache_corrupted, p.steps / self.steps_per_epoch, cache_nbytes(model, train.examples),
-                                free_bytes(self.device))
-        self.say(f"reference cache: {why}")
-        self.reference = ReferenceCache(enabled=use_cache)  # full-model logits, corrupted states
-        if use_cache and self.step_count > 0:  # resumed: refill from the batches that filled it (same values)
-            first = epoch_batches(train, p.batch_size, self.cfg.run.seed, 0)[:min(self.step_count, self.steps_per_epoch)]
-            self.reference.warm(model, (d.shard(b).to(self.device) for b in first))
+        if self.reference.enabled and self.existing is not None:
+            # resumed: refill from the batches that filled it before (the same values, so exact resume): the
+            # attribution's, or the first epoch's that ran
+            if self.attribution_fills:
+                filled = self._attribution_batches()
+            else:
+                filled = epoch_batches(train, p.batch_size, self.cfg.run.seed, 0)[:min(self.step_count,
+                                                                                     self.steps_per_epoch)]
+            self.reference.warm(model, (d.shard(b).to(self.device) for b in filled))
         model.train()
 
     # ------------------------------------------------------------------ masks

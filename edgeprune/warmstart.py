@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from .baselines import ig_masks
 from .baselines.methods import attribute
 from .baselines.scores import check_graph, load_scores
 from .control import solve_shift
@@ -148,13 +149,21 @@ def attribution_method(init_from: str | None) -> str | None:
     return AUTO_METHOD if init_from == "auto" else init_from
 
 
-def attribution_start(method: str, model, p, batches, progress: bool = False):
+def fills_reference(method: str) -> bool:
+    """Whether ``method``'s attribution (as ``attribution_start`` runs it) makes, for each batch, the no-grad
+    reference pass a pruning step makes (``eval.reference_and_corrupted``): EAP-IG's masks variant on the
+    plain model. Then it fills the run's reference cache (``cache.ReferenceCache``)."""
+    return method == "eap-ig" and IG_VARIANT == "masks" and ig_masks.UNIFORM_PATH
+
+
+def attribution_start(method: str, model, p, batches, progress: bool = False, reference=None):
     """(WarmStart, Scores): ``method``'s scores on ``batches`` (the training split) and the warm start
     they give. The scores are what ``edgeprune attribute CONFIG --method METHOD`` computes (``auto``:
-    with ``--ig-steps AUTO_IG_STEPS``)."""
+    with ``--ig-steps AUTO_IG_STEPS``). ``reference``: the run's ``cache.ReferenceCache``, which EAP-IG's
+    masks variant fills with its per-batch passes (``fills_reference``)."""
     steps = {"ig_steps": AUTO_IG_STEPS} if p.init_from == "auto" else {}  # else attribute's own default
     scores = attribute(model, batches, method, progress=progress, settings={"split": "train", "by": "prune.init_from"},
-                       ig_variant=IG_VARIANT, **steps)
+                       ig_variant=IG_VARIANT, reference=reference, **steps)
     return from_scores(scores, model, p, f"{method} computed on the training split"), scores
 
 

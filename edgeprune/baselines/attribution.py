@@ -171,12 +171,14 @@ def eap_scores(model: EdgeModel, batches, metric: str = "logit_diff", progress: 
 
 
 def eap_ig_scores(model: EdgeModel, batches, steps: int = 5, rule: str = "midpoint", metric: str = "logit_diff",
-                  progress: bool = False, variant: str | None = None) -> torch.Tensor:
+                  progress: bool = False, variant: str | None = None, reference=None) -> torch.Tensor:
     """EAP-IG: (E,) path-integrated estimates along interpolated inputs (``inputs``) or edge masks
-    (``masks``); see the module docstring for what each sums to. None: ``default_variant``."""
+    (``masks``); see the module docstring for what each sums to. None: ``default_variant``.
+    ``reference``: serves the masks variant's per-batch pass (``ig_masks.uniform_path_scores``)."""
     alphas = ig_alphas(steps, rule)
     if default_variant(model, variant) == "inputs":
         return input_gradient_scores(model, batches, alphas, metric, progress, desc="eap-ig")
     if ig_masks.UNIFORM_PATH:
-        return ig_masks.uniform_path_scores(model, batches, alphas, metric, progress, desc="eap-ig")
+        return ig_masks.uniform_path_scores(model, batches, alphas, metric, progress, desc="eap-ig",
+                                            reference=reference)
     return path_gradient_scores(model, batches, alphas, metric, progress, desc="eap-ig")

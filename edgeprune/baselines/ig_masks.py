@@ -39,9 +39,14 @@ UNIFORM_PATH = True
 
 
 def uniform_path_scores(model: EdgeModel, batches, alphas: list[float], metric: str = "logit_diff",
-                        progress: bool = False, desc: str = "attribute") -> torch.Tensor:
+                        progress: bool = False, desc: str = "attribute", reference=None) -> torch.Tensor:
     """(E,) fp32 on CPU (S * E span-major for position-aware masks): ``-mean_alpha dm/dz (alpha * 1)``, m
-    the metric averaged over every loss position of ``batches`` (Batch objects). See the module docstring."""
+    the metric averaged over every loss position of ``batches`` (Batch objects). See the module docstring.
+
+    ``reference``: what serves each batch's no-grad pass, called as ``reference(model, batch, select)``;
+    None: ``eval.reference_and_corrupted``. A pruning run passes its ``cache.ReferenceCache``, so that
+    these passes fill the cache its first epoch then reads (the same pass a pruning step makes)."""
+    reference = reference_and_corrupted if reference is None else reference
     check_metric(metric)
     batches = list(batches)
     n_total = count_loss_positions(batches)
@@ -55,7 +60,7 @@ def uniform_path_scores(model: EdgeModel, batches, alphas: list[float], metric: 
         for batch in batches:
             batch = batch.to(model.device)
             ids, mask, sel = batch.input_ids, batch.attention_mask, batch.loss_mask
-            logits, corrupted = reference_and_corrupted(model, batch, select=sel)
+            logits, corrupted = reference(model, batch, sel)
             ref = Reference.of(logits, batch.target_ids[sel])
             ablated = corrupted if model.ablation == "interchange" else model.fixed_ablated_states()
             stream = ablated_stream(graph, ablated, fam.attn_constant)

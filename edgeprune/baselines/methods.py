@@ -22,7 +22,8 @@ def check_method(method: str) -> str:
 
 def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = None, ig_steps: int = 5,
               ig_rule: str = "midpoint", ig_variant: str | None = None, tau: float = DEFAULT_TAU,
-              progress: bool = False, settings: dict | None = None, config: dict | None = None) -> Scores:
+              progress: bool = False, settings: dict | None = None, config: dict | None = None,
+              reference=None) -> Scores:
     """Per-edge scores of ``method`` on ``batches`` (Batch objects), with its settings and wall time.
 
     ``ig_variant``: EAP-IG's path, ``inputs`` (interpolated inputs) or ``masks`` (every edge mask
@@ -33,7 +34,8 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     runs the plain forward and backward (both variants compute the same EAP scores).
 
     ``settings`` (e.g. split, batch size) and ``config`` (the resolved experiment config) are
-    stored with the scores.
+    stored with the scores. ``reference``: serves the per-batch no-grad pass of EAP-IG's masks variant
+    (a pruning run's ``cache.ReferenceCache``, which the pass then fills); the other methods run their own.
     """
 
     check_method(method)
@@ -49,7 +51,7 @@ def attribute(model: EdgeModel, batches, method: str, *, metric: str | None = No
     elif method == "eap-ig":
         ig_variant = default_variant(model, ig_variant)
         values = eap_ig_scores(model, batches, steps=ig_steps, rule=ig_rule, metric=metric, progress=progress,
-                               variant=ig_variant)
+                               variant=ig_variant, reference=reference)
         info.update(ig_steps=ig_steps, ig_rule=ig_rule, ig_variant=ig_variant)
     else:
         result = acdc(model, batches, tau=tau, metric=metric, progress=progress)
