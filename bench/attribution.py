@@ -21,6 +21,11 @@ the ratio of the minima is the steadier estimate). An attribution runs over ``--
 edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
 ``--repeats-masks``.
 
+``--parts`` also prints where an attribution's time goes, per batch: the plain no-grad passes (EAP's
+corrupted pass, the inputs variant's clean pass, the masks variant's reference pass over clean and
+corrupted inputs), the forwards with reader taps, the backwards, the contractions (each wrapped in
+its own clock while the timed runs run), and HF's forward and backward apart.
+
 ``--vs MODULE.NAME=VALUE`` also times each attribution with that setting of an edgeprune module
 switched (``bench/step.py``'s ``parse_setting``), interleaved with the default in the same repeats,
 and prints the ratio (switched / default): e.g. ``--vs models.common.SHARED_FOLD=False``, the reader
@@ -30,8 +35,10 @@ taps' norm backward apart from the projections'.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -40,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from edgeprune import EdgeModel, buffers  # noqa: E402
+from edgeprune.baselines import ig_inputs, ig_masks  # noqa: E402
 from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
 from step import DTYPES, Batch, HFStep, WithSetting, build_hf, make_clock, parse_setting, parse_shape  # noqa: E402
 
@@ -54,6 +62,50 @@ class AttributionBatch(Batch):
 
     def to(self, device):
         return self
+
+
+class Parts:
+    """``--parts``: seconds spent in each phase of the attributions run inside ``with parts:``, summed over
+    calls, by wrapping the functions that run the phases (restored on exit)."""
+
+    def __init__(self, model: EdgeModel, device: torch.device):
+        self.device, self.spent = device, {}
+        self.targets = [(model, "full_forward", self._forward_label), (torch.autograd, "grad", lambda *a, **k: "backward")]
+        self.targets += [(module, "contract", lambda *a, **k: "contraction") for module in (ig_inputs, ig_masks)]
+        self.saved = []
+
+    @staticmethod
+    def _forward_label(*args, **kwargs) -> str:
+        return "forward with reader taps" if kwargs.get("taps") is not None else "no-grad pass"
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def _wrap(self, fn, label):
+        def timed(*args, **kwargs):
+            start = self._now()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                name = label(*args, **kwargs)
+                self.spent[name] = self.spent.get(name, 0.0) + self._now() - start
+        return timed
+
+    def __enter__(self):
+        self.saved = [(owner, name, getattr(owner, name)) for owner, name, _ in self.targets]
+        for (owner, name, label), (_, _, fn) in zip(self.targets, self.saved):
+            setattr(owner, name, self._wrap(fn, label))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, name, fn in self.saved:
+            if owner is torch.autograd or not isinstance(owner, EdgeModel):
+                setattr(owner, name, fn)
+            else:  # the model's own method again (the wrapper was an instance attribute)
+                delattr(owner, name)
+        return False
 
 
 def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
@@ -71,7 +123,8 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
     out = []
     for method, variant, steps, fn in runs:
         repeats = args.repeats_masks if variant == "masks" else args.repeats
-        times, hf_times, vs_times = [], [], []
+        times, hf_times, vs_times, hf_parts = [], [], [], []
+        parts = Parts(model, device) if args.parts else None
         fn()  # warm-up
         # the same attribution with the --vs setting in force (restored after each run)
         vs_fn = WithSetting(lambda _clock: fn(), *args.vs[:3]) if args.vs else None
@@ -79,9 +132,11 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
             vs_fn(None)
         for _ in range(repeats):
             clock()
-            hf_times.append(sum(hf_step(clock).values()))
+            hf_parts.append(hf_step(clock))
+            hf_times.append(sum(hf_parts[-1].values()))
             clock()
-            fn()
+            with parts or contextlib.nullcontext():
+                fn()
             times.append(clock() / steps)
             if vs_fn:
                 clock()
@@ -95,6 +150,13 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
         print(f"  {kind} {r['shape']} {method:<6} {variant:<6} ({r['steps']} step{'s' if r['steps'] > 1 else ''}): "
               f"{per_step:.3f} s/step, HF fwd+bwd {hf_s:.3f} s, ratio {r['ratio']:.2f}x (fastest runs "
               f"{r['fastest_ratio']:.2f}x)", flush=True)
+        if parts is not None:  # per batch, averaged over the timed runs
+            per_batch = {k: v / (repeats * args.batches) for k, v in parts.spent.items()}
+            per_batch["other"] = statistics.mean(times) * steps / args.batches - sum(per_batch.values())
+            hf_split = {k: statistics.median(p[k] for p in hf_parts) for k in hf_parts[0]}
+            r["parts_per_batch_s"], r["hf_parts_s"] = per_batch, hf_split
+            print("    a batch: " + ", ".join(f"{k} {v:.3f} s" for k, v in per_batch.items())
+                  + "; HF: " + ", ".join(f"{k} {v:.3f} s" for k, v in hf_split.items()), flush=True)
         if args.vs:
             vs = statistics.median(vs_times)
             r["vs_s"] = vs
@@ -119,6 +181,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--parts", action="store_true",
+                        help="also print where a batch's time goes (passes, forwards, backwards, contractions)")
     parser.add_argument("--vs", default=None, metavar="MODULE.NAME=VALUE",
                         help="also time each attribution with this edgeprune setting switched, interleaved")
     args = parser.parse_args(argv)

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
 
 
 def others(P: int, D: int, diffs: torch.Tensor, k: int, repeats: int) -> None:
-    """The variants measured and not taken (docs/scale.md, the eighth session)."""
+    """The variants measured and not taken (docs/speed-log.md, the eighth session)."""
     R = 32
     print("  not taken:")
     # dL/ds of two groups at once: one K = 64 update against two K = 32 updates of the same rows

@@ -16,6 +16,7 @@ from conftest import build, randomize
 from edgeprune import EdgeModel
 from edgeprune.baselines import attribute, eap_ig_scores, eap_scores
 from edgeprune.baselines.attribution import path_gradient_scores, prepare
+from edgeprune.baselines import ig_inputs
 from edgeprune.baselines.ig_inputs import batch_reader_gradients, input_gradient_scores
 from edgeprune.models import common
 from edgeprune.taps import ReaderTaps
@@ -244,10 +245,11 @@ def test_bench_attribution_times_a_switched_setting_and_restores_it(capsys):
         bench = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(bench)
         threads = torch.get_num_threads()
+        wrapped = (torch.autograd.grad, ig_inputs.contract)
         try:
             assert bench.main(["--models", "llama", "--layers", "1", "--shapes", "2x8", "--variants", "inputs",
                                "--ig-steps", "2", "--batches", "1", "--repeats", "1", "--threads", "1",
-                               "--vs", "models.common.SHARED_FOLD=False"]) == 0
+                               "--vs", "models.common.SHARED_FOLD=False", "--parts"]) == 0
             with pytest.raises(SystemExit, match="no setting 'NOPE'"):
                 bench.main(["--vs", "models.common.NOPE=1"])
         finally:
@@ -255,5 +257,11 @@ def test_bench_attribution_times_a_switched_setting_and_restores_it(capsys):
     finally:
         sys.path.remove(str(bench_dir))
     assert common.SHARED_FOLD is True
+    assert (torch.autograd.grad, ig_inputs.contract) == wrapped  # --parts' clocks are gone again
     out = capsys.readouterr().out
     assert out.count("with models.common.SHARED_FOLD=False:") == 2 and "fastest runs" in out
+    # --parts: EAP's batch is a no-grad pass over the corrupted input, a forward with taps, its backward and
+    # the contraction
+    (eap_parts,) = [line for line in out.splitlines() if line.startswith("    a batch:")][:1]
+    for part in ("no-grad pass", "forward with reader taps", "backward", "contraction", "HF: forward"):
+        assert part in eap_parts, (part, eap_parts)
