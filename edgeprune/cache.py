@@ -32,12 +32,23 @@ CACHE_SHARE = 0.25  # ``auto``: the cache may take this share of the free memory
 def cache_nbytes(model, examples) -> int:
     """Bytes the cache takes for ``examples``: per example its corrupted writer states (interchange
     ablation; writers x its length x d_model in the model's dtype) and its reference logits (fp32)."""
-    g = model.graph
-    tokens = sum(len(ex.input_ids) for ex in examples)
-    positions = sum(len(ex.loss_positions) for ex in examples)
+    return _nbytes(model, sum(len(ex.input_ids) for ex in examples), sum(len(ex.loss_positions) for ex in examples))
+
+
+def batches_nbytes(model, batches) -> int:
+    """``cache_nbytes`` of the examples of ``batches`` (Batch objects; padding not counted)."""
+    return _nbytes(model, sum(int(b.attention_mask.sum()) for b in batches), sum(int(b.loss_mask.sum()) for b in batches))
+
+
+def _nbytes(model, tokens: int, positions: int) -> int:
     vocab = getattr(model.hf.config, "vocab_size", None) or 0
-    states = g.num_writers * tokens * model.hf.config.hidden_size * model.dtype.itemsize
+    states = model.graph.num_writers * tokens * model.hf.config.hidden_size * model.dtype.itemsize
     return (states if model.ablation == "interchange" else 0) + positions * vocab * 4
+
+
+def fits(nbytes: int, free: int | None) -> bool:
+    """Whether a cache of ``nbytes`` fits in ``CACHE_SHARE`` of ``free`` bytes (None: unknown, no)."""
+    return free is not None and nbytes <= CACHE_SHARE * free
 
 
 def decide(setting, epochs: float, nbytes: int, free: int | None, attribution: bool = False) -> tuple[bool, str]:
@@ -49,7 +60,7 @@ def decide(setting, epochs: float, nbytes: int, free: int | None, attribution: b
         return setting, f"prune.cache_corrupted: {str(setting).lower()} ({size})"
     if epochs <= 1 and not attribution:
         return False, "off (auto: the run sees each example once)"
-    if free is None or nbytes > CACHE_SHARE * free:
+    if not fits(nbytes, free):
         room = "unknown free memory" if free is None else f"{free / 2**30:.2f} GiB free"
         return False, f"off (auto: {size} would not fit in a quarter of the {room})"
     uses = f"{epochs:.1f} epochs" + (" after the attribution, which fills it" if attribution else "")

@@ -99,7 +99,7 @@ class EmptyBaseline:
 @torch.no_grad()
 def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, progress: bool = False,
              desc: str = "eval", output_scale: float = 1.0, reduce=None, empty: bool | EmptyBaseline = True,
-             total: int | None = None) -> dict:
+             total: int | None = None, reference=None) -> dict:
     """Circuit (the model's current masks, deterministic) vs full model over ``batches``.
 
     ``task_metric``: a ``tasks.common.TaskMetric`` (its metrics are namespaced by its name).
@@ -108,6 +108,10 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     ``empty``: also evaluate the empty circuit for the normalised faithfulness (True), reuse an
     ``EmptyBaseline`` across calls, or skip it (False: no ``faithfulness``, only the ratio).
     ``total``: the number of batches, for the progress bar.
+    ``reference``: serves each batch's full-model pass, called as ``reference(model, batch, select)`` ->
+    (logits at the loss positions, corrupted states), as ``reference_and_corrupted``, the default; the
+    evaluator of many circuits on the same batches passes a ``cache.ReferenceCache``
+    (``baselines.curve.CircuitEvaluator``). Every read-out runs at the loss positions only.
     """
     was_training = model.training
     model.eval()
@@ -123,7 +127,7 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     try:
         for i, batch in enumerate(tqdm(batches, desc=desc, disable=not progress, leave=False, total=total)):
             batch = batch.to(model.device)
-            outputs = _batch_outputs(model, batch, baseline is not None and not reuse, output_scale)
+            outputs = _batch_outputs(model, batch, baseline is not None and not reuse, output_scale, reference)
             part, empty_part = _batch_sums(outputs, batch, loss, task_metric)
             add(part)
             n_pos += int(batch.loss_mask.sum())
@@ -141,15 +145,21 @@ def evaluate(model: EdgeModel, batches, *, loss: str = "kl", task_metric=None, p
     return _metrics(sums, n_pos, n_ex, reduce, loss, task_metric)
 
 
-def _batch_outputs(model: EdgeModel, batch, with_empty: bool, output_scale: float) -> dict[str, torch.Tensor]:
-    """(B, T, V) logits of the full model, the circuit and (``with_empty``) the empty circuit, scaled."""
-    full, corrupted = reference_and_corrupted(model, batch)
-    circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+def _batch_outputs(model: EdgeModel, batch, with_empty: bool, output_scale: float,
+                   reference=None) -> dict[str, torch.Tensor]:
+    """(N, V) logits at the batch's N loss positions (the read-out over the vocabulary runs only there)
+    of the full model, the circuit and (``with_empty``) the empty circuit, scaled."""
+    sel = batch.loss_mask
+    if reference is None:
+        full, corrupted = reference_and_corrupted(model, batch, select=sel)
+    else:
+        full, corrupted = reference(model, batch, sel)
+    circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
                     span_ids=batch.span_ids).logits
     outputs = {"full": full, "circuit": circuit}
     if with_empty:
         zeros = torch.zeros(model.edge_masks.n, device=model.device)
-        outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted,
+        outputs["empty"] = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
                                  edge_values=zeros, span_ids=batch.span_ids).logits
     if output_scale != 1.0:
         outputs = {k: v * output_scale for k, v in outputs.items()}
@@ -157,24 +167,27 @@ def _batch_outputs(model: EdgeModel, batch, with_empty: bool, output_scale: floa
 
 
 def _batch_sums(outputs: dict[str, torch.Tensor], batch, loss: str, task_metric) -> tuple[dict, dict]:
-    """One batch's metric sums: (full vs circuit, and the task metric of both; the empty circuit's)."""
+    """One batch's metric sums: (full vs circuit, and the task metric of both; the empty circuit's).
+    ``outputs``: (N, V) logits at the batch's loss positions, in the order of ``batch.loss_mask``."""
     full, circuit = outputs["full"], outputs["circuit"]
     sel = batch.loss_mask
     part: dict[str, float] = {}
     empty_part: dict[str, float] = {}
     if loss == "mse":
-        part.update(numerical_metrics(full[sel], circuit[sel]))
+        part.update(numerical_metrics(full, circuit))
     else:
-        part.update(position_metrics(full[sel], circuit[sel], batch.target_ids[sel]))
+        part.update(position_metrics(full, circuit, batch.target_ids[sel]))
         if "empty" in outputs:
-            ld = position_metrics(full[sel], outputs["empty"][sel], batch.target_ids[sel])
+            ld = position_metrics(full, outputs["empty"], batch.target_ids[sel])
             empty_part["logit_diff_empty"] = float(ld["logit_diff_circuit"])
     if task_metric is not None:
         task = getattr(task_metric, "name", "task")
-        rows = torch.arange(batch.input_ids.shape[0], device=full.device)
-        first = batch.first_loss_position
+        # each example's first loss position, as a row of the (N, V) outputs
+        row_of = torch.full(sel.shape, -1, dtype=torch.long, device=sel.device)
+        row_of[sel] = torch.arange(full.shape[0], device=sel.device)
+        first = row_of[torch.arange(sel.shape[0], device=sel.device), batch.first_loss_position]
         for which, logits in outputs.items():
-            for k, v in task_metric(logits[rows, first].float(), batch.extras).items():
+            for k, v in task_metric(logits[first].float(), batch.extras).items():
                 key = f"{task}/{k}_{which}"
                 if which == "empty":
                     empty_part[key] = float(v.float().sum())

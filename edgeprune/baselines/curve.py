@@ -37,7 +37,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cache import ReferenceCache, batches_nbytes, fits
 from ..circuit import extract_circuit
+from ..estimate import free_bytes
 from ..eval import evaluate, normalized_faithfulness
 from ..model import EdgeModel
 from ..rundir import load_masks
@@ -112,6 +114,9 @@ class CircuitEvaluator:
         self.model, self.batches, self.loss, self.progress = model, list(batches), loss, progress
         self.task_metric = task_metric  # tasks.common.TaskMetric: its own faithfulness beside the generic one
         self._cache: dict[bytes, dict] = {}
+        # the full model's pass over these batches (reference logits, corrupted states) is the same for every
+        # circuit: made once when it fits (``cache.fits``), else once per circuit
+        self.reference = ReferenceCache(enabled=fits(batches_nbytes(model, self.batches), free_bytes(model.device)))
         self.names = model.edge_names  # (writer, reader[, span]) per mask
         empty = self.metrics(torch.zeros(len(self.names), dtype=torch.bool))
         self.m_full = empty["logit_diff_full"]
@@ -133,7 +138,7 @@ class CircuitEvaluator:
             self.model.set_edges([e for e, k in zip(self.names, kept.tolist()) if k])
             try:
                 self._cache[key] = evaluate(self.model, self.batches, loss=self.loss, empty=False,
-                                            task_metric=self.task_metric)
+                                            task_metric=self.task_metric, reference=self.reference)
             finally:
                 self.model.reset_masks()
         return self._cache[key]
