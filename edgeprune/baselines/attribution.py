@@ -62,7 +62,7 @@ __all__ = ["IG_RULES", "METRICS", "VARIANTS", "Prepared", "check_metric", "eap_i
 class Prepared:
     """A batch with everything a masked forward and the metric need, on the model's device.
 
-    ref: (N, V) fp32 full-model logits at the N loss positions; targets, alt: (N,) long, the target
+    ref: (N, V) fp32 full-model logits at the N loss positions (every read-out runs only there); targets, alt: (N,) long, the target
     token and the full model's top alternative; corrupted: writer groups (g, B, T, D) or None.
     """
 
@@ -80,20 +80,20 @@ class Prepared:
 def prepare(model: EdgeModel, batch) -> Prepared:
     """One no-grad pass of the frozen weights: reference logits, alternatives, ablated states."""
     batch = batch.to(model.device)
-    full, corrupted = reference_and_corrupted(model, batch)
-    r = Reference.of(full[batch.loss_mask], batch.target_ids[batch.loss_mask])
+    full, corrupted = reference_and_corrupted(model, batch, select=batch.loss_mask)
+    r = Reference.of(full, batch.target_ids[batch.loss_mask])
     return Prepared(batch, corrupted, r.ref, r.targets, r.alt)
 
 
 def metric_sum(logits: torch.Tensor, p: Prepared, metric: str) -> torch.Tensor:
-    """Scalar: the metric summed over the loss positions of ``p``. logits (B, T, V) of the circuit."""
-    return metric_at_positions(logits[p.batch.loss_mask], p.ref, p.targets, p.alt, metric)
+    """Scalar: the metric summed over the loss positions of ``p``. logits (N, V) of the circuit there."""
+    return metric_at_positions(logits, p.ref, p.targets, p.alt, metric)
 
 
 def masked_logits(model: EdgeModel, p: Prepared, z: torch.Tensor) -> torch.Tensor:
-    """(B, T, V) logits of the model with edge values z (E,) fp32 (may require grad)."""
+    """(N, V) logits at the loss positions of the model with edge values z (E,) fp32 (may require grad)."""
     b = p.batch
-    return model(b.input_ids, b.attention_mask, corrupted_states=p.corrupted, edge_values=z,
+    return model(b.input_ids, b.attention_mask, corrupted_states=p.corrupted, edge_values=z, select=b.loss_mask,
                  span_ids=b.span_ids).logits
 
 
