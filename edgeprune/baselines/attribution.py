@@ -62,8 +62,9 @@ __all__ = ["IG_RULES", "METRICS", "VARIANTS", "Prepared", "check_metric", "eap_i
 class Prepared:
     """A batch with everything a masked forward and the metric need, on the model's device.
 
-    ref: (N, V) fp32 full-model logits at the N loss positions (every read-out runs only there); targets, alt: (N,) long, the target
-    token and the full model's top alternative; corrupted: writer groups (g, B, T, D) or None.
+    ref: (N, V) fp32 full-model logits at the N loss positions (every read-out runs only there);
+    targets, alt: (N,) long, the target token and the full model's top alternative; corrupted: writer
+    groups (g, B, T, D) or None.
     """
 
     batch: object  # tasks.jsonl.Batch
