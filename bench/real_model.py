@@ -66,9 +66,7 @@ def graph_size(model_dir: Path) -> str:
 
 def step_and_memory(model_dir: Path, shape: tuple[int, int], args) -> dict:
     """bench/step.py's figures for the checkpoint's shape."""
-    opts = argparse.Namespace(layers=None, dtype="float32", device="cpu", tiny=False, cache=False,
-                              checkpointing=False, positions=None, spans=8, repeats=args.repeats, warmup=1,
-                              threads=None, malloc_default=False)
+    opts = stepbench.options(repeats=args.repeats)
     kind = str(model_dir)
     r = stepbench.time_one(kind, shape, opts, torch.device("cpu"))
     if not args.no_memory:
@@ -84,7 +82,7 @@ def compare_row(run: Path, scores: Path, out: Path, model_dir: Path, split: str)
     return json.loads((out / "compare.json").read_text())
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=SMOLLM2, help=f"HF checkpoint directory (default {SMOLLM2})")
     ap.add_argument("--config", type=Path, default=ROOT / "configs" / "smollm2_ioi.yaml")
@@ -100,7 +98,7 @@ def main() -> int:
     ap.add_argument("--split", default="test")
     ap.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_real_model")
     ap.add_argument("--json", type=Path, help="also write every figure here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     buffers.tune_cpu_allocator()  # as the CLI: huge pages, glibc keeping its freed heap
     if not (args.model / "config.json").is_file():
         raise SystemExit(f"{args.model}: no config.json; fetch SmolLM2 with ../shared/models/get_smollm2.sh or "

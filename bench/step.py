@@ -569,7 +569,7 @@ def parse_shape(text: str) -> tuple[int, int]:
     return int(b), int(t)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="gpt2,llama", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--config", action="append", default=[], metavar="DIR",
@@ -626,6 +626,22 @@ def main(argv=None) -> int:
     parser.add_argument("--spans", type=int, default=8, help="spans for --positions (default 8)")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--_memory", help=argparse.SUPPRESS)
+    return parser
+
+
+def options(**overrides) -> argparse.Namespace:
+    """This benchmark's options at their defaults, with ``overrides``: what another benchmark passes to
+    ``time_one`` (``bench/real_model.py``), so that an option added here never breaks it."""
+    args = build_parser().parse_args([])
+    for key, value in overrides.items():
+        if not hasattr(args, key):
+            raise TypeError(f"bench/step.py has no option {key!r}")
+        setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.vs:
         parse_setting(args.vs)  # a bad setting stops here, before any model is built

@@ -268,3 +268,33 @@ def test_init_from_eap_equals_a_warm_start_from_edgeprune_attribute(tmp_path):
     prune(cfg, progress=False, stop_after=3)
     prune(cfg, resume=True, progress=False)
     assert torch.equal(own, load_file(str(tmp_path / "killed" / "masks.safetensors"))["edge_log_alpha"])
+
+
+def test_bench_real_model_runs_end_to_end_at_toy_size(tiny, tmp_path, capsys):
+    """``bench/real_model.py`` (the time-to-circuit figures of docs/scale.md) runs through: the graph, a
+    step against HF with ``bench/step.py``'s own options, then the default path and ``compare``."""
+    import importlib.util
+    import sys
+
+    from edgeprune.config import save_config
+
+    cfg_path = tmp_path / "config.yaml"
+    save_config(config(tiny, tmp_path / "unused", init_from="auto", batch_size=8), cfg_path)
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    threads = torch.get_num_threads()
+    try:
+        spec = importlib.util.spec_from_file_location("bench_real_model", bench_dir / "real_model.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.main(["--model", str(tiny), "--config", str(cfg_path), "--paths", "default", "--warm-steps", "2",
+                           "--ig-steps", "1", "--shape", "2x8", "--repeats", "1", "--no-memory", "--out",
+                           str(tmp_path / "out"), "--json", str(tmp_path / "report.json")]) == 0
+    finally:
+        sys.path.remove(str(bench_dir))
+        torch.set_num_threads(threads)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["step"]["ratio"] > 0 and report["graph"].endswith("edges")
+    (run,) = report["runs"]
+    assert run["steps"] == 2 and {r["method"] for r in run["compare"]["rows"]} == {"edge-pruning", "eap-ig"}
+    assert "| default (prune.init_from: auto) | 2 |" in capsys.readouterr().out
