@@ -16,10 +16,11 @@ batch (``bench/step.py``'s ``HFStep``: gradient to the input embeddings, weights
 cross-entropy over every position). Printed: seconds per IG step (an attribution's time divided by
 its steps and ``--batches``; EAP is one step a batch) and its ratio to HF's forward+backward of one
 batch, the medians' and the fastest runs' (on a shared machine other tenants only ever add time, so
-the ratio of the minima is the steadier estimate). An attribution runs over ``--batches`` copies of the batch (default 4), as over a real split
-(its big buffers are kept from batch to batch, ``edgeprune.buffers``). The masks variant runs the
-edge-masked forward at every step; it takes 2.5-4x HF per step (docs/scale.md), so give it few
-``--repeats-masks``.
+the ratio of the minima is the steadier estimate). An attribution runs over ``--batches`` copies of
+the batch (default 4), as over a real split (its big buffers are kept from batch to batch,
+``edgeprune.buffers``). ``--repeats-masks`` sets the timed runs of the masks variant apart (default 1):
+its reference path, the edge-masked forward (``--vs baselines.ig_masks.UNIFORM_PATH=False``), takes
+2.5-4x HF per step (docs/scale.md).
 
 ``--parts`` also prints where an attribution's time goes, per batch: the plain no-grad passes (EAP's
 corrupted pass, the inputs variant's clean pass, the masks variant's reference pass over clean and
@@ -101,10 +102,10 @@ class Parts:
 
     def __exit__(self, *exc):
         for owner, name, fn in self.saved:
-            if owner is torch.autograd or not isinstance(owner, EdgeModel):
-                setattr(owner, name, fn)
-            else:  # the model's own method again (the wrapper was an instance attribute)
+            if isinstance(owner, EdgeModel):  # the model's own method again (the wrapper was an instance attribute)
                 delattr(owner, name)
+            else:
+                setattr(owner, name, fn)
         return False
 
 
@@ -163,7 +164,6 @@ def time_model(kind: str, shape: tuple[int, int], args, device) -> list[dict]:
             print(f"    with {args.vs[3]}: {vs:.3f} s/step, {vs / hf_s:.2f}x HF; {vs / per_step:.3f}x the default's "
                   "time", flush=True)
     return out
-
 
 
 def main(argv=None) -> int:
