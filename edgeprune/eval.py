@@ -186,6 +186,8 @@ def _batch_sums(outputs: dict[str, torch.Tensor], batch, loss: str, task_metric)
         row_of = torch.full(sel.shape, -1, dtype=torch.long, device=sel.device)
         row_of[sel] = torch.arange(full.shape[0], device=sel.device)
         first = row_of[torch.arange(sel.shape[0], device=sel.device), batch.first_loss_position]
+        if bool((first < 0).any()):  # (collate puts it among them; a row of -1 would read another position)
+            raise ValueError("evaluate: an example's first loss position is not among the batch's loss positions")
         for which, logits in outputs.items():
             for k, v in task_metric(logits[first].float(), batch.extras).items():
                 key = f"{task}/{k}_{which}"
