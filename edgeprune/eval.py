@@ -150,10 +150,8 @@ def _batch_outputs(model: EdgeModel, batch, with_empty: bool, output_scale: floa
     """(N, V) logits at the batch's N loss positions (the read-out over the vocabulary runs only there)
     of the full model, the circuit and (``with_empty``) the empty circuit, scaled."""
     sel = batch.loss_mask
-    if reference is None:
-        full, corrupted = reference_and_corrupted(model, batch, select=sel)
-    else:
-        full, corrupted = reference(model, batch, sel)
+    reference = reference_and_corrupted if reference is None else reference  # (an empty cache is falsy: no `or`)
+    full, corrupted = reference(model, batch, sel)
     circuit = model(batch.input_ids, batch.attention_mask, corrupted_states=corrupted, select=sel,
                     span_ids=batch.span_ids).logits
     outputs = {"full": full, "circuit": circuit}
