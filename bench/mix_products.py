@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from edgeprune import buffers  # noqa: E402
+from edgeprune import blas, buffers  # noqa: E402
 from step import parse_shape  # noqa: E402
 
 
@@ -140,6 +140,8 @@ def others(P: int, D: int, diffs: torch.Tensor, k: int, repeats: int) -> None:
     flops = 2 * k * 2 * R * P * D
     print(f"    dL/ds of two groups: one K=64 update {rate(flops, one, repeats):.0f}, two K=32 updates "
           f"{rate(flops, two, repeats):.0f}")
+    del grad, go2
+    grad_layouts(P, D, k, R, repeats)
     # one position's product through oneDNN (PyTorch's mkldnn linear) against MKL's mm
     x, w = torch.randn(R, k), torch.randn(D, k)
     flops = 2 * R * k * D
@@ -167,6 +169,46 @@ def others(P: int, D: int, diffs: torch.Tensor, k: int, repeats: int) -> None:
     flops = 2 * n * P * dh * D
     print(f"    K/V input gradients ({n} heads): bmm {rate(flops, lambda: torch.bmm(dy, w, out=out), repeats):.0f}, "
           f"a loop of mm {rate(flops, loop, repeats):.0f}")
+
+
+def grad_layouts(P: int, D: int, k: int, R: int, repeats: int) -> None:
+    """dL/ds of one group, (k, R) x (R, P x D), with the gradient buffer cold as in the step (a 300 MB
+    write between runs), in the layouts measured in the twelfth session (``mixing`` uses position-major
+    through MKL's batch on CPU, writer-major elsewhere), beside a plain read-modify-write of the same
+    rows: the writer-major GEMM is not bound by the buffer's traffic."""
+    flush = torch.empty(300 << 18)
+
+    def cold(fn):
+        def run():
+            flush.fill_(1.0)
+            t0 = time.perf_counter()
+            fn()
+            return time.perf_counter() - t0
+        run()
+        return statistics.median(run() for _ in range(repeats))
+    flops, N = 2 * k * R * P * D, P * D
+    zt, go = torch.rand(k, R), torch.randn(R, N)
+    writer_major = torch.zeros(k, N)
+    secs = {"writer-major": cold(lambda: writer_major.addmm_(zt, go))}
+    secs["in column blocks of 8192"] = cold(lambda: [writer_major[:, c:c + 8192].addmm_(zt, go[:, c:c + 8192])
+                                                     for c in range(0, N, 8192)])
+    stream = cold(lambda: writer_major.add_(1.0))
+    del writer_major
+    # position-major, the writers' slice of a (P, W, D) buffer: one (k, R) x (R, D) product per position into
+    # its contiguous block, through MKL's batch GEMM (what mixing does on CPU) and through torch's baddbmm_,
+    # which runs a strided output's products one by one
+    position_major = torch.zeros(P, k + 20, D)[:, :k]
+    by_position = go.view(R, P, D).transpose(0, 1)
+    secs["position-major, MKL batch"] = cold(lambda: blas.update(position_major, zt, by_position))
+    secs["position-major, torch.baddbmm_"] = cold(lambda: position_major.baddbmm_(zt.expand(P, k, R), by_position))
+    del position_major
+    writer_minor = torch.zeros(N, k)
+    secs["writer-minor"] = cold(lambda: writer_minor.addmm_(go.T, zt.T))
+    del writer_minor
+    print(f"    dL/ds of one group (k={k}, R={R}), its buffer cold: " +
+          ", ".join(f"{name} {flops / s / 1e9:.0f}" for name, s in secs.items()) +
+          f"; a read-modify-write of those rows alone {k * N * 8 / stream / 1e9:.0f} GB/s "
+          f"({stream * 1e3:.1f} ms against the update's {secs['writer-major'] * 1e3:.1f})")
 
 
 if __name__ == "__main__":

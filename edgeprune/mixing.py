@@ -24,9 +24,9 @@ How it stays lean and fast (DESIGN.md section 3):
   read it with a row stride, so no transpose is ever copied in the forward.
 - Gradients to the states go through a side channel: each write returns an autograd *token* that
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
-  gradient buffer (writer-major, so that this is one GEMM per mix, on CPU in blocks of ``GRAD_ROWS``
-  writers), and a write's backward (which
-  autograd runs only after every mix that read it) hands its writers' slice to the writer's own
+  gradient buffer (on CPU with MKL position-major like the states, each mix's update one MKL batch
+  of per-position products into its writers' slice, ``blas.update``; elsewhere writer-major, one
+  GEMM per mix), and a write's backward (which autograd runs only after every mix that read it) hands its writers' slice to the writer's own
   backward. So states are stored once, never saved per mix, and their gradients accumulate in
   fp32. The first mix backward (the read-out's, over every writer) writes that buffer rather than
   adding to a zeroed one.
@@ -64,7 +64,7 @@ from contextlib import contextmanager
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import buffers
+from . import blas, buffers
 from .graph import Graph
 
 
@@ -187,17 +187,13 @@ def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torc
     out = scratch((diffs.shape[0], writers.numel(), diffs.shape[-1]), pool, diffs.device)
     # one strided copy per run of consecutive writers: faster than torch's index kernels (64 of SmolLM2's 301
     # writers at 32 x 64: 43 ms into a fresh tensor, 28 ms into a kept one, against 53 ms by indexing)
-    ids, j = writers.tolist(), 0
-    while j < len(ids):
-        k = j + 1
-        while k < len(ids) and ids[k] == ids[k - 1] + 1:
-            k += 1
-        out[:, j:k].copy_(diffs[:, ids[j]:ids[k - 1] + 1])
-        j = k
+    for first, i, stop in _runs(writers.tolist()):
+        out[:, i:i + stop - first].copy_(diffs[:, first:stop])
     return out
 
 
-# dL/ds's update, (k, R) x (R, B·T·D), in blocks of at most this many writers on CPU (0: one product), from
+# dL/ds's update into the writer-major buffer (CPU without MKL, or GRAD_BY_POSITION off), (k, R) x (R, B·T·D),
+# in blocks of at most this many writers on CPU (0: one product), from
 # GRAD_BLOCK_MIN values per writer and example (T x D; per example, like SPARSE_MIN, so that torchrun's processes
 # choose alike). MKL runs that product with few reader rows (R 16-64) and hundreds of writers at a fraction of its
 # rate: on a 2-core AMD EPYC, (281, 32) x (32, 2048·576) at 43 GFLOP/s whole and 125 in blocks of 64 rows (the
@@ -206,6 +202,10 @@ def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torc
 # Each row sums over the same readers (a BLAS may round another block size differently in the last bit).
 GRAD_ROWS = 64
 GRAD_BLOCK_MIN = 1 << 15
+# dL/ds's buffer position-major on CPU where MKL's batch GEMM is reachable (``_add_grad``); False: writer-major.
+# SmolLM2's dense backward 1.05-1.06x faster (8x32, 32x64), GPT-2 small's 1.05-1.09x, a pruned circuit's the same
+# (bench/step.py --vs mixing.GRAD_BY_POSITION=False)
+GRAD_BY_POSITION = True
 
 
 def row_blocks(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, add: bool, rows: int = 0) -> None:
@@ -290,8 +290,8 @@ class WriterStates:
     (W, B, T, D). ``ablated``: the ablated states s~, (W, B, T, D), a broadcastable (W, 1, 1, D)
     (mean), or None (zero ablation; then d = s). ``write`` stores a writer group at its place in
     graph order and returns its autograd token (None when no gradient flows to it); ``mix`` reads
-    the first n writers. ``grad`` is the fp32 dL/ds buffer, writer-major (W, B x T, D), that the mixes'
-    backward fills (allocated, zeroed, at the first backward). ``seal`` ends the forward: the
+    the first n writers. ``grad`` is the fp32 dL/ds buffer, position-major (B x T, W, D) on CPU with MKL,
+    else writer-major (W, B x T, D) (``_add_grad``), that the mixes' backward fills (allocated, zeroed, at the first backward). ``seal`` ends the forward: the
     ablated states are let go, and later writes (activation checkpointing recomputes layers in the
     backward) leave the buffer as it is, since they would write the same values.
     """
@@ -314,7 +314,8 @@ class WriterStates:
         self.grad_support = grad_support
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
-        self.grad: torch.Tensor | None = None  # (W, P, D), writer-major
+        self.grad: torch.Tensor | None = None  # (P, W, D) position-major or (W, P, D) writer-major
+        self.grad_position_major = False
         self._taken = n_writers  # rows from here on were handed to their writers' backward
         self._pending = 0  # writes whose gradient is not handed over yet (their tokens' backward)
         self.sealed = False
@@ -505,10 +506,12 @@ class WriterStates:
         are all 0). The first call that covers every writer (the read-out's, the first backward)
         writes the buffer instead of adding to a zeroed one.
 
-        ``grad`` is writer-major, (W, P, D), unlike the states: a writer slice is then one dense
-        (k, P x D) block, and shared masks make the update one GEMM, (k, R) x (R, P x D), that reads
-        and writes the block once. (A per-position batched product into a position-major slice is
-        not dense, and CPU BLAS then falls back to one small product per position: twice the time.)"""
+        On CPU with MKL (``blas.available``) ``grad`` is position-major, (P, W, D), like the states: the
+        update is one (k, R) x (R, D) product per position into that position's contiguous (k, D) block,
+        all of them one MKL batch (``blas.update``), which streams the block through the cache where the
+        writer-major GEMM below reads and writes its rows at a fraction of the memory's rate
+        (``bench/mix_products.py``). Elsewhere it is writer-major, (W, P, D): a writer slice is one dense
+        (k, P x D) block, and shared masks make the update one GEMM, (k, R) x (R, P x D)."""
         k, R = z.shape[-1], z.shape[-2]
         if start + k > self._taken:
             raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
@@ -516,14 +519,18 @@ class WriterStates:
         P, W, D = self.flat.shape
         fresh = self.grad is None and start == 0 and k == W and live is None
         if self.grad is None:  # a pooled forward's: the bytes its corrupted states had (buffers.SWAP)
-            self.grad = torch.empty((W, P, D), dtype=torch.float32, device=self.buffer.device) \
-                if self.pool is None else buffers.take(buffers.SWAP, (W, P, D), torch.float32, self.buffer.device)
+            shape = (P, W, D) if self._position_major() else (W, P, D)
+            self.grad = torch.empty(shape, dtype=torch.float32, device=self.buffer.device) \
+                if self.pool is None else buffers.take(buffers.SWAP, shape, torch.float32, self.buffer.device)
             if not fresh:
                 self.grad.zero_()
-        target = self.grad[start:start + k].view(k, P * D)
-        blocks = GRAD_ROWS if target.device.type == "cpu" and self._example_width >= GRAD_BLOCK_MIN else 0
         if live is not None:
             z = z[..., live]
+        if self.grad_position_major:
+            self._add_grad_by_position(z, grad_out, start, live, fresh)
+            return
+        target = self.grad[start:start + k].view(k, P * D)
+        blocks = GRAD_ROWS if target.device.type == "cpu" and self._example_width >= GRAD_BLOCK_MIN else 0
         if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
             zt = per_position(z, self.span_ids, P).transpose(1, 2)  # (P, k, R)
             part = torch.bmm(zt, grad_out.transpose(0, 1)).transpose(0, 1).reshape(-1, P * D)
@@ -538,6 +545,36 @@ class WriterStates:
         else:
             target.copy_(part) if fresh else target.add_(part)
 
+    def _position_major(self) -> bool:
+        """Whether this backward's dL/ds buffer is position-major (``_add_grad``); fixed at its first call."""
+        if self.grad is None:
+            self.grad_position_major = GRAD_BY_POSITION and self.buffer.device.type == "cpu" and blas.available()
+        return self.grad_position_major
+
+    def _add_grad_by_position(self, z: torch.Tensor, grad_out: torch.Tensor, start: int,
+                              live: torch.Tensor | None, fresh: bool) -> None:
+        """``_add_grad`` into the position-major buffer (P, W, D); z already cut to the live writers."""
+        P = self.flat.shape[0]
+        by_position = grad_out.transpose(0, 1)  # (P, R, D), each reader's row contiguous
+        runs = [(start, 0, z.shape[-1])] if live is None else \
+            [(start + a, i, i + b - a) for a, i, b in _runs(live.tolist())]  # (first writer, z column, z stop)
+        if z.dim() == 3:  # position-aware: each position's own masks, one small product per position
+            part = torch.bmm(per_position(z, self.span_ids, P).transpose(1, 2), by_position)  # (P, m, D)
+            for first, i, j in runs:
+                target = self.grad[:, first:first + j - i]
+                target.copy_(part[:, i:j]) if fresh else target.add_(part[:, i:j])
+            return
+        zt = z.T.contiguous()  # (m, R)
+        if live is None:
+            blas.update(self.grad[:, start:start + zt.shape[0]], zt, by_position, beta=0.0 if fresh else 1.0)
+            return
+        # a pruned circuit's live writers come in many short runs: one product for all of them into the sparse
+        # paths' kept buffer, then an add per run (a product per run is a batch of tiny ones: 0.89x the step)
+        part = scratch((P, zt.shape[0], by_position.shape[-1]), self.pool, zt.device)
+        blas.update(part, zt, by_position, beta=0.0)
+        for first, i, j in runs:
+            self.grad[:, first:first + j - i].add_(part[:, i:j])
+
     def _take_grad(self, rows: slice, dtype: torch.dtype) -> torch.Tensor | None:
         """The finished gradient of writers ``rows`` (no mix adds to them any more), (g, B, T, D) in
         ``dtype``: in fp32 a view of the buffer (those rows are not written again)."""
@@ -550,7 +587,21 @@ class WriterStates:
         if self.grad is None:
             return None
         B, T, D = self.shape
+        if self.grad_position_major:  # (g, B, T, D), a strided view of the (P, W, D) buffer
+            return self.grad[:, rows].transpose(0, 1).unflatten(1, (B, T)).to(dtype)
         return self.grad[rows].view(rows.stop - rows.start, B, T, D).to(dtype)
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of consecutive values in sorted ``ids``: (first value, index of the first, one past the last value)."""
+    out, j = [], 0
+    while j < len(ids):
+        k = j + 1
+        while k < len(ids) and ids[k] == ids[k - 1] + 1:
+            k += 1
+        out.append((ids[j], j, ids[k - 1] + 1))
+        j = k
+    return out
 
 
 class GroupRebuild:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeprune import EdgeModel, mixing
+from edgeprune import EdgeModel, blas, mixing
 from edgeprune.eval import reference_and_corrupted
 from edgeprune.mixing import StateSink, WriterStates, recompute_saved
 from conftest import build, token_batch
@@ -448,8 +448,10 @@ def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, mon
     (BLAS may round a smaller block differently in the last bit): the states' gradients (through the
     embeddings) and every mask gradient are those of one product within fp32 rounding, over blocks of
     3 writers (the toy's groups have 4 to 13), dense and sparse. (Position-aware masks update per
-    position, not through it.)"""
+    position, not through it.) The writer-major buffer these blocks are of is the one used where MKL's
+    batch GEMM is not reachable (GPUs, other BLAS builds)."""
     model, ids, corrupted, span_ids = _toy_run(kind, 4, False, layers=3)
+    monkeypatch.setattr(mixing, "GRAD_BY_POSITION", False)
     embedding = model.hf.get_input_embeddings().weight
     embedding.requires_grad_(True)
     model.train()
@@ -613,3 +615,47 @@ def test_bench_step_times_the_backward_pieces_and_restores_them(capsys):
     seconds = {label.strip(): float(line.split(f"{label.strip()} ")[1].split(" s")[0])
                for _, _, label in bench.BACKWARD_PARTS}
     assert seconds["mix backward"] > 0 and seconds["dL/ds"] > 0 and seconds["the norms' backward"] > 0
+
+
+@pytest.mark.parametrize("kind,positional", [("gpt2", False), ("llama", False), ("llama", True)])
+def test_dl_ds_position_major_gives_the_gradients_of_the_writer_major_buffer(kind, positional, monkeypatch):
+    """On CPU with MKL dL/ds's buffer is position-major, (P, W, D), each mix's update one batch of
+    per-position products into its writers' slice (``blas.update``; the live rows of a pruned circuit
+    through the kept buffer, position-aware masks per position), and each writer's gradient a strided
+    view of it. The states' gradients (through the embeddings) and every mask gradient are those of the
+    writer-major buffer within fp32 rounding, with dense masks, masks exactly 0 (live rows) and clamped."""
+    if not blas.available():
+        pytest.skip("no MKL batch GEMM in this torch build: the buffer is writer-major")
+    model, ids, corrupted, span_ids = _toy_run(kind, 4, positional, layers=3)
+    embedding = model.hf.get_input_embeddings().weight
+    embedding.requires_grad_(True)
+    model.train()
+    with torch.no_grad():  # the first half of the readers' masks anywhere, the rest's mostly exactly 0
+        gen = torch.Generator().manual_seed(0)
+        log_alpha = model.edge_masks.log_alpha
+        log_alpha.copy_(torch.randn(model.edge_masks.n, generator=gen) * 3)
+        later = model.graph.dense_index // model.graph.num_writers >= model.graph.num_readers // 2
+        later = later.repeat(model.edge_masks.n // later.numel())  # position-aware: every span's copy
+        log_alpha[later & (torch.rand(model.edge_masks.n, generator=gen) < 0.9)] = -10.0
+    monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
+    updates, real = [], mixing.WriterStates._add_grad_by_position
+    monkeypatch.setattr(mixing.WriterStates, "_add_grad_by_position",
+                        lambda self, z, go, start, live, fresh: updates.append((z.dim(), live is not None))
+                        or real(self, z, go, start, live, fresh))
+
+    def run(by_position):
+        monkeypatch.setattr(mixing, "GRAD_BY_POSITION", by_position)
+        model.edge_masks.generator = torch.Generator().manual_seed(1)
+        model.edge_masks.log_alpha.grad, embedding.grad = None, None
+        logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
+        _weighted_loss(logits).backward()
+        return model.edge_masks.log_alpha.grad.clone(), embedding.grad.clone()
+
+    writer_major = run(False)
+    assert not updates
+    position_major = run(True)
+    assert any(live for _, live in updates) and any(not live for _, live in updates)  # both kinds of update
+    assert all(dim == (3 if positional else 2) for dim, _ in updates)
+    for b, w in zip(position_major, writer_major):
+        torch.testing.assert_close(b, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
+    assert writer_major[0].abs().sum() > 0 and writer_major[1].abs().sum() > 0
