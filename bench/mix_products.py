@@ -140,7 +140,6 @@ def others(P: int, D: int, diffs: torch.Tensor, k: int, repeats: int) -> None:
     flops = 2 * k * 2 * R * P * D
     print(f"    dL/ds of two groups: one K=64 update {rate(flops, one, repeats):.0f}, two K=32 updates "
           f"{rate(flops, two, repeats):.0f}")
-    del grad, go2
     grad_layouts(P, D, k, R, repeats)
     # one position's product through oneDNN (PyTorch's mkldnn linear) against MKL's mm
     x, w = torch.randn(R, k), torch.randn(D, k)
