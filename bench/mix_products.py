@@ -187,23 +187,23 @@ def grad_layouts(P: int, D: int, k: int, R: int, repeats: int) -> None:
         return statistics.median(run() for _ in range(repeats))
     flops, N = 2 * k * R * P * D, P * D
     zt, go = torch.rand(k, R), torch.randn(R, N)
-    writer_major = torch.zeros(k, N)
-    secs = {"writer-major": cold(lambda: writer_major.addmm_(zt, go))}
-    secs["in column blocks of 8192"] = cold(lambda: [writer_major[:, c:c + 8192].addmm_(zt, go[:, c:c + 8192])
-                                                     for c in range(0, N, 8192)])
-    stream = cold(lambda: writer_major.add_(1.0))
-    del writer_major
+    by_position = go.view(R, P, D).transpose(0, 1)
+
+    def on(shape, update, view=lambda t: t):  # a fresh zeroed buffer of ``shape``, gone after its timing
+        buffer = view(torch.zeros(shape))
+        return cold(lambda: update(buffer))
+    secs = {"writer-major": on((k, N), lambda g: g.addmm_(zt, go)),
+            "in column blocks of 8192": on((k, N), lambda g: [g[:, c:c + 8192].addmm_(zt, go[:, c:c + 8192])
+                                                              for c in range(0, N, 8192)])}
+    stream = on((k, N), lambda g: g.add_(1.0))
     # position-major, the writers' slice of a (P, W, D) buffer: one (k, R) x (R, D) product per position into
     # its contiguous block, through MKL's batch GEMM (what mixing does on CPU) and through torch's baddbmm_,
     # which runs a strided output's products one by one
-    position_major = torch.zeros(P, k + 20, D)[:, :k]
-    by_position = go.view(R, P, D).transpose(0, 1)
-    secs["position-major, MKL batch"] = cold(lambda: blas.update(position_major, zt, by_position))
-    secs["position-major, torch.baddbmm_"] = cold(lambda: position_major.baddbmm_(zt.expand(P, k, R), by_position))
-    del position_major
-    writer_minor = torch.zeros(N, k)
-    secs["writer-minor"] = cold(lambda: writer_minor.addmm_(go.T, zt.T))
-    del writer_minor
+    writers_slice = lambda g: g[:, :k]  # noqa: E731
+    secs["position-major, MKL batch"] = on((P, k + 20, D), lambda g: blas.update(g, zt, by_position), writers_slice)
+    secs["position-major, torch.baddbmm_"] = on((P, k + 20, D), lambda g: g.baddbmm_(zt.expand(P, k, R), by_position),
+                                                writers_slice)
+    secs["writer-minor"] = on((N, k), lambda g: g.addmm_(go.T, zt.T))
     print(f"    dL/ds of one group (k={k}, R={R}), its buffer cold: " +
           ", ".join(f"{name} {flops / s / 1e9:.0f}" for name, s in secs.items()) +
           f"; a read-modify-write of those rows alone {k * N * 8 / stream / 1e9:.0f} GB/s "
