@@ -440,6 +440,16 @@ def test_a_layer_alone_completes_its_input_gradients_in_its_mix(kind, monkeypatc
     assert grad_z.abs().sum() > 0 and grad_emb.abs().sum() > 0
 
 
+def _seeded_grads(model, ids, corrupted, span_ids):
+    """One backward of the toy loss with the masks sampled from seed 1: (dL/dlog_alpha, dL/d embedding weights)."""
+    embedding = model.hf.get_input_embeddings().weight
+    model.edge_masks.generator = torch.Generator().manual_seed(1)
+    model.edge_masks.log_alpha.grad, embedding.grad = None, None
+    logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
+    _weighted_loss(logits).backward()
+    return model.edge_masks.log_alpha.grad.clone(), embedding.grad.clone()
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "llama"])
 def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, monkeypatch):
     """dL/ds's update, (k, R) x (R, B·T·D), runs on CPU in blocks of ``mixing.GRAD_ROWS`` writers from
@@ -467,11 +477,7 @@ def test_dl_ds_in_blocks_of_writers_gives_the_gradients_of_one_product(kind, mon
 
     def run(rows):
         monkeypatch.setattr(mixing, "GRAD_ROWS", rows)
-        model.edge_masks.generator = torch.Generator().manual_seed(1)
-        model.edge_masks.log_alpha.grad, embedding.grad = None, None
-        logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
-        _weighted_loss(logits).backward()
-        return model.edge_masks.log_alpha.grad.clone(), embedding.grad.clone()
+        return _seeded_grads(model, ids, corrupted, span_ids)
 
     whole = run(0)
     blocked = run(3)
@@ -645,11 +651,7 @@ def test_dl_ds_position_major_gives_the_gradients_of_the_writer_major_buffer(kin
 
     def run(by_position):
         monkeypatch.setattr(mixing, "GRAD_BY_POSITION", by_position)
-        model.edge_masks.generator = torch.Generator().manual_seed(1)
-        model.edge_masks.log_alpha.grad, embedding.grad = None, None
-        logits = model(ids, corrupted_input_ids=corrupted, span_ids=span_ids).logits.float()
-        _weighted_loss(logits).backward()
-        return model.edge_masks.log_alpha.grad.clone(), embedding.grad.clone()
+        return _seeded_grads(model, ids, corrupted, span_ids)
 
     writer_major = run(False)
     assert not updates
