@@ -6,20 +6,25 @@ output -- a slice of writers at every position of a position-major buffer, (P, k
 batch on SmolLM2's dL/ds, ``bench/mix_products.py``). MKL itself takes any row and batch stride, and
 PyTorch's CPU library exports its ``cblas_sgemm_batch``, so ``update`` calls it directly where it is
 there (x86 wheels built with MKL) and falls back to ``torch.baddbmm_`` elsewhere: same values up to
-the order of the fp32 sums within each product.
+the order of the fp32 sums within each product. The call passes MKL's integers so that an LP64 and an
+ILP64 build read them alike, and before its first use the symbol must reproduce a small strided batch
+as torch computes it (else it is never called).
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import sys
 
 import numpy as np
 import torch
 
-_ROW_MAJOR, _NO_TRANS, _TRANS = 101, 111, 112
-_INT = ctypes.c_int  # MKL's LP64 interface (the symbol without the _64 suffix)
-_batch = None  # cblas_sgemm_batch, or False where torch has none
+_ROW_MAJOR, _NO_TRANS = 101, 111  # CBLAS_LAYOUT and CBLAS_TRANSPOSE: C enums, 4-byte ints in every build
+# MKL_INT is 4 bytes in MKL's LP64 interface and 8 in ILP64, and a build's cblas_sgemm_batch may be either. Its
+# integers go as 8-byte values: little-endian, an LP64 build reads the low half of each, an ILP64 build the whole
+_MKL_INT = ctypes.c_int64
+_batch = None  # cblas_sgemm_batch, or False where torch has none or it failed the first-use check
 
 
 def _cblas_sgemm_batch():
@@ -28,16 +33,27 @@ def _cblas_sgemm_batch():
         _batch = False
         try:
             lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
-            _batch = lib.cblas_sgemm_batch
-            _batch.restype = None
+            fn = lib.cblas_sgemm_batch
+            fn.restype = None
         except (OSError, AttributeError):
-            pass
+            return _batch
+        if torch.backends.mkl.is_available() and sys.byteorder == "little" and _agrees(fn):
+            _batch = fn
     return _batch
+
+
+def _agrees(fn) -> bool:
+    """Whether ``fn`` computes a small strided batch as torch does (else ``update`` never calls it)."""
+    gen = torch.Generator().manual_seed(0)
+    out, a, b = torch.randn(3, 5, 4, generator=gen), torch.randn(2, 3, generator=gen), torch.randn(3, 3, 4, generator=gen)
+    expected = out[:, 1:3] + torch.bmm(a.expand(3, 2, 3), b)
+    _call(fn, out[:, 1:3], a, b, 1.0, 3, 4, 4)
+    return torch.allclose(out[:, 1:3], expected, rtol=1e-5, atol=1e-5)
 
 
 def available() -> bool:
     """Whether ``update`` runs through MKL's batch GEMM here (else through ``torch.baddbmm_``)."""
-    return bool(_cblas_sgemm_batch()) and torch.backends.mkl.is_available()
+    return bool(_cblas_sgemm_batch())
 
 
 def _row_major(t: torch.Tensor) -> int | None:
@@ -64,17 +80,24 @@ def update(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.
     fn = _cblas_sgemm_batch() if out.device.type == "cpu" else None
     lda, ldb, ldc = _row_major(a), _row_major(b[0]), _row_major(out[0])
     if not fn or P == 0 or None in (lda, ldb, ldc) or any(t.dtype != torch.float32 for t in (out, a, b)) \
-            or not torch.backends.mkl.is_available() or max(P, m, n, k, lda, ldb, ldc) >= 1 << 31 \
+            or max(P, m, n, k, lda, ldb, ldc) >= 1 << 31 \
             or (P > 1 and out.stride(0) < m * ldc):  # batches that overlap: torch's loop, in order
         out.baddbmm_(a.expand(P, m, k), b, beta=beta)
         return
+    _call(fn, out, a, b, beta, lda, ldb, ldc)
+
+
+def _call(fn, out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float, lda: int, ldb: int, ldc: int) -> None:
+    """cblas_sgemm_batch, one group: out[p] = a @ b[p] + beta out[p], row-major, pointers p by p."""
+    P, m, n = out.shape
     size = out.element_size()
     positions = np.arange(P, dtype=np.uint64)
-    outs = (positions * np.uint64(out.stride(0) * size) + np.uint64(out.data_ptr())).astype(np.uint64)
-    bs = (positions * np.uint64(b.stride(0) * size) + np.uint64(b.data_ptr())).astype(np.uint64)
+    outs = positions * np.uint64(out.stride(0) * size) + np.uint64(out.data_ptr())
+    bs = positions * np.uint64(b.stride(0) * size) + np.uint64(b.data_ptr())
     as_ = np.full(P, a.data_ptr(), dtype=np.uint64)
     one = lambda ctype, v: (ctype * 1)(v)  # noqa: E731
     ptrs = ctypes.POINTER(ctypes.c_void_p)
-    fn(_INT(_ROW_MAJOR), one(_INT, _NO_TRANS), one(_INT, _NO_TRANS), one(_INT, m), one(_INT, n), one(_INT, k),
-       one(ctypes.c_float, 1.0), as_.ctypes.data_as(ptrs), one(_INT, lda), bs.ctypes.data_as(ptrs), one(_INT, ldb),
-       one(ctypes.c_float, beta), outs.ctypes.data_as(ptrs), one(_INT, ldc), _INT(1), one(_INT, P))
+    fn(ctypes.c_int(_ROW_MAJOR), one(ctypes.c_int, _NO_TRANS), one(ctypes.c_int, _NO_TRANS), one(_MKL_INT, m),
+       one(_MKL_INT, n), one(_MKL_INT, a.shape[1]), one(ctypes.c_float, 1.0), as_.ctypes.data_as(ptrs),
+       one(_MKL_INT, lda), bs.ctypes.data_as(ptrs), one(_MKL_INT, ldb), one(ctypes.c_float, beta),
+       outs.ctypes.data_as(ptrs), one(_MKL_INT, ldc), _MKL_INT(1), one(_MKL_INT, P))
