@@ -45,7 +45,8 @@ def _cblas_sgemm_batch():
 def _agrees(fn) -> bool:
     """Whether ``fn`` computes a small strided batch as torch does (else ``update`` never calls it)."""
     gen = torch.Generator().manual_seed(0)
-    out, a, b = torch.randn(3, 5, 4, generator=gen), torch.randn(2, 3, generator=gen), torch.randn(3, 3, 4, generator=gen)
+    out, a = torch.randn(3, 5, 4, generator=gen), torch.randn(2, 3, generator=gen)
+    b = torch.randn(3, 3, 4, generator=gen)
     expected = out[:, 1:3] + torch.bmm(a.expand(3, 2, 3), b)
     _call(fn, out[:, 1:3], a, b, 1.0, 3, 4, 4)
     return torch.allclose(out[:, 1:3], expected, rtol=1e-5, atol=1e-5)

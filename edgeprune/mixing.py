@@ -26,10 +26,10 @@ How it stays lean and fast (DESIGN.md section 3):
   every later mix takes as an input; the mixes' backward adds ``z^T @ dL/dx`` into one fp32
   gradient buffer (on CPU with MKL position-major like the states, each mix's update one MKL batch
   of per-position products into its writers' slice, ``blas.update``; elsewhere writer-major, one
-  GEMM per mix), and a write's backward (which autograd runs only after every mix that read it) hands its writers' slice to the writer's own
-  backward. So states are stored once, never saved per mix, and their gradients accumulate in
-  fp32. The first mix backward (the read-out's, over every writer) writes that buffer rather than
-  adding to a zeroed one.
+  GEMM per mix), and a write's backward (which autograd runs only after every mix that read it)
+  hands its writers' slice to the writer's own backward. So states are stored once, never saved
+  per mix, and their gradients accumulate in fp32. The first mix backward (the read-out's, over
+  every writer) writes that buffer rather than adding to a zeroed one.
 - At depth the mix is bound by memory traffic over the buffer, not by FLOPs (a reader group reads
   the differences of every earlier writer, forward and backward), so readers that read the same
   writers share one pass: a layer's MLP row rides on its Q/K/V mix (``split``: one product, one
@@ -203,7 +203,7 @@ def gather(diffs: torch.Tensor, writers: torch.Tensor, pool: str | None) -> torc
 GRAD_ROWS = 64
 GRAD_BLOCK_MIN = 1 << 15
 # dL/ds's buffer position-major on CPU where MKL's batch GEMM is reachable (``_add_grad``); False: writer-major.
-# SmolLM2's dense backward 1.05-1.06x faster (8x32, 32x64), GPT-2 small's 1.05-1.09x, a pruned circuit's the same
+# SmolLM2's dense backward 1.04-1.07x faster (8x32, 32x64), GPT-2 small's 1.05-1.10x, a pruned circuit's the same
 # (bench/step.py --vs mixing.GRAD_BY_POSITION=False)
 GRAD_BY_POSITION = True
 
@@ -290,10 +290,11 @@ class WriterStates:
     (W, B, T, D). ``ablated``: the ablated states s~, (W, B, T, D), a broadcastable (W, 1, 1, D)
     (mean), or None (zero ablation; then d = s). ``write`` stores a writer group at its place in
     graph order and returns its autograd token (None when no gradient flows to it); ``mix`` reads
-    the first n writers. ``grad`` is the fp32 dL/ds buffer, position-major (B x T, W, D) on CPU with MKL,
-    else writer-major (W, B x T, D) (``_add_grad``), that the mixes' backward fills (allocated, zeroed, at the first backward). ``seal`` ends the forward: the
-    ablated states are let go, and later writes (activation checkpointing recomputes layers in the
-    backward) leave the buffer as it is, since they would write the same values.
+    the first n writers. ``grad`` is the fp32 dL/ds buffer, position-major (B x T, W, D) on CPU with
+    MKL, else writer-major (W, B x T, D) (``_add_grad``), that the mixes' backward fills (allocated,
+    zeroed, at the first backward). ``seal`` ends the forward: the ablated states are let go, and
+    later writes (activation checkpointing recomputes layers in the backward) leave the buffer as it
+    is, since they would write the same values.
     """
 
     def __init__(self, n_writers: int, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
