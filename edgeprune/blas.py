@@ -78,10 +78,11 @@ def update(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1.
     k = a.shape[1]
     if a.shape[0] != m or b.shape != (P, k, n):
         raise ValueError(f"batched update: out {tuple(out.shape)}, a {tuple(a.shape)}, b {tuple(b.shape)} do not fit")
-    fn = _cblas_sgemm_batch() if out.device.type == "cpu" else None
-    lda, ldb, ldc = _row_major(a), _row_major(b[0]), _row_major(out[0])
-    if not fn or P == 0 or None in (lda, ldb, ldc) or any(t.dtype != torch.float32 for t in (out, a, b)) \
-            or max(P, m, n, k, lda, ldb, ldc) >= 1 << 31 \
+    operands = (out, a, b)
+    fn = _cblas_sgemm_batch() if P and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in operands) \
+        else None  # (other devices, dtypes and empty batches: torch's own checks and loop)
+    lda, ldb, ldc = (_row_major(a), _row_major(b[0]), _row_major(out[0])) if fn else (None,) * 3
+    if None in (lda, ldb, ldc) or max(P, m, n, k, lda, ldb, ldc) >= 1 << 31 \
             or (P > 1 and out.stride(0) < m * ldc):  # batches that overlap: torch's loop, in order
         out.baddbmm_(a.expand(P, m, k), b, beta=beta)
         return

@@ -63,3 +63,17 @@ def test_update_passes_one_column_and_many_column_masks_to_mkl(R, monkeypatch):
     blas.update(buffer[:, :W], a, b, beta=0.0)
     torch.testing.assert_close(buffer[:, :W], torch.bmm(a.expand(P, W, R), b))
     assert not buffer[:, W:].any()
+
+
+def test_update_leaves_other_devices_and_empty_batches_to_torch(monkeypatch):
+    """Operands off the CPU never reach MKL (their pointers are not host memory), nor an empty batch:
+    those go to ``torch.baddbmm_`` and its own checks."""
+    monkeypatch.setattr(blas, "_call", lambda *args: pytest.fail("passed to MKL"))
+    buffer, b, a, rows = _operands()
+    try:
+        blas.update(buffer[:, rows], a, b.to("meta"))
+    except (RuntimeError, NotImplementedError):
+        pass  # torch's own refusal of mixed devices, where it refuses them
+    empty = torch.zeros(0, 5, 5)
+    blas.update(empty, a, torch.zeros(0, a.shape[1], 5))
+    assert empty.shape == (0, 5, 5)
