@@ -316,7 +316,7 @@ class WriterStates:
         self.reduce = reduce  # in-place sum of an fp64 tensor over processes, or None
         self.ablated = None if ablated is None else ablated.detach()
         self.grad: torch.Tensor | None = None  # (P, W, D) position-major or (W, P, D) writer-major
-        self.grad_position_major = False
+        self.grad_position_major = False  # the layout of ``grad``, fixed when the first backward allocates it
         self._taken = n_writers  # rows from here on were handed to their writers' backward
         self._pending = 0  # writes whose gradient is not handed over yet (their tokens' backward)
         self.sealed = False
@@ -520,7 +520,8 @@ class WriterStates:
         P, W, D = self.flat.shape
         fresh = self.grad is None and start == 0 and k == W and live is None
         if self.grad is None:  # a pooled forward's: the bytes its corrupted states had (buffers.SWAP)
-            shape = (P, W, D) if self._position_major() else (W, P, D)
+            self.grad_position_major = GRAD_BY_POSITION and self.buffer.device.type == "cpu" and blas.available()
+            shape = (P, W, D) if self.grad_position_major else (W, P, D)
             self.grad = torch.empty(shape, dtype=torch.float32, device=self.buffer.device) \
                 if self.pool is None else buffers.take(buffers.SWAP, shape, torch.float32, self.buffer.device)
             if not fresh:
@@ -545,12 +546,6 @@ class WriterStates:
             target.index_add_(0, live, part)
         else:
             target.copy_(part) if fresh else target.add_(part)
-
-    def _position_major(self) -> bool:
-        """Whether this backward's dL/ds buffer is position-major (``_add_grad``); fixed at its first call."""
-        if self.grad is None:
-            self.grad_position_major = GRAD_BY_POSITION and self.buffer.device.type == "cpu" and blas.available()
-        return self.grad_position_major
 
     def _add_grad_by_position(self, z: torch.Tensor, grad_out: torch.Tensor, start: int,
                               live: torch.Tensor | None, fresh: bool) -> None:
