@@ -387,6 +387,8 @@ def time_one(kind: str, shape: tuple[int, int], args, device, flops: bool = True
         out["setting"] = time_steps(WithSetting(prune_step, owner, name, value), prune_step, args, device)
     if getattr(args, "backward_parts", False):
         out["backward_parts"] = backward_parts(prune_step, device)
+    if getattr(args, "backward_nodes", False):
+        out["backward_nodes"] = {"prune": backward_nodes(prune_step, device), "hf": backward_nodes(hf_step, device)}
     if getattr(args, "positions", None):
         shared = PruneStep(model, batch, args.cache, args.checkpointing)
         pos = PruneStep(positional(EdgeModel.from_hf(hf), batch, args.spans), batch, args.cache, args.checkpointing)
@@ -435,6 +437,74 @@ def backward_parts(prune_step: PruneStep, device) -> dict:
         for owner, name, fn in originals:
             setattr(owner, name, fn)
     return {"step": parts, "parts": spent}
+
+
+def _graph_nodes(root) -> list:
+    """Every autograd node reachable from ``root`` (a grad_fn), once each."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        stack.extend(fn for fn, _ in node.next_functions)
+    return list(seen)
+
+
+def backward_nodes(step, device) -> dict:
+    """Seconds of one more run of ``step``'s backward by autograd node kind (``_MixBackward``,
+    ``MmBackward0``, ...): a clock read before and after every node (``Node.register_prehook`` /
+    ``register_hook``; the engine runs a CPU graph's nodes one at a time), the backward itself
+    timed around. Wall clocks, not ``torch.profiler``, whose split between calls of one operator
+    does not match them here (speed-log.md). -> {"backward": s, "nodes": {kind: [s, calls]}}."""
+    spent: dict = {}
+    start = [0.0]
+    total = [0.0]
+    original = torch.Tensor.backward
+
+    def now() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def backward(tensor, *a, **kw):
+        handles = []
+        for node in _graph_nodes(tensor.grad_fn):
+            kind = type(node).__name__
+
+            def before(_grads, kind=kind):
+                start[0] = now()
+
+            def after(_inputs, _outputs, kind=kind):
+                entry = spent.setdefault(kind, [0.0, 0])
+                entry[0] += now() - start[0]
+                entry[1] += 1
+
+            handles += [node.register_prehook(before), node.register_hook(after)]
+        t0 = now()
+        try:
+            return original(tensor, *a, **kw)
+        finally:
+            total[0] += now() - t0
+            for h in handles:
+                h.remove()
+
+    torch.Tensor.backward = backward
+    try:
+        step(make_clock(device))
+    finally:
+        torch.Tensor.backward = original
+    return {"backward": total[0], "nodes": spent}
+
+
+def print_nodes(q: dict, top: int = 8) -> None:
+    """``--backward-nodes``: each backward's node kinds by seconds, the step's beside HF's."""
+    for name, label in (("prune", "step"), ("hf", "HF")):
+        nodes = sorted(q[name]["nodes"].items(), key=lambda kv: -kv[1][0])
+        shown = ", ".join(f"{kind} {sec:.3f} s ({calls})" for kind, (sec, calls) in nodes[:top])
+        rest = sum(sec for _, (sec, _) in nodes[top:])
+        print(f"  {label} backward by node kind ({q[name]['backward']:.3f} s; seconds, calls): {shown}, "
+              f"the rest {rest:.3f} s")
 
 
 def time_steps(prune_step: PruneStep, hf_step: HFStep, args, device) -> dict:
@@ -617,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also time the step with one setting of an edgeprune module switched, interleaved: "
                              "e.g. mixing.GRAD_ROWS=0 (dL/ds's update as one product), "
                              "mixing.FUSE_MIN=inf; VALUE a Python literal or inf")
+    parser.add_argument("--backward-nodes", action="store_true",
+                        help="also time one more backward of each (the step's, HF's) by autograd node kind, "
+                             "wall clocks around every node, side by side")
     parser.add_argument("--backward-parts", action="store_true",
                         help="also time the mix's and the norms' backward pieces inside one more step")
     parser.add_argument("--cache", action="store_true",
@@ -732,6 +805,8 @@ def main(argv=None) -> int:
                 print(f"  backward pieces, one step (backward {q['step']['backward']:.3f} s; HF's "
                       f"{r['hf']['parts']['backward']:.3f} s): "
                       + ", ".join(f"{label.strip()} {sec:.3f} s" for label, sec in q["parts"].items()))
+            if args.backward_nodes:
+                print_nodes(r["backward_nodes"])
             if args.positions:
                 q = r["positions"]
                 pp, sp = q.get("peak_bytes"), r["prune"].get("peak_bytes")

@@ -661,3 +661,39 @@ def test_dl_ds_position_major_gives_the_gradients_of_the_writer_major_buffer(kin
     for b, w in zip(position_major, writer_major):
         torch.testing.assert_close(b, w, rtol=1e-4, atol=1e-5 * w.abs().max().item())
     assert writer_major[0].abs().sum() > 0 and writer_major[1].abs().sum() > 0
+
+
+def test_bench_step_times_the_backward_by_node_kind(capsys, tmp_path):
+    """``bench/step.py --backward-nodes`` clocks every autograd node of one more backward of the step and
+    of HF's, by kind: the node times sum to at most the backward's own, the step's show the mix's and
+    the norms' backward, HF's its products, and ``torch.Tensor.backward`` is left as it was."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    original = torch.Tensor.backward
+    try:
+        spec = importlib.util.spec_from_file_location("bench_step_nodes", bench_dir / "step.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        threads = torch.get_num_threads()
+        try:
+            assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
+                               "--no-memory", "--backward-nodes", "--json", str(tmp_path / "nodes.json")]) == 0
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        sys.path.remove(str(bench_dir))
+    assert torch.Tensor.backward is original
+    import json
+    (result,) = json.loads((tmp_path / "nodes.json").read_text())
+    nodes = result["backward_nodes"]
+    for name, kinds in (("prune", ("_MixBackward", "_NormProjectionBackward", "_WriteBackward")), ("hf", ("MmBackward0",))):
+        q = nodes[name]
+        assert all(k in q["nodes"] and q["nodes"][k][1] > 0 for k in kinds), sorted(q["nodes"])
+        assert 0 < sum(sec for sec, _ in q["nodes"].values()) <= q["backward"]
+    assert "_MixBackward" not in nodes["hf"]["nodes"]
+    out = capsys.readouterr().out
+    assert "step backward by node kind" in out and "HF backward by node kind" in out
