@@ -39,7 +39,6 @@ import argparse
 import contextlib
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -50,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from edgeprune import EdgeModel, buffers  # noqa: E402
 from edgeprune.baselines import ig_inputs, ig_masks  # noqa: E402
 from edgeprune.baselines.attribution import VARIANTS, eap_ig_scores, eap_scores  # noqa: E402
-from step import DTYPES, Batch, HFStep, WithSetting, build_hf, make_clock, parse_setting, parse_shape  # noqa: E402
+from step import DTYPES, Batch, HFStep, WithSetting, build_hf, device_time, make_clock, parse_setting, parse_shape  # noqa: E402
 
 
 class AttributionBatch(Batch):
@@ -79,19 +78,14 @@ class Parts:
     def _forward_label(*args, **kwargs) -> str:
         return "forward with reader taps" if kwargs.get("taps") is not None else "no-grad pass"
 
-    def _now(self) -> float:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def _wrap(self, fn, label):
         def timed(*args, **kwargs):
-            start = self._now()
+            start = device_time(self.device)
             try:
                 return fn(*args, **kwargs)
             finally:
                 name = label(*args, **kwargs)
-                self.spent[name] = self.spent.get(name, 0.0) + self._now() - start
+                self.spent[name] = self.spent.get(name, 0.0) + device_time(self.device) - start
         return timed
 
     def __enter__(self):

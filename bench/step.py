@@ -334,13 +334,18 @@ class HFStep:
         return t
 
 
+def device_time(device: torch.device) -> float:
+    """``time.perf_counter()`` once the device's queued work is done (CUDA is synchronised first)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
 def make_clock(device: torch.device):
     last = [time.perf_counter()]
 
     def clock() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        now = time.perf_counter()
+        now = device_time(device)
         dt, last[0] = now - last[0], now
         return dt
 
@@ -412,18 +417,13 @@ def backward_parts(prune_step: PruneStep, device) -> dict:
     spent = dict.fromkeys((label for _, _, label in BACKWARD_PARTS), 0.0)
     originals = [(owner, name, owner.__dict__[name]) for owner, name, _ in BACKWARD_PARTS]
 
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def timed(fn, label):
         def run(*a, **kw):
-            t0 = now()
+            t0 = device_time(device)
             try:
                 return fn(*a, **kw)
             finally:
-                spent[label] += now() - t0
+                spent[label] += device_time(device) - t0
         return run
 
     try:
@@ -462,30 +462,25 @@ def backward_nodes(step, device) -> dict:
     total = [0.0]
     original = torch.Tensor.backward
 
-    def now() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter()
-
     def backward(tensor, *a, **kw):
         handles = []
         for node in _graph_nodes(tensor.grad_fn):
             kind = type(node).__name__
 
-            def before(_grads, kind=kind):
-                start[0] = now()
+            def before(_grads):
+                start[0] = device_time(device)
 
             def after(_inputs, _outputs, kind=kind):
                 entry = spent.setdefault(kind, [0.0, 0])
-                entry[0] += now() - start[0]
+                entry[0] += device_time(device) - start[0]
                 entry[1] += 1
 
             handles += [node.register_prehook(before), node.register_hook(after)]
-        t0 = now()
+        t0 = device_time(device)
         try:
             return original(tensor, *a, **kw)
         finally:
-            total[0] += now() - t0
+            total[0] += device_time(device) - t0
             for h in handles:
                 h.remove()
 
