@@ -8,8 +8,10 @@ The mix's backward makes three passes over the differences of the writers before
 group's few readers on one side: per position, (R, k) x (k, D) and (R, D) x (D, k); over the batch,
 (k, R) x (R, P x D). This prints each one's GFLOP/s alone (outputs kept, inputs warm), in the layouts
 ``mixing`` uses and in the others one might try, beside one large GEMM of the same machine (the
-MLP's, which HF's step is made of). Each figure is the median of ``--repeats`` runs; nothing here
-is asserted.
+MLP's, which HF's step is made of), and the rate each pass would reach if it only had to stream its
+operands from memory once (the floor of a memory-bound pass; above MKL's rates, the passes are bound
+by the products, not by memory). Each figure is the median of ``--repeats`` runs; nothing here is
+asserted.
 """
 
 from __future__ import annotations
@@ -106,7 +108,11 @@ def main(argv=None) -> int:
                      ("dL/dz", lambda: torch.bmm(go.transpose(0, 1), d.transpose(1, 2), out=dz)),
                      ("(swapped", lambda: torch.bmm(d, go.permute(1, 2, 0), out=dz_t)),
                      ("dL/ds in blocks of 64", dl_ds),
-                     ("(whole", lambda: grad.addmm_(zt, g2))]
+                     ("(whole", lambda: grad.addmm_(zt, g2)),
+                     # the memory floor: a pass that only streamed its operands once (the differences read: the
+                     # mix, its rebuild, dL/dz; the gradient rows read and written: dL/ds), at this pass's FLOPs
+                     ("(floor: the differences read once", lambda: d.sum()),
+                     ("(the gradient rows read and written once", lambda: grad.add_(1.0))]
             row = [f"R={R:3d} k={k:3d}:"]
             row += [f"{name} {rate(flops, fn, args.repeats):.0f}" + (")" if name[0] == "(" else "")
                     for name, fn in cases]

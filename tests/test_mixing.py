@@ -588,6 +588,7 @@ def test_bench_mix_products_runs_at_toy_sizes(capsys):
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("R=  4") == 2 and "dL/dz" in out and "dL/ds in blocks of 64" in out
+    assert out.count("floor: the differences read once") == 2 and "gradient rows read and written once" in out
     assert "K/V input gradients" in out and "one-writer mix" in out
 
 
