@@ -49,14 +49,11 @@ How it stays lean and fast (DESIGN.md section 3):
 - On CPU a lone layer's dense mix rebuilds its Q/K/V inputs in its own backward, chunk of examples by
   chunk, and forms dL/dz from the same chunk while its differences are in cache: the norm leaves the
   x-term of its input gradient to the mix (``DeferredInput``, ``WriterStates._fused_grad``).
-- Where most masks are clamped but not exactly 0 (a cold start's, four in five at 1: no writer can be
-  left out), a dense mix on CPU visits only the entries that count (``clamped``, numba kernels): its
-  forward and rebuilds add the writers every reader takes at 1 once per position and then each
-  reader's other entries; its backward makes dL/dz where the clamp passes a gradient and dL/ds as the
-  sum of the readers' gradients less the terms of the masks not at 1, in one pass over the writers.
-  SmolLM2's cold-start backward 1.07x (8 x 32) and 1.20x (32 x 64) faster, GPT-2 small's 1.19x at
-  32 x 64 (``bench/step.py --vs mixing.CLAMPED=0``); a layer alone then leaves its fused backward
-  (``DeferredInput``) to mixes the dense product made.
+- Where most masks are clamped but not exactly 0 (a cold start's, at 1: no writer can be left out), a
+  mix's backward on CPU visits only the entries that count, dL/dz and dL/ds in one pass over the writers
+  (``clamped``, a numba kernel): dL/dz where the clamp passes a gradient, dL/ds as the sum of the readers'
+  gradients less the terms of the masks not at 1. ~1.1x on SmolLM2's cold-start backward at 32 x 64
+  (``bench/step.py --vs mixing.CLAMPED=0``).
 - dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
   over processes by ``reduce``): the sum does not depend on how a batch is split, so several
   processes on slices of a batch give the masks a single process gives, not merely close ones.
