@@ -78,7 +78,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from edgeprune import EdgeModel, buffers, clamped, mixing  # noqa: E402
+from edgeprune import EdgeModel, buffers, mixing  # noqa: E402
 from edgeprune import model as edge_model  # noqa: E402
 from edgeprune.models import common  # noqa: E402
 from edgeprune.cache import ReferenceCache  # noqa: E402
@@ -545,8 +545,6 @@ def measure_memory(kind: str, shape: tuple[int, int], which: str, args, device) 
     model = EdgeModel.from_hf(hf)
     if which == "prune_spans":
         positional(model, batch, args.spans)
-    if device.type == "cpu":  # numba's runtime, loaded once per process like the weights: not the step's memory
-        clamped.warm()
     return peak_above_now(PruneStep(model, batch, args.cache, args.checkpointing), device)
 
 

@@ -49,11 +49,6 @@ How it stays lean and fast (DESIGN.md section 3):
 - On CPU a lone layer's dense mix rebuilds its Q/K/V inputs in its own backward, chunk of examples by
   chunk, and forms dL/dz from the same chunk while its differences are in cache: the norm leaves the
   x-term of its input gradient to the mix (``DeferredInput``, ``WriterStates._fused_grad``).
-- Where most masks are clamped but not exactly 0 (a cold start's, at 1: no writer can be left out), a
-  mix's backward on CPU visits only the entries that count, dL/dz and dL/ds in one pass over the writers
-  (``clamped``, a numba kernel): dL/dz where the clamp passes a gradient, dL/ds as the sum of the readers'
-  gradients less the terms of the masks not at 1. ~1.1x on SmolLM2's cold-start backward at 32 x 64
-  (``bench/step.py --vs mixing.CLAMPED=0``).
 - dL/dz is formed per example in fp32 and summed over the batch in fp64 (then, under torchrun,
   over processes by ``reduce``): the sum does not depend on how a batch is split, so several
   processes on slices of a batch give the masks a single process gives, not merely close ones.
@@ -69,7 +64,7 @@ from contextlib import contextmanager
 import torch
 from torch.autograd.function import once_differentiable
 
-from . import blas, buffers, clamped
+from . import blas, buffers
 from .graph import Graph
 
 
@@ -96,10 +91,6 @@ SPARSE_MIN = 1 << 17
 # the chunk's inputs and its dL/dz
 FUSE_MIN = SPARSE_MIN
 FUSE_CHUNK = 16 << 20
-# a dense mix's backward on CPU visits only the mask entries that count (``clamped``: dL/dz where the clamp passes a
-# gradient, dL/ds less the terms folded into one sum) when they are at most this share of its masks (a cold start's:
-# ~0.2 of a pair's), from SPARSE_MIN values per example; 0: never
-CLAMPED = 0.35
 
 
 def _few_writers(wanted: torch.Tensor, example_width: int, fraction: float) -> torch.Tensor | None:
@@ -369,29 +360,8 @@ class WriterStates:
         (``start`` > 0: a range mix, whose base is those writers' ablated states alone)."""
         stop = start + z.shape[-1]
         base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
-        return self.mixed(z, base, start, live_writers(z, self._example_width))
-
-    def mixed(self, z: torch.Tensor, base: torch.Tensor | None, start: int, live: torch.Tensor | None,
-              entries: "clamped.MixEntries | None | bool" = True) -> torch.Tensor:
-        """``mix_values`` of z over writers start.. (P, R, D), through the clamped-mask pass (``clamped.mix``) where
-        it is the one to run (``_mix_entries``; ``entries``: its answer if the caller has it): the forward and every
-        rebuild of a mix take the same path, so a rebuild is the forward's values bit for bit."""
-        if entries is True:
-            entries = self._mix_entries(z, live)
-        if entries is not None:
-            return clamped.mix(self.flat, start, entries, base)
-        return mix_values(z, self.diffs(start + z.shape[-1], start), base, self.span_ids, live, self.pool)
-
-    def _mix_entries(self, z: torch.Tensor, live: torch.Tensor | None) -> "clamped.MixEntries | None":
-        """Where a mix of z runs as ``clamped.mix``: on CPU with numba, shared masks over several readers, every
-        writer mixed, not a toy's small slices, and at most ``CLAMPED`` of the entries visited. Decided from
-        the masks and the per-example width alone (torchrun's processes choose alike)."""
-        if (not CLAMPED or not clamped.available() or self.buffer.device.type != "cpu" or z.dim() != 2
-                or z.shape[0] < 2 or self._example_width * z.shape[1] < SPARSE_MIN or live is not None
-                or self.buffer.dtype != torch.float32):
-            return None
-        entries = clamped.MixEntries(z)
-        return entries if entries.density() <= CLAMPED else None
+        return mix_values(z, self.diffs(stop, start), base, self.span_ids, live_writers(z, self._example_width),
+                          self.pool)
 
     def rebuild(self, z: torch.Tensor, const: torch.Tensor | None) -> torch.Tensor:
         """The mix of ``mix`` again, without autograd (for ``recompute_saved``), as (R, B, T, D): z over
@@ -447,13 +417,10 @@ class WriterStates:
         split = (z.shape[-2],) if split is None else tuple(split)
         if torch.is_grad_enabled() and (z.requires_grad or tokens or (partial is not None and partial.requires_grad)):
             base = self.base(stop, const) if start == 0 else self.range_base(start, stop, const)
-            needed = entries = None
+            needed = None
             if self.grad_support is not None and rows is not None and z.requires_grad:
-                support = self.grad_support[..., rows, start:stop]
-                needed = needed_writers(support, self._example_width)
-                if needed is None:
-                    entries = self.clamped_entries(z, support)
-            outs = _Mix.apply(z, self, base, start, split, needed, partial, deferred, entries, *tokens)
+                needed = needed_writers(self.grad_support[..., rows, start:stop], self._example_width)
+            outs = _Mix.apply(z, self, base, start, split, needed, partial, deferred, *tokens)
         else:
             out = self.values(z, const, start)
             if partial is not None:
@@ -468,30 +435,6 @@ class WriterStates:
         if const is None:
             return asum
         return const if asum is None else asum + const
-
-    def clamped_entries(self, z: torch.Tensor, support: torch.Tensor) -> "clamped.Entries | None":
-        """The entries a clamped-mask backward (``clamped``) of a mix of z (R, k) would visit, where it is the
-        one to run: CPU with numba, shared masks over several readers, every writer mixed (no sparse path),
-        not a toy's small slices, and at most ``CLAMPED`` of the masks visited. Else None (the dense path).
-        Decided from the masks and the per-example width alone, so torchrun's processes choose alike."""
-        if (not CLAMPED or not clamped.available() or self.buffer.device.type != "cpu" or z.dim() != 2
-                or z.shape[0] < 2 or self._example_width * z.shape[1] < SPARSE_MIN
-                or self.buffer.dtype != torch.float32 or live_writers(z, self._example_width) is not None):
-            return None
-        entries = clamped.Entries(z, support)
-        return entries if entries.density() <= CLAMPED else None
-
-    def _clamped_backward(self, go: torch.Tensor, start: int, entries: "clamped.Entries") -> torch.Tensor | None:
-        """dL/dz (R, k) fp32 and the writers' gradient update of one mix in one pass (``clamped.backward``);
-        None where the dL/ds buffer is not the position-major one it needs (the caller then runs the dense path)."""
-        k = entries.shape[1]
-        if self.grad is None or not self.grad_position_major or not go.is_contiguous():
-            return None
-        if start + k > self._taken:
-            raise RuntimeError("a second backward through one edge-masked forward (retain_graph=True) is "
-                               "not supported: run the forward again")
-        B, T, _ = self.shape
-        return self._reduced(clamped.backward(self.flat, self.grad, start, go, entries, B, T))
 
     def fusable(self, z: torch.Tensor, live: torch.Tensor | None, needed: torch.Tensor | None) -> bool:
         """Whether the backward of a mix of z (R, k) can complete its readers' input gradients itself
@@ -715,18 +658,16 @@ class _Mix(torch.autograd.Function):
     -> the mix (P, R, D), as one output per part of ``split``."""
 
     @staticmethod
-    def forward(ctx, z, store, base, start, split, needed, partial, deferred, entries, *tokens):
+    def forward(ctx, z, store, base, start, split, needed, partial, deferred, *tokens):
         ctx.save_for_backward(z)
-        ctx.store, ctx.start, ctx.split, ctx.needed, ctx.entries = store, start, split, needed, entries
+        ctx.store, ctx.start, ctx.split, ctx.needed = store, start, split, needed
         ctx.live = live_writers(z, store._example_width)
         ctx.deferred, ctx.base = None, None
-        mix_entries = store._mix_entries(z, ctx.live)
-        # the fused backward rebuilds with the dense product: only for a mix the dense product made, so that the
-        # rebuild is the forward's values bit for bit
-        if deferred is not None and mix_entries is None and store.fusable(z, ctx.live, needed):
+        if deferred is not None and store.fusable(z, ctx.live, needed):
             deferred.armed = True
             ctx.deferred, ctx.base = deferred, base
-        out = store.mixed(z, base, start, ctx.live, mix_entries)  # (P, R, D)
+        out = mix_values(z, store.diffs(start + z.shape[-1], start), base, store.span_ids, ctx.live,
+                         store.pool)  # (P, R, D)
         if partial is not None:  # the mix over the writers before ``start``, carried from the layer before
             out.add_(partial)
         return out.split(split, dim=1)
@@ -739,21 +680,16 @@ class _Mix(torch.autograd.Function):
         go = _reader_major(grads, ctx.split)  # (R, P, D)
         stop = start + z.shape[-1]
         coef = None if ctx.deferred is None else ctx.deferred.take()
-        n_tokens = len(ctx.needs_input_grad) - 9
-        grad_z = None
-        done = False  # the writers' gradient added already (the clamped-mask pass does both)
-        if coef is None and ctx.entries is not None and n_tokens and ctx.needs_input_grad[0]:
-            grad_z = store._clamped_backward(go, start, ctx.entries)
-            done = grad_z is not None
         if coef is not None:  # the norm left the x-term of its input gradient to this backward
             grad_z = store._fused_grad(go, z, ctx.base, start, ctx.deferred, coef, ctx.needs_input_grad[0])
-        elif not done:
+        else:
             grad_z = store._grad_z(go, stop, z.shape[0] if z.dim() == 3 else None, start, ctx.needed) \
                 if ctx.needs_input_grad[0] else None
         grad_partial = go.transpose(0, 1) if ctx.needs_input_grad[6] else None  # (P, R, D)
-        if n_tokens and not done:
+        n_tokens = len(ctx.needs_input_grad) - 8
+        if n_tokens:
             store._add_grad(z, go, start, ctx.live)
-        return (grad_z, None, None, None, None, None, grad_partial, None, None,
+        return (grad_z, None, None, None, None, None, grad_partial, None,
                 *[z.new_zeros(()) for _ in range(n_tokens)])
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from edgeprune import EdgeModel, blas, clamped, mixing
+from edgeprune import EdgeModel, blas, mixing
 from edgeprune.eval import reference_and_corrupted
 from edgeprune.mixing import StateSink, WriterStates, recompute_saved
 from conftest import build, token_batch
@@ -698,100 +698,3 @@ def test_bench_step_times_the_backward_by_node_kind(capsys, tmp_path):
     assert "_MixBackward" not in nodes["hf"]["nodes"]
     out = capsys.readouterr().out
     assert "step backward by node kind" in out and "HF backward by node kind" in out
-
-
-def _cold_start_masks(model, gen):
-    """log_alpha 3 (a cold start: most sampled masks clamp at 1), a tenth far below 0 (clamped at 0) and a
-    tenth anywhere; a quarter of the writers' edges mostly far below 0. So both kinds of writer column occur:
-    mostly 1 and mostly 0."""
-    with torch.no_grad():
-        log_alpha = model.edge_masks.log_alpha
-        log_alpha.fill_(3.0)
-        pick = torch.rand(model.edge_masks.n, generator=gen)
-        log_alpha[pick < 0.1] = -10.0
-        spread = pick > 0.9
-        log_alpha[spread] = torch.randn(int(spread.sum()), generator=gen) * 2
-        writer = model.graph.dense_index % model.graph.num_writers
-        log_alpha[(writer % 4 == 1) & (pick < 0.8)] = -10.0
-
-
-@pytest.mark.skipif(not clamped.available(), reason="numba is not installed: the dense path runs")
-@pytest.mark.parametrize("shape", ["toy", "real width"])
-def test_the_clamped_mask_backward_gives_the_dense_gradients(shape, monkeypatch):
-    """Where most masks are clamped (a cold start's, at 1), a mix's backward visits only the entries that count
-    (``clamped``): dL/dz where the clamp passes a gradient, dL/ds as the sum of every reader's gradient less the
-    terms of the masks not at 1 (or the masks not at 0, whichever is shorter). The mask gradients and the states'
-    (through the embeddings) equal the dense products' within fp32 rounding, and so do the logits (the forward's
-    mix and the backward's rebuilds add the writers taken whole once, ``clamped.mix``); layers in pairs, so the pair's mix
-    over the earlier writers and the range mixes both take it. At SmolLM2's width (576, 9 / 3 heads) the path
-    turns on at its real threshold; the toy needs ``SPARSE_MIN`` lowered."""
-    if not blas.available():
-        pytest.skip("no MKL batch GEMM in this torch build: the dL/ds buffer is writer-major")
-    from edgeprune import model as edge_model
-    monkeypatch.setattr(edge_model, "GROUP_LAYERS", 2)
-    if shape == "toy":
-        model, ids, corrupted, _ = _toy_run("llama", 5, False, layers=4)
-        monkeypatch.setattr(mixing, "SPARSE_MIN", 0)  # these widths are toy-sized
-    else:
-        from transformers import LlamaConfig, LlamaForCausalLM
-        torch.manual_seed(0)
-        hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, hidden_size=576, intermediate_size=1536,
-                                          num_attention_heads=9, num_key_value_heads=3, vocab_size=512,
-                                          tie_word_embeddings=True)).eval()
-        model = EdgeModel.from_hf(hf)
-        ids, corrupted = token_batch(2, 32, seed=1) % 512, token_batch(2, 32, seed=2) % 512
-    model.hf.get_input_embeddings().weight.requires_grad_(True)
-    model.train()
-    _cold_start_masks(model, torch.Generator().manual_seed(0))
-    calls, mixes, real, real_mix = [], [], clamped.backward, clamped.mix
-    monkeypatch.setattr(clamped, "backward", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
-    monkeypatch.setattr(clamped, "mix", lambda *a, **kw: mixes.append(a[2]) or real_mix(*a, **kw))
-
-    def logits():
-        model.edge_masks.generator = torch.Generator().manual_seed(1)
-        with torch.no_grad():
-            return model(ids, corrupted_input_ids=corrupted).logits
-
-    visited, visited_logits = _seeded_grads(model, ids, corrupted, None), logits()
-    assert calls and all(e.density() <= mixing.CLAMPED for e in calls)
-    assert any(bool(e.one.any()) for e in calls) and any(bool((~e.one).any()) for e in calls)
-    assert mixes and any(e.one_writers.numel() for e in mixes)  # the forward and the rebuilds took it too
-    monkeypatch.setattr(mixing, "CLAMPED", 0)
-    n_calls = len(calls) + len(mixes)
-    dense, dense_logits = _seeded_grads(model, ids, corrupted, None), logits()
-    assert len(calls) + len(mixes) == n_calls  # off: the dense products ran
-    torch.testing.assert_close(visited_logits, dense_logits, rtol=1e-5, atol=1e-5)
-    for a, b in zip(visited, dense):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
-    assert dense[0].abs().sum() > 0 and dense[1].abs().sum() > 0
-
-
-def test_clamped_entries_fold_the_masks_at_one_into_one_sum():
-    """``clamped.Entries``: a writer whose masks are mostly 1 takes S = sum_r g_r less (1 - z) of the others, one
-    whose masks are mostly 0 takes z of the nonzero ones; dL/dz is listed at the support's entries only. Rebuilt
-    from the entries, z^T g and the support's dL/dz are the dense ones."""
-    gen = torch.Generator().manual_seed(0)
-    z = torch.ones(6, 5)
-    z[:, 0] = 0.0
-    z[1, 0], z[2, 1], z[3, 1], z[0, 4] = 0.5, 0.25, 0.0, 0.75
-    z[:, 3] = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.3, 0.0])
-    support = (z > 0) & (z < 1)
-    e = clamped.Entries(z, support)
-    assert e.one.tolist() == [False, True, True, False, True]
-    assert e.density() == e.count / 30 and e.count == int(((torch.where(e.one, z - 1, z) != 0) | support).sum())
-    g, d = torch.randn(6, 3, generator=gen), torch.randn(5, 3, generator=gen)  # one position: readers, writers
-    update = torch.zeros(5, 3)
-    grad_z = torch.zeros(6, 5)
-    for w in range(5):
-        lo, hi = int(e.wptr[w]), int(e.wptr[w + 1])
-        if e.one[w]:
-            update[w] += g.sum(0)
-        for i in range(lo, hi):
-            r = int(e.rows[i])
-            update[w] += e.coef[i] * g[r]
-            if e.dz_index[i] >= 0:
-                grad_z[r, w] = g[r] @ d[w]
-    torch.testing.assert_close(update, z.T @ g)
-    torch.testing.assert_close(grad_z, torch.where(support, g @ d.T, torch.zeros(())))
-    assert (e.dz_rows.tolist(), e.dz_cols.tolist()) == (support.T.nonzero()[:, 1].tolist(),
-                                                        support.T.nonzero()[:, 0].tolist())
