@@ -462,13 +462,13 @@ def backward_nodes(step, device) -> dict:
     total = [0.0]
     original = torch.Tensor.backward
 
+    def before(_grads):
+        start[0] = device_time(device)
+
     def backward(tensor, *a, **kw):
         handles = []
         for node in _graph_nodes(tensor.grad_fn):
             kind = type(node).__name__
-
-            def before(_grads):
-                start[0] = device_time(device)
 
             def after(_inputs, _outputs, kind=kind):
                 entry = spent.setdefault(kind, [0.0, 0])

@@ -1,5 +1,7 @@
 """The writer mix (one GEMM over stored differences, a custom backward) against plain autograd."""
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 
@@ -570,22 +572,33 @@ def test_layers_mix_in_pairs_where_the_model_shape_pays_for_them(monkeypatch):
     assert model._layer_group(1) == (0, 2)
 
 
+@contextmanager
+def _bench(name: str):
+    """``bench/<name>.py`` loaded as a module, the bench folder importable and torch's thread count restored
+    around the block (a bench's ``main`` sets its own)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench_dir = Path(__file__).resolve().parents[1] / "bench"
+    sys.path.insert(0, str(bench_dir))
+    threads = torch.get_num_threads()
+    try:
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", bench_dir / f"{name}.py")
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        yield bench
+    finally:
+        torch.set_num_threads(threads)
+        sys.path.remove(str(bench_dir))
+
+
 def test_bench_mix_products_runs_at_toy_sizes(capsys):
     """``bench/mix_products.py`` (the rates of the mix's products alone) runs end to end and prints a
     figure for every product it names; at toy sizes, so its rates mean nothing here."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "bench" / "mix_products.py"
-    spec = importlib.util.spec_from_file_location("bench_mix_products", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    threads = torch.get_num_threads()
-    try:
+    with _bench("mix_products") as bench:
         assert bench.main(["--shape", "2x8", "--d", "16", "--writers", "5,3", "--readers", "4",
                            "--threads", "1", "--repeats", "1"]) == 0
-    finally:
-        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert out.count("R=  4") == 2 and "dL/dz" in out and "dL/ds in blocks of 64" in out
     assert out.count("floor: the differences read once") == 2 and "gradient rows read and written once" in out
@@ -595,27 +608,12 @@ def test_bench_mix_products_runs_at_toy_sizes(capsys):
 def test_bench_step_times_the_backward_pieces_and_restores_them(capsys):
     """``bench/step.py --backward-parts`` wraps the mix's and the norms' backward pieces for one step,
     prints each one's seconds, and leaves the functions as they were."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
     from edgeprune.models import common
 
-    bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench_dir))
-    try:
-        spec = importlib.util.spec_from_file_location("bench_step_parts", bench_dir / "step.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
+    with _bench("step") as bench:
         before = [owner.__dict__[name] for owner, name, _ in bench.BACKWARD_PARTS]
-        threads = torch.get_num_threads()
-        try:
-            assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
-                               "--no-memory", "--backward-parts"]) == 0
-        finally:
-            torch.set_num_threads(threads)
-    finally:
-        sys.path.remove(str(bench_dir))
+        assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
+                           "--no-memory", "--backward-parts"]) == 0
     assert [owner.__dict__[name] for owner, name, _ in bench.BACKWARD_PARTS] == before
     assert common._NormProjection.__dict__["backward"] is before[4]
     line = next(x for x in capsys.readouterr().out.splitlines() if "backward pieces" in x)
@@ -668,25 +666,10 @@ def test_bench_step_times_the_backward_by_node_kind(capsys, tmp_path):
     """``bench/step.py --backward-nodes`` clocks every autograd node of one more backward of the step and
     of HF's, by kind: the node times sum to at most the backward's own, the step's show the mix's and
     the norms' backward, HF's its products, and ``torch.Tensor.backward`` is left as it was."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench_dir = Path(__file__).resolve().parents[1] / "bench"
-    sys.path.insert(0, str(bench_dir))
     original = torch.Tensor.backward
-    try:
-        spec = importlib.util.spec_from_file_location("bench_step_nodes", bench_dir / "step.py")
-        bench = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(bench)
-        threads = torch.get_num_threads()
-        try:
-            assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
-                               "--no-memory", "--backward-nodes", "--json", str(tmp_path / "nodes.json")]) == 0
-        finally:
-            torch.set_num_threads(threads)
-    finally:
-        sys.path.remove(str(bench_dir))
+    with _bench("step") as bench:
+        assert bench.main(["--tiny", "--models", "llama", "--shapes", "2x8", "--repeats", "1", "--warmup", "1",
+                           "--no-memory", "--backward-nodes", "--json", str(tmp_path / "nodes.json")]) == 0
     assert torch.Tensor.backward is original
     import json
     (result,) = json.loads((tmp_path / "nodes.json").read_text())
